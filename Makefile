@@ -1,0 +1,38 @@
+# The two commands: `make run` (install + the main job on the local default) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+CONFIG ?= jobs/configs/local.yaml
+LOCK   ?= requirements/cpu.lock
+PYTEST_ARGS ?=
+# Cache the DeepSpeed JIT ops and our model conversions under the project's cache dir.
+export UTILRAG_CACHE ?= $(CURDIR)/.cache/utilrag
+export TORCH_EXTENSIONS_DIR ?= $(UTILRAG_CACHE)/torch_extensions
+export RAY_USAGE_STATS_ENABLED = 0
+# The stamp changes with the lock file and pyproject, so a second `make` installs nothing.
+STAMP := $(VENV)/.installed-$(shell cat $(LOCK) pyproject.toml | md5sum | cut -c1-12)
+
+.PHONY: install run test bench clean
+install: $(STAMP)
+
+$(STAMP): $(LOCK) pyproject.toml
+	@rm -f $(VENV)/.installed-*
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@echo "[install] $(LOCK) -> $(VENV) (exact pins, --no-deps: no CUDA torchvision/torchaudio/torchcodec, no triton)"
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -r $(LOCK)
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(VENV)/bin/python -m utilrag.envcheck
+	@touch $@
+
+run: install
+	$(VENV)/bin/utilrag run --config $(CONFIG)
+
+# pytest exits 5 when it collects no test: that is a failure here, said plainly.
+test: install
+	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
+
+bench: install
+	$(VENV)/bin/python benchmarks/ingest_throughput.py --quick
+
+clean:
+	rm -rf outputs .pytest_cache

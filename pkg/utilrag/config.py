@@ -1,0 +1,242 @@
+"""Typed configuration: one pydantic schema per stage, one for the pipeline.
+
+A config is a YAML file plus torchtune-style ``key.sub=value`` overrides. Every
+mistake (unknown key, wrong type, missing file) becomes one ``ConfigError`` line
+naming the key or path; the CLI turns it into exit code 2.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(Exception):
+    """A user mistake in a config file or override (printed as one line, exit 2)."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- stages
+class RayConfig(Strict):
+    address: str | None = None  # None: $RAY_ADDRESS if set, else start a local cluster
+    num_cpus: int | None = None  # only for a local cluster started here
+
+
+class DatasetConfig(Strict):
+    name: str  # a registered name (scifact, trec-dl-2019, msmarco-passage, BEIR names) or a label
+    path: str | None = None  # a local folder or s3:// / gs:// URI holding the layout; None: data_root/name
+    layout: Literal["auto", "beir", "msmarco", "tevatron"] = "auto"
+    relevance_threshold: int | None = None  # grade counted relevant; None: the registry's (DL: 2)
+    # qrels naming documents outside the corpus: reject them, or keep them (a partial corpus
+    # such as the DL19 candidate pool, where judged-but-unretrieved passages still count for nDCG).
+    unknown_qrels_docs: Literal["reject", "keep"] | None = None
+
+
+class IngestConfig(Strict):
+    datasets: list[DatasetConfig] = Field(min_length=1)
+    reject_threshold: float = Field(0.001, ge=0, le=1)  # fail the ingest above this share of bad rows
+    rows_per_file: int = Field(500_000, gt=0)
+    batch_rows: int = Field(20_000, gt=0)
+    download: bool = True  # fetch a registered dataset's public files when it is missing and online
+
+
+class PoolsConfig(Strict):
+    dataset: str
+    split: str  # the qrels split whose queries get pools
+    run: str | None = None  # ingested run giving hard negatives; None: BM25 over the corpus
+    size: int = Field(31, ge=2)  # the paper: 1 human positive + 30 negatives
+    seed: int = 0
+    max_queries: int | None = None  # a seeded sample of the split's queries, for small local runs
+
+
+class BM25Config(Strict):
+    dataset: str
+    split: str  # queries of this qrels split are searched
+    k: int = Field(1000, gt=0)
+    k1: float = 0.9
+    b: float = 0.4
+    method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = "lucene"
+    stemmer: str | None = "english"  # a PyStemmer language, or null
+    stopwords: str | None = "en"
+    fields: list[Literal["title", "text"]] = ["title", "text"]
+
+
+class RunToEvaluate(Strict):
+    dataset: str
+    split: str | None = None  # qrels split; None: all of the dataset's qrels
+    run: str  # a TREC run file path, an ingested run name, or "bm25s" (the BM25 stage's run)
+    label: str | None = None
+
+
+class EvaluateConfig(Strict):
+    metrics: list[str] = ["nDCG@10", "MRR@10", "R@100", "R@1000", "MAP"]
+    runs: list[RunToEvaluate] = []
+    baseline: str | None = None  # label of the run the others are compared with
+
+
+class AnnotateConfig(Strict):
+    """The annotation stage's settings (the stage itself lands with its own issue)."""
+
+    model: str
+    stages: list[Literal["relsel", "answer", "utilsel", "utilrank", "graded"]] = [
+        "relsel", "answer", "utilsel", "utilrank"]
+    window: int = 16
+    passage_words: int = 300
+    dtype: str = "auto"
+    quantization: str | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    replicas: tuple[int, int] = (1, 1)
+    batch_size: int = 16
+    max_model_len: int = 8192
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    accelerator_type: str | None = None
+    temperature: float = 0.0
+    max_tokens: int = 256
+    utilrank_top_percent: float = 10.0
+    human_positive: Literal["random", "inclusion", "exclusion"] = "random"
+
+
+class TrainConfig(Strict):
+    """The training stage's settings (the stage itself lands with its own issue)."""
+
+    model: str
+    pooling: Literal["cls", "mean", "last"] = "cls"
+    normalize: bool = False
+    temperature: float = 1.0
+    query_max_len: int = 32
+    passage_max_len: int = 140
+    loss: Literal["single", "rand1", "joint", "summarg"] = "summarg"
+    labels: Literal["human", "relsel", "utilsel", "utilrank", "graded"] = "utilsel"
+    group_size: int = 16
+    positives: Literal["all", "one", "rand1"] = "all"
+    epochs: int = 2
+    lr: float = 3e-5
+    per_device_queries: int = 16
+    num_workers: int = 1
+    use_gpu: bool = False
+    deepspeed_zero_stage: int = Field(0, ge=0, le=3)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    curriculum_human_percent: float | None = None  # e.g. 20: stage 2 on 20% human labels
+
+
+class PipelineConfig(Strict):
+    data_root: str | None = None  # None: $UTILRAG_DATA_ROOT, ../shared/datasets beside the repo, ~/.cache
+    output_dir: str = "outputs/local"
+    ray: RayConfig = RayConfig()
+    ingest: IngestConfig
+    pools: list[PoolsConfig] = []
+    bm25: list[BM25Config] = []
+    evaluate: EvaluateConfig = EvaluateConfig()
+    annotate: AnnotateConfig | None = None
+    train: TrainConfig | None = None
+
+    @field_validator("output_dir")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+# --------------------------------------------------------------------------- loading
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(tree: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c`` in a nested dict/list tree (list items by index)."""
+    keys = dotted.split(".")
+    node: Any = tree
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"override {dotted!r}: {where!r} is not an index of a {len(node)}-item list")
+            key = int(key)
+            if last:
+                node[key] = value
+            else:
+                node = node[key]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i])!r} is not a section")
+        if last:
+            node[key] = value
+        else:
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        reason = "unknown key"
+    elif first["type"] == "missing":
+        reason = "required key is missing"
+    else:
+        reason = first["msg"]
+        if "input" in first and not isinstance(first["input"], (dict, list)):
+            reason += f" (got {first['input']!r})"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {key}: {reason}{more}"
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), schema=PipelineConfig):
+    """Read a YAML config, apply ``key=value`` overrides, validate against ``schema``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        apply_override(tree, key.strip(), _parse_value(raw))
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, str(path))) from None
+
+
+# --------------------------------------------------------------------------- paths
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_data_root(configured: str | None) -> Path:
+    """Where registered datasets live: config, then $UTILRAG_DATA_ROOT, then the shared
+    datasets beside a checkout, then ~/.cache/utilrag/datasets."""
+    if configured:
+        return Path(os.path.expanduser(configured)).resolve()
+    if os.environ.get("UTILRAG_DATA_ROOT"):
+        return Path(os.path.expanduser(os.environ["UTILRAG_DATA_ROOT"])).resolve()
+    shared = REPO_ROOT.parent / "shared" / "datasets"
+    if shared.is_dir():
+        return shared
+    return Path.home() / ".cache" / "utilrag" / "datasets"
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("UTILRAG_CACHE", Path.home() / ".cache" / "utilrag"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path

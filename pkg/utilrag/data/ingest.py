@@ -1,0 +1,236 @@
+"""Ingest: real-format files -> Parquet tables, streamed through Ray Data.
+
+Files are parsed in parallel by Ray Data tasks (one per file; a gzip stream cannot be split),
+and the parsed batches stream back to a single validator, which owns the global checks that
+need every id at once: duplicate ids, qrels and runs naming unknown queries or documents.
+Every bad line is counted and written to ``rejects.parquet`` with its file, line and reason.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from utilrag.config import IngestConfig, PipelineConfig, resolve_data_root
+from utilrag.data import registry
+from utilrag.data.formats import filesystem_and_path, parse_file
+from utilrag.data.tables import (REJECTS_SCHEMA, SCHEMAS, ParquetParts, fingerprint, read_manifest,
+                                 write_manifest)
+
+TABLE_ORDER = ["corpus", "queries", "qrels", "runs", "pools"]  # references point backwards
+
+
+class IngestError(Exception):
+    """Too many bad rows, or an input that cannot be read (printed as one message, exit 2)."""
+
+
+@dataclass
+class TableReport:
+    rows: int = 0
+    rejected: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)  # kept-but-noteworthy rows (e.g. qrels outside corpus)
+
+
+@dataclass
+class IngestResult:
+    dataset: str
+    output: Path
+    reused: bool
+    tables: dict[str, TableReport]
+    relevance_threshold: int
+
+    @property
+    def rejected(self) -> int:
+        return sum(t.rejected for t in self.tables.values())
+
+
+# --------------------------------------------------------------------------- Ray Data side
+def parse_file_batch(batch: dict):
+    """Ray Data map_batches fn: a batch of file jobs (JSON) -> Arrow batches of parsed rows."""
+    for job_json in batch["job"]:
+        job = json.loads(str(job_json))
+        yield from parse_file(job["uri"], job["table"], job["parser"], job["ctx"], job["batch_rows"])
+
+
+def stream_parsed(jobs: list[registry.FileJob], batch_rows: int):
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # first occurrence wins, deterministically
+    items = [{"job": json.dumps({**asdict(j), "batch_rows": batch_rows})} for j in jobs]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(parse_file_batch, batch_size=1, batch_format="numpy")
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+# --------------------------------------------------------------------------- validation
+class Validator:
+    """Global checks over one table's stream; remembers ids later tables refer to."""
+
+    def __init__(self, unknown_qrels_docs: str):
+        self.unknown_qrels_docs = unknown_qrels_docs
+        self.doc_ids: dict[str, int] = {}
+        self.query_ids: dict[str, int] = {}
+        self.seen_keys: set = set()
+
+    def check(self, table: str, batch: pa.Table, report: TableReport) -> tuple[pa.Table, list[dict]]:
+        reasons = batch.column("_reason").to_pylist()
+        rejects: list[dict] = []
+        keep = [False] * batch.num_rows
+        cols = {name: batch.column(name).to_pylist() for name in SCHEMAS[table].names}
+        files, lines, raws = (batch.column(c).to_pylist() for c in ("_file", "_line", "_raw"))
+        for i, reason in enumerate(reasons):
+            if reason is None:
+                reason = self._row_reason(table, {k: v[i] for k, v in cols.items()}, report)
+            if reason is None:
+                keep[i] = True
+                continue
+            if reason == "":  # an identical duplicate (Tevatron repeats passages across pools)
+                report.notes["identical duplicate merged"] += 1
+                continue
+            report.rejected += 1
+            report.reasons[reason.split(" (")[0] if reason.startswith("duplicate") else _category(reason)] += 1
+            raw = raws[i] if raws[i] is not None else _raw_from(cols, i)
+            rejects.append(dict(table=table, file=files[i], line=lines[i], reason=reason, raw=raw))
+        good = batch.filter(pa.array(keep, pa.bool_())).select(SCHEMAS[table].names)
+        report.rows += good.num_rows
+        return good, rejects
+
+    def _row_reason(self, table: str, row: dict, report: TableReport) -> str | None:
+        if table == "corpus":
+            return self._unique(self.doc_ids, row["doc_id"], hash((row["title"], row["text"])), "doc id")
+        if table == "queries":
+            return self._unique(self.query_ids, row["query_id"], hash(row["text"]), "query id")
+        if row["query_id"] not in self.query_ids:
+            return f"unknown query id {row['query_id']}"
+        if row["doc_id"] not in self.doc_ids:
+            if table == "qrels" and self.unknown_qrels_docs == "keep":
+                report.notes["judged doc outside the corpus (kept)"] += 1
+            else:
+                return f"unknown doc id {row['doc_id']}"
+        key = (table, row.get("split") or row.get("run"), row["query_id"], row["doc_id"])
+        if key in self.seen_keys:
+            return f"duplicate {table} row for query {row['query_id']} doc {row['doc_id']}"
+        self.seen_keys.add(key)
+        return None
+
+    @staticmethod
+    def _unique(seen: dict, key: str, content: int, what: str) -> str | None:
+        if key not in seen:
+            seen[key] = content
+            return None
+        return "" if seen[key] == content else f"duplicate {what} {key} (different content)"
+
+
+def _category(reason: str) -> str:
+    for prefix in ("unknown query id", "unknown doc id", "invalid UTF-8", "expected", "truncated", "malformed JSON"):
+        if reason.startswith(prefix):
+            return prefix
+    return reason
+
+
+def _raw_from(cols: dict, i: int) -> str:
+    return "\t".join(str(v[i]) for v in cols.values())[:300]
+
+
+# --------------------------------------------------------------------------- driver
+def _input_fingerprint(resolved: registry.ResolvedDataset, icfg: IngestConfig) -> str:
+    stats = []
+    for job in resolved.jobs:
+        fs, path = filesystem_and_path(job.uri)
+        info = fs.get_file_info(path)
+        stats.append((job.uri, job.table, job.parser, info.size, str(info.mtime)))
+    return fingerprint({"files": stats, "threshold": resolved.relevance_threshold,
+                        "unknown_qrels_docs": resolved.unknown_qrels_docs,
+                        "reject_threshold": icfg.reject_threshold})
+
+
+def ingest_dataset(resolved: registry.ResolvedDataset, out: Path, icfg: IngestConfig) -> IngestResult:
+    fp = _input_fingerprint(resolved, icfg)
+    old = read_manifest(out)
+    if old and old.get("input_fingerprint") == fp and old.get("status") == "ok":
+        tables = {t: TableReport(rows=n, rejected=old["rejected"].get(t, 0)) for t, n in old["rows"].items()}
+        print(f"[ingest] {resolved.name}: inputs unchanged (fingerprint {fp}), reusing {out}", flush=True)
+        return IngestResult(resolved.name, out, True, tables, resolved.relevance_threshold)
+
+    started = time.time()
+    validator = Validator(resolved.unknown_qrels_docs)
+    reports: dict[str, TableReport] = {}
+    all_rejects: list[dict] = []
+    for table in TABLE_ORDER:
+        jobs = [j for j in resolved.jobs if j.table == table]
+        if not jobs:
+            continue
+        t0 = time.time()
+        report = reports[table] = TableReport()
+        writer = ParquetParts(out / table, SCHEMAS[table], icfg.rows_per_file)
+        for batch in stream_parsed(jobs, icfg.batch_rows):
+            good, rejects = validator.check(table, batch, report)
+            writer.write(good)
+            all_rejects.extend(rejects)
+        writer.close()
+        print(f"[ingest] {resolved.name}/{table}: {report.rows:,} rows kept, {report.rejected:,} rejected "
+              f"from {len(jobs)} file(s) in {time.time() - t0:.1f}s", flush=True)
+
+    pq.write_table(pa.Table.from_pylist(all_rejects, schema=REJECTS_SCHEMA), out / "rejects.parquet")
+    total = sum(r.rows + r.rejected for r in reports.values())
+    rejected = sum(r.rejected for r in reports.values())
+    share = rejected / total if total else 0.0
+    status = "ok" if share <= icfg.reject_threshold else "failed"
+    write_manifest(out, stage="ingest", dataset=resolved.name, source=resolved.root, layout=resolved.layout,
+                   status=status, input_fingerprint=fp, relevance_threshold=resolved.relevance_threshold,
+                   rows={t: r.rows for t, r in reports.items()}, rejected={t: r.rejected for t, r in reports.items()},
+                   notes={t: dict(r.notes) for t, r in reports.items() if r.notes},
+                   reject_reasons={t: dict(r.reasons) for t, r in reports.items() if r.reasons},
+                   files=[asdict(j) for j in resolved.jobs], wall_time_s=round(time.time() - started, 2))
+    print_summary(resolved.name, reports)
+    if status != "ok":
+        raise IngestError(f"{resolved.name}: {rejected:,} of {total:,} rows rejected ({share:.3%}) exceeds "
+                          f"reject_threshold {icfg.reject_threshold:.3%}; see {out / 'rejects.parquet'}")
+    return IngestResult(resolved.name, out, False, reports, resolved.relevance_threshold)
+
+
+def print_summary(name: str, reports: dict[str, TableReport]) -> None:
+    for table, r in reports.items():
+        extras = [f"{n:,} {why}" for why, n in r.reasons.most_common(4)] + [f"{n:,} {why}" for why, n in r.notes.items()]
+        if extras:
+            print(f"[ingest] {name}/{table}: " + "; ".join(extras), flush=True)
+
+
+def ingest(cfg: PipelineConfig, names: list[str] | None = None) -> dict[str, IngestResult]:
+    """The ingest stage: every configured dataset (or those named) -> output_dir/ingest/<name>/."""
+    data_root = resolve_data_root(cfg.data_root)
+    results = {}
+    for ds in cfg.ingest.datasets:
+        if names and ds.name not in names:
+            continue
+        resolved = registry.resolve(ds, data_root, allow_download=cfg.ingest.download)
+        results[ds.name] = ingest_dataset(resolved, Path(cfg.output_dir) / "ingest" / ds.name, cfg.ingest)
+    return results
+
+
+def dataset_dir(cfg: PipelineConfig, name: str) -> Path:
+    path = Path(cfg.output_dir) / "ingest" / name
+    if read_manifest(path) is None:
+        raise IngestError(f"dataset {name!r} has not been ingested into {path}; run `utilrag ingest` first")
+    return path
+
+
+def relevance_threshold(cfg: PipelineConfig, name: str) -> int:
+    return int(read_manifest(dataset_dir(cfg, name))["relevance_threshold"])
+
+
+def qrels_split(table: pa.Table, split: str | None) -> pa.Table:
+    if split is None:
+        return table
+    known = sorted(set(table.column("split").to_pylist()))
+    if split not in known:
+        raise IngestError(f"qrels split {split!r} not found; the dataset has {known}")
+    return table.filter(pc.equal(table.column("split"), split))

@@ -1,0 +1,185 @@
+"""Datasets by name: where they live under the data root, how their files map to tables,
+and how to fetch the official public files when they are missing."""
+from __future__ import annotations
+
+import re
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utilrag.config import DatasetConfig
+from utilrag.data.formats import exists, list_files
+
+BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
+MSMARCO_TAR = "https://msmarco.z22.web.core.windows.net/msmarcoranking/collectionandqueries.tar.gz"
+DL19_QRELS = "https://trec.nist.gov/data/deep/2019qrels-pass.txt"
+DL19_QUERIES = "https://msmarco.z22.web.core.windows.net/msmarcoranking/msmarco-test2019-queries.tsv.gz"
+
+BEIR_NAMES = ["arguana", "climate-fever", "cqadupstack", "dbpedia-entity", "fever", "fiqa", "hotpotqa",
+              "msmarco", "nfcorpus", "nq", "quora", "scidocs", "scifact", "trec-covid", "webis-touche2020"]
+
+
+class DatasetError(Exception):
+    """A dataset that is missing or laid out wrongly (printed as one message, exit 2)."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    layout: str
+    relevance_threshold: int = 1
+    unknown_qrels_docs: str = "reject"
+    downloads: list[tuple[str, str]] = field(default_factory=list)  # (url, file name or "" to unpack)
+    needs: str = ""  # the files a complete copy holds, for the offline message
+
+
+REGISTRY: dict[str, Registered] = {
+    **{name: Registered("beir", downloads=[(BEIR_URL.format(name=name), "")],
+                        needs="corpus.jsonl, queries.jsonl, qrels/<split>.tsv (BEIR layout)") for name in BEIR_NAMES},
+    "msmarco-passage": Registered(
+        "msmarco", downloads=[(MSMARCO_TAR, "")],
+        needs="collection.tsv, queries.train.tsv, queries.dev.tsv, qrels.train.tsv, qrels.dev.tsv"),
+    # The local copy holds the 43 judged queries and only the passages of four public runs'
+    # top-100, so judged passages outside the pool are kept in qrels (they still count in nDCG's ideal).
+    "trec-dl-2019": Registered(
+        "msmarco", relevance_threshold=2, unknown_qrels_docs="keep",
+        downloads=[(MSMARCO_TAR, ""), (DL19_QRELS, "qrels.txt"), (DL19_QUERIES, "queries.tsv.gz")],
+        needs="collection.tsv[.gz], queries.tsv (qid<TAB>text), qrels.txt (TREC qrels), optional runs/*.trec"),
+}
+
+
+@dataclass
+class FileJob:
+    """One input file and how to parse it."""
+
+    uri: str
+    table: str
+    parser: str
+    ctx: dict
+
+
+@dataclass
+class ResolvedDataset:
+    name: str
+    root: str
+    layout: str
+    relevance_threshold: int
+    unknown_qrels_docs: str
+    jobs: list[FileJob]
+
+
+def _match(files: list[str], pattern: str) -> list[str]:
+    rx = re.compile(pattern)
+    return [f for f in files if rx.search(f.rsplit("/", 1)[-1])]
+
+
+def _split_name(uri: str, word: str) -> str:
+    stem = re.sub(r"\.(tsv|txt|jsonl|trec|run)(\.gz)?$", "", uri.rsplit("/", 1)[-1])
+    stem = re.sub(word, "", stem).strip("._-")
+    return stem or "default"
+
+
+def _detect_layout(files: list[str]) -> str:
+    if _match(files, r"^corpus\.jsonl(\.gz)?$"):
+        return "beir"
+    if _match(files, r"^collection\.tsv(\.gz)?$"):
+        return "msmarco"
+    if _match(files, r"\.jsonl(\.gz)?$"):
+        return "tevatron"
+    return "unknown"
+
+
+def _jobs_for(root: str, layout: str, files: list[str]) -> list[FileJob]:
+    jobs: list[FileJob] = []
+    if layout == "beir":
+        for f in _match(files, r"^corpus\.jsonl(\.gz)?$"):
+            jobs.append(FileJob(f, "corpus", "beir_corpus", {}))
+        for f in _match(files, r"^queries\.jsonl(\.gz)?$"):
+            jobs.append(FileJob(f, "queries", "beir_queries", {}))
+        for f in _match(list_files(root.rstrip("/") + "/qrels"), r"\.tsv(\.gz)?$"):
+            jobs.append(FileJob(f, "qrels", "beir_qrels", {"split": _split_name(f, "")}))
+    elif layout == "msmarco":
+        for f in _match(files, r"^collection\.tsv(\.gz)?$"):
+            jobs.append(FileJob(f, "corpus", "msmarco_collection", {}))
+        for f in _match(files, r"queries.*\.tsv(\.gz)?$"):
+            jobs.append(FileJob(f, "queries", "tsv_queries", {}))
+        for f in _match(files, r"qrels.*\.(tsv|txt)(\.gz)?$"):
+            jobs.append(FileJob(f, "qrels", "trec_qrels", {"split": _split_name(f, r"qrels")}))
+        runs_dir = root.rstrip("/") + "/runs"
+        for f in _match(list_files(runs_dir), r"\.(trec|run|txt)(\.gz)?$"):
+            jobs.append(FileJob(f, "runs", "trec_run", {"run": _split_name(f, "")}))
+    elif layout == "tevatron":
+        for f in _match(files, r"\.jsonl(\.gz)?$"):
+            split = _split_name(f, "")
+            for table in ("queries", "corpus", "qrels", "pools"):
+                jobs.append(FileJob(f, table, f"tevatron_{table}", {"split": split}))
+    return jobs
+
+
+def offline_message(name: str, folder: Path) -> str:
+    reg = REGISTRY.get(name)
+    needs = reg.needs if reg else "a BEIR, MS MARCO or Tevatron layout"
+    urls = ", ".join(u for u, _ in reg.downloads) if reg else "(not a registered name)"
+    return (f"dataset {name!r} is not at {folder} and could not be downloaded. Put these files there: "
+            f"{needs}; official sources: {urls}. Or set UTILRAG_DATA_ROOT / data_root, or give the "
+            f"dataset a path.")
+
+
+def download(name: str, folder: Path) -> None:
+    """Fetch a registered dataset's official files into folder (raises DatasetError when offline)."""
+    reg = REGISTRY[name]
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        for url, target in reg.downloads:
+            local = Path(tmp) / url.rsplit("/", 1)[-1]
+            print(f"[download] {url}", flush=True)
+            try:
+                with urllib.request.urlopen(url, timeout=60) as resp, open(local, "wb") as out:
+                    shutil.copyfileobj(resp, out, 1 << 20)
+            except (urllib.error.URLError, OSError) as e:
+                raise DatasetError(offline_message(name, folder) + f" (download failed: {e})") from None
+            if target:
+                shutil.move(str(local), folder / target)
+            elif local.suffix == ".zip":
+                with zipfile.ZipFile(local) as z:
+                    z.extractall(tmp)
+                inner = Path(tmp) / name  # BEIR zips hold one folder named like the dataset
+                for item in (inner if inner.is_dir() else Path(tmp)).iterdir():
+                    if item != local:
+                        shutil.move(str(item), folder / item.name)
+            else:
+                with tarfile.open(local) as t:
+                    t.extractall(folder, filter="data")
+
+
+def resolve(ds: DatasetConfig, data_root: Path, allow_download: bool = True) -> ResolvedDataset:
+    """Find a dataset's files and plan how each is parsed."""
+    reg = REGISTRY.get(ds.name)
+    if ds.path:
+        root = ds.path if "://" in ds.path else str(Path(ds.path).expanduser().resolve())
+    elif reg is None:
+        raise DatasetError(f"dataset {ds.name!r}: not a registered name ({', '.join(sorted(REGISTRY))}) "
+                           f"and no path given")
+    else:
+        root = str(data_root / ds.name)
+        if not exists(root) or not list_files(root):
+            if not allow_download:
+                raise DatasetError(offline_message(ds.name, Path(root)))
+            download(ds.name, Path(root))
+    if not exists(root):
+        raise DatasetError(f"dataset {ds.name!r}: path not found: {root}")
+    single_file = not list_files(root) and exists(root)
+    files = [root] if single_file else list_files(root)
+    layout = ds.layout if ds.layout != "auto" else (reg.layout if reg else _detect_layout(files))
+    jobs = _jobs_for(root, layout, files)
+    if not any(j.table == "corpus" for j in jobs) or not any(j.table == "queries" for j in jobs):
+        raise DatasetError(f"dataset {ds.name!r} at {root}: no corpus or queries file for layout {layout!r}; "
+                           + offline_message(ds.name, Path(root)).split(". ", 1)[1])
+    threshold = ds.relevance_threshold if ds.relevance_threshold is not None else (
+        reg.relevance_threshold if reg else 1)
+    unknown = ds.unknown_qrels_docs or (reg.unknown_qrels_docs if reg else "reject")
+    return ResolvedDataset(ds.name, root, layout, threshold, unknown, jobs)

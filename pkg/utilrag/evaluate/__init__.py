@@ -1,0 +1,122 @@
+"""Evaluation stage: metrics of retrieval runs against qrels, as a table, CSV, Markdown and PNG."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from utilrag.config import PipelineConfig, RunToEvaluate
+from utilrag.data.formats import parse_file
+from utilrag.data.ingest import IngestError, dataset_dir, qrels_split, relevance_threshold
+from utilrag.data.tables import SCHEMAS, read_table, write_manifest
+from utilrag.evaluate.metrics import DEFAULT_METRICS, MetricError, evaluate
+
+__all__ = ["run_evaluation", "evaluate", "read_trec_file", "format_table", "DEFAULT_METRICS", "MetricError"]
+
+
+def read_trec_file(path: str, table: str) -> pa.Table:
+    """A qrels (TREC 4-column or BEIR tsv) or TREC run file; the first bad line is an error."""
+    if not Path(path).is_file():
+        raise MetricError(f"{path}: file not found")
+    parser = "trec_run" if table == "runs" else "trec_qrels"
+    if table == "qrels":
+        with open(path, "rb") as f:
+            if f.readline().lower().startswith(b"query-id"):
+                parser = "beir_qrels"
+    parts = list(parse_file(path, table, parser, {"split": "default", "run": Path(path).stem}))
+    data = pa.concat_tables(parts) if parts else pa.table({}, schema=SCHEMAS[table])
+    if data.num_rows and data.column("_reason").null_count < data.num_rows:
+        bad = data.filter(pc.invert(pc.is_null(data.column("_reason")))).slice(0, 1).to_pylist()[0]
+        raise MetricError(f"{bad['_file']}:{bad['_line']}: {bad['_reason']}")
+    return data.select(SCHEMAS[table].names)
+
+
+def load_run(cfg: PipelineConfig, spec: RunToEvaluate) -> pa.Table:
+    """A run by file path, by ingested run name, or "bm25s" for the BM25 stage's output."""
+    if Path(spec.run).is_file():
+        return read_trec_file(spec.run, "runs")
+    folder = dataset_dir(cfg, spec.dataset) / "runs"
+    runs = read_table(folder) if folder.is_dir() else SCHEMAS["runs"].empty_table()
+    picked = runs.filter(pc.equal(runs.column("run"), spec.run))
+    if picked.num_rows:
+        return picked
+    if spec.run == "bm25s":
+        path = Path(cfg.output_dir) / "bm25" / f"{spec.dataset}-{spec.split}" / "run.parquet"
+        if not path.is_file():
+            raise IngestError(f"no BM25 run for {spec.dataset}/{spec.split} at {path}; run `utilrag bm25` first")
+        return pq.read_table(path)
+    names = sorted(set(runs.column("run").to_pylist()))
+    raise IngestError(f"run {spec.run!r}: not a file, not 'bm25s' (the BM25 stage), and not an ingested run "
+                      f"of {spec.dataset!r} (ingested: {names})")
+
+
+def format_table(rows: list[dict], metrics: list[str]) -> str:
+    """A Markdown table: one row per run, metrics to 4 decimals."""
+    head = ["run", "dataset", "queries"] + metrics
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * len(metrics)) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join([r["label"], r["dataset"], str(r["queries"])]
+                                       + [f"{r[m]:.4f}" for m in metrics]) + " |")
+    return "\n".join(lines)
+
+
+def plot_metrics(rows: list[dict], metrics: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), squeeze=False)
+    labels = [f"{r['dataset']}\n{r['label']}" for r in rows]
+    for ax, m in zip(axes[0], metrics):
+        values = [r[m] for r in rows]
+        bars = ax.barh(range(len(rows)), values, color="#4C72B0")
+        ax.set_yticks(range(len(rows)), labels if ax is axes[0][0] else [""] * len(rows), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_title(m)
+        for bar, v in zip(bars, values):
+            ax.text(v + 0.01, bar.get_y() + bar.get_height() / 2, f"{v:.3f}", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_evaluation(cfg: PipelineConfig, runs: list[RunToEvaluate] | None = None) -> list[dict]:
+    """Evaluate each configured run; writes output_dir/evaluate/{metrics.csv,metrics.md,metrics.png,
+    per_query.parquet,manifest.json} and prints the table."""
+    t0 = time.time()
+    runs = runs if runs is not None else cfg.evaluate.runs
+    metrics = cfg.evaluate.metrics
+    out = Path(cfg.output_dir) / "evaluate"
+    out.mkdir(parents=True, exist_ok=True)
+    rows, per_query_rows = [], []
+    for spec in runs:
+        threshold = relevance_threshold(cfg, spec.dataset)
+        qrels = qrels_split(read_table(dataset_dir(cfg, spec.dataset) / "qrels"), spec.split)
+        run = load_run(cfg, spec)
+        means, per_query = evaluate(qrels, run, metrics, threshold)
+        label = spec.label or spec.run
+        rows.append({"label": label, "dataset": spec.dataset, "split": spec.split or "all",
+                     "queries": len(per_query), **means})
+        for qid, values in per_query.items():
+            for m, v in values.items():
+                per_query_rows.append({"label": label, "dataset": spec.dataset, "query_id": qid, "metric": m,
+                                       "value": v})
+    table = format_table(rows, metrics)
+    (out / "metrics.md").write_text(table + "\n")
+    if rows:
+        pacsv.write_csv(pa.Table.from_pylist(rows), out / "metrics.csv")
+        pq.write_table(pa.Table.from_pylist(per_query_rows), out / "per_query.parquet")
+        plot_metrics(rows, metrics, out / "metrics.png")
+    write_manifest(out, stage="evaluate", runs=[r.model_dump() for r in runs], metrics=metrics, results=rows,
+                   wall_time_s=round(time.time() - t0, 2))
+    (out / "metrics.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(table, flush=True)
+    return rows
+

@@ -1,0 +1,1 @@
+"""The rag stage (lands with its own issue)."""

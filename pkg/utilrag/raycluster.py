@@ -1,0 +1,29 @@
+"""Connecting to Ray: the cluster in ``ray.address`` / $RAY_ADDRESS, or a local one started here."""
+from __future__ import annotations
+
+import logging
+import os
+
+from utilrag.config import RayConfig
+
+
+def quiet_ray_data() -> None:
+    """Our stages print their own progress lines; Ray Data's per-dataset INFO lines drown them."""
+    import ray
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def connect(cfg: RayConfig) -> None:
+    import ray
+
+    quiet_ray_data()
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True,
+                 configure_logging=True, logging_level="WARNING")

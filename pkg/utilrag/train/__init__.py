@@ -1,0 +1,1 @@
+"""The train stage (lands with its own issue)."""

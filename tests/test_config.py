@@ -1,0 +1,60 @@
+import subprocess
+import sys
+
+import pytest
+
+from utilrag.config import REPO_ROOT, ConfigError, PipelineConfig, load_config
+
+LOCAL = REPO_ROOT / "jobs" / "configs" / "local.yaml"
+PAPER = REPO_ROOT / "jobs" / "configs" / "msmarco-qwen32b.yaml"
+
+
+def test_shipped_configs_validate():
+    local = load_config(LOCAL)
+    assert [d.name for d in local.ingest.datasets] == ["scifact", "trec-dl-2019"]
+    paper = load_config(PAPER)
+    assert paper.annotate.model == "Qwen/Qwen2.5-32B-Instruct-GPTQ-Int8"
+    assert paper.pools[0].size == 31 and paper.annotate.window == 16
+    assert paper.train.loss == "summarg" and paper.train.lr == 3e-5
+
+
+def test_overrides_set_nested_keys_and_list_items():
+    cfg = load_config(LOCAL, ["output_dir=/tmp/x", "ingest.reject_threshold=0.5", "pools.1.size=8",
+                              "ray.num_cpus=1", "evaluate.metrics=[nDCG@10]"])
+    assert cfg.output_dir == "/tmp/x"
+    assert cfg.ingest.reject_threshold == 0.5
+    assert cfg.pools[1].size == 8 and cfg.pools[0].size == 31
+    assert cfg.ray.num_cpus == 1
+    assert cfg.evaluate.metrics == ["nDCG@10"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ingest.colour=red", "ingest.colour: unknown key"),
+    ("pools.0.size=many", "pools.0.size: Input should be a valid integer"),
+    ("pools.0.size=1", "pools.0.size: Input should be greater than or equal to 2"),
+    ("pools.9.size=3", "'pools.9' is not an index of a 2-item list"),
+    ("ingest.reject_threshold", "expected key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(LOCAL, [override])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ingest:\n  datasets: [\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: not valid YAML"):
+        load_config(bad)
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("output_dir: x\n")
+    with pytest.raises(ConfigError, match="ingest: required key is missing"):
+        load_config(missing, schema=PipelineConfig)
+
+
+def test_cli_prints_one_error_line_and_exits_2():
+    proc = subprocess.run([sys.executable, "-m", "utilrag.cli", "ingest", "--config", str(LOCAL), "ingest.bogus=1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"utilrag: error: {LOCAL}: ingest.bogus: unknown key"]
