@@ -1,4 +1,6 @@
 # The two commands: `make run` (install + the main job on the local default) and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV   ?= .venv
 CONFIG ?= jobs/configs/local.yaml
@@ -11,15 +13,15 @@ export RAY_USAGE_STATS_ENABLED = 0
 # The stamp changes with the lock file and pyproject, so a second `make` installs nothing.
 STAMP := $(VENV)/.installed-$(shell cat $(LOCK) pyproject.toml | md5sum | cut -c1-12)
 
-.PHONY: install run test bench clean
+.PHONY: install run test clean
 install: $(STAMP)
 
 $(STAMP): $(LOCK) pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	@echo "[install] $(LOCK) -> $(VENV) (exact pins, --no-deps: no CUDA torchvision/torchaudio/torchcodec, no triton)"
-	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -r $(LOCK)
-	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -r $(LOCK) 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	$(VENV)/bin/python -m utilrag.envcheck
 	@touch $@
 
@@ -30,9 +32,6 @@ run: install
 test: install
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
-
-bench: install
-	$(VENV)/bin/python benchmarks/ingest_throughput.py --quick
 
 clean:
 	rm -rf outputs .pytest_cache

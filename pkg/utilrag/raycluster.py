@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from utilrag.config import RayConfig
 
@@ -18,12 +19,15 @@ def quiet_ray_data() -> None:
 def connect(cfg: RayConfig) -> None:
     import ray
 
-    quiet_ray_data()
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        # Ship this copy of the library to the workers, so a cluster runs the code that was
+        # submitted (it is merged with the job's runtime env, e.g. its working_dir and pip list).
+        package = str(Path(__file__).resolve().parent)
+        ray.init(address=address, log_to_driver=True, runtime_env={"py_modules": [package]})
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True,
                  configure_logging=True, logging_level="WARNING")
+    quiet_ray_data()

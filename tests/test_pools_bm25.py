@@ -1,0 +1,91 @@
+"""Pools and BM25 on the real datasets, through the stage entry points."""
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from utilrag.data import ingest, run_pools
+from utilrag.data.pools import build_pools
+from utilrag.evaluate import run_evaluation
+from utilrag.index import run_bm25
+
+
+@pytest.fixture(scope="module")
+def real_cfg(tmp_path_factory, shared_datasets):
+    from utilrag.config import PipelineConfig
+
+    return PipelineConfig.model_validate({
+        "data_root": str(shared_datasets), "output_dir": str(tmp_path_factory.mktemp("out")),
+        "ingest": {"datasets": [{"name": "scifact"}, {"name": "trec-dl-2019"}]},
+        "pools": [{"dataset": "trec-dl-2019", "split": "default", "run": "bm25", "size": 31},
+                  {"dataset": "scifact", "split": "train", "size": 31, "seed": 3, "max_queries": 50}],
+        "bm25": [{"dataset": "scifact", "split": "test"}],
+        "evaluate": {"runs": [{"dataset": "scifact", "split": "test", "run": "bm25s"},
+                              {"dataset": "trec-dl-2019", "run": "bm25"}]}})
+
+
+def test_dl19_pools_from_the_bm25_run(ray_local, real_cfg):
+    ingest(real_cfg)
+    pools = pq.read_table(run_pools(real_cfg, real_cfg.pools[0]) / "pools.parquet").to_pandas()
+    assert pools["query_id"].nunique() == 43
+    assert (pools.groupby("query_id").size() == 31).all()
+    positives = pools[pools["source"] == "human"]
+    assert (positives["human_grade"] >= 2).all()
+    assert positives.groupby("query_id").size().min() >= 1
+    negatives = pools[pools["source"] == "bm25"]
+    assert ((negatives["human_grade"].isna()) | (negatives["human_grade"] < 2)).all()
+    # shuffled: positives are not all at the front
+    assert positives["position"].mean() > 5
+
+
+def test_scifact_pools_from_bm25s_are_seeded(ray_local, real_cfg):
+    ingest(real_cfg)
+    first = pq.read_table(run_pools(real_cfg, real_cfg.pools[1]) / "pools.parquet")
+    assert first.to_pandas()["query_id"].nunique() == 50
+    assert set(first.column("source").to_pylist()) == {"human", "bm25s"}
+    inputs = _inputs_for(first)
+    again, _ = build_pools(*inputs, size=31, seed=3, threshold=1, negative_source="bm25s")
+    same, _ = build_pools(*inputs, size=31, seed=3, threshold=1, negative_source="bm25s")
+    other, _ = build_pools(*inputs, size=31, seed=4, threshold=1, negative_source="bm25s")
+    assert again.equals(same)
+    assert other.column("doc_id").to_pylist() != again.column("doc_id").to_pylist()
+    assert sorted(other.column("doc_id").to_pylist()) == sorted(first.column("doc_id").to_pylist())
+
+
+def _inputs_for(pools):
+    """Rebuild qrels and a run from a pool table (human positives + negatives in rank order)."""
+    rows = pools.to_pylist()
+    qrels = pa.table({"query_id": [r["query_id"] for r in rows if r["source"] == "human"],
+                      "doc_id": [r["doc_id"] for r in rows if r["source"] == "human"],
+                      "grade": [1 for r in rows if r["source"] == "human"]})
+    negs = [r for r in rows if r["source"] != "human"]
+    run = pa.table({"query_id": [r["query_id"] for r in negs], "doc_id": [r["doc_id"] for r in negs],
+                    "rank": list(range(1, len(negs) + 1))})
+    return qrels, run, list(dict.fromkeys(r["query_id"] for r in rows))
+
+
+def test_pool_edge_cases():
+    qrels = pa.table({"query_id": ["a", "a", "b"], "doc_id": ["p1", "p2", "x"], "grade": [1, 1, 0]})
+    run = pa.table({"query_id": ["a"] * 4, "doc_id": ["p1", "n1", "n2", "n3"], "rank": [1, 2, 3, 4]})
+    pools, stats = build_pools(qrels, run, ["a", "b"], size=4, seed=0, threshold=1, negative_source="r")
+    assert stats == {"queries": 1, "no_positive": 1, "short_pool": 0, "positives_cut": 0}
+    assert sorted(pools.column("doc_id").to_pylist()) == ["n1", "n2", "p1", "p2"]
+    small, stats = build_pools(qrels, run, ["a"], size=2, seed=0, threshold=1, negative_source="r")
+    assert stats["positives_cut"] == 1 and small.num_rows == 2
+
+
+def test_bm25s_on_scifact_and_the_evaluation_table(ray_local, real_cfg, capsys):
+    ingest(real_cfg)
+    out = run_bm25(real_cfg, real_cfg.bm25[0])
+    run = pq.read_table(out / "run.parquet")
+    assert run.to_pandas().groupby("query_id").size().max() == 1000
+    assert (out / "run.trec").read_text().splitlines()[0].split()[1] == "Q0"
+    rows = run_evaluation(real_cfg)
+    by_label = {r["label"]: r for r in rows}
+    assert by_label["bm25s"]["queries"] == 300
+    assert 0.66 <= by_label["bm25s"]["nDCG@10"] <= 0.69  # published BEIR BM25: 0.665
+    assert by_label["bm25"]["nDCG@10"] == pytest.approx(0.5058, abs=1e-4)
+    printed = capsys.readouterr().out
+    assert "| bm25s | scifact | 300 |" in printed
+    evaluate_dir = real_cfg.output_dir + "/evaluate"
+    for name in ("metrics.csv", "metrics.md", "metrics.png", "per_query.parquet", "manifest.json"):
+        assert (pq and __import__("pathlib").Path(evaluate_dir, name).is_file()), name
