@@ -14,6 +14,8 @@ STAGES = {
     "ingest": "ingest the configured datasets into Parquet",
     "pools": "build candidate pools for annotation",
     "bm25": "BM25 retrieval runs with bm25s",
+    "index": "encode a corpus, build sharded FAISS indices, write dense runs",
+    "train": "fit the bi-encoder with Ray Train + DeepSpeed",
     "evaluate": "evaluate the configured runs",
     "run": "the main job: ingest, pools, BM25, evaluation",
 }
@@ -41,6 +43,14 @@ def _stage(name: str, cfg: PipelineConfig) -> None:
 
         for bcfg in cfg.bm25:
             run_bm25(cfg, bcfg)
+    elif name == "index":
+        from utilrag.index import run_index
+
+        run_index(cfg)
+    elif name == "train":
+        from utilrag.train import run_train
+
+        run_train(cfg)
     elif name == "evaluate":
         from utilrag.evaluate import run_evaluation
 
@@ -87,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from utilrag.data import DatasetError, IngestError
     from utilrag.evaluate import MetricError
+    from utilrag.index import ModelError, ShardError
 
     args = build_parser().parse_args(argv)
     try:
@@ -94,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             _eval_run(args)
         else:
             _stage(args.command, load_config(args.config, args.overrides))
-    except (ConfigError, DatasetError, IngestError, MetricError) as e:
+    except (ConfigError, DatasetError, IngestError, MetricError, ModelError, ShardError) as e:
         print(f"utilrag: error: {e}", file=sys.stderr)
         return 2
     return 0

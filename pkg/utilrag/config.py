@@ -67,17 +67,54 @@ class BM25Config(Strict):
     fields: list[Literal["title", "text"]] = ["title", "text"]
 
 
+class IndexTarget(Strict):
+    dataset: str
+    split: str | None = None  # queries of this qrels split are searched; None: all judged queries
+    rerank: str | None = None  # an ingested run (e.g. DL19's bm25 top-100): score only its candidates
+    label: str | None = None  # the run's name; default "dense" (or "dense-rerank-<run>")
+
+
+class IndexConfig(Strict):
+    model: str = "sentence-transformers/all-MiniLM-L6-v2"  # HF folder, hub name, or a packaged model
+    pooling: Literal["cls", "mean"] = "mean"
+    normalize: bool = True
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    query_max_len: int = Field(64, gt=0)
+    passage_max_len: int = Field(256, gt=0)
+    batch_size: int = Field(64, gt=0)
+    encoders: int = Field(1, ge=1)  # encoding actors (one model replica each)
+    use_gpu: bool = False  # a GPU per encoder and per shard actor, and a FAISS GPU index
+    embedding_dtype: Literal["float32", "float16"] = "float32"
+    rows_per_file: int = Field(2048, gt=0)  # embedding Parquet part size; shards take whole parts
+    shards: int = Field(2, ge=1)
+    index_type: Literal["flat", "ivf_flat", "ivf_pq", "hnsw"] = "flat"
+    nlist: int = 1024
+    nprobe: int = 32
+    pq_m: int = 16
+    hnsw_m: int = 32
+    ef_search: int = 128
+    gpu_fp16: bool = False
+    threads_per_shard: int | None = 1
+    cpus_per_shard: float | None = None  # CPUs each shard actor reserves; None: threads_per_shard
+    shard_start_timeout_s: float = Field(300, gt=0)  # fail (not hang) when shards cannot be placed
+    search_retries: int = Field(0, ge=0)  # restart a dead shard from the saved index and retry
+    k: int = Field(1000, gt=0)
+    targets: list[IndexTarget] = []
+
+
 class RunToEvaluate(Strict):
     dataset: str
     split: str | None = None  # qrels split; None: all of the dataset's qrels
-    run: str  # a TREC run file path, an ingested run name, or "bm25s" (the BM25 stage's run)
+    run: str  # a TREC run file, an ingested run, "bm25s" (the BM25 stage) or a dense run's label
     label: str | None = None
 
 
 class EvaluateConfig(Strict):
     metrics: list[str] = ["nDCG@10", "MRR@10", "R@100", "R@1000", "MAP"]
     runs: list[RunToEvaluate] = []
-    baseline: str | None = None  # label of the run the others are compared with
+    baseline: str | None = None  # label of the run the others (same dataset) are tested against
+    permutations: int = Field(10_000, ge=100)  # randomisation test samples
 
 
 class AnnotateConfig(Strict):
@@ -105,26 +142,43 @@ class AnnotateConfig(Strict):
 
 
 class TrainConfig(Strict):
-    """The training stage's settings (the stage itself lands with its own issue)."""
+    """The retriever training stage (Ray Train + DeepSpeed; METHOD.md §3-4)."""
 
-    model: str
+    model: str = "sentence-transformers/all-MiniLM-L6-v2"  # HF folder, hub name, or a packaged model
+    dataset: str = "scifact"
+    split: str = "train"  # qrels split (human labels) and pools (<dataset>-<split>) to train on
+    labels: Literal["human", "relsel", "utilsel", "utilrank", "graded"] = "human"
+    labels_path: str | None = None  # labels table; None: output_dir/annotate/<dataset>-<split>/labels.parquet
     pooling: Literal["cls", "mean", "last"] = "cls"
     normalize: bool = False
-    temperature: float = 1.0
-    query_max_len: int = 32
-    passage_max_len: int = 140
+    shared_encoder: bool = True
+    temperature: float = Field(1.0, gt=0)
+    query_max_len: int = Field(32, gt=0)
+    passage_max_len: int = Field(140, gt=0)
     loss: Literal["single", "rand1", "joint", "summarg"] = "summarg"
-    labels: Literal["human", "relsel", "utilsel", "utilrank", "graded"] = "utilsel"
-    group_size: int = 16
-    positives: Literal["all", "one", "rand1"] = "all"
-    epochs: int = 2
-    lr: float = 3e-5
-    per_device_queries: int = 16
-    num_workers: int = 1
+    group_size: int = Field(16, ge=2)  # m + 1 passages per query
+    positives: Literal["all", "one", "rand1"] = "all"  # Pos-all / Pos-one / one sampled per epoch
+    human_mix_percent: float | None = Field(None, ge=0, le=100)  # union with human labels of X% of queries
+    curriculum_human_percent: float | None = Field(None, ge=0, le=100)  # CL stage 2 on X% human labels
+    curriculum_epochs: int = Field(1, ge=1)
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(3e-5, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = 0.01
+    per_device_queries: int = Field(16, ge=1)
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(1, ge=1)
     use_gpu: bool = False
     deepspeed_zero_stage: int = Field(0, ge=0, le=3)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    curriculum_human_percent: float | None = None  # e.g. 20: stage 2 on 20% human labels
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(50, ge=1)  # steps
+    max_failures: int = Field(1, ge=0)
+    seed: int = 0
+    max_queries: int | None = None  # a seeded subset of the training queries (small local runs)
+    max_steps: int | None = None
+    name: str = "run"  # output_dir/train/<name>/
+    fail_at_step: int | None = None  # fault-injection for tests: rank 1 SIGKILLs itself once at this step
 
 
 class PipelineConfig(Strict):
@@ -134,9 +188,10 @@ class PipelineConfig(Strict):
     ingest: IngestConfig
     pools: list[PoolsConfig] = []
     bm25: list[BM25Config] = []
+    index: IndexConfig = IndexConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     annotate: AnnotateConfig | None = None
-    train: TrainConfig | None = None
+    train: TrainConfig = TrainConfig()
 
     @field_validator("output_dir")
     @classmethod

@@ -1,4 +1,4 @@
-"""The main job: ingest -> pools -> BM25 -> evaluation, each stage reusing unchanged outputs."""
+"""The main job: ingest -> pools -> BM25 -> dense index -> evaluation, each stage reusing unchanged outputs."""
 from __future__ import annotations
 
 import time
@@ -6,7 +6,7 @@ import time
 from utilrag.config import PipelineConfig
 from utilrag.data import ingest, run_pools
 from utilrag.evaluate import run_evaluation
-from utilrag.index.bm25 import run_bm25
+from utilrag.index import run_bm25, run_index
 from utilrag.raycluster import connect
 
 
@@ -18,6 +18,8 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
         run_pools(cfg, pcfg)
     for bcfg in cfg.bm25:
         run_bm25(cfg, bcfg)
+    if cfg.index.targets:
+        run_index(cfg)
     rows = run_evaluation(cfg)
     print(f"[run] done in {time.time() - t0:.1f}s; outputs under {cfg.output_dir}", flush=True)
     return rows

@@ -12,8 +12,11 @@ def quiet_ray_data() -> None:
     """Our stages print their own progress lines; Ray Data's per-dataset INFO lines drown them."""
     import ray
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
 
 
 def connect(cfg: RayConfig) -> None:

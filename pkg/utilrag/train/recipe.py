@@ -1,0 +1,225 @@
+"""The training recipe: Ray Train's TorchTrainer around a DeepSpeed engine, one worker loop.
+
+Driver: build the phases' training groups, hand each worker its own deterministic Ray Data
+stream, fit, then plot the loss curve. Worker: set up model and engine, train, checkpoint every
+N steps through ``ray.train.report``, resume from the latest checkpoint after a failure.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+from utilrag.config import PipelineConfig, TrainConfig
+from utilrag.data.ingest import dataset_dir
+from utilrag.data.tables import read_table, write_manifest
+
+
+# --------------------------------------------------------------------------- worker side
+def setup_model_and_engine(tcfg: TrainConfig, model_path: str, total_steps: int, model=None):
+    """A fresh optimizer + warmup/linear-decay schedule (a curriculum phase resets the lr)."""
+    import deepspeed
+    import torch
+
+    from utilrag.train.modeling import BiEncoder
+
+    model = model or BiEncoder(model_path, tcfg.pooling, tcfg.normalize, tcfg.shared_encoder, tcfg.gradient_checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    warmup = int(total_steps * tcfg.warmup_ratio)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": tcfg.per_device_queries,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": tcfg.deepspeed_zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "fp16": {"enabled": tcfg.precision == "fp16"},
+        "bf16": {"enabled": tcfg.precision == "bf16"},
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return model, engine
+
+
+def train_step(engine, batch, tcfg: TrainConfig) -> float:
+    from utilrag.train.loss import LOSSES, contrastive_scores
+
+    b, g, p_len = batch["p_ids"].shape
+    q, p = engine(batch["q_ids"], batch["q_mask"], batch["p_ids"].reshape(b * g, p_len),
+                  batch["p_mask"].reshape(b * g, p_len))
+    scores, mask = contrastive_scores(q.float(), p.float(), batch["positives"].bool(), tcfg.temperature)
+    loss = LOSSES[tcfg.loss](scores, mask)
+    engine.backward(loss)
+    engine.step()
+    return float(loss.detach())
+
+
+def report_metrics_and_save_checkpoint(engine, metrics: dict, state: dict, save: bool) -> None:
+    import ray.train
+
+    if not save:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag="ckpt")  # every rank writes its own (ZeRO) part
+        if ray.train.get_context().get_world_rank() == 0:
+            Path(tmp, "state.json").write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import torch
+
+    tcfg = TrainConfig(**config["train"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(tcfg.cpus_per_worker)
+    resume = {"phase": 0, "step": 0}
+    checkpoint = ray.train.get_checkpoint()
+    model, metrics_path = None, Path(config["out_dir"]) / "metrics.csv"
+    for phase_index, phase in enumerate(config["phases"]):
+        if checkpoint:
+            with checkpoint.as_directory() as d:
+                resume = json.loads(Path(d, "state.json").read_text())
+        if phase_index < resume["phase"]:
+            continue
+        torch.manual_seed(tcfg.seed)  # identical initial weights on every rank and every attempt
+        model, engine = setup_model_and_engine(tcfg, config["model_path"], phase["steps"], model)
+        start = 0
+        if checkpoint and resume["phase"] == phase_index:
+            with checkpoint.as_directory() as d:
+                engine.load_checkpoint(d, tag="ckpt")
+            start = resume["step"]
+            if rank == 0:
+                print(f"[train] resumed phase {phase['name']!r} at step {start}", flush=True)
+        shard = ray.train.get_dataset_shard(f"{phase['name']}_{rank}")
+        engine.train()
+        t0 = time.time()
+        batches = shard.iter_torch_batches(batch_size=tcfg.per_device_queries, drop_last=True)
+        for step, batch in enumerate(batches):
+            if step < start:
+                continue  # already trained before the restart (same deterministic stream)
+            if tcfg.fail_at_step is not None and rank == 1 and step == tcfg.fail_at_step and start <= step \
+                    and not checkpoint:
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection: a real worker death
+            torch.manual_seed(tcfg.seed * 100_003 + phase_index * 10_007 + step * 101 + rank)  # dropout
+            loss = train_step(engine, batch, tcfg)
+            done = step + 1
+            metrics = {"phase": phase["name"], "step": done, "global_step": phase["offset"] + done, "loss": loss,
+                       "lr": engine.get_lr()[0], "queries_per_s": tcfg.per_device_queries * ctx.get_world_size() * (
+                           done - start) / max(time.time() - t0, 1e-9)}
+            if rank == 0:
+                write_header = not metrics_path.exists()
+                with open(metrics_path, "a", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=list(metrics))
+                    if write_header:
+                        writer.writeheader()
+                    writer.writerow(metrics)
+                if done % 10 == 0 or done == phase["steps"]:
+                    print(f"[train] {phase['name']} step {done}/{phase['steps']} loss {loss:.4f} "
+                          f"({metrics['queries_per_s']:.1f} queries/s)", flush=True)
+            last = done == phase["steps"]
+            save = done % tcfg.checkpoint_every == 0 or last
+            next_state = {"phase": phase_index + 1, "step": 0} if last else {"phase": phase_index, "step": done}
+            report_metrics_and_save_checkpoint(engine, metrics, next_state, save)
+        checkpoint = None
+    if rank == 0 and model is not None:
+        from transformers import AutoTokenizer
+
+        model.save(Path(config["out_dir"]) / "model", AutoTokenizer.from_pretrained(config["model_path"]))
+
+
+# --------------------------------------------------------------------------- driver side
+def plot_loss(metrics_csv: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.read_csv(metrics_csv).drop_duplicates("global_step", keep="last")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for phase, part in df.groupby("phase", sort=False):
+        ax.plot(part["global_step"], part["loss"], label=phase)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def run_train(cfg: PipelineConfig) -> Path:
+    """The training stage: output_dir/train/<name>/{model/ (HF), metrics.csv, loss.png, manifest.json}."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from utilrag.index.encode import resolve_model
+    from utilrag.raycluster import connect
+    from utilrag.train.dataset import make_groups, phase_positives, pools_by_query, seeded_percent, worker_datasets
+
+    connect(cfg.ray)
+    tcfg = cfg.train
+    t0 = time.time()
+    out = (Path(cfg.output_dir) / "train" / tcfg.name).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.csv").unlink(missing_ok=True)
+    model_path = resolve_model(tcfg.model)
+    source = dataset_dir(cfg, tcfg.dataset)
+    queries = read_table(source / "queries")
+    texts = dict(zip(queries.column("query_id").to_pylist(), queries.column("text").to_pylist()))
+    corpus = read_table(source / "corpus")
+    docs = {d: f"{t} {x}".strip() for d, t, x in zip(*(corpus.column(c).to_pylist() for c in ["doc_id", "title", "text"]))}
+    pools = pools_by_query(cfg, tcfg)
+    query_ids = sorted(pools)
+    if tcfg.max_queries is not None and tcfg.max_queries < len(query_ids):
+        query_ids = sorted(seeded_percent(query_ids, 100 * tcfg.max_queries / len(query_ids), tcfg.seed))
+    datasets, phases, offset = {}, [], 0
+    for name, positives, epochs, mode in phase_positives(cfg, tcfg):
+        rows = make_groups(positives, pools, tcfg.group_size, mode, epochs, tcfg.seed, query_ids)
+        phase_sets, steps = worker_datasets(rows, texts, docs, tcfg, model_path)
+        datasets.update({k.replace("train", name, 1): v for k, v in phase_sets.items()})
+        phases.append({"name": name, "steps": steps, "offset": offset, "groups": len(rows), "positive_sampling": mode})
+        offset += steps
+        print(f"[train] phase {name!r}: {len(rows):,} groups of {tcfg.group_size} over {epochs} epoch(s) -> "
+              f"{steps} steps x {tcfg.num_workers} workers x {tcfg.per_device_queries} queries", flush=True)
+    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "utilrag" /
+                                                                              "torch_extensions")),
+           "OMP_NUM_THREADS": str(tcfg.cpus_per_worker)}
+    if not tcfg.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": tcfg.model_dump(), "model_path": model_path, "phases": phases, "out_dir": str(out)},
+        scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
+                                     resources_per_worker={"CPU": tcfg.cpus_per_worker} if not tcfg.use_gpu else None),
+        run_config=RunConfig(name=f"utilrag-{tcfg.name}", storage_path=str(out / "ray_results"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=tcfg.max_failures),
+                             worker_runtime_env={"env_vars": env}),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),
+        torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    plot_loss(out / "metrics.csv", out / "loss.png")
+    wall = time.time() - t0
+    write_manifest(out, stage="train", config=tcfg.model_dump(), model_path=model_path, phases=phases,
+                   checkpoint=str(result.checkpoint.path) if result.checkpoint else None, wall_time_s=round(wall, 2))
+    print(f"[train] done in {wall:.0f}s; HF model at {out / 'model'}; loss curve {out / 'loss.png'}", flush=True)
+    return out / "model"

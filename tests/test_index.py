@@ -1,0 +1,200 @@
+"""Sharded FAISS on Ray actors: exactness against one Flat index, failures, and the index stage
+end to end on a small real slice of DL19 (full retrieval and re-ranking)."""
+import gzip
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import write_lines
+from utilrag.index.shards import ShardDied, ShardedIndex, ShardError
+
+
+def write_parts(folder, vectors, ids, rows_per_file):
+    from utilrag.data.tables import ParquetParts
+
+    dim = vectors.shape[1]
+    schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
+    parts = ParquetParts(folder, schema, rows_per_file)
+    flat = pa.array(vectors.astype(np.float32).reshape(-1))
+    parts.write(pa.table({"id": ids, "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)}))
+    parts.close()
+    return [str(p) for p in sorted(folder.glob("part-*.parquet"))]
+
+
+@pytest.fixture
+def vectors(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = rng.standard_normal((1200, 32)).astype(np.float32)
+    ids = [f"d{i}" for i in range(len(docs))]
+    return docs, ids, write_parts(tmp_path / "emb", docs, ids, rows_per_file=250), rng.standard_normal((25, 32))
+
+
+def exact_topk(docs, ids, queries, k):
+    import faiss
+
+    flat = faiss.IndexFlatIP(docs.shape[1])
+    flat.add(docs)
+    scores, rows = flat.search(queries.astype(np.float32), k)
+    return scores, [[ids[r] for r in row] for row in rows]
+
+
+def test_sharded_flat_equals_one_flat_index(ray_local, vectors):
+    docs, ids, files, queries = vectors
+    index = ShardedIndex(3, cpus_per_shard=0.5)
+    try:
+        stats = index.build(files, "flat")
+        assert sum(s["vectors"] for s in stats) == 1200 and len(stats) == 3
+        assert all(s["bytes"] >= s["vectors"] * 32 * 4 for s in stats)
+        scores, got = index.search(queries, 50)
+    finally:
+        index.close()
+    want_scores, want = exact_topk(docs, ids, queries, 50)
+    assert got == want
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+
+
+def test_ivf_with_all_lists_probed_is_exact_and_hnsw_recalls(ray_local, vectors):
+    docs, ids, files, queries = vectors
+    _, want = exact_topk(docs, ids, queries, 10)
+    ivf = ShardedIndex(2)
+    try:
+        ivf.build(files, "ivf_flat", nlist=8)
+        ivf.set_search_params(nprobe=8)
+        assert ivf.search(queries, 10)[1] == want
+    finally:
+        ivf.close()
+    hnsw = ShardedIndex(2)
+    try:
+        hnsw.build(files, "hnsw", hnsw_m=16)
+        hnsw.set_search_params(ef_search=256)
+        got = hnsw.search(queries, 10)[1]
+        recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want)])
+        assert recall >= 0.9
+    finally:
+        hnsw.close()
+
+
+def test_shards_that_cannot_be_placed_fail_instead_of_hanging(ray_local):
+    with pytest.raises(ShardError, match=r"only 2 of 3 shard actors could start within 5s .*lower index.shards"):
+        ShardedIndex(3, cpus_per_shard=1, start_timeout_s=5)
+
+
+def test_bad_inputs_give_clear_errors(ray_local, tmp_path, vectors):
+    docs, ids, files, queries = vectors
+    other = write_parts(tmp_path / "emb16", np.ones((300, 16)), [f"x{i}" for i in range(300)], 300)
+    index = ShardedIndex(2, cpus_per_shard=0.5)
+    try:
+        with pytest.raises(ShardError, match="dimension 16, expected 32"):
+            index.build(files[:1] + other, "flat", expected_dim=32)
+        with pytest.raises(ShardError, match="disagree on the embedding dimension"):
+            index.build(files[:1] + other, "flat")
+        with pytest.raises(ShardError, match="no embedding files to index"):
+            index.build([], "flat")
+        with pytest.raises(ShardError, match="embedding file missing: .*nope.parquet"):
+            index.build([files[0], str(tmp_path / "nope.parquet")], "flat")
+        index.build(files, "flat")
+        with pytest.raises(ShardError, match="query dimension 16 != index dimension 32"):
+            index.search(np.ones((2, 16)), 5)
+        index.save(str(tmp_path / "saved"))
+    finally:
+        index.close()
+    (tmp_path / "saved" / "shard-001.faiss").unlink()
+    again = ShardedIndex(2, cpus_per_shard=0.5)
+    try:
+        with pytest.raises(ShardError, match="missing shard file .*shard-001.faiss"):
+            again.load(str(tmp_path / "saved"))
+    finally:
+        again.close()
+
+
+def test_dead_shard_fails_loudly_or_is_restarted_from_the_saved_index(ray_local, tmp_path, vectors):
+    import ray
+
+    docs, ids, files, queries = vectors
+    index = ShardedIndex(3, cpus_per_shard=0.5)
+    try:
+        index.build(files, "flat")
+        expected = index.search(queries, 20)
+        ray.kill(index.actors[1])
+        with pytest.raises(ShardDied, match="a shard actor died.*refusing a partial result"):
+            index.search(queries, 20)
+    finally:
+        index.close()
+    index = ShardedIndex(3, retries=1, cpus_per_shard=0.5)
+    try:
+        index.build(files, "flat")
+        index.save(str(tmp_path / "saved"))
+        ray.kill(index.actors[2])
+        scores, got = index.search(queries, 20)
+        assert got == expected[1]
+        np.testing.assert_allclose(scores, expected[0], rtol=1e-5)
+    finally:
+        index.close()
+
+
+@pytest.fixture
+def dl19_slice(tmp_path, shared_datasets):
+    """Five real DL19 queries with their BM25 top-20 passages and qrels, as an MS MARCO layout."""
+    src = shared_datasets / "trec-dl-2019"
+    run_lines = [ln for ln in (src / "runs" / "bm25.trec").read_text().splitlines()]
+    queries = list(dict.fromkeys(ln.split()[0] for ln in run_lines))[:5]
+    keep = [ln for ln in run_lines if ln.split()[0] in queries and int(ln.split()[3]) <= 20]
+    docs = {ln.split()[2] for ln in keep}
+    root = tmp_path / "dl19-slice"
+    with gzip.open(src / "collection.tsv.gz", "rt", encoding="utf-8") as f:
+        write_lines(root / "collection.tsv", [ln.rstrip("\n") for ln in f if ln.split("\t", 1)[0] in docs])
+    write_lines(root / "queries.tsv", [ln for ln in (src / "queries.tsv").read_text().splitlines()
+                                       if ln.split("\t")[0] in queries])
+    write_lines(root / "qrels.txt", [ln for ln in (src / "qrels.txt").read_text().splitlines()
+                                     if ln.split()[0] in queries])
+    write_lines(root / "runs" / "bm25.trec", keep)
+    return root, queries, docs
+
+
+def test_index_stage_end_to_end(ray_local, make_config, dl19_slice, capsys):
+    from utilrag.data import ingest
+    from utilrag.data.tables import read_manifest
+    from utilrag.evaluate import run_evaluation
+    from utilrag.index import run_index
+    from utilrag.index.encode import Encoder, read_embeddings
+
+    root, queries, docs = dl19_slice
+    cfg = make_config({
+        "ingest": {"datasets": [{"name": "slice", "path": str(root), "layout": "msmarco", "relevance_threshold": 2,
+                                 "unknown_qrels_docs": "keep"}]},
+        "index": {"passage_max_len": 64, "batch_size": 16, "shards": 2, "rows_per_file": 25, "k": 20,
+                  "targets": [{"dataset": "slice", "label": "minilm"},
+                              {"dataset": "slice", "rerank": "bm25", "label": "minilm-rerank"}]},
+        "evaluate": {"metrics": ["nDCG@10", "MRR@10"], "baseline": "bm25", "permutations": 200,
+                     "runs": [{"dataset": "slice", "run": "bm25"}, {"dataset": "slice", "run": "minilm"},
+                              {"dataset": "slice", "run": "minilm-rerank"}]}})
+    ingest(cfg)
+    written = run_index(cfg)
+    full, rerank = (pa.parquet.read_table(p) for p in written)
+    assert full.num_rows == 5 * 20 and set(full.column("doc_id").to_pylist()) <= docs
+    assert rerank.num_rows == 5 * 20
+    # Full retrieval (FAISS shards) and re-ranking (direct dot products) agree on every shared pair.
+    full_scores = {(q, d): s for q, d, s in zip(*(full.column(c).to_pylist() for c in ["query_id", "doc_id", "score"]))}
+    shared = [(q, d, s) for q, d, s in zip(*(rerank.column(c).to_pylist() for c in ["query_id", "doc_id", "score"]))
+              if (q, d) in full_scores]
+    assert len(shared) >= 20
+    assert all(abs(full_scores[(q, d)] - s) < 1e-4 for q, d, s in shared)
+    # The Ray Data pipeline's embeddings equal the bare encoder's.
+    emb_dir = next((cfg_out := __import__("pathlib").Path(cfg.output_dir) / "index" / "slice").glob("*/embeddings"))
+    ids, vectors = read_embeddings(emb_dir)
+    from utilrag.data.tables import read_table
+
+    corpus = read_table(cfg_out.parent.parent / "ingest" / "slice" / "corpus").to_pandas().set_index("doc_id")
+    bare = Encoder("sentence-transformers/all-MiniLM-L6-v2", max_length=64)(list(corpus.loc[ids[:4], "text"]))
+    np.testing.assert_allclose(vectors[:4], bare, atol=1e-5)
+    shards = read_manifest(emb_dir.parent / "faiss-flat-2shards")["shards"]
+    assert sum(s["vectors"] for s in shards) == len(docs)
+    rows = run_evaluation(cfg)
+    by_label = {r["label"]: r for r in rows}
+    assert 0 < by_label["minilm"]["nDCG@10"] <= 1 and 0 < by_label["minilm-rerank"]["nDCG@10"] <= 1
+    printed = capsys.readouterr().out
+    assert "Paired tests against 'bm25'" in printed and "| minilm | slice | nDCG@10 |" in printed
+    # A second run reuses the embeddings and the saved shards.
+    run_index(cfg)
+    assert "corpus embeddings unchanged" in capsys.readouterr().out
