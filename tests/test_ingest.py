@@ -157,3 +157,13 @@ def test_missing_dataset_offline_says_which_files_go_where(tmp_path, make_config
     with pytest.raises(DatasetError, match=r"'nfcorpus' is not at .*empty/nfcorpus .*corpus\.jsonl, queries\.jsonl, "
                                            r"qrels/<split>\.tsv .*BEIR/datasets/nfcorpus\.zip"):
         ingest(cfg)
+
+
+def test_msmarco_tab_qrels_and_tevatron_style_collection(tmp_path):
+    qrels = write_lines(tmp_path / "qrels.train.tsv", ["1185869\t0\t0\t1", "1185868\t0\t16\t1"])
+    rows = next(iter(parse_file(str(qrels), "qrels", "trec_qrels", {"split": "train"}))).to_pylist()
+    assert [(r["query_id"], r["doc_id"], r["grade"], r["_reason"]) for r in rows] == [
+        ("1185869", "0", 1, None), ("1185868", "16", 1, None)]
+    corpus = write_lines(tmp_path / "corpus.tsv", ["7\tA title\tthe passage text"])
+    row = next(iter(parse_file(str(corpus), "corpus", "msmarco_collection", {}))).to_pylist()[0]
+    assert (row["doc_id"], row["title"], row["text"]) == ("7", "A title", "the passage text")

@@ -153,9 +153,11 @@ def worker_datasets(rows: list[dict], texts: dict[str, str], docs: dict[str, str
     datasets = {}
     for w, items in enumerate(per_worker):
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(steps, 16)))
-        # num_cpus=0: tokenising is light, and the training workers hold the cores.
+        # num_cpus=0: tokenising is light and the training workers hold the cores; one task at a
+        # time per stream, or Ray starts a process per block.
         datasets[f"train_{w}"] = ds.map_batches(
             tokenize_batch, batch_size=tcfg.per_device_queries, num_cpus=0, batch_format="numpy",
+            compute=ray.data.TaskPoolStrategy(size=1),
             fn_kwargs=dict(model_path=model_path, query_max_len=tcfg.query_max_len,
                            passage_max_len=tcfg.passage_max_len))
     return datasets, steps

@@ -1,0 +1,107 @@
+"""Training groups, curriculum phases, and a real Ray Train + DeepSpeed run that loses a worker
+(SIGKILL) mid-run, resumes from its last checkpoint and ends with the uninterrupted run's weights."""
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_lines
+from utilrag.train.dataset import make_groups, phase_positives
+
+WORDS = ("protein cell gene virus immune cancer brain heart blood drug trial dose risk age diet sleep stress "
+         "lung liver bone muscle skin kidney vaccine insulin obesity").split()
+
+
+def test_groups_pos_all_and_pos_one():
+    positives = {"q1": {"a", "b"}, "q2": {"c"}, "q3": set()}
+    pools = {"q1": ["a", "b", "n1", "n2", "n3"], "q2": ["c", "n1", "n4"], "q3": ["n1", "n2"]}
+    rows = make_groups(positives, pools, group_size=4, mode="all", epochs=2, seed=0, query_ids=["q1", "q2", "q3"])
+    assert len(rows) == 4  # q3 has no positive: skipped in both epochs
+    q1 = [r for r in rows if r["query_id"] == "q1"][0]
+    assert sorted(q1["doc_ids"][:2]) == ["a", "b"] and q1["positives"] == [True, True, False, False]
+    q2 = [r for r in rows if r["query_id"] == "q2"][0]
+    assert q2["doc_ids"][0] == "c" and len(q2["doc_ids"]) == 4  # 2 negatives, sampled with replacement
+    one = make_groups(positives, pools, group_size=3, mode="one", epochs=1, seed=0, query_ids=["q1"])
+    assert sum(one[0]["positives"]) == 1 and set(one[0]["doc_ids"][1:]) <= {"n1", "n2", "n3"}
+    again = make_groups(positives, pools, group_size=4, mode="all", epochs=2, seed=0, query_ids=["q1", "q2", "q3"])
+    assert again == rows
+    first, second = (sorted(r["doc_ids"]) for r in rows if r["query_id"] == "q1")
+    assert first[:2] == second[:2] == ["a", "b"]  # Pos-all keeps both positives in every epoch
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    """24 queries, 120 passages, 1-2 positives each: an MS MARCO layout small enough to train on here."""
+    rng = random.Random(0)
+    docs, queries, qrels = [], [], []
+    for d in range(120):
+        docs.append(f"{d}\t" + " ".join(rng.choice(WORDS) for _ in range(12)))
+    for q in range(24):
+        pos = rng.sample(range(120), rng.choice([1, 2]))
+        words = docs[pos[0]].split("\t")[1].split()[:4]
+        queries.append(f"q{q}\twhat about {' '.join(words)}")
+        qrels += [f"q{q} 0 {d} 1" for d in pos]
+    root = tmp_path / "tiny"
+    write_lines(root / "collection.tsv", docs)
+    write_lines(root / "queries.train.tsv", queries)
+    write_lines(root / "qrels.train.tsv", qrels)
+    return root
+
+
+def _config(make_config, root, **train):
+    return make_config({
+        "ingest": {"datasets": [{"name": "tiny", "path": str(root), "layout": "msmarco"}]},
+        "pools": [{"dataset": "tiny", "split": "train", "size": 8}],
+        "train": {"model": "sentence-transformers/all-MiniLM-L6-v2", "dataset": "tiny", "split": "train",
+                  "pooling": "mean", "normalize": True, "temperature": 0.05, "query_max_len": 8,
+                  "passage_max_len": 16, "group_size": 4, "per_device_queries": 2, "num_workers": 2,
+                  "deepspeed_zero_stage": 2, "epochs": 1, "max_steps": 5, "checkpoint_every": 2, "lr": 1e-4,
+                  "max_failures": 1, **train}})
+
+
+def test_curriculum_phases_from_a_labels_table(ray_local, make_config, tiny_dataset, tmp_path):
+    from utilrag.data import ingest
+
+    labels = pa.table({"query_id": ["q0", "q1", "q1"], "doc_id": ["5", "6", "7"], "source": ["utilsel"] * 3,
+                       "positive": [True, True, False]})
+    pq.write_table(labels, tmp_path / "labels.parquet")
+    cfg = _config(make_config, tiny_dataset, labels="utilsel", labels_path=str(tmp_path / "labels.parquet"),
+                  curriculum_human_percent=25, human_mix_percent=None)
+    ingest(cfg)
+    phases = phase_positives(cfg, cfg.train)
+    assert [(name, epochs, mode) for name, _, epochs, mode in phases] == [("utilsel", 1, "all"),
+                                                                         ("curriculum-human", 1, "one")]
+    assert phases[0][1] == {"q0": {"5"}, "q1": {"6"}}
+    assert len(phases[1][1]) == 6  # 25% of the 24 queries, seeded
+
+
+@pytest.mark.slow
+def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(ray_local, make_config, tiny_dataset, tmp_path):
+    import pandas as pd
+    import torch
+    from transformers import AutoModel
+
+    from utilrag.data import ingest, run_pools
+    from utilrag.index.encode import resolve_model
+    from utilrag.train import run_train
+
+    cfg = _config(make_config, tiny_dataset, name="straight")
+    ingest(cfg)
+    run_pools(cfg, cfg.pools[0])
+    straight = run_train(cfg)
+    cfg.train.name, cfg.train.fail_at_step = "killed", 3
+    killed = run_train(cfg)
+
+    log = pd.read_csv(killed.parent / "metrics.csv")
+    assert log["global_step"].max() == 5
+    assert (log["global_step"] == 3).sum() >= 1 and log["loss"].notna().all()
+    assert (killed.parent / "loss.png").stat().st_size > 1000
+    a, b = AutoModel.from_pretrained(straight), AutoModel.from_pretrained(killed)
+    base = AutoModel.from_pretrained(resolve_model("sentence-transformers/all-MiniLM-L6-v2"))
+    moved = max(float((pa_ - pb).abs().max()) for pa_, pb in zip(a.parameters(), base.parameters()))
+    assert moved > 1e-4  # training changed the weights
+    for (name, pa_), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa_, pb, rtol=1e-4, atol=1e-5, msg=name)
+    assert np.isfinite(log["loss"]).all()
