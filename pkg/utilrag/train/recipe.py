@@ -151,7 +151,10 @@ def plot_loss(metrics_csv: Path, png: Path) -> None:
     df = pd.read_csv(metrics_csv).drop_duplicates("global_step", keep="last")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for phase, part in df.groupby("phase", sort=False):
-        ax.plot(part["global_step"], part["loss"], label=phase)
+        line, = ax.plot(part["global_step"], part["loss"], alpha=0.3, linewidth=1)
+        window = max(1, min(10, len(part) // 5))  # per-step losses of one rank's batch are noisy
+        ax.plot(part["global_step"], part["loss"].rolling(window, min_periods=1).mean(), color=line.get_color(),
+                label=f"{phase} (mean of {window} steps)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
