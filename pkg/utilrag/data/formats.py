@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import random
 import zlib
 from typing import Callable, Iterator
 
@@ -238,8 +237,3 @@ def parse_file(uri: str, table: str, parser: str, ctx: dict, batch_rows: int = 2
     if rows:
         yield pa.Table.from_pylist(rows, schema=schema)
 
-
-def seeded_shuffle(items: list, seed) -> list:
-    items = list(items)
-    random.Random(seed).shuffle(items)
-    return items

@@ -5,7 +5,6 @@ per config) — never a silently partial result."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np

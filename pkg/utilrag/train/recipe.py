@@ -166,7 +166,6 @@ def plot_loss(metrics_csv: Path, png: Path) -> None:
 
 def run_train(cfg: PipelineConfig) -> Path:
     """The training stage: output_dir/train/<name>/{model/ (HF), metrics.csv, loss.png, manifest.json}."""
-    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
