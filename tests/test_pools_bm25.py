@@ -67,8 +67,13 @@ def test_pool_edge_cases():
     qrels = pa.table({"query_id": ["a", "a", "b"], "doc_id": ["p1", "p2", "x"], "grade": [1, 1, 0]})
     run = pa.table({"query_id": ["a"] * 4, "doc_id": ["p1", "n1", "n2", "n3"], "rank": [1, 2, 3, 4]})
     pools, stats = build_pools(qrels, run, ["a", "b"], size=4, seed=0, threshold=1, negative_source="r")
-    assert stats == {"queries": 1, "no_positive": 1, "short_pool": 0, "positives_cut": 0}
+    assert stats == {"queries": 1, "no_positive": 1, "short_pool": 0, "positives_cut": 0, "positives_without_text": 0}
     assert sorted(pools.column("doc_id").to_pylist()) == ["n1", "n2", "p1", "p2"]
+    # a judged positive with no text in the corpus cannot be shown to an annotator: left out, counted
+    shown, stats = build_pools(qrels, run, ["a"], size=4, seed=0, threshold=1, negative_source="r",
+                               corpus_ids={"p1", "n1", "n2", "n3"})
+    assert stats["positives_without_text"] == 1
+    assert sorted(shown.column("doc_id").to_pylist()) == ["n1", "n2", "n3", "p1"]
     small, stats = build_pools(qrels, run, ["a"], size=2, seed=0, threshold=1, negative_source="r")
     assert stats["positives_cut"] == 1 and small.num_rows == 2
 

@@ -15,6 +15,8 @@ STAGES = {
     "pools": "build candidate pools for annotation",
     "bm25": "BM25 retrieval runs with bm25s",
     "index": "encode a corpus, build sharded FAISS indices, write dense runs",
+    "annotate": "LLM utility annotation (RelSel, pseudo-answer, UtilSel, UtilRank, graded) with vLLM",
+    "annotate-report": "print the agreement report of finished annotations",
     "train": "fit the bi-encoder with Ray Train + DeepSpeed",
     "evaluate": "evaluate the configured runs",
     "run": "the main job: ingest, pools, BM25, evaluation",
@@ -47,6 +49,14 @@ def _stage(name: str, cfg: PipelineConfig) -> None:
         from utilrag.index import run_index
 
         run_index(cfg)
+    elif name == "annotate":
+        from utilrag.annotate import run_annotate
+
+        run_annotate(cfg)
+    elif name == "annotate-report":
+        from utilrag.annotate import print_reports
+
+        print_reports(cfg)
     elif name == "train":
         from utilrag.train import run_train
 
@@ -95,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from utilrag.annotate import AnnotateError
     from utilrag.data import DatasetError, IngestError
     from utilrag.evaluate import MetricError
     from utilrag.index import ModelError, ShardError
@@ -105,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             _eval_run(args)
         else:
             _stage(args.command, load_config(args.config, args.overrides))
-    except (ConfigError, DatasetError, IngestError, MetricError, ModelError, ShardError) as e:
+    except (AnnotateError, ConfigError, DatasetError, IngestError, MetricError, ModelError, ShardError) as e:
         print(f"utilrag: error: {e}", file=sys.stderr)
         return 2
     return 0

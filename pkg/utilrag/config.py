@@ -117,28 +117,54 @@ class EvaluateConfig(Strict):
     permutations: int = Field(10_000, ge=100)  # randomisation test samples
 
 
-class AnnotateConfig(Strict):
-    """The annotation stage's settings (the stage itself lands with its own issue)."""
+class AnnotateTarget(Strict):
+    dataset: str
+    split: str  # the pools built for <dataset>-<split>
+    max_queries: int | None = Field(None, ge=1)  # a seeded subset of the pools' queries (small local runs)
 
-    model: str
+
+class AnnotateConfig(Strict):
+    """The LLM annotation stage (METHOD.md §1-2): vLLM replicas on a Ray Data actor pool."""
+
+    model: str  # HF folder, hub name, or a packaged model (HuggingFaceTB/SmolLM2-135M-Instruct)
+    targets: list[AnnotateTarget] = []
     stages: list[Literal["relsel", "answer", "utilsel", "utilrank", "graded"]] = [
         "relsel", "answer", "utilsel", "utilrank"]
-    window: int = 16
-    passage_words: int = 300
+    output_name: str | None = None  # None: output_dir/annotate/<dataset>-<split>; else ...-<output_name>
+    window: int = Field(16, ge=2)  # at most m passages per listwise prompt (31 -> 16 + 15)
+    passage_words: int = Field(300, ge=1)  # passages are cut to this many words (the cut is recorded)
+    human_positive: Literal["random", "inclusion", "exclusion"] = "random"
+    utilrank_top_percent: float = Field(10.0, gt=0, le=100)  # UtilRank positives: top k%, rounded down, >= 1
+    graded_queries: int | None = Field(None, ge=1)  # the pointwise judge: a seeded subset of queries (31 prompts each)
+    graded_threshold: int = Field(2, ge=0, le=3)  # graded label counted positive
+    # sampling (default greedy) and constrained decoding (vLLM structured outputs, regex)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    max_tokens: int = Field(256, ge=1)  # selection / ranking / grade outputs
+    answer_max_tokens: int = Field(256, ge=1)  # the pseudo-answer
+    constrained: bool = False
+    # engine
     dtype: str = "auto"
     quantization: str | None = None
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    replicas: tuple[int, int] = (1, 1)
-    batch_size: int = 16
-    max_model_len: int = 8192
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    max_model_len: int = Field(8192, ge=16)
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
-    accelerator_type: str | None = None
-    temperature: float = 0.0
-    max_tokens: int = 256
-    utilrank_top_percent: float = 10.0
-    human_positive: Literal["random", "inclusion", "exclusion"] = "random"
+    enforce_eager: bool = False  # skips torch.compile: engine start in seconds (CPU, tests)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    use_gpu: bool = False  # a GPU per engine worker (tp x pp per replica, in a placement group)
+    accelerator_type: str | None = None  # Ray accelerator type of the replicas' nodes (e.g. A100-80G)
+    cpus_per_replica: float = Field(1.0, gt=0)  # CPU replicas: CPUs Ray reserves per engine
+    kv_cache_gib: int = Field(2, ge=1)  # CPU replicas: VLLM_CPU_KVCACHE_SPACE (whole GiB)
+    cpu_threads_bind: str | None = None  # CPU replicas: VLLM_CPU_OMP_THREADS_BIND (e.g. "0-1")
+    # scale and fault tolerance
+    replicas: tuple[int, int] = (1, 1)  # autoscaling range of the actor pool (min, max)
+    batch_size: int = Field(16, ge=1)  # requests per actor call; one Parquet part per call
+    actor_restarts: int = Field(3, ge=0)  # a crashed replica is restarted and its batch retried
+    progress_every_s: float = Field(10.0, gt=0)
+    fail_after_batches: int | None = None  # fault-injection for tests: a replica dies once in this batch
 
 
 class TrainConfig(Strict):

