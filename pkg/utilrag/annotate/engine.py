@@ -173,7 +173,7 @@ class LLMPredictor:
             self.tokenizer = self.llm.get_tokenizer()
             self.max_len = self.llm.llm_engine.model_config.max_model_len
         except Exception as e:  # noqa: BLE001 -- reported on the first batch, see above
-            self.error = f"{type(e).__name__}: {e}"
+            self.error = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever vLLM raised
         self.ready_at = time.time()
         self.fail = fail
         self.batches = 0
