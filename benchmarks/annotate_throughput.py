@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--gpus-per-replica", type=int, default=2)
     parser.add_argument("--msmarco-queries", type=int, default=491_007)
     args = parser.parse_args()
-    n_queries = args.queries or (4 if args.quick else 43)
+    n_queries = args.queries or (2 if args.quick else 43)
 
     import ray
 
@@ -149,7 +149,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="annotate-bench-"))
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     quiet_ray_data()
-    cfg = prepare_pools(work / "out")
+    cfg = prepare_pools(Path(__file__).resolve().parents[1] / "outputs" / "bench-annotate")  # reused when unchanged
     tokens_per_query = qwen_tokens_per_query(cfg, acfg)
     print(f"[bench] Qwen prompt tokens per query: {tokens_per_query}", flush=True)
 
@@ -171,8 +171,9 @@ def main() -> None:
 
     # 2. scaling: s/query at 100 vs 1,000 pool rows (31 rows per query)
     scale_model = str(make_tiny_llm(work / "tiny")) if args.quick else model_path
-    scale_cfg = acfg.model_copy(update={"passage_words": 20 if args.quick else acfg.passage_words,
-                                        "max_tokens": 8 if args.quick else acfg.max_tokens, "batch_size": 16})
+    scale_cfg = acfg.model_copy(update={"batch_size": 16})
+    if args.quick:  # the tiny model: short prompts within its 4,096 positions
+        scale_cfg = scale_cfg.model_copy(update={"passage_words": 20, "max_tokens": 8, "max_model_len": 2048})
     per_query = {}
     for rows in (100, 1000):
         queries = max(1, round(rows / 31))
