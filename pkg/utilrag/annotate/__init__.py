@@ -58,8 +58,8 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
     out = target_dir(cfg, target)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    inputs = load_inputs(read_table(pools_dir / "pools.parquet"), read_table(source / "queries"), source / "corpus",
-                         target, acfg)
+    pools = read_table(pools_dir / "pools.parquet")
+    inputs = load_inputs(pools, read_table(source / "queries"), source / "corpus", target, acfg)
     pq.write_table(pa.table({k: [r[i] for r in inputs.rejects] for i, k in enumerate(REJECTS_SCHEMA.names)},
                             schema=REJECTS_SCHEMA), out / "rejects.parquet")
     print(f"[annotate] {label}: {len(inputs.pools):,} queries to annotate, {len(inputs.rejects):,} rejects "
@@ -71,24 +71,25 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
     summaries: dict[str, dict] = {}
     fingerprints: dict[str, str] = {}
     for stage in STAGE_ORDER:
+        fp = _stage_fingerprint(stage, base, fingerprints, acfg)
         if stage not in wanted:
             # A stage not asked for now but finished before (same inputs) still feeds labels.
-            previous = _finished(out, stage, _stage_fingerprint(stage, base, fingerprints, acfg))
+            previous = _finished(out, stage, fp)
             if previous is not None:
                 done[stage], summaries[stage] = previous
-                fingerprints[stage] = _stage_fingerprint(stage, base, fingerprints, acfg)
+                fingerprints[stage] = fp
             continue
         need = NEEDS.get(stage)
         if need and need not in done:
             raise AnnotateError(f"annotate.stages asks for {stage!r}, which needs the {need!r} stage's output; add "
                                 f"{need!r} to annotate.stages")
-        fingerprints[stage] = _stage_fingerprint(stage, base, fingerprints, acfg)
+        fingerprints[stage] = fp
         requests, skipped = build_requests(stage, inputs, acfg, done, graded_seed=label)
         if skipped:
             print(f"[annotate] {label} {stage}: skipped queries {skipped}", flush=True)
         done[stage], summaries[stage] = run_stage(stage, requests, out, fingerprints[stage], acfg, model_path, label)
         summaries[stage]["skipped_queries"] = skipped
-    all_pools = _pool_docs(read_table(pools_dir / "pools.parquet"))
+    all_pools = _pool_docs(pools)
     labels = build_labels(inputs, done, all_pools, acfg)
     pq.write_table(labels, out / "labels.parquet")
     text = write_report(out, label, labels, summaries, acfg.model)

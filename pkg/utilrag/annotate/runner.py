@@ -129,7 +129,7 @@ def _generate(stage, todo: pa.Table, parts: Path, done: set[str], acfg: Annotate
         fn_constructor_kwargs=dict(model=model_path, engine=engine_kwargs(acfg), sampling=sampling, fail=fail),
         compute=ray.data.ActorPoolStrategy(min_size=acfg.replicas[0], max_size=acfg.replicas[1]),
         **actor_resources(acfg))
-    queries_total = len(set(columns["query_id"])) + len({k.split("\t")[0] for k in done} - set(columns["query_id"]))
+    queries_total = len(set(columns["query_id"]) | {k.split("\t")[0] for k in done})
     seen_keys: set[str] = set(done)
     queries_done = Counter(k.split("\t")[0] for k in done)
     expected_per_query = Counter(columns["query_id"]) + queries_done
