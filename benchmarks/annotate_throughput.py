@@ -15,7 +15,11 @@ Figures (last line, one JSON object):
 - scaling_ratio: generation seconds per query at 1,000 pool rows / at 100 pool rows (goal <= 1.1).
   With --quick this uses a tiny random-weight model (pipeline overhead only, not LLM speed).
 - gpu_hours_msmarco: the cost model: tokens per query x 491,007 MS MARCO train queries at the
-  given per-replica prefill/decode rates x GPUs per replica (the paper: 53 h on 8 A800 = 424).
+  per-replica prefill/decode rates x GPUs per replica (the paper: 53 h on 8 A800 = 424). The
+  prefill rate is measured: Qwen2.5-32B's architecture in bf16, plain PyTorch + SDPA, on the GPU
+  of the newest ``benchmarks/results/gpu_check-*.json`` (an H200: 9,287 prompt tokens/s), times
+  GPUs per replica, times an ASSUMED vLLM efficiency over that plain forward (default 0.8: paged
+  attention, scheduling and tensor-parallel communication). The decode rate stays assumed.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pkg"))
 
+RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_RELSEL_SIZE = 6.2  # average RelSel positives per query, Qwen-2.5-32B (METHOD.md §6)
 ASSUMED_OUTPUT_TOKENS = {"relsel": 2 * 30, "answer": 60, "utilsel": 20, "utilrank": 40}  # per query
 
@@ -122,13 +127,26 @@ def pipeline_run(cfg, acfg, requests, model_path: str, folder: Path) -> dict:
     return {"summary": summary, "wall_s": wall, "outputs": table.column("raw_output").to_pylist(), "table": table}
 
 
+def measured_prefill() -> tuple[float, str] | None:
+    """Prompt tokens/s per GPU from the newest GPU check that measured the 32B prefill."""
+    for path in sorted(RESULTS.glob("gpu_check-*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        result = json.loads(path.read_text())
+        prefill = result.get("checks", {}).get("prefill", {})
+        if prefill.get("ok") and result.get("mode") == "gpu":
+            return float(prefill["prompt_tokens_per_s"]), f"{path.name} ({result['card']}, {result['date']})"
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes; about 5 minutes on 2 cores")
     parser.add_argument("--queries", type=int, default=None, help="DL19 queries for the efficiency figure")
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
-    parser.add_argument("--prefill-tok-s", type=float, default=4000.0,
-                        help="cost model: prompt tokens/s of one replica (Qwen-2.5-32B Int8, TP=2, A100: assumed)")
+    parser.add_argument("--prefill-tok-s", type=float, default=None,
+                        help="cost model: prompt tokens/s of one replica (default: measured per GPU by "
+                             "gpu_check.py x GPUs per replica x --vllm-efficiency)")
+    parser.add_argument("--vllm-efficiency", type=float, default=0.8,
+                        help="cost model: vLLM's prefill rate / the plain PyTorch forward's (ASSUMED)")
     parser.add_argument("--decode-tok-s", type=float, default=800.0,
                         help="cost model: generated tokens/s of one replica, batched (assumed)")
     parser.add_argument("--gpus-per-replica", type=int, default=2)
@@ -184,9 +202,18 @@ def main() -> None:
         print(f"[bench] {rows} pool rows ({len(scale_inputs.pools)} queries): {per_query[rows]:.3f} s/query "
               f"generating", flush=True)
 
+    measured = measured_prefill()
+    if args.prefill_tok_s is not None:
+        prefill_tok_s, prefill_source = args.prefill_tok_s, "given (--prefill-tok-s)"
+    elif measured:
+        prefill_tok_s = measured[0] * args.gpus_per_replica * args.vllm_efficiency
+        prefill_source = (f"measured {measured[0]:,.0f} tokens/s per GPU in {measured[1]} x {args.gpus_per_replica} "
+                          f"GPUs x {args.vllm_efficiency} assumed vLLM efficiency")
+    else:
+        prefill_tok_s, prefill_source = 4000.0, "assumed (no GPU check result)"
     prompt_total = sum(tokens_per_query.values())
     output_total = sum(ASSUMED_OUTPUT_TOKENS.values())
-    replica_s = prompt_total / args.prefill_tok_s + output_total / args.decode_tok_s
+    replica_s = prompt_total / prefill_tok_s + output_total / args.decode_tok_s
     gpu_hours = args.msmarco_queries * replica_s * args.gpus_per_replica / 3600
     ray.shutdown()
     print(json.dumps({
@@ -202,7 +229,8 @@ def main() -> None:
         "s_per_query_100_rows": round(per_query[100], 4), "s_per_query_1000_rows": round(per_query[1000], 4),
         "scaling_ratio": round(per_query[1000] / per_query[100], 3),
         "cost_model": {"prompt_tokens_per_query": prompt_total, "output_tokens_per_query_assumed": output_total,
-                       "prefill_tok_s": args.prefill_tok_s, "decode_tok_s": args.decode_tok_s,
+                       "prefill_tok_s": round(prefill_tok_s, 1), "prefill_source": prefill_source,
+                       "decode_tok_s": args.decode_tok_s, "decode_source": "assumed",
                        "gpus_per_replica": args.gpus_per_replica, "queries": args.msmarco_queries},
         "gpu_hours_msmarco": round(gpu_hours, 1),
     }))

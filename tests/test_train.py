@@ -78,7 +78,12 @@ def test_curriculum_phases_from_a_labels_table(ray_local, make_config, tiny_data
 
 
 @pytest.mark.slow
-def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(ray_local, make_config, tiny_dataset, tmp_path):
+def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(ray_local, make_config, tiny_dataset, tmp_path,
+                                                                 monkeypatch):
+    """A two-phase curriculum (LLM labels, then human labels of 50% of the queries) on one engine;
+    rank 1 SIGKILLs itself in phase 2 — at its first step (resume from the end of phase 1: fresh
+    AdamW state and schedule) and mid-phase (resume inside phase 2's own schedule). Both resumed
+    runs end with the uninterrupted run's weights."""
     import pandas as pd
     import torch
     from transformers import AutoModel
@@ -87,21 +92,32 @@ def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(ray_local, mak
     from utilrag.index.encode import resolve_model
     from utilrag.train import run_train
 
-    cfg = _config(make_config, tiny_dataset, name="straight")
+    qrels = [line.split() for line in (tiny_dataset / "qrels.train.tsv").read_text().splitlines()]
+    pq.write_table(pa.table({"query_id": [q for q, _, _, _ in qrels], "doc_id": [d for _, _, d, _ in qrels],
+                             "source": ["utilsel"] * len(qrels), "positive": [True] * len(qrels)}),
+                   tmp_path / "labels.parquet")
+    cfg = _config(make_config, tiny_dataset, name="straight", labels="utilsel",
+                  labels_path=str(tmp_path / "labels.parquet"), curriculum_human_percent=50)
     ingest(cfg)
     run_pools(cfg, cfg.pools[0])
     straight = run_train(cfg)
-    cfg.train.name, cfg.train.fail_at_step = "killed", 3
-    killed = run_train(cfg)
+    log = pd.read_csv(straight.parent / "metrics.csv")
+    assert list(log.drop_duplicates("phase")["phase"]) == ["utilsel", "curriculum-human"]
+    phase2 = log[log["phase"] == "curriculum-human"]
+    assert len(phase2) == 3 and phase2["lr"].iloc[0] > phase2["lr"].iloc[-1]
+    assert phase2["lr"].iloc[0] > log[log["phase"] == "utilsel"]["lr"].iloc[-1]  # the schedule restarted
 
-    log = pd.read_csv(killed.parent / "metrics.csv")
-    assert log["global_step"].max() == 5
-    assert (log["global_step"] == 3).sum() >= 1 and log["loss"].notna().all()
-    assert (killed.parent / "loss.png").stat().st_size > 1000
-    a, b = AutoModel.from_pretrained(straight), AutoModel.from_pretrained(killed)
+    a = AutoModel.from_pretrained(straight)
     base = AutoModel.from_pretrained(resolve_model("sentence-transformers/all-MiniLM-L6-v2"))
     moved = max(float((pa_ - pb).abs().max()) for pa_, pb in zip(a.parameters(), base.parameters()))
     assert moved > 1e-4  # training changed the weights
-    for (name, pa_), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa_, pb, rtol=1e-4, atol=1e-5, msg=name)
-    assert np.isfinite(log["loss"]).all()
+    for name, kill_at in (("killed-phase2-start", "1:0"), ("killed-phase2-middle", "1:2")):
+        cfg.train.name = name
+        monkeypatch.setenv("UTILRAG_FAULT_TRAIN_KILL_AT_STEP", kill_at)  # rank 1 SIGKILLs itself once
+        killed = run_train(cfg)
+        log = pd.read_csv(killed.parent / "metrics.csv")
+        assert log["global_step"].max() == 8 and np.isfinite(log["loss"]).all()
+        assert (killed.parent / "loss.png").stat().st_size > 1000
+        b = AutoModel.from_pretrained(killed)
+        for (pname, pa_), pb in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(pa_, pb, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} {pname}: {m}")

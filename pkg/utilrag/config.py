@@ -83,7 +83,8 @@ class IndexConfig(Strict):
     query_max_len: int = Field(64, gt=0)
     passage_max_len: int = Field(256, gt=0)
     batch_size: int = Field(64, gt=0)
-    encoders: int = Field(1, ge=1)  # encoding actors (one model replica each)
+    encoders: int = Field(1, ge=1)  # encoding actors (one model replica each); the pool's minimum
+    max_encoders: int | None = Field(None, ge=1)  # autoscale the encoder pool up to this many (None: fixed)
     use_gpu: bool = False  # a GPU per encoder and per shard actor, and a FAISS GPU index
     embedding_dtype: Literal["float32", "float16"] = "float32"
     rows_per_file: int = Field(2048, gt=0)  # embedding Parquet part size; shards take whole parts
@@ -94,13 +95,31 @@ class IndexConfig(Strict):
     pq_m: int = 16
     hnsw_m: int = 32
     ef_search: int = 128
-    gpu_fp16: bool = False
+    gpu_fp16: bool = False  # GPU: fp16 storage for flat (useFloat16) and ivf_flat (stored as IVF-SQfp16)
     threads_per_shard: int | None = 1
     cpus_per_shard: float | None = None  # CPUs each shard actor reserves; None: threads_per_shard
     shard_start_timeout_s: float = Field(300, gt=0)  # fail (not hang) when shards cannot be placed
     search_retries: int = Field(0, ge=0)  # restart a dead shard from the saved index and retry
     k: int = Field(1000, gt=0)
     targets: list[IndexTarget] = []
+
+    @field_validator("max_encoders")
+    @classmethod
+    def _pool_grows(cls, v: int | None, info) -> int | None:
+        if v is not None and v < info.data.get("encoders", 1):
+            raise ValueError(f"must be >= encoders ({info.data['encoders']}), or null for a fixed pool")
+        return v
+
+    @field_validator("index_type")
+    @classmethod
+    def _buildable(cls, v: str, info) -> str:
+        from utilrag.index.shards import ShardError, check_index_type
+
+        try:  # refused here, before any encoding, with the shard builder's own message
+            check_index_type(v, bool(info.data.get("use_gpu")))
+        except ShardError as e:
+            raise ValueError(str(e)) from None
+        return v
 
 
 class RunToEvaluate(Strict):
@@ -196,15 +215,15 @@ class TrainConfig(Strict):
     cpus_per_worker: int = Field(1, ge=1)
     use_gpu: bool = False
     deepspeed_zero_stage: int = Field(0, ge=0, le=3)
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16 on GPU (when supported), fp32 on CPU
     gradient_checkpointing: bool = False
-    checkpoint_every: int = Field(50, ge=1)  # steps
+    checkpoint_every_s: float = Field(600.0, gt=0)  # wall-clock seconds between checkpoints (rank 0's clock)
+    checkpoint_every: int | None = Field(None, ge=1)  # also every N steps (None: by wall time only)
     max_failures: int = Field(1, ge=0)
     seed: int = 0
     max_queries: int | None = None  # a seeded subset of the training queries (small local runs)
     max_steps: int | None = None
     name: str = "run"  # output_dir/train/<name>/
-    fail_at_step: int | None = None  # fault-injection for tests: rank 1 SIGKILLs itself once at this step
 
 
 class PipelineConfig(Strict):

@@ -17,53 +17,13 @@ from pathlib import Path
 from utilrag.config import PipelineConfig, TrainConfig
 from utilrag.data.ingest import dataset_dir
 from utilrag.data.tables import read_table, write_manifest
+from utilrag.train.engine import (CheckpointClock, new_phase_schedule, reset_optimizer_state, resolve_precision,
+                                  save_hf_model, setup_model_and_engine, train_step)
+
+__all__ = ["run_train", "setup_model_and_engine", "train_step", "train_loop_per_worker"]
 
 
 # --------------------------------------------------------------------------- worker side
-def setup_model_and_engine(tcfg: TrainConfig, model_path: str, total_steps: int, model=None):
-    """A fresh optimizer + warmup/linear-decay schedule (a curriculum phase resets the lr)."""
-    import deepspeed
-    import torch
-
-    from utilrag.train.modeling import BiEncoder
-
-    model = model or BiEncoder(model_path, tcfg.pooling, tcfg.normalize, tcfg.shared_encoder, tcfg.gradient_checkpointing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    warmup = int(total_steps * tcfg.warmup_ratio)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    ds_config = {
-        "train_micro_batch_size_per_gpu": tcfg.per_device_queries,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": tcfg.deepspeed_zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "fp16": {"enabled": tcfg.precision == "fp16"},
-        "bf16": {"enabled": tcfg.precision == "bf16"},
-        "steps_per_print": 10**9,
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    return model, engine
-
-
-def train_step(engine, batch, tcfg: TrainConfig) -> float:
-    from utilrag.train.loss import LOSSES, contrastive_scores
-
-    b, g, p_len = batch["p_ids"].shape
-    q, p = engine(batch["q_ids"], batch["q_mask"], batch["p_ids"].reshape(b * g, p_len),
-                  batch["p_mask"].reshape(b * g, p_len))
-    scores, mask = contrastive_scores(q.float(), p.float(), batch["positives"].bool(), tcfg.temperature)
-    loss = LOSSES[tcfg.loss](scores, mask)
-    engine.backward(loss)
-    engine.step()
-    return float(loss.detach())
-
-
 def report_metrics_and_save_checkpoint(engine, metrics: dict, state: dict, save: bool) -> None:
     import ray.train
 
@@ -77,6 +37,15 @@ def report_metrics_and_save_checkpoint(engine, metrics: dict, state: dict, save:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def _fault_kill_at() -> tuple[int, int] | None:
+    """Fault injection for tests (never in a config): $UTILRAG_FAULT_TRAIN_KILL_AT_STEP = "[phase:]step"."""
+    value = os.environ.get("UTILRAG_FAULT_TRAIN_KILL_AT_STEP")
+    if not value:
+        return None
+    phase, _, step = value.rpartition(":")
+    return int(phase or 0), int(step)
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
@@ -87,22 +56,30 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(tcfg.cpus_per_worker)
     resume = {"phase": 0, "step": 0}
     checkpoint = ray.train.get_checkpoint()
-    model, metrics_path = None, Path(config["out_dir"]) / "metrics.csv"
-    for phase_index, phase in enumerate(config["phases"]):
-        if checkpoint:
-            with checkpoint.as_directory() as d:
-                resume = json.loads(Path(d, "state.json").read_text())
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            resume = json.loads(Path(d, "state.json").read_text())
+    phases = config["phases"]
+    metrics_path = Path(config["out_dir"]) / "metrics.csv"
+    torch.manual_seed(tcfg.seed)  # identical initial weights on every rank and every attempt
+    # One engine for every phase (see train/engine.py); built with the first phase's schedule.
+    model, engine = setup_model_and_engine(tcfg, config["model_path"], phases[0]["steps"])
+    clock = CheckpointClock(tcfg.checkpoint_every_s, tcfg.checkpoint_every, engine.device)
+    for phase_index, phase in enumerate(phases):
         if phase_index < resume["phase"]:
             continue
-        torch.manual_seed(tcfg.seed)  # identical initial weights on every rank and every attempt
-        model, engine = setup_model_and_engine(tcfg, config["model_path"], phase["steps"], model)
-        start = 0
-        if checkpoint and resume["phase"] == phase_index:
+        resuming = checkpoint is not None and resume["phase"] == phase_index
+        start = resume["step"] if resuming else 0
+        if phase_index > 0 and start > 0:
+            new_phase_schedule(engine, tcfg, phase["steps"])  # its state comes from the checkpoint
+        if resuming:
             with checkpoint.as_directory() as d:
                 engine.load_checkpoint(d, tag="ckpt")
-            start = resume["step"]
             if rank == 0:
                 print(f"[train] resumed phase {phase['name']!r} at step {start}", flush=True)
+        if phase_index > 0 and start == 0:  # a new phase: fresh AdamW state and schedule
+            reset_optimizer_state(engine)
+            new_phase_schedule(engine, tcfg, phase["steps"])
         shard = ray.train.get_dataset_shard(f"{phase['name']}_{rank}")
         engine.train()
         t0 = time.time()
@@ -110,9 +87,8 @@ def train_loop_per_worker(config: dict) -> None:
         for step, batch in enumerate(batches):
             if step < start:
                 continue  # already trained before the restart (same deterministic stream)
-            if tcfg.fail_at_step is not None and rank == 1 and step == tcfg.fail_at_step and start <= step \
-                    and not checkpoint:
-                os.kill(os.getpid(), signal.SIGKILL)  # fault injection: a real worker death
+            if rank == 1 and not checkpoint and _fault_kill_at() == (phase_index, step):
+                os.kill(os.getpid(), signal.SIGKILL)  # tests only: a real worker death, once
             torch.manual_seed(tcfg.seed * 100_003 + phase_index * 10_007 + step * 101 + rank)  # dropout
             loss = train_step(engine, batch, tcfg)
             done = step + 1
@@ -130,14 +106,16 @@ def train_loop_per_worker(config: dict) -> None:
                     print(f"[train] {phase['name']} step {done}/{phase['steps']} loss {loss:.4f} "
                           f"({metrics['queries_per_s']:.1f} queries/s)", flush=True)
             last = done == phase["steps"]
-            save = done % tcfg.checkpoint_every == 0 or last
+            save = clock.due(done) or last
             next_state = {"phase": phase_index + 1, "step": 0} if last else {"phase": phase_index, "step": done}
             report_metrics_and_save_checkpoint(engine, metrics, next_state, save)
+            if save:
+                clock.saved()
         checkpoint = None
-    if rank == 0 and model is not None:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
-        model.save(Path(config["out_dir"]) / "model", AutoTokenizer.from_pretrained(config["model_path"]))
+    save_hf_model(engine, model, Path(config["out_dir"]) / "model",
+                  AutoTokenizer.from_pretrained(config["model_path"]), rank)
 
 
 # --------------------------------------------------------------------------- driver side
@@ -203,11 +181,16 @@ def run_train(cfg: PipelineConfig) -> Path:
            "OMP_NUM_THREADS": str(tcfg.cpus_per_worker)}
     if not tcfg.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    if os.environ.get("UTILRAG_FAULT_TRAIN_KILL_AT_STEP"):  # fault injection, set by tests only
+        env["UTILRAG_FAULT_TRAIN_KILL_AT_STEP"] = os.environ["UTILRAG_FAULT_TRAIN_KILL_AT_STEP"]
+    # A GPU worker still needs its CPUs (tokenised batches, the DeepSpeed step's host work):
+    # reserve them so that Ray does not pack other tasks onto them.
+    per_worker = {"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": tcfg.model_dump(), "model_path": model_path, "phases": phases, "out_dir": str(out)},
         scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
-                                     resources_per_worker={"CPU": tcfg.cpus_per_worker} if not tcfg.use_gpu else None),
+                                     resources_per_worker=per_worker),
         run_config=RunConfig(name=f"utilrag-{tcfg.name}", storage_path=str(out / "ray_results"),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=tcfg.max_failures),
