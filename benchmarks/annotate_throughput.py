@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pkg"))
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PAPER_RELSEL_SIZE = 6.2  # average RelSel positives per query, Qwen-2.5-32B (METHOD.md §6)
+PAPER_RELSEL_SIZE = 6.2  # average RelSel positives per query, Qwen-2.5-32B (docs/method.md §6)
 ASSUMED_OUTPUT_TOKENS = {"relsel": 2 * 30, "answer": 60, "utilsel": 20, "utilrank": 40}  # per query
 
 

@@ -296,7 +296,8 @@ def test_killed_driver_and_dead_replica_still_give_exactly_once(tmp_path, annota
     expected = 16  # 8 queries x 2 windows (31 -> 16 + 15)
     assert done_before < expected
 
-    second = subprocess.run(command + ["annotate.fail_after_batches=1"], env=env, capture_output=True, text=True,
+    second = subprocess.run(command, env={**env, "UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES": "1"},
+                            capture_output=True, text=True,
                             cwd=REPO_ROOT, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resuming: {done_before} of {expected} requests already done, {expected - done_before} to go" in second.stdout

@@ -143,7 +143,7 @@ class AnnotateTarget(Strict):
 
 
 class AnnotateConfig(Strict):
-    """The LLM annotation stage (METHOD.md §1-2): vLLM replicas on a Ray Data actor pool."""
+    """The LLM annotation stage (docs/method.md §1-2): vLLM replicas on a Ray Data actor pool."""
 
     model: str  # HF folder, hub name, or a packaged model (HuggingFaceTB/SmolLM2-135M-Instruct)
     targets: list[AnnotateTarget] = []
@@ -183,11 +183,10 @@ class AnnotateConfig(Strict):
     batch_size: int = Field(16, ge=1)  # requests per actor call; one Parquet part per call
     actor_restarts: int = Field(3, ge=0)  # a crashed replica is restarted and its batch retried
     progress_every_s: float = Field(10.0, gt=0)
-    fail_after_batches: int | None = None  # fault-injection for tests: a replica dies once in this batch
 
 
 class TrainConfig(Strict):
-    """The retriever training stage (Ray Train + DeepSpeed; METHOD.md §3-4)."""
+    """The retriever training stage (Ray Train + DeepSpeed; docs/method.md §3-4)."""
 
     model: str = "sentence-transformers/all-MiniLM-L6-v2"  # HF folder, hub name, or a packaged model
     dataset: str = "scifact"

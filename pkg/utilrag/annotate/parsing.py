@@ -1,4 +1,4 @@
-"""Reading the model's answers: ``[n]`` identifiers (METHOD.md §2), and a 0-3 grade.
+"""Reading the model's answers: ``[n]`` identifiers (docs/method.md §2), and a 0-3 grade.
 
 Every ``[n]`` in the output is an identifier (regex ``\\[(\\d+)\\]``). Ids outside 1..num and
 repeats are ignored and counted. Parse status:

@@ -1,7 +1,7 @@
 """The annotation prompts, as chat messages (one passage per user turn), versioned.
 
 RelSel / pseudo-answer / UtilSel / UtilRank keep the wording of Zhang et al. (EMNLP 2025,
-METHOD.md §2) exactly, typos included: a model fine-tuned or evaluated on that wording should
+docs/method.md §2) exactly, typos included: a model fine-tuned or evaluated on that wording should
 see it unchanged. Changing any text here must bump ``PROMPT_VERSION`` (it is written into every
 output row and into the stage fingerprint, so old outputs are not mixed with new ones).
 """

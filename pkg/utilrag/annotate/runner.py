@@ -118,9 +118,10 @@ def _generate(stage, todo: pa.Table, parts: Path, done: set[str], acfg: Annotate
     sampling = stage_sampling(stage, acfg)
     meta = {"model": acfg.model, "prompt_version": PROMPT_VERSION, "constrained": bool(acfg.constrained),
             "sampling": json.dumps({k: v for k, v in sampling.items() if k != "regex"}, sort_keys=True)}
-    fail = None
-    if acfg.fail_after_batches:
-        fail = {"after_batches": acfg.fail_after_batches, "marker": str(parts.parent / f".{stage}.crashed")}
+    fail = None  # fault injection for tests only (never in a config): a replica dies once in batch N
+    if os.environ.get("UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES"):
+        fail = {"after_batches": int(os.environ["UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES"]),
+                "marker": str(parts.parent / f".{stage}.crashed")}
     # One block per actor call: a batch lost with its replica is retried whole, never half-delivered.
     blocks = [todo.select(["key", "messages"]).slice(i, acfg.batch_size)
               for i in range(0, todo.num_rows, acfg.batch_size)]

@@ -214,7 +214,7 @@ def merged_ranking(table: pa.Table) -> dict[str, list[str]]:
 def build_labels(inputs: TargetInputs, done: dict[str, pa.Table], all_pools: dict[str, list[str]],
                  acfg: AnnotateConfig) -> pa.Table:
     """One row per (query, pool passage, source): human, and each finished LLM stage. Selected
-    passages are positives, every other pool passage a negative (METHOD.md §2)."""
+    passages are positives, every other pool passage a negative (docs/method.md §2)."""
     rows = {name: [] for name in LABELS_SCHEMA.names}
 
     def add(q, d, source, positive, rank=None, grade=None):

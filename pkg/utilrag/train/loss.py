@@ -1,4 +1,4 @@
-"""Contrastive losses over in-batch + hard negatives gathered across workers (METHOD.md §3).
+"""Contrastive losses over in-batch + hard negatives gathered across workers (docs/method.md §3).
 
 Scores s(q, d) = q·d / temperature between each local query and every passage of the global
 batch (all workers' groups). ``positive_mask`` marks, per local query, its positives among the
