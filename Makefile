@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 # The stamp changes with the lock file and pyproject, so a second `make` installs nothing.
 STAMP := $(VENV)/.installed-$(shell cat $(LOCK) pyproject.toml | md5sum | cut -c1-12)
 
-.PHONY: install run test clean
+.PHONY: install run test lint clean
 install: $(STAMP)
 
 $(STAMP): $(LOCK) pyproject.toml
@@ -28,8 +28,14 @@ $(STAMP): $(LOCK) pyproject.toml
 run: install
 	$(VENV)/bin/utilrag run --config $(CONFIG)
 
+# The quick loop: ruff lint + format check (also the first step of `make test`, so CI runs it).
+LINT_PATHS := pkg tests benchmarks jobs
+lint: install
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
 # pytest exits 5 when it collects no test: that is a failure here, said plainly.
-test: install
+test: lint
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
 

@@ -21,6 +21,7 @@ Figures (last line, one JSON object):
   GPUs per replica, times an ASSUMED vLLM efficiency over that plain forward (default 0.8: paged
   attention, scheduling and tensor-parallel communication). The decode rate stays assumed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,13 @@ def prepare_pools(out: Path):
     from utilrag.config import PipelineConfig
     from utilrag.data import ingest, run_pools
 
-    cfg = PipelineConfig.model_validate({
-        "output_dir": str(out), "ingest": {"datasets": [{"name": "trec-dl-2019"}]},
-        "pools": [{"dataset": "trec-dl-2019", "split": "default", "run": "bm25", "size": 31}]})
+    cfg = PipelineConfig.model_validate(
+        {
+            "output_dir": str(out),
+            "ingest": {"datasets": [{"name": "trec-dl-2019"}]},
+            "pools": [{"dataset": "trec-dl-2019", "split": "default", "run": "bm25", "size": 31}],
+        }
+    )
     ingest(cfg)
     run_pools(cfg, cfg.pools[0])
     return cfg
@@ -60,8 +65,13 @@ def target_inputs(cfg, acfg, max_queries=None):
 
     source = dataset_dir(cfg, "trec-dl-2019")
     pools = read_table(Path(cfg.output_dir) / "pools" / "trec-dl-2019-default" / "pools.parquet")
-    return load_inputs(pools, read_table(source / "queries"), source / "corpus",
-                       AnnotateTarget(dataset="trec-dl-2019", split="default", max_queries=max_queries), acfg)
+    return load_inputs(
+        pools,
+        read_table(source / "queries"),
+        source / "corpus",
+        AnnotateTarget(dataset="trec-dl-2019", split="default", max_queries=max_queries),
+        acfg,
+    )
 
 
 def qwen_tokens_per_query(cfg, acfg) -> dict[str, float]:
@@ -98,8 +108,10 @@ def bare_generate(model_path: str, acfg, requests) -> dict:
     from utilrag.annotate.engine import LLMPredictor, engine_kwargs
     from utilrag.annotate.runner import stage_sampling
 
-    for key, value in {"VLLM_CPU_KVCACHE_SPACE": str(acfg.kv_cache_gib),
-                       "VLLM_CPU_OMP_THREADS_BIND": acfg.cpu_threads_bind or ""}.items():
+    for key, value in {
+        "VLLM_CPU_KVCACHE_SPACE": str(acfg.kv_cache_gib),
+        "VLLM_CPU_OMP_THREADS_BIND": acfg.cpu_threads_bind or "",
+    }.items():
         if value:
             os.environ[key] = value
     t0 = time.time()
@@ -107,8 +119,10 @@ def bare_generate(model_path: str, acfg, requests) -> dict:
     if predictor.error:
         raise SystemExit(f"bare engine did not start: {predictor.error}")
     start_s = time.time() - t0
-    batch = {"key": requests.column("key").to_numpy(zero_copy_only=False),
-             "messages": requests.column("messages").to_numpy(zero_copy_only=False)}
+    batch = {
+        "key": requests.column("key").to_numpy(zero_copy_only=False),
+        "messages": requests.column("messages").to_numpy(zero_copy_only=False),
+    }
     t0 = time.time()
     out = predictor(batch)
     seconds = time.time() - t0
@@ -142,13 +156,25 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes; about 5 minutes on 2 cores")
     parser.add_argument("--queries", type=int, default=None, help="DL19 queries for the efficiency figure")
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
-    parser.add_argument("--prefill-tok-s", type=float, default=None,
-                        help="cost model: prompt tokens/s of one replica (default: measured per GPU by "
-                             "gpu_check.py x GPUs per replica x --vllm-efficiency)")
-    parser.add_argument("--vllm-efficiency", type=float, default=0.8,
-                        help="cost model: vLLM's prefill rate / the plain PyTorch forward's (ASSUMED)")
-    parser.add_argument("--decode-tok-s", type=float, default=800.0,
-                        help="cost model: generated tokens/s of one replica, batched (assumed)")
+    parser.add_argument(
+        "--prefill-tok-s",
+        type=float,
+        default=None,
+        help="cost model: prompt tokens/s of one replica (default: measured per GPU by "
+        "gpu_check.py x GPUs per replica x --vllm-efficiency)",
+    )
+    parser.add_argument(
+        "--vllm-efficiency",
+        type=float,
+        default=0.8,
+        help="cost model: vLLM's prefill rate / the plain PyTorch forward's (ASSUMED)",
+    )
+    parser.add_argument(
+        "--decode-tok-s",
+        type=float,
+        default=800.0,
+        help="cost model: generated tokens/s of one replica, batched (assumed)",
+    )
     parser.add_argument("--gpus-per-replica", type=int, default=2)
     parser.add_argument("--msmarco-queries", type=int, default=491_007)
     args = parser.parse_args()
@@ -176,16 +202,23 @@ def main() -> None:
     inputs = target_inputs(cfg, acfg, n_queries)
     requests, _ = build_requests("relsel", inputs, acfg, {})
     bare = bare_generate(model_path, acfg, requests)
-    print(f"[bench] bare LLM.generate: {bare['tokens']:,} tokens in {bare['seconds']:.1f}s "
-          f"(engine start {bare['start_s']:.0f}s)", flush=True)
-    piped = pipeline_run(cfg, acfg.model_copy(update={"batch_size": requests.num_rows}), requests, model_path,
-                         work / "pipeline")
+    print(
+        f"[bench] bare LLM.generate: {bare['tokens']:,} tokens in {bare['seconds']:.1f}s "
+        f"(engine start {bare['start_s']:.0f}s)",
+        flush=True,
+    )
+    piped = pipeline_run(
+        cfg, acfg.model_copy(update={"batch_size": requests.num_rows}), requests, model_path, work / "pipeline"
+    )
     s = piped["summary"]
     pipeline_tok_s = (s["prompt_tokens"] + s["output_tokens"]) / s["generate_s"]
     bare_tok_s = bare["tokens"] / bare["seconds"]
     same = sum(a == b for a, b in zip(bare["outputs"], piped["outputs"])) / len(bare["outputs"])
-    print(f"[bench] pipeline: {pipeline_tok_s:,.0f} tokens/s generating, {piped['wall_s']:.0f}s wall; bare "
-          f"{bare_tok_s:,.0f} tokens/s; identical outputs {same:.0%}", flush=True)
+    print(
+        f"[bench] pipeline: {pipeline_tok_s:,.0f} tokens/s generating, {piped['wall_s']:.0f}s wall; bare "
+        f"{bare_tok_s:,.0f} tokens/s; identical outputs {same:.0%}",
+        flush=True,
+    )
 
     # 2. scaling: s/query at 100 vs 1,000 pool rows (31 rows per query)
     scale_model = str(make_tiny_llm(work / "tiny")) if args.quick else model_path
@@ -199,16 +232,20 @@ def main() -> None:
         scale_requests, _ = build_requests("relsel", scale_inputs, scale_cfg, {})
         run = pipeline_run(cfg, scale_cfg, scale_requests, scale_model, work / f"scale-{rows}")
         per_query[rows] = run["summary"]["generate_s"] / len(scale_inputs.pools)
-        print(f"[bench] {rows} pool rows ({len(scale_inputs.pools)} queries): {per_query[rows]:.3f} s/query "
-              f"generating", flush=True)
+        print(
+            f"[bench] {rows} pool rows ({len(scale_inputs.pools)} queries): {per_query[rows]:.3f} s/query generating",
+            flush=True,
+        )
 
     measured = measured_prefill()
     if args.prefill_tok_s is not None:
         prefill_tok_s, prefill_source = args.prefill_tok_s, "given (--prefill-tok-s)"
     elif measured:
         prefill_tok_s = measured[0] * args.gpus_per_replica * args.vllm_efficiency
-        prefill_source = (f"measured {measured[0]:,.0f} tokens/s per GPU in {measured[1]} x {args.gpus_per_replica} "
-                          f"GPUs x {args.vllm_efficiency} assumed vLLM efficiency")
+        prefill_source = (
+            f"measured {measured[0]:,.0f} tokens/s per GPU in {measured[1]} x {args.gpus_per_replica} "
+            f"GPUs x {args.vllm_efficiency} assumed vLLM efficiency"
+        )
     else:
         prefill_tok_s, prefill_source = 4000.0, "assumed (no GPU check result)"
     prompt_total = sum(tokens_per_query.values())
@@ -216,24 +253,41 @@ def main() -> None:
     replica_s = prompt_total / prefill_tok_s + output_total / args.decode_tok_s
     gpu_hours = args.msmarco_queries * replica_s * args.gpus_per_replica / 3600
     ray.shutdown()
-    print(json.dumps({
-        "model": args.model, "queries": len(inputs.pools), "windows": requests.num_rows,
-        "bare_tokens_per_s": round(bare_tok_s, 1), "pipeline_tokens_per_s": round(pipeline_tok_s, 1),
-        "pipeline_efficiency": round(pipeline_tok_s / bare_tok_s, 3),
-        "pipeline_efficiency_with_start": round((s["prompt_tokens"] + s["output_tokens"]) / piped["wall_s"] / bare_tok_s, 3),
-        "pipeline_queries_per_s": s["queries_per_s"], "identical_outputs": round(same, 3),
-        "prompt_tokens_per_query": tokens_per_query,
-        "smollm2_relsel_prompt_tokens_per_query": s["prompt_tokens_per_query"],
-        "prefix_cache_hit_rate": s["prefix_cache_hit_rate"],
-        "scaling_model": "tiny-random" if args.quick else args.model,
-        "s_per_query_100_rows": round(per_query[100], 4), "s_per_query_1000_rows": round(per_query[1000], 4),
-        "scaling_ratio": round(per_query[1000] / per_query[100], 3),
-        "cost_model": {"prompt_tokens_per_query": prompt_total, "output_tokens_per_query_assumed": output_total,
-                       "prefill_tok_s": round(prefill_tok_s, 1), "prefill_source": prefill_source,
-                       "decode_tok_s": args.decode_tok_s, "decode_source": "assumed",
-                       "gpus_per_replica": args.gpus_per_replica, "queries": args.msmarco_queries},
-        "gpu_hours_msmarco": round(gpu_hours, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "queries": len(inputs.pools),
+                "windows": requests.num_rows,
+                "bare_tokens_per_s": round(bare_tok_s, 1),
+                "pipeline_tokens_per_s": round(pipeline_tok_s, 1),
+                "pipeline_efficiency": round(pipeline_tok_s / bare_tok_s, 3),
+                "pipeline_efficiency_with_start": round(
+                    (s["prompt_tokens"] + s["output_tokens"]) / piped["wall_s"] / bare_tok_s, 3
+                ),
+                "pipeline_queries_per_s": s["queries_per_s"],
+                "identical_outputs": round(same, 3),
+                "prompt_tokens_per_query": tokens_per_query,
+                "smollm2_relsel_prompt_tokens_per_query": s["prompt_tokens_per_query"],
+                "prefix_cache_hit_rate": s["prefix_cache_hit_rate"],
+                "scaling_model": "tiny-random" if args.quick else args.model,
+                "s_per_query_100_rows": round(per_query[100], 4),
+                "s_per_query_1000_rows": round(per_query[1000], 4),
+                "scaling_ratio": round(per_query[1000] / per_query[100], 3),
+                "cost_model": {
+                    "prompt_tokens_per_query": prompt_total,
+                    "output_tokens_per_query_assumed": output_total,
+                    "prefill_tok_s": round(prefill_tok_s, 1),
+                    "prefill_source": prefill_source,
+                    "decode_tok_s": args.decode_tok_s,
+                    "decode_source": "assumed",
+                    "gpus_per_replica": args.gpus_per_replica,
+                    "queries": args.msmarco_queries,
+                },
+                "gpu_hours_msmarco": round(gpu_hours, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

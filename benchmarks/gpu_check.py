@@ -21,6 +21,7 @@ randomly initialised config: no weights travel. Steps, each recorded in the JSON
 7. ``prefill``: Qwen2.5-32B's architecture (uninitialised bf16 weights, built on the meta device
    and allocated on the GPU), forward over RelSel-sized prompts with SDPA: prompt tokens/s, MFU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,28 +42,84 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pkg"))
 
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets.
 BF16_PEAK_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-QWEN25_32B = dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
-                  intermediate_size=27648, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
-                  rms_norm_eps=1e-6, tie_word_embeddings=False)
-BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                 vocab_size=30522, max_position_embeddings=512)
+QWEN25_32B = dict(
+    hidden_size=5120,
+    num_hidden_layers=64,
+    num_attention_heads=40,
+    num_key_value_heads=8,
+    intermediate_size=27648,
+    vocab_size=152064,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+BERT_BASE = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    vocab_size=30522,
+    max_position_embeddings=512,
+)
 
 
 def sizes(cpu: bool) -> dict:
     if cpu:
-        return dict(bert=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                              vocab_size=1000, max_position_embeddings=128),
-                    queries=4, group=4, q_len=16, p_len=32, steps=4,
-                    encode_batch=32, encode_len=32, encode_batches=3,
-                    search_docs=20_000, search_dim=64, search_queries=200,
-                    qwen=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                              intermediate_size=256, vocab_size=1000, max_position_embeddings=1024, rope_theta=1e6,
-                              rms_norm_eps=1e-6, tie_word_embeddings=False),
-                    prompt_len=256, prompt_batch=2, prefill_repeats=2)
-    return dict(bert=BERT_BASE, queries=16, group=16, q_len=32, p_len=140, steps=8,
-                encode_batch=512, encode_len=140, encode_batches=20,
-                search_docs=1_000_000, search_dim=768, search_queries=1_000,
-                qwen=QWEN25_32B, prompt_len=3_600, prompt_batch=2, prefill_repeats=5)
+        return dict(
+            bert=dict(
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=128,
+                vocab_size=1000,
+                max_position_embeddings=128,
+            ),
+            queries=4,
+            group=4,
+            q_len=16,
+            p_len=32,
+            steps=4,
+            encode_batch=32,
+            encode_len=32,
+            encode_batches=3,
+            search_docs=20_000,
+            search_dim=64,
+            search_queries=200,
+            qwen=dict(
+                hidden_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=256,
+                vocab_size=1000,
+                max_position_embeddings=1024,
+                rope_theta=1e6,
+                rms_norm_eps=1e-6,
+                tie_word_embeddings=False,
+            ),
+            prompt_len=256,
+            prompt_batch=2,
+            prefill_repeats=2,
+        )
+    return dict(
+        bert=BERT_BASE,
+        queries=16,
+        group=16,
+        q_len=32,
+        p_len=140,
+        steps=8,
+        encode_batch=512,
+        encode_len=140,
+        encode_batches=20,
+        search_docs=1_000_000,
+        search_dim=768,
+        search_queries=1_000,
+        qwen=QWEN25_32B,
+        prompt_len=3_600,
+        prompt_batch=2,
+        prefill_repeats=5,
+    )
 
 
 def free_port() -> int:
@@ -75,8 +132,7 @@ def init_distributed(cpu: bool) -> None:
     """World size 1, as Ray Train would set it up: the engine sees a real process group."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if not cpu:
         import torch
 
@@ -109,20 +165,36 @@ def batches(n: int, s: dict, vocab: int, seed: int = 0) -> list[dict]:
         positives = torch.zeros(s["queries"], s["group"], dtype=torch.bool)
         positives[:, 0] = True
         positives[::2, 1] = True  # every other query has two positives (SumMargLH sums them)
-        out.append({"q_ids": torch.randint(5, vocab, (s["queries"], s["q_len"]), generator=g),
-                    "q_mask": torch.ones(s["queries"], s["q_len"], dtype=torch.long),
-                    "p_ids": torch.randint(5, vocab, (s["queries"], s["group"], s["p_len"]), generator=g),
-                    "p_mask": torch.ones(s["queries"], s["group"], s["p_len"], dtype=torch.long),
-                    "positives": positives})
+        out.append(
+            {
+                "q_ids": torch.randint(5, vocab, (s["queries"], s["q_len"]), generator=g),
+                "q_mask": torch.ones(s["queries"], s["q_len"], dtype=torch.long),
+                "p_ids": torch.randint(5, vocab, (s["queries"], s["group"], s["p_len"]), generator=g),
+                "p_mask": torch.ones(s["queries"], s["group"], s["p_len"], dtype=torch.long),
+                "positives": positives,
+            }
+        )
     return out
 
 
 def train_config(s: dict, **kw):
     from utilrag.config import TrainConfig
 
-    return TrainConfig(model="unused", pooling="cls", normalize=False, temperature=1.0, loss="summarg",
-                       group_size=s["group"], per_device_queries=s["queries"], query_max_len=s["q_len"],
-                       passage_max_len=s["p_len"], lr=1e-4, warmup_ratio=0.25, use_gpu=not s["cpu"], **kw)
+    return TrainConfig(
+        model="unused",
+        pooling="cls",
+        normalize=False,
+        temperature=1.0,
+        loss="summarg",
+        group_size=s["group"],
+        per_device_queries=s["queries"],
+        query_max_len=s["q_len"],
+        passage_max_len=s["p_len"],
+        lr=1e-4,
+        warmup_ratio=0.25,
+        use_gpu=not s["cpu"],
+        **kw,
+    )
 
 
 def close(engine) -> None:
@@ -168,11 +240,14 @@ def check_zero(s, model_path, vocab) -> dict:
         finite = all(math.isfinite(v) for ls in losses.values() for v in ls)
         diff = max(abs(a - b) / abs(losses[0][0]) for st in (1, 2, 3) for a, b in zip(losses[st], losses[0]))
         decreased = all(ls[-2] < ls[0] for ls in losses.values())  # batch 0, first and last visit
-        out[precision] = {"losses": {f"zero{k}": [round(v, 5) for v in ls] for k, ls in losses.items()},
-                          "zero0_runs_as": effective_zero_stage(train_config(s, deepspeed_zero_stage=0,
-                                                                             precision=precision)),
-                          "finite": finite, "max_rel_diff_vs_zero0": round(diff, 6), "tolerance": tolerance[precision],
-                          "loss_decreased": decreased}
+        out[precision] = {
+            "losses": {f"zero{k}": [round(v, 5) for v in ls] for k, ls in losses.items()},
+            "zero0_runs_as": effective_zero_stage(train_config(s, deepspeed_zero_stage=0, precision=precision)),
+            "finite": finite,
+            "max_rel_diff_vs_zero0": round(diff, 6),
+            "tolerance": tolerance[precision],
+            "loss_decreased": decreased,
+        }
         out["ok"] &= finite and diff <= tolerance[precision] and decreased
     return out
 
@@ -217,8 +292,12 @@ def reference_two_phases(s, model_path, tcfg, phase_data: list[list[dict]]):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupLinearDecay(len(data), tcfg.warmup_ratio))
         for b in data:
             bq, g, p_len = b["p_ids"].shape
-            q, p = model(b["q_ids"].to(device), b["q_mask"].to(device), b["p_ids"].reshape(bq * g, p_len).to(device),
-                         b["p_mask"].reshape(bq * g, p_len).to(device))
+            q, p = model(
+                b["q_ids"].to(device),
+                b["q_mask"].to(device),
+                b["p_ids"].reshape(bq * g, p_len).to(device),
+                b["p_mask"].reshape(bq * g, p_len).to(device),
+            )
             scores, mask = contrastive_scores(q.float(), p.float(), b["positives"].to(device), tcfg.temperature)
             loss = LOSSES[tcfg.loss](scores, mask)
             opt.zero_grad()
@@ -265,9 +344,13 @@ def check_curriculum(s, model_path, vocab) -> dict:
         weight_diff = sum(float((weights[k] - reference[k]).norm()) ** 2 for k in reference) ** 0.5 / update
         equal = loss_diff <= 1e-4 and weight_diff <= 1e-2
         key = f"zero{stage}" if reset else f"zero{stage}_without_reset"
-        out[key] = {"losses": [round(v, 6) for v in losses], "lrs": [round(v, 8) for v in lrs],
-                    "max_loss_rel_diff": loss_diff, "weight_diff_share_of_update": weight_diff,
-                    "equal_to_reference": equal}
+        out[key] = {
+            "losses": [round(v, 6) for v in losses],
+            "lrs": [round(v, 8) for v in lrs],
+            "max_loss_rel_diff": loss_diff,
+            "weight_diff_share_of_update": weight_diff,
+            "equal_to_reference": equal,
+        }
         # the control (AdamW state carried into phase 2) must be told apart, or the check is blind
         out["ok"] &= equal if reset else not equal
     return out
@@ -290,7 +373,6 @@ def gathered_state(engine, model) -> dict:
 
 
 def check_zero3_save(s, model_path, vocab, tokenizer, folder: Path) -> dict:
-    import torch
     from transformers import AutoModel
 
     from utilrag.train.engine import save_hf_model
@@ -314,8 +396,14 @@ def check_zero3_save(s, model_path, vocab, tokenizer, folder: Path) -> dict:
     moved = max(float((p - b).abs().max()) for p, b in zip(saved.parameters(), base.parameters()))
     numel = sum(p.numel() for p in saved.parameters())
     ok = diff == 0.0 and moved > 0 and numel == sum(p.numel() for p in base.parameters())
-    return {"ok": ok, "saved_params": numel, "max_diff_vs_trained": diff, "moved_from_init": moved,
-            "naive_rank0_save_params": naive_numel, "naive_rank0_save_error": naive_error}
+    return {
+        "ok": ok,
+        "saved_params": numel,
+        "max_diff_vs_trained": diff,
+        "moved_from_init": moved,
+        "naive_rank0_save_params": naive_numel,
+        "naive_rank0_save_error": naive_error,
+    }
 
 
 def check_encode(s, model_path, peak) -> dict:
@@ -344,11 +432,17 @@ def check_encode(s, model_path, peak) -> dict:
     docs = b * s["encode_batches"]
     tokens_s = docs * n / seconds
     del model
-    return {"ok": bool(torch.isfinite(vectors.float()).all()), "dtype": str(dtype).replace("torch.", ""),
-            "batch": b, "tokens_per_doc": n, "docs_per_s": round(docs / seconds, 1), "tokens_per_s": round(tokens_s),
-            "model_tflops_per_s": round(tokens_s * flops_per_token / 1e12, 2),
-            "mfu": round(tokens_s * flops_per_token / peak, 4) if peak else None,
-            "flops_per_token": flops_per_token}
+    return {
+        "ok": bool(torch.isfinite(vectors.float()).all()),
+        "dtype": str(dtype).replace("torch.", ""),
+        "batch": b,
+        "tokens_per_doc": n,
+        "docs_per_s": round(docs / seconds, 1),
+        "tokens_per_s": round(tokens_s),
+        "model_tflops_per_s": round(tokens_s * flops_per_token / 1e12, 2),
+        "mfu": round(tokens_s * flops_per_token / peak, 4) if peak else None,
+        "flops_per_token": flops_per_token,
+    }
 
 
 def check_search(s) -> dict:
@@ -365,13 +459,19 @@ def check_search(s) -> dict:
     device = "cpu" if s["cpu"] else "cuda"
     index = TorchFlatIndex(s["search_dim"], device=device)
     for start in range(0, len(docs), 250_000):
-        index.add(docs[start:start + 250_000])
+        index.add(docs[start : start + 250_000])
     index.search(queries[:10], k)
     t0 = time.perf_counter()
     t_scores, t_ids = index.search(queries, k)
     torch_s = time.perf_counter() - t0
-    out = {"docs": len(docs), "dim": s["search_dim"], "queries": len(queries), "k": k,
-           "torch_qps": round(len(queries) / torch_s, 1), "device": device}
+    out = {
+        "docs": len(docs),
+        "dim": s["search_dim"],
+        "queries": len(queries),
+        "k": k,
+        "torch_qps": round(len(queries) / torch_s, 1),
+        "device": device,
+    }
     try:
         import faiss
     except ImportError:
@@ -383,9 +483,14 @@ def check_search(s) -> dict:
     faiss_s = time.perf_counter() - t0
     overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(t_ids, f_ids)]))
     score_diff = float(np.abs(t_scores - f_scores).max())
-    return {**out, "faiss_cpu_qps": round(len(queries) / faiss_s, 1), "faiss_threads": faiss.omp_get_max_threads(),
-            "topk_overlap": overlap, "max_score_diff": score_diff,
-            "ok": overlap >= 0.999 and score_diff <= 1e-3}
+    return {
+        **out,
+        "faiss_cpu_qps": round(len(queries) / faiss_s, 1),
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "topk_overlap": overlap,
+        "max_score_diff": score_diff,
+        "ok": overlap >= 0.999 and score_diff <= 1e-3,
+    }
 
 
 def check_prefill(s, peak) -> dict:
@@ -442,12 +547,19 @@ def check_prefill(s, peak) -> dict:
     flops_per_token = 2 * (params - 2 * embed) + 2 * 2 * layers * (n / 2) * heads_dim
     tokens_s = b * n * s["prefill_repeats"] / seconds
     memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    del model, lm_head
-    return {"ok": bool(torch.isfinite(logits.float()).all()), "params_b": round(params / 1e9, 3),
-            "layers": layers, "hidden": h, "prompt_tokens": n, "batch": b, "build_s": round(build_s, 1),
-            "prompt_tokens_per_s": round(tokens_s), "model_tflops_per_s": round(tokens_s * flops_per_token / 1e12, 1),
-            "mfu": round(tokens_s * flops_per_token / peak, 4) if peak else None,
-            "peak_gpu_memory_gib": round(memory, 1) if memory else None}
+    return {
+        "ok": bool(torch.isfinite(logits.float()).all()),
+        "params_b": round(params / 1e9, 3),
+        "layers": layers,
+        "hidden": h,
+        "prompt_tokens": n,
+        "batch": b,
+        "build_s": round(build_s, 1),
+        "prompt_tokens_per_s": round(tokens_s),
+        "model_tflops_per_s": round(tokens_s * flops_per_token / 1e12, 1),
+        "mfu": round(tokens_s * flops_per_token / peak, 4) if peak else None,
+        "peak_gpu_memory_gib": round(memory, 1) if memory else None,
+    }
 
 
 def sync(device: str) -> None:
@@ -478,11 +590,20 @@ def main() -> int:
     s = {**sizes(args.cpu), "cpu": args.cpu}
     card = "cpu" if args.cpu else torch.cuda.get_device_name(0)
     peak = next((v for k, v in BF16_PEAK_FLOPS.items() if k in card), None)
-    result: dict = {"card": card, "date": datetime.date.today().isoformat(), "mode": "cpu" if args.cpu else "gpu",
-                    "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                                 "cuda": torch.version.cuda, "transformers": transformers.__version__,
-                                 "deepspeed": deepspeed.__version__},
-                    "bf16_peak_tflops": peak / 1e12 if peak else None, "checks": {}}
+    result: dict = {
+        "card": card,
+        "date": datetime.date.today().isoformat(),
+        "mode": "cpu" if args.cpu else "gpu",
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "transformers": transformers.__version__,
+            "deepspeed": deepspeed.__version__,
+        },
+        "bf16_peak_tflops": peak / 1e12 if peak else None,
+        "checks": {},
+    }
     init_distributed(args.cpu)
     only = set(args.only.split(",")) if args.only else None
     t_all = time.perf_counter()

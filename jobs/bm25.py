@@ -1,7 +1,9 @@
-"""Entrypoint for `ray job submit --working-dir . -- python jobs/bm25.py --config jobs/configs/local.yaml [key=value ...]`.
+"""Entrypoint for `ray job submit --working-dir . -- python jobs/bm25.py`
+(arguments: --config jobs/configs/local.yaml [key=value ...]).
 
 Connects to the cluster in $RAY_ADDRESS (set by `ray job submit`), or starts a local one.
 """
+
 import sys
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """Shared fixtures: the real datasets beside the checkout, one local Ray cluster per session."""
+
 from __future__ import annotations
 
 import gzip

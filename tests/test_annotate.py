@@ -2,6 +2,7 @@
 engines on a real Ray cluster with a tiny random-weight Llama (a real model's judgments are the
 local run's job, not a unit test's): a driver SIGKILLed mid-stage and rerun, a replica that dies
 mid-batch, an engine that cannot start."""
+
 from __future__ import annotations
 
 import os
@@ -21,41 +22,58 @@ from utilrag.annotate import prompts
 from utilrag.annotate.engine import AnnotateError, check_model, resolve_llm
 from utilrag.annotate.parsing import parse_grade, parse_ids, top_percent
 from utilrag.annotate.report import agreement, cohen_kappa, graded_kappa
-from utilrag.annotate.stages import (STAGE_SCHEMA, TargetInputs, build_labels, build_requests, load_inputs,
-                                     merged_ranking, windows)
+from utilrag.annotate.stages import (
+    STAGE_SCHEMA,
+    TargetInputs,
+    build_labels,
+    build_requests,
+    load_inputs,
+    merged_ranking,
+    windows,
+)
 from utilrag.annotate.tiny import make_tiny_llm, qwen_tokenizer_dir
-from utilrag.config import AnnotateConfig, AnnotateTarget, REPO_ROOT
+from utilrag.config import REPO_ROOT, AnnotateConfig, AnnotateTarget
 
 
 # --------------------------------------------------------------------------- prompts and parsing
 def test_relsel_prompt_is_the_papers_multi_turn_chat():
     messages = prompts.relsel_messages("what is a cat", ["Cats purr.", "Dogs bark."])
     assert [m["role"] for m in messages] == ["user", "assistant"] * 4 + ["user"]
-    assert messages[0]["content"] == ("You are the relevance judger, an intelligent assistant that can select the "
-                                      "passages that are relevant to the question.")
-    assert messages[2]["content"] == ("I will provide you with 2 passages, each indicated by number identifier []. \n"
-                                      "Select the passages that are relevant to the question: what is a cat.")
-    assert messages[4:8] == [{"role": "user", "content": "[1] Cats purr."},
-                             {"role": "assistant", "content": "Received passage [1]."},
-                             {"role": "user", "content": "[2] Dogs bark."},
-                             {"role": "assistant", "content": "Received passage [2]."}]
+    assert messages[0]["content"] == (
+        "You are the relevance judger, an intelligent assistant that can select the "
+        "passages that are relevant to the question."
+    )
+    assert messages[2]["content"] == (
+        "I will provide you with 2 passages, each indicated by number identifier []. \n"
+        "Select the passages that are relevant to the question: what is a cat."
+    )
+    assert messages[4:8] == [
+        {"role": "user", "content": "[1] Cats purr."},
+        {"role": "assistant", "content": "Received passage [1]."},
+        {"role": "user", "content": "[2] Dogs bark."},
+        {"role": "assistant", "content": "Received passage [2]."},
+    ]
     assert messages[-1]["content"].startswith("Search Query: what is a cat. \nDirectly output the passages")
-    assert messages[-1]["content"].endswith("'My selection:[[i],[j],...].'. Only response the selection results, "
-                                            "do not say any word or explain.")
+    assert messages[-1]["content"].endswith(
+        "'My selection:[[i],[j],...].'. Only response the selection results, do not say any word or explain."
+    )
     util = prompts.utilrank_messages("q", ["a", "b", "c"], "ans")
     assert util[-1]["content"].startswith("Question: q. \n\n Reference answer: ans\n\n Rank the 3 passages above")
     answer = prompts.answer_messages("q", ["a", "b"])
-    assert answer[-1]["content"] == ("Given the information: \n[1] a\n[2] b\n Answer the following question based on "
-                                     "the given information with one or few sentences without the source.\n "
-                                     "Question: q\n\n Answer:")
+    assert answer[-1]["content"] == (
+        "Given the information: \n[1] a\n[2] b\n Answer the following question based on "
+        "the given information with one or few sentences without the source.\n "
+        "Question: q\n\n Answer:"
+    )
 
 
 def test_prompts_render_with_a_real_chat_template():
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(_qwen_tokenizer_dir())
-    text = tokenizer.apply_chat_template(prompts.utilsel_messages("q?", ["alpha", "beta"], "an answer"),
-                                         tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        prompts.utilsel_messages("q?", ["alpha", "beta"], "an answer"), tokenize=False, add_generation_prompt=True
+    )
     assert text.count("<|im_start|>user") == 5 and text.count("<|im_start|>assistant") == 5  # 4 turns + generation
     assert "[2] beta" in text and "Reference answer: an answer." in text
 
@@ -65,13 +83,16 @@ def test_cut_words_records_the_cut():
     assert prompts.cut_words(" ".join(["w"] * 301), 300) == (" ".join(["w"] * 300), True)
 
 
-@pytest.mark.parametrize("text,num,ids,status,invalid,repeated", [
-    ("My selection:[[3],[1],[3],[40]].", 16, [3, 1], "ok", 1, 1),
-    ("My selection:[].", 16, [], "ok", 0, 0),
-    ("Received passage [17].", 16, [], "no_valid_ids", 1, 0),
-    ("I cannot tell.", 16, [], "unparsed", 0, 0),
-    ("[2] > [1] > [2] > [0]", 2, [2, 1], "ok", 1, 1),
-])
+@pytest.mark.parametrize(
+    "text,num,ids,status,invalid,repeated",
+    [
+        ("My selection:[[3],[1],[3],[40]].", 16, [3, 1], "ok", 1, 1),
+        ("My selection:[].", 16, [], "ok", 0, 0),
+        ("Received passage [17].", 16, [], "no_valid_ids", 1, 0),
+        ("I cannot tell.", 16, [], "unparsed", 0, 0),
+        ("[2] > [1] > [2] > [0]", 2, [2, 1], "ok", 1, 1),
+    ],
+)
 def test_parse_ids(text, num, ids, status, invalid, repeated):
     parsed = parse_ids(text, num)
     assert (parsed.ids, parsed.status, parsed.invalid_ids, parsed.repeated_ids) == (ids, status, invalid, repeated)
@@ -89,9 +110,14 @@ def test_parse_grade_and_top_percent():
 # --------------------------------------------------------------------------- inputs, labels, report
 def _inputs() -> tuple[TargetInputs, dict[str, list[str]]]:
     pools = {"q1": ["a", "b", "c", "d"], "q2": ["e", "f", "g"]}
-    inputs = TargetInputs(pools={q: list(v) for q, v in pools.items()}, human={"q1": {"a"}, "q2": {"f"}},
-                          human_grades={"q1": {"a": 3, "b": 0}, "q2": {"f": 2, "g": 1}},
-                          queries={"q1": "one", "q2": "two"}, passages={d: d * 3 for d in "abcdefg"}, cut=set())
+    inputs = TargetInputs(
+        pools={q: list(v) for q, v in pools.items()},
+        human={"q1": {"a"}, "q2": {"f"}},
+        human_grades={"q1": {"a": 3, "b": 0}, "q2": {"f": 2, "g": 1}},
+        queries={"q1": "one", "q2": "two"},
+        passages={d: d * 3 for d in "abcdefg"},
+        cut=set(),
+    )
     return inputs, pools
 
 
@@ -105,9 +131,15 @@ def test_requests_follow_the_stage_chain():
     acfg = AnnotateConfig(model="m", window=3)
     relsel_requests, _ = build_requests("relsel", inputs, acfg, {})
     assert relsel_requests.column("key").to_pylist() == ["q1\t0", "q1\t1", "q2\t0"]  # 4 passages -> 3 + 1
-    done = {"relsel": _stage_table([{"query_id": "q1", "window": 0, "selected": ["b", "a"]},
-                                    {"query_id": "q1", "window": 1, "selected": []},
-                                    {"query_id": "q2", "window": 0, "selected": []}])}
+    done = {
+        "relsel": _stage_table(
+            [
+                {"query_id": "q1", "window": 0, "selected": ["b", "a"]},
+                {"query_id": "q1", "window": 1, "selected": []},
+                {"query_id": "q2", "window": 0, "selected": []},
+            ]
+        )
+    }
     answer, skipped = build_requests("answer", inputs, acfg, done)
     assert answer.column("doc_ids").to_pylist() == [["a", "b"]] and skipped == {"no_relsel_positive": 1}
     done["answer"] = _stage_table([{"query_id": "q1", "window": 0, "answer": "A."}])
@@ -123,14 +155,26 @@ def test_requests_follow_the_stage_chain():
 def test_labels_with_the_papers_options():
     inputs, pools = _inputs()
     done = {
-        "relsel": _stage_table([{"query_id": "q1", "window": 0, "doc_ids": ["a", "b", "c", "d"], "selected": ["b", "a"]},
-                                {"query_id": "q2", "window": 0, "doc_ids": ["e", "f", "g"], "selected": ["e"]}]),
+        "relsel": _stage_table(
+            [
+                {"query_id": "q1", "window": 0, "doc_ids": ["a", "b", "c", "d"], "selected": ["b", "a"]},
+                {"query_id": "q2", "window": 0, "doc_ids": ["e", "f", "g"], "selected": ["e"]},
+            ]
+        ),
         "utilsel": _stage_table([{"query_id": "q1", "window": 0, "doc_ids": ["a", "b"], "selected": ["b"]}]),
         # two ranking windows: [c, a] ranked, b left out; [d] ranked
-        "utilrank": _stage_table([{"query_id": "q1", "window": 0, "doc_ids": ["a", "b", "c"], "selected": ["c", "a"]},
-                                  {"query_id": "q1", "window": 1, "doc_ids": ["d"], "selected": ["d"]}]),
-        "graded": _stage_table([{"query_id": "q2", "window": i, "doc_ids": [d], "grade": g}
-                                for i, (d, g) in enumerate([("e", 3), ("f", 1), ("g", None)])]),
+        "utilrank": _stage_table(
+            [
+                {"query_id": "q1", "window": 0, "doc_ids": ["a", "b", "c"], "selected": ["c", "a"]},
+                {"query_id": "q1", "window": 1, "doc_ids": ["d"], "selected": ["d"]},
+            ]
+        ),
+        "graded": _stage_table(
+            [
+                {"query_id": "q2", "window": i, "doc_ids": [d], "grade": g}
+                for i, (d, g) in enumerate([("e", 3), ("f", 1), ("g", None)])
+            ]
+        ),
     }
     assert merged_ranking(done["utilrank"]) == {"q1": ["c", "d", "a", "b"]}
     labels = build_labels(inputs, done, pools, AnnotateConfig(model="m", utilrank_top_percent=50))
@@ -148,8 +192,11 @@ def test_labels_with_the_papers_options():
     assert ranks["c"] == 1 and ranks["b"] == 4 and ranks["e"] is None
     # Inclusion: the human positive is always a positive; Exclusion: it is not in the LLM labels at all
     inclusion = build_labels(inputs, done, pools, AnnotateConfig(model="m", human_positive="inclusion"))
-    utilsel_q2 = {r["doc_id"] for r in inclusion.to_pylist() if r["source"] == "utilsel" and r["positive"]
-                  and r["query_id"] == "q2"}
+    utilsel_q2 = {
+        r["doc_id"]
+        for r in inclusion.to_pylist()
+        if r["source"] == "utilsel" and r["positive"] and r["query_id"] == "q2"
+    }
     assert utilsel_q2 == {"f"}
     exclusion = build_labels(inputs, done, pools, AnnotateConfig(model="m", human_positive="exclusion"))
     assert not [r for r in exclusion.to_pylist() if r["source"] == "relsel" and r["doc_id"] in ("a", "f")]
@@ -174,23 +221,47 @@ def test_cohen_kappa_by_hand():
 
 
 def test_bad_input_is_counted_not_dropped(tmp_path):
-    corpus = pa.table({"doc_id": ["a", "b", "c", "e"], "title": ["", "", "", ""],
-                       "text": ["alpha text", "   ", "gamma " * 400, "eps"]})
+    corpus = pa.table(
+        {
+            "doc_id": ["a", "b", "c", "e"],
+            "title": ["", "", "", ""],
+            "text": ["alpha text", "   ", "gamma " * 400, "eps"],
+        }
+    )
     pq.write_table(corpus, tmp_path / "corpus.parquet")
-    pools = pa.table({"query_id": ["q1"] * 4 + ["q2"] * 2 + ["q3"] * 2, "doc_id": ["a", "b", "c", "z", "a", "c", "a", "c"],
-                      "position": [0, 1, 2, 3, 0, 1, 0, 1], "source": ["human", "r", "r", "r", "human", "r", "human", "r"],
-                      "human_grade": [1, None, None, None, 1, None, 1, None]},
-                     schema=pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("position", pa.int32()),
-                                       ("source", pa.string()), ("human_grade", pa.int32())]))
+    pools = pa.table(
+        {
+            "query_id": ["q1"] * 4 + ["q2"] * 2 + ["q3"] * 2,
+            "doc_id": ["a", "b", "c", "z", "a", "c", "a", "c"],
+            "position": [0, 1, 2, 3, 0, 1, 0, 1],
+            "source": ["human", "r", "r", "r", "human", "r", "human", "r"],
+            "human_grade": [1, None, None, None, 1, None, 1, None],
+        },
+        schema=pa.schema(
+            [
+                ("query_id", pa.string()),
+                ("doc_id", pa.string()),
+                ("position", pa.int32()),
+                ("source", pa.string()),
+                ("human_grade", pa.int32()),
+            ]
+        ),
+    )
     queries = pa.table({"query_id": ["q1", "q2", "q3"], "text": ["first", "second", " "]})
-    inputs = load_inputs(pools, queries, tmp_path, AnnotateTarget(dataset="d", split="s"),
-                         AnnotateConfig(model="m", passage_words=300))
+    inputs = load_inputs(
+        pools, queries, tmp_path, AnnotateTarget(dataset="d", split="s"), AnnotateConfig(model="m", passage_words=300)
+    )
     reasons = Counter(r[2] for r in inputs.rejects)
     assert reasons == {"empty passage": 1, "passage not in the corpus": 1, "missing query text": 1}
     assert inputs.pools == {"q1": ["a", "c"], "q2": ["a", "c"]} and inputs.cut == {"c"}
     assert len(inputs.passages["c"].split()) == 300
-    excluded = load_inputs(pools, queries, tmp_path, AnnotateTarget(dataset="d", split="s"),
-                           AnnotateConfig(model="m", human_positive="exclusion"))
+    excluded = load_inputs(
+        pools,
+        queries,
+        tmp_path,
+        AnnotateTarget(dataset="d", split="s"),
+        AnnotateConfig(model="m", human_positive="exclusion"),
+    )
     assert "q1" not in excluded.pools  # only "c" left to show: a pool of < 2
     assert any("pool has 1 passage" in r[2] for r in excluded.rejects)
 
@@ -213,9 +284,15 @@ def test_cli_reports_a_missing_model_as_one_line(tmp_path, capsys):
     from utilrag.cli import main
 
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "ingest": {"datasets": [{"name": "x"}]},
-                                      "annotate": {"model": str(tmp_path / "nope"),
-                                                   "targets": [{"dataset": "x", "split": "y"}]}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(tmp_path / "out"),
+                "ingest": {"datasets": [{"name": "x"}]},
+                "annotate": {"model": str(tmp_path / "nope"), "targets": [{"dataset": "x", "split": "y"}]},
+            }
+        )
+    )
     assert main(["annotate", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such folder" in err[0]
@@ -243,10 +320,14 @@ def annotate_data(tmp_path_factory, shared_datasets, ray_local):
     from utilrag.data import ingest, run_pools
 
     out = tmp_path_factory.mktemp("annotate-out")
-    cfg = PipelineConfig.model_validate({
-        "data_root": str(shared_datasets), "output_dir": str(out),
-        "ingest": {"datasets": [{"name": "trec-dl-2019"}]},
-        "pools": [{"dataset": "trec-dl-2019", "split": "default", "run": "bm25", "size": 31}]})
+    cfg = PipelineConfig.model_validate(
+        {
+            "data_root": str(shared_datasets),
+            "output_dir": str(out),
+            "ingest": {"datasets": [{"name": "trec-dl-2019"}]},
+            "pools": [{"dataset": "trec-dl-2019", "split": "default", "run": "bm25", "size": 31}],
+        }
+    )
     ingest(cfg)
     run_pools(cfg, cfg.pools[0])
     return shared_datasets, out
@@ -254,12 +335,32 @@ def annotate_data(tmp_path_factory, shared_datasets, ray_local):
 
 def _annotate_config(path: Path, data, model: str, **annotate) -> Path:
     shared, out = data
-    section = {"model": model, "targets": [{"dataset": "trec-dl-2019", "split": "default", "max_queries": 8}],
-               "stages": ["relsel"], "passage_words": 20, "max_tokens": 8, "dtype": "float32",
-               "max_model_len": 2048, "enforce_eager": True, "kv_cache_gib": 1, "cpus_per_replica": 1,
-               "batch_size": 2, "progress_every_s": 1, **annotate}
-    path.write_text(yaml.safe_dump({"data_root": str(shared), "output_dir": str(out), "ray": {"num_cpus": 2},
-                                    "ingest": {"datasets": [{"name": "trec-dl-2019"}]}, "annotate": section}))
+    section = {
+        "model": model,
+        "targets": [{"dataset": "trec-dl-2019", "split": "default", "max_queries": 8}],
+        "stages": ["relsel"],
+        "passage_words": 20,
+        "max_tokens": 8,
+        "dtype": "float32",
+        "max_model_len": 2048,
+        "enforce_eager": True,
+        "kv_cache_gib": 1,
+        "cpus_per_replica": 1,
+        "batch_size": 2,
+        "progress_every_s": 1,
+        **annotate,
+    }
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "data_root": str(shared),
+                "output_dir": str(out),
+                "ray": {"num_cpus": 2},
+                "ingest": {"datasets": [{"name": "trec-dl-2019"}]},
+                "annotate": section,
+            }
+        )
+    )
     return path
 
 
@@ -283,8 +384,9 @@ def test_killed_driver_and_dead_replica_still_give_exactly_once(tmp_path, annota
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "utilrag.cli", "annotate", "--config", str(config)]
     log = open(tmp_path / "first.log", "wb")  # a file, not a pipe: a full pipe would stall the job
-    first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                             cwd=REPO_ROOT)
+    first = subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT
+    )
     deadline = time.time() + 300
     while time.time() < deadline and len(list(parts.glob("part-*.parquet"))) < 2 and first.poll() is None:
         time.sleep(0.05)
@@ -298,11 +400,18 @@ def test_killed_driver_and_dead_replica_still_give_exactly_once(tmp_path, annota
     expected = 16  # 8 queries x 2 windows (31 -> 16 + 15)
     assert done_before < expected
 
-    second = subprocess.run(command, env={**env, "UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES": "1"},
-                            capture_output=True, text=True,
-                            cwd=REPO_ROOT, timeout=600)
+    second = subprocess.run(
+        command,
+        env={**env, "UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES": "1"},
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=600,
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"resuming: {done_before} of {expected} requests already done, {expected - done_before} to go" in second.stdout
+    assert (
+        f"resuming: {done_before} of {expected} requests already done, {expected - done_before} to go" in second.stdout
+    )
     assert (stage_dir / ".relsel.crashed").exists()  # a replica of run 2 really died in its first batch
     table = _check_exactly_once(stage_dir, expected)
     assert f"{expected} rows ({expected - done_before} new, {done_before} resumed)" in second.stdout

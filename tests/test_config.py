@@ -19,8 +19,16 @@ def test_shipped_configs_validate():
 
 
 def test_overrides_set_nested_keys_and_list_items():
-    cfg = load_config(LOCAL, ["output_dir=/tmp/x", "ingest.reject_threshold=0.5", "pools.1.size=8",
-                              "ray.num_cpus=1", "evaluate.metrics=[nDCG@10]"])
+    cfg = load_config(
+        LOCAL,
+        [
+            "output_dir=/tmp/x",
+            "ingest.reject_threshold=0.5",
+            "pools.1.size=8",
+            "ray.num_cpus=1",
+            "evaluate.metrics=[nDCG@10]",
+        ],
+    )
     assert cfg.output_dir == "/tmp/x"
     assert cfg.ingest.reject_threshold == 0.5
     assert cfg.pools[1].size == 8 and cfg.pools[0].size == 31
@@ -28,13 +36,16 @@ def test_overrides_set_nested_keys_and_list_items():
     assert cfg.evaluate.metrics == ["nDCG@10"]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("ingest.colour=red", "ingest.colour: unknown key"),
-    ("pools.0.size=many", "pools.0.size: Input should be a valid integer"),
-    ("pools.0.size=1", "pools.0.size: Input should be greater than or equal to 2"),
-    ("pools.9.size=3", "'pools.9' is not an index of a 2-item list"),
-    ("ingest.reject_threshold", "expected key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("ingest.colour=red", "ingest.colour: unknown key"),
+        ("pools.0.size=many", "pools.0.size: Input should be a valid integer"),
+        ("pools.0.size=1", "pools.0.size: Input should be greater than or equal to 2"),
+        ("pools.9.size=3", "'pools.9' is not an index of a 2-item list"),
+        ("ingest.reject_threshold", "expected key=value"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_config(LOCAL, [override])
@@ -54,7 +65,11 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_cli_prints_one_error_line_and_exits_2():
-    proc = subprocess.run([sys.executable, "-m", "utilrag.cli", "ingest", "--config", str(LOCAL), "ingest.bogus=1"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "utilrag.cli", "ingest", "--config", str(LOCAL), "ingest.bogus=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"utilrag: error: {LOCAL}: ingest.bogus: unknown key"]

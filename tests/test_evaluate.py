@@ -1,4 +1,5 @@
 """Metrics against published numbers on the real DL19 runs, and against hand-computed values."""
+
 import json
 import math
 import subprocess
@@ -14,15 +15,23 @@ DL19 = "trec-dl-2019"
 
 
 def eval_run(*args):
-    proc = subprocess.run([sys.executable, "-m", "utilrag.cli", "eval-run", *args],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "utilrag.cli", "eval-run", *args], capture_output=True, text=True, timeout=120
+    )
     return proc
 
 
 @pytest.mark.parametrize("run, ndcg", [("bm25", 0.5058), ("splade-pp", 0.7308), ("tasb", 0.7210)])
 def test_eval_run_matches_published_dl19(shared_datasets, run, ndcg):
-    proc = eval_run("--qrels", str(shared_datasets / DL19 / "qrels.txt"),
-                    "--run", str(shared_datasets / DL19 / "runs" / f"{run}.trec"), "--rel-threshold", "2", "--json")
+    proc = eval_run(
+        "--qrels",
+        str(shared_datasets / DL19 / "qrels.txt"),
+        "--run",
+        str(shared_datasets / DL19 / "runs" / f"{run}.trec"),
+        "--rel-threshold",
+        "2",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result) == {"nDCG@10", "MRR@10", "R@100", "R@1000", "MAP"}
@@ -30,8 +39,13 @@ def test_eval_run_matches_published_dl19(shared_datasets, run, ndcg):
 
 
 def test_rel_threshold_changes_binary_metrics_only(shared_datasets):
-    args = ["--qrels", str(shared_datasets / DL19 / "qrels.txt"), "--run",
-            str(shared_datasets / DL19 / "runs" / "bm25.trec"), "--json"]
+    args = [
+        "--qrels",
+        str(shared_datasets / DL19 / "qrels.txt"),
+        "--run",
+        str(shared_datasets / DL19 / "runs" / "bm25.trec"),
+        "--json",
+    ]
     lenient = json.loads(eval_run(*args, "--rel-threshold", "1").stdout)
     strict = json.loads(eval_run(*args, "--rel-threshold", "2").stdout)
     assert lenient["nDCG@10"] == strict["nDCG@10"]
@@ -39,10 +53,18 @@ def test_rel_threshold_changes_binary_metrics_only(shared_datasets):
 
 
 def test_hand_computed_values():
-    qrels = pa.table({"query_id": ["q1", "q1", "q2"], "doc_id": ["a", "b", "c"], "grade": [2, 1, 1],
-                      "split": ["t"] * 3})
-    run = pa.table({"query_id": ["q1", "q1", "q1"], "doc_id": ["x", "b", "a"], "rank": [1, 2, 3],
-                    "score": [3.0, 2.0, 1.0], "run": ["r"] * 3})
+    qrels = pa.table(
+        {"query_id": ["q1", "q1", "q2"], "doc_id": ["a", "b", "c"], "grade": [2, 1, 1], "split": ["t"] * 3}
+    )
+    run = pa.table(
+        {
+            "query_id": ["q1", "q1", "q1"],
+            "doc_id": ["x", "b", "a"],
+            "rank": [1, 2, 3],
+            "score": [3.0, 2.0, 1.0],
+            "run": ["r"] * 3,
+        }
+    )
     means, per_query = evaluate(qrels, run, ["MRR@10", "nDCG@10", "R@100"], threshold=1)
     # q1: first relevant at rank 2 -> RR 0.5; q2 unanswered -> 0 (trec_eval -c).
     assert per_query["q1"]["MRR@10"] == pytest.approx(0.5)
@@ -62,6 +84,12 @@ def test_bad_run_file_names_file_and_line(tmp_path, shared_datasets):
     assert proc.stderr.strip() == f"utilrag: error: {run}:2: expected 6 columns, found 3"
     proc = eval_run("--qrels", str(tmp_path / "none.txt"), "--run", str(run))
     assert proc.returncode == 2 and "none.txt: file not found" in proc.stderr
-    proc = eval_run("--qrels", str(shared_datasets / DL19 / "qrels.txt"), "--run",
-                    str(shared_datasets / DL19 / "runs" / "bm25.trec"), "--metrics", "Bogus@3")
+    proc = eval_run(
+        "--qrels",
+        str(shared_datasets / DL19 / "qrels.txt"),
+        "--run",
+        str(shared_datasets / DL19 / "runs" / "bm25.trec"),
+        "--metrics",
+        "Bogus@3",
+    )
     assert proc.returncode == 2 and "unknown metric 'Bogus@3'" in proc.stderr

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py in its CPU mode: the GPU check's own steps at toy size, so the script
 that runs on a lent GPU for a few minutes never rots in between. Also the two-phase curriculum on
 one engine (ZeRO 0-3, against a plain PyTorch loop, with a no-reset control) and the ZeRO-3 save."""
+
 import json
 import os
 import subprocess
@@ -12,8 +13,13 @@ from utilrag.config import REPO_ROOT
 def test_gpu_check_cpu_mode(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--cpu", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--cpu", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == json.loads(out.read_text())
@@ -29,7 +35,9 @@ def test_gpu_check_cpu_mode(tmp_path):
     assert zero["bf16"]["zero0_runs_as"] == 1 and zero["fp32"]["zero0_runs_as"] == 0
 
     for stage in ("zero2", "zero3"):
-        assert checks["checkpoint"][stage]["next_loss_resumed"] == checks["checkpoint"][stage]["next_loss_uninterrupted"]
+        assert (
+            checks["checkpoint"][stage]["next_loss_resumed"] == checks["checkpoint"][stage]["next_loss_uninterrupted"]
+        )
 
     curriculum = checks["curriculum"]
     for stage in ("zero0", "zero1", "zero2", "zero3"):

@@ -1,5 +1,6 @@
 """Sharded FAISS on Ray actors: exactness against one Flat index, failures, and the index stage
 end to end on a small real slice of DL19 (full retrieval and re-ranking)."""
+
 import gzip
 
 import numpy as np
@@ -7,16 +8,25 @@ import pyarrow as pa
 import pytest
 
 from conftest import write_lines
-from utilrag.index.shards import ShardDied, ShardedIndex, ShardError
+from utilrag.index.shards import (
+    FaissShard,
+    ShardDied,
+    ShardedIndex,
+    ShardError,
+    index_layout,
+    index_nbytes,
+    make_faiss_index,
+    training_sample_size,
+)
 
 
-def write_parts(folder, vectors, ids, rows_per_file):
+def write_parts(folder, vectors, ids, rows_per_file, dtype=np.float32):
     from utilrag.data.tables import ParquetParts
 
     dim = vectors.shape[1]
-    schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
+    schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.from_numpy_dtype(dtype), dim))])
     parts = ParquetParts(folder, schema, rows_per_file)
-    flat = pa.array(vectors.astype(np.float32).reshape(-1))
+    flat = pa.array(vectors.astype(dtype).reshape(-1))
     parts.write(pa.table({"id": ids, "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)}))
     parts.close()
     return [str(p) for p in sorted(folder.glob("part-*.parquet"))]
@@ -133,6 +143,77 @@ def test_dead_shard_fails_loudly_or_is_restarted_from_the_saved_index(ray_local,
         index.close()
 
 
+def test_hnsw_on_the_gpu_is_refused_before_any_work(tmp_path):
+    from utilrag.config import IndexConfig
+
+    message = "index_type hnsw cannot run on the GPU"
+    with pytest.raises(ShardError, match=message):  # before any actor is asked for a GPU
+        ShardedIndex(2, use_gpu=True, index_type="hnsw")
+    with pytest.raises(ShardError, match=message):  # before the files are even looked at
+        FaissShard(0, use_gpu=True).build([str(tmp_path / "nope.parquet")], "hnsw", 8, 16, 32, None)
+    with pytest.raises(ValueError, match=message):  # and at config load, before any encoding
+        IndexConfig(use_gpu=True, index_type="hnsw")
+    with pytest.raises(ValueError, match=r"must be >= encoders \(2\)"):
+        IndexConfig(encoders=2, max_encoders=1)
+
+
+@pytest.mark.parametrize(
+    "kind, fp16", [("flat", False), ("ivf_flat", False), ("ivf_flat", True), ("ivf_pq", False), ("hnsw", False)]
+)
+def test_index_size_from_its_layout_matches_the_serialized_index(kind, fp16):
+    import faiss
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6000, 64)).astype(np.float32)
+    index = make_faiss_index(kind, 64, len(x), 64, 16, 16, fp16_storage=fp16)
+    index.train(x)
+    index.add(x)
+    layout = index_layout(index)
+    assert layout.get("fp16", False) == fp16
+    estimate = index_nbytes(ntotal=index.ntotal, dim=64, **layout)
+    assert estimate == pytest.approx(faiss.serialize_index(index).nbytes, rel=0.03)
+    if fp16:  # gpu_fp16 on ivf_flat really halves the vector storage (IVF-SQfp16)
+        assert index.code_size == 2 * 64
+    assert index_nbytes("flat", 1000, 64, fp16=True) * 2 == index_nbytes("flat", 1000, 64)
+
+
+def test_streaming_shard_build_trains_on_a_seeded_sample_and_keeps_file_order(tmp_path):
+    rng = np.random.default_rng(2)
+    docs = rng.standard_normal((3000, 32)).astype(np.float32)
+    ids = [f"d{i}" for i in range(len(docs))]
+    files = write_parts(tmp_path / "emb", docs, ids, rows_per_file=700)
+    assert training_sample_size("ivf_flat", 3000, 4) == 1024  # 256 per list, not the whole shard
+    assert training_sample_size("ivf_flat", 3000, 1024) == 3000  # lists shrink to 76: all 3,000
+    assert training_sample_size("ivf_pq", 10**6, 16) == 65536 and training_sample_size("flat", 10**6, 16) == 0
+    shard = FaissShard(0, threads=1)
+    stats = shard.build(files, "ivf_flat", 4, 16, 32, 32)
+    assert shard.ids == ids and stats["vectors"] == 3000
+    assert stats["bytes"] == pytest.approx(__import__("faiss").serialize_index(shard.index).nbytes, rel=0.03)
+    centroids = shard.index.quantizer.reconstruct_n(0, 4)
+    again = FaissShard(0, threads=1)
+    again.build(files, "ivf_flat", 4, 16, 32, 32)
+    np.testing.assert_array_equal(again.index.quantizer.reconstruct_n(0, 4), centroids)  # seeded
+    shard.set_search_params(nprobe=4, ef_search=16)
+    queries = rng.standard_normal((10, 32)).astype(np.float32)
+    _, want = exact_topk(docs, ids, queries, 10)
+    assert [[ids[r] for r in row] for row in shard.search(queries, 10)[1]] == want
+    # float16 files (embedding_dtype: float16) are read into the same float32 index.
+    half = FaissShard(1, threads=1)
+    half.build(write_parts(tmp_path / "emb16", docs, ids, 700, dtype=np.float16), "flat", 4, 16, 32, 32)
+    np.testing.assert_allclose(half.index.reconstruct_n(0, 3000), docs.astype(np.float16), rtol=0, atol=0)
+    other = write_parts(tmp_path / "dim16", np.ones((5, 16)), [f"x{i}" for i in range(5)], 5)
+    with pytest.raises(ShardError, match=r"shard 0: embeddings have dimension 16 in .*dim16.* but 32 in"):
+        FaissShard(0).build(files[:1] + other, "flat", 4, 16, 32, None)
+
+
+def test_encoder_pool_autoscales_between_encoders_and_max_encoders():
+    from utilrag.index.encode import encoder_pool
+
+    pool = encoder_pool(1, 3)
+    assert (pool.min_size, pool.max_size) == (1, 3)
+    assert (encoder_pool(2).min_size, encoder_pool(2).max_size) == (2, 2)
+
+
 @pytest.fixture
 def dl19_slice(tmp_path, shared_datasets):
     """Five real DL19 queries with their BM25 top-20 passages and qrels, as an MS MARCO layout."""
@@ -144,10 +225,13 @@ def dl19_slice(tmp_path, shared_datasets):
     root = tmp_path / "dl19-slice"
     with gzip.open(src / "collection.tsv.gz", "rt", encoding="utf-8") as f:
         write_lines(root / "collection.tsv", [ln.rstrip("\n") for ln in f if ln.split("\t", 1)[0] in docs])
-    write_lines(root / "queries.tsv", [ln for ln in (src / "queries.tsv").read_text().splitlines()
-                                       if ln.split("\t")[0] in queries])
-    write_lines(root / "qrels.txt", [ln for ln in (src / "qrels.txt").read_text().splitlines()
-                                     if ln.split()[0] in queries])
+    write_lines(
+        root / "queries.tsv",
+        [ln for ln in (src / "queries.tsv").read_text().splitlines() if ln.split("\t")[0] in queries],
+    )
+    write_lines(
+        root / "qrels.txt", [ln for ln in (src / "qrels.txt").read_text().splitlines() if ln.split()[0] in queries]
+    )
     write_lines(root / "runs" / "bm25.trec", keep)
     return root, queries, docs
 
@@ -160,15 +244,42 @@ def test_index_stage_end_to_end(ray_local, make_config, dl19_slice, capsys):
     from utilrag.index.encode import Encoder, read_embeddings
 
     root, queries, docs = dl19_slice
-    cfg = make_config({
-        "ingest": {"datasets": [{"name": "slice", "path": str(root), "layout": "msmarco", "relevance_threshold": 2,
-                                 "unknown_qrels_docs": "keep"}]},
-        "index": {"passage_max_len": 64, "batch_size": 16, "shards": 2, "rows_per_file": 25, "k": 20,
-                  "targets": [{"dataset": "slice", "label": "minilm"},
-                              {"dataset": "slice", "rerank": "bm25", "label": "minilm-rerank"}]},
-        "evaluate": {"metrics": ["nDCG@10", "MRR@10"], "baseline": "bm25", "permutations": 200,
-                     "runs": [{"dataset": "slice", "run": "bm25"}, {"dataset": "slice", "run": "minilm"},
-                              {"dataset": "slice", "run": "minilm-rerank"}]}})
+    cfg = make_config(
+        {
+            "ingest": {
+                "datasets": [
+                    {
+                        "name": "slice",
+                        "path": str(root),
+                        "layout": "msmarco",
+                        "relevance_threshold": 2,
+                        "unknown_qrels_docs": "keep",
+                    }
+                ]
+            },
+            "index": {
+                "passage_max_len": 64,
+                "batch_size": 16,
+                "shards": 2,
+                "rows_per_file": 25,
+                "k": 20,
+                "targets": [
+                    {"dataset": "slice", "label": "minilm"},
+                    {"dataset": "slice", "rerank": "bm25", "label": "minilm-rerank"},
+                ],
+            },
+            "evaluate": {
+                "metrics": ["nDCG@10", "MRR@10"],
+                "baseline": "bm25",
+                "permutations": 200,
+                "runs": [
+                    {"dataset": "slice", "run": "bm25"},
+                    {"dataset": "slice", "run": "minilm"},
+                    {"dataset": "slice", "run": "minilm-rerank"},
+                ],
+            },
+        }
+    )
     ingest(cfg)
     written = run_index(cfg)
     full, rerank = (pa.parquet.read_table(p) for p in written)
@@ -176,8 +287,11 @@ def test_index_stage_end_to_end(ray_local, make_config, dl19_slice, capsys):
     assert rerank.num_rows == 5 * 20
     # Full retrieval (FAISS shards) and re-ranking (direct dot products) agree on every shared pair.
     full_scores = {(q, d): s for q, d, s in zip(*(full.column(c).to_pylist() for c in ["query_id", "doc_id", "score"]))}
-    shared = [(q, d, s) for q, d, s in zip(*(rerank.column(c).to_pylist() for c in ["query_id", "doc_id", "score"]))
-              if (q, d) in full_scores]
+    shared = [
+        (q, d, s)
+        for q, d, s in zip(*(rerank.column(c).to_pylist() for c in ["query_id", "doc_id", "score"]))
+        if (q, d) in full_scores
+    ]
     assert len(shared) >= 20
     assert all(abs(full_scores[(q, d)] - s) < 1e-4 for q, d, s in shared)
     # The Ray Data pipeline's embeddings equal the bare encoder's.
@@ -198,3 +312,30 @@ def test_index_stage_end_to_end(ray_local, make_config, dl19_slice, capsys):
     # A second run reuses the embeddings and the saved shards.
     run_index(cfg)
     assert "corpus embeddings unchanged" in capsys.readouterr().out
+
+
+def test_torch_flat_index_equals_faiss_flat_and_saves_as_faiss():
+    """The GPU fallback when faiss-gpu is absent (exercised on a GPU by benchmarks/gpu_check.py);
+    here on CPU: same top-k as IndexFlatIP, -1 padding past ntotal, saved as a FAISS flat index."""
+    import faiss
+
+    from utilrag.index.torch_flat import TorchFlatIndex
+
+    rng = np.random.default_rng(0)
+    docs = rng.standard_normal((500, 16)).astype(np.float32)
+    queries = rng.standard_normal((20, 16)).astype(np.float32)
+    index = TorchFlatIndex(16, device="cpu")
+    index.add(docs[:300])
+    index.add(docs[300:])
+    flat = faiss.IndexFlatIP(16)
+    flat.add(docs)
+    t_scores, t_ids = index.search(queries, 10)
+    f_scores, f_ids = flat.search(queries, 10)
+    assert (t_ids == f_ids).all() and np.allclose(t_scores, f_scores, atol=1e-5)
+    small = TorchFlatIndex(16, device="cpu")
+    small.add(docs[:3])
+    s_scores, s_ids = small.search(queries[:2], 5)
+    assert (s_ids[:, 3:] == -1).all() and np.isneginf(s_scores[:, 3:]).all()
+    saved = index.to_faiss()
+    assert saved.ntotal == 500 and (saved.search(queries, 10)[1] == f_ids).all()
+    assert index.memory_bytes() == 500 * 16 * 4

@@ -1,4 +1,5 @@
 """Every reader on the real files, and on broken inputs with the rejects written."""
+
 import gzip
 import json
 
@@ -16,8 +17,9 @@ def _rejects(out):
 
 
 def test_real_scifact_and_dl19(ray_local, shared_datasets, make_config, capsys):
-    cfg = make_config({"data_root": str(shared_datasets),
-                       "ingest": {"datasets": [{"name": "scifact"}, {"name": "trec-dl-2019"}]}})
+    cfg = make_config(
+        {"data_root": str(shared_datasets), "ingest": {"datasets": [{"name": "scifact"}, {"name": "trec-dl-2019"}]}}
+    )
     results = ingest(cfg)
     sf, dl = results["scifact"].output, results["trec-dl-2019"].output
     assert read_table(sf / "corpus").num_rows == 5183
@@ -47,13 +49,24 @@ def test_real_scifact_and_dl19(ray_local, shared_datasets, make_config, capsys):
 
 def test_broken_msmarco_inputs_are_rejected_with_file_line_reason(ray_local, tmp_path, make_config):
     root = tmp_path / "broken"
-    write_lines(root / "collection.tsv.gz", ["1\tfirst passage", "2\tsecond passage", "3\tthird\textra\tcolumn",
-                                             b"4\tbad \xff utf8", "5\t   ", "1\tfirst passage again"], compress=True)
+    write_lines(
+        root / "collection.tsv.gz",
+        [
+            "1\tfirst passage",
+            "2\tsecond passage",
+            "3\tthird\textra\tcolumn",
+            b"4\tbad \xff utf8",
+            "5\t   ",
+            "1\tfirst passage again",
+        ],
+        compress=True,
+    )
     write_lines(root / "queries.tsv", ["10\twhat is one", "11", "12\tthird query"])
     write_lines(root / "qrels.txt", ["10 0 1 2", "10 0 99 1", "77 0 1 1", "10 0 2 x", "10 0 1 2"])
     write_lines(root / "runs" / "r.trec", ["10 Q0 1 1 3.5 r", "10 Q0 2 2 1.0 r", "10 Q0 404 3 0.5 r", "10 Q0 2 x"])
-    cfg = make_config({"ingest": {"reject_threshold": 1.0,
-                                  "datasets": [{"name": "broken", "path": str(root), "layout": "msmarco"}]}})
+    cfg = make_config(
+        {"ingest": {"reject_threshold": 1.0, "datasets": [{"name": "broken", "path": str(root), "layout": "msmarco"}]}}
+    )
     result = ingest(cfg)["broken"]
     out = result.output
     assert read_table(out / "corpus").column("doc_id").to_pylist() == ["1", "2"]
@@ -84,7 +97,9 @@ def test_reject_threshold_fails_the_ingest_with_a_clear_message(ray_local, tmp_p
     write_lines(root / "collection.tsv", [f"{i}\tpassage {i}" for i in range(999)] + ["oops"])
     write_lines(root / "queries.tsv", ["1\tq"])
     cfg = make_config({"ingest": {"datasets": [{"name": "m", "path": str(root), "layout": "msmarco"}]}})
-    with pytest.raises(IngestError, match=r"m: 1 of 1,001 rows rejected \(0\.100%\) exceeds reject_threshold 0\.090%") as e:
+    with pytest.raises(
+        IngestError, match=r"m: 1 of 1,001 rows rejected \(0\.100%\) exceeds reject_threshold 0\.090%"
+    ) as e:
         cfg.ingest.reject_threshold = 0.0009
         ingest(cfg)
     assert "rejects.parquet" in str(e.value)
@@ -108,11 +123,16 @@ def test_truncated_gzip_keeps_what_was_read_and_rejects_the_rest(tmp_path):
 
 def test_broken_beir_jsonl(ray_local, tmp_path, make_config):
     root = tmp_path / "beirish"
-    write_lines(root / "corpus.jsonl", [json.dumps({"_id": "d1", "title": "T", "text": "alpha"}),
-                                        '{"_id": "d2", "text": "unterminated',
-                                        json.dumps({"_id": "d3", "title": "T"}),
-                                        json.dumps(["not", "an", "object"]),
-                                        json.dumps({"_id": "d 4", "text": "space in id"})])
+    write_lines(
+        root / "corpus.jsonl",
+        [
+            json.dumps({"_id": "d1", "title": "T", "text": "alpha"}),
+            '{"_id": "d2", "text": "unterminated',
+            json.dumps({"_id": "d3", "title": "T"}),
+            json.dumps(["not", "an", "object"]),
+            json.dumps({"_id": "d 4", "text": "space in id"}),
+        ],
+    )
     write_lines(root / "queries.jsonl", [json.dumps({"_id": "q1", "text": "alpha?"}), ""])
     write_lines(root / "qrels" / "test.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t1", "q1\td2\t1"])
     cfg = make_config({"ingest": {"reject_threshold": 1.0, "datasets": [{"name": "b", "path": str(root)}]}})
@@ -131,19 +151,39 @@ def test_tevatron_pools_are_read_as_given(ray_local, tmp_path, make_config):
     def passage(i):
         return {"docid": str(i), "title": "", "text": f"passage {i}"}
 
-    rows = [{"query_id": "q1", "query": "first?", "positive_passages": [passage(1)],
-             "negative_passages": [passage(i) for i in (5, 6, 7)]},
-            {"query_id": "q2", "query": "second?", "positive_passages": [passage(2)],
-             "negative_passages": [passage(i) for i in (5, 8)]},  # passage 5 repeats: merged, not rejected
-            {"query_id": "q3", "query": "third?"}]
+    rows = [
+        {
+            "query_id": "q1",
+            "query": "first?",
+            "positive_passages": [passage(1)],
+            "negative_passages": [passage(i) for i in (5, 6, 7)],
+        },
+        {
+            "query_id": "q2",
+            "query": "second?",
+            "positive_passages": [passage(2)],
+            "negative_passages": [passage(i) for i in (5, 8)],
+        },  # passage 5 repeats: merged, not rejected
+        {"query_id": "q3", "query": "third?"},
+    ]
     write_lines(tmp_path / "tev" / "train.jsonl.gz", [json.dumps(r) for r in rows], compress=True)
-    cfg = make_config({"ingest": {"reject_threshold": 1.0,
-                                  "datasets": [{"name": "tev", "path": str(tmp_path / "tev"), "layout": "tevatron"}]}})
+    cfg = make_config(
+        {
+            "ingest": {
+                "reject_threshold": 1.0,
+                "datasets": [{"name": "tev", "path": str(tmp_path / "tev"), "layout": "tevatron"}],
+            }
+        }
+    )
     out = ingest(cfg)["tev"].output
     assert read_table(out / "corpus").num_rows == 6
     pools = read_table(out / "pools").to_pylist()
     assert [(p["query_id"], p["doc_id"], p["position"], p["source"]) for p in pools[:4]] == [
-        ("q1", "1", 0, "human"), ("q1", "5", 1, "tevatron"), ("q1", "6", 2, "tevatron"), ("q1", "7", 3, "tevatron")]
+        ("q1", "1", 0, "human"),
+        ("q1", "5", 1, "tevatron"),
+        ("q1", "6", 2, "tevatron"),
+        ("q1", "7", 3, "tevatron"),
+    ]
     assert read_table(out / "qrels").to_pylist()[0] == {"query_id": "q1", "doc_id": "1", "grade": 1, "split": "train"}
     assert {r["reason"] for r in _rejects(out)} == {"missing key 'positive_passages'"}
     assert read_manifest(out)["notes"]["corpus"] == {"identical duplicate merged": 1}
@@ -152,10 +192,14 @@ def test_tevatron_pools_are_read_as_given(ray_local, tmp_path, make_config):
 def test_missing_dataset_offline_says_which_files_go_where(tmp_path, make_config):
     from utilrag.data import DatasetError
 
-    cfg = make_config({"data_root": str(tmp_path / "empty"), "ingest": {"download": False,
-                                                                        "datasets": [{"name": "nfcorpus"}]}})
-    with pytest.raises(DatasetError, match=r"'nfcorpus' is not at .*empty/nfcorpus .*corpus\.jsonl, queries\.jsonl, "
-                                           r"qrels/<split>\.tsv .*BEIR/datasets/nfcorpus\.zip"):
+    cfg = make_config(
+        {"data_root": str(tmp_path / "empty"), "ingest": {"download": False, "datasets": [{"name": "nfcorpus"}]}}
+    )
+    with pytest.raises(
+        DatasetError,
+        match=r"'nfcorpus' is not at .*empty/nfcorpus .*corpus\.jsonl, queries\.jsonl, "
+        r"qrels/<split>\.tsv .*BEIR/datasets/nfcorpus\.zip",
+    ):
         ingest(cfg)
 
 
@@ -163,7 +207,9 @@ def test_msmarco_tab_qrels_and_tevatron_style_collection(tmp_path):
     qrels = write_lines(tmp_path / "qrels.train.tsv", ["1185869\t0\t0\t1", "1185868\t0\t16\t1"])
     rows = next(iter(parse_file(str(qrels), "qrels", "trec_qrels", {"split": "train"}))).to_pylist()
     assert [(r["query_id"], r["doc_id"], r["grade"], r["_reason"]) for r in rows] == [
-        ("1185869", "0", 1, None), ("1185868", "16", 1, None)]
+        ("1185869", "0", 1, None),
+        ("1185868", "16", 1, None),
+    ]
     corpus = write_lines(tmp_path / "corpus.tsv", ["7\tA title\tthe passage text"])
     row = next(iter(parse_file(str(corpus), "corpus", "msmarco_collection", {}))).to_pylist()[0]
     assert (row["doc_id"], row["title"], row["text"]) == ("7", "A title", "the passage text")

@@ -1,5 +1,6 @@
 """Losses against hand-computed values, and the cross-worker gather against one worker holding
 the whole batch (two real gloo processes)."""
+
 import math
 import os
 import socket
@@ -81,7 +82,7 @@ def _worker(rank, port, queue):
     model = _encoder()
     q, p, positives = _batch()
     local = slice(2 * rank, 2 * rank + 2)
-    scores, mask = contrastive_scores(model(q[local]), model(p[6 * rank:6 * rank + 6]), positives[local], 1.0)
+    scores, mask = contrastive_scores(model(q[local]), model(p[6 * rank : 6 * rank + 6]), positives[local], 1.0)
     summarg_loss(scores, mask).backward()
     for param in model.parameters():  # what DDP/DeepSpeed do: average gradients over workers
         dist.all_reduce(param.grad)

@@ -1,4 +1,5 @@
 """Pools and BM25 on the real datasets, through the stage entry points."""
+
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,14 +16,24 @@ from utilrag.index import run_bm25
 def real_cfg(tmp_path_factory, shared_datasets):
     from utilrag.config import PipelineConfig
 
-    return PipelineConfig.model_validate({
-        "data_root": str(shared_datasets), "output_dir": str(tmp_path_factory.mktemp("out")),
-        "ingest": {"datasets": [{"name": "scifact"}, {"name": "trec-dl-2019"}]},
-        "pools": [{"dataset": "trec-dl-2019", "split": "default", "run": "bm25", "size": 31},
-                  {"dataset": "scifact", "split": "train", "size": 31, "seed": 3, "max_queries": 50}],
-        "bm25": [{"dataset": "scifact", "split": "test"}],
-        "evaluate": {"runs": [{"dataset": "scifact", "split": "test", "run": "bm25s"},
-                              {"dataset": "trec-dl-2019", "run": "bm25"}]}})
+    return PipelineConfig.model_validate(
+        {
+            "data_root": str(shared_datasets),
+            "output_dir": str(tmp_path_factory.mktemp("out")),
+            "ingest": {"datasets": [{"name": "scifact"}, {"name": "trec-dl-2019"}]},
+            "pools": [
+                {"dataset": "trec-dl-2019", "split": "default", "run": "bm25", "size": 31},
+                {"dataset": "scifact", "split": "train", "size": 31, "seed": 3, "max_queries": 50},
+            ],
+            "bm25": [{"dataset": "scifact", "split": "test"}],
+            "evaluate": {
+                "runs": [
+                    {"dataset": "scifact", "split": "test", "run": "bm25s"},
+                    {"dataset": "trec-dl-2019", "run": "bm25"},
+                ]
+            },
+        }
+    )
 
 
 def test_dl19_pools_from_the_bm25_run(ray_local, real_cfg):
@@ -56,12 +67,21 @@ def test_scifact_pools_from_bm25s_are_seeded(ray_local, real_cfg):
 def _inputs_for(pools):
     """Rebuild qrels and a run from a pool table (human positives + negatives in rank order)."""
     rows = pools.to_pylist()
-    qrels = pa.table({"query_id": [r["query_id"] for r in rows if r["source"] == "human"],
-                      "doc_id": [r["doc_id"] for r in rows if r["source"] == "human"],
-                      "grade": [1 for r in rows if r["source"] == "human"]})
+    qrels = pa.table(
+        {
+            "query_id": [r["query_id"] for r in rows if r["source"] == "human"],
+            "doc_id": [r["doc_id"] for r in rows if r["source"] == "human"],
+            "grade": [1 for r in rows if r["source"] == "human"],
+        }
+    )
     negs = [r for r in rows if r["source"] != "human"]
-    run = pa.table({"query_id": [r["query_id"] for r in negs], "doc_id": [r["doc_id"] for r in negs],
-                    "rank": list(range(1, len(negs) + 1))})
+    run = pa.table(
+        {
+            "query_id": [r["query_id"] for r in negs],
+            "doc_id": [r["doc_id"] for r in negs],
+            "rank": list(range(1, len(negs) + 1)),
+        }
+    )
     return qrels, run, list(dict.fromkeys(r["query_id"] for r in rows))
 
 
@@ -72,8 +92,9 @@ def test_pool_edge_cases():
     assert stats == {"queries": 1, "no_positive": 1, "short_pool": 0, "positives_cut": 0, "positives_without_text": 0}
     assert sorted(pools.column("doc_id").to_pylist()) == ["n1", "n2", "p1", "p2"]
     # a judged positive with no text in the corpus cannot be shown to an annotator: left out, counted
-    shown, stats = build_pools(qrels, run, ["a"], size=4, seed=0, threshold=1, negative_source="r",
-                               corpus_ids={"p1", "n1", "n2", "n3"})
+    shown, stats = build_pools(
+        qrels, run, ["a"], size=4, seed=0, threshold=1, negative_source="r", corpus_ids={"p1", "n1", "n2", "n3"}
+    )
     assert stats["positives_without_text"] == 1
     assert sorted(shown.column("doc_id").to_pylist()) == ["n1", "n2", "n3", "p1"]
     small, stats = build_pools(qrels, run, ["a"], size=2, seed=0, threshold=1, negative_source="r")

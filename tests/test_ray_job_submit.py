@@ -1,5 +1,6 @@
 """Integration: a real `ray start --head` on 127.0.0.1, `ray job submit` of jobs/ingest.py, Parquet checked,
 and the cluster this test started stopped again (only its own processes: other tests' Ray stays up)."""
+
 import os
 import shutil
 import socket
@@ -37,26 +38,73 @@ def stop_cluster(temp_dir: str) -> None:
 @pytest.mark.slow
 def test_ray_job_submit_ingest(shared_datasets, tmp_path):
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    }
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     gcs, dash = free_port(), free_port()
     # Every port of our own: the test session's other Ray cluster holds the defaults (e.g. the agent's 52365).
-    own_ports = [f"--{flag}={free_port()}" for flag in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-        "node-manager-port", "object-manager-port", "ray-client-server-port")]
+    own_ports = [
+        f"--{flag}={free_port()}"
+        for flag in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "node-manager-port",
+            "object-manager-port",
+            "ray-client-server-port",
+        )
+    ]
     ray = os.path.join(bin_dir, "ray")
-    start = subprocess.run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-                            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-                            "--temp-dir", temp_dir, "--disable-usage-stats", *own_ports],
-                           env=env, capture_output=True, text=True, timeout=180)
+    start = subprocess.run(
+        [
+            ray,
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(gcs),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dash),
+            "--num-cpus",
+            "2",
+            "--temp-dir",
+            temp_dir,
+            "--disable-usage-stats",
+            *own_ports,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     try:
         assert start.returncode == 0, start.stderr[-2000:]
         out = tmp_path / "job-out"
-        command = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO_ROOT),
-                   "--", "python", "jobs/ingest.py", "--config", "jobs/configs/local.yaml", f"output_dir={out}",
-                   f"data_root={shared_datasets}"]
+        command = [
+            ray,
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dash}",
+            "--working-dir",
+            str(REPO_ROOT),
+            "--",
+            "python",
+            "jobs/ingest.py",
+            "--config",
+            "jobs/configs/local.yaml",
+            f"output_dir={out}",
+            f"data_root={shared_datasets}",
+        ]
         for _ in range(10):  # the head's job agent comes up a few seconds after `ray start` returns
             submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
             if "No available agent" not in submit.stderr + submit.stdout:

@@ -1,5 +1,6 @@
 """Training groups, curriculum phases, and a real Ray Train + DeepSpeed run that loses a worker
 (SIGKILL) mid-run, resumes from its last checkpoint and ends with the uninterrupted run's weights."""
+
 import random
 
 import numpy as np
@@ -10,8 +11,10 @@ import pytest
 from conftest import write_lines
 from utilrag.train.dataset import make_groups, phase_positives
 
-WORDS = ("protein cell gene virus immune cancer brain heart blood drug trial dose risk age diet sleep stress "
-         "lung liver bone muscle skin kidney vaccine insulin obesity").split()
+WORDS = (
+    "protein cell gene virus immune cancer brain heart blood drug trial dose risk age diet sleep stress "
+    "lung liver bone muscle skin kidney vaccine insulin obesity"
+).split()
 
 
 def test_groups_pos_all_and_pos_one():
@@ -51,35 +54,68 @@ def tiny_dataset(tmp_path):
 
 
 def _config(make_config, root, **train):
-    return make_config({
-        "ingest": {"datasets": [{"name": "tiny", "path": str(root), "layout": "msmarco"}]},
-        "pools": [{"dataset": "tiny", "split": "train", "size": 8}],
-        "train": {"model": "sentence-transformers/all-MiniLM-L6-v2", "dataset": "tiny", "split": "train",
-                  "pooling": "mean", "normalize": True, "temperature": 0.05, "query_max_len": 8,
-                  "passage_max_len": 16, "group_size": 4, "per_device_queries": 2, "num_workers": 2,
-                  "deepspeed_zero_stage": 2, "epochs": 1, "max_steps": 5, "checkpoint_every": 2, "lr": 1e-4,
-                  "max_failures": 1, **train}})
+    return make_config(
+        {
+            "ingest": {"datasets": [{"name": "tiny", "path": str(root), "layout": "msmarco"}]},
+            "pools": [{"dataset": "tiny", "split": "train", "size": 8}],
+            "train": {
+                "model": "sentence-transformers/all-MiniLM-L6-v2",
+                "dataset": "tiny",
+                "split": "train",
+                "pooling": "mean",
+                "normalize": True,
+                "temperature": 0.05,
+                "query_max_len": 8,
+                "passage_max_len": 16,
+                "group_size": 4,
+                "per_device_queries": 2,
+                "num_workers": 2,
+                "deepspeed_zero_stage": 2,
+                "epochs": 1,
+                "max_steps": 5,
+                "checkpoint_every": 2,
+                "lr": 1e-4,
+                "max_failures": 1,
+                **train,
+            },
+        }
+    )
 
 
 def test_curriculum_phases_from_a_labels_table(ray_local, make_config, tiny_dataset, tmp_path):
     from utilrag.data import ingest
 
-    labels = pa.table({"query_id": ["q0", "q1", "q1"], "doc_id": ["5", "6", "7"], "source": ["utilsel"] * 3,
-                       "positive": [True, True, False]})
+    labels = pa.table(
+        {
+            "query_id": ["q0", "q1", "q1"],
+            "doc_id": ["5", "6", "7"],
+            "source": ["utilsel"] * 3,
+            "positive": [True, True, False],
+        }
+    )
     pq.write_table(labels, tmp_path / "labels.parquet")
-    cfg = _config(make_config, tiny_dataset, labels="utilsel", labels_path=str(tmp_path / "labels.parquet"),
-                  curriculum_human_percent=25, human_mix_percent=None)
+    cfg = _config(
+        make_config,
+        tiny_dataset,
+        labels="utilsel",
+        labels_path=str(tmp_path / "labels.parquet"),
+        curriculum_human_percent=25,
+        human_mix_percent=None,
+    )
     ingest(cfg)
     phases = phase_positives(cfg, cfg.train)
-    assert [(name, epochs, mode) for name, _, epochs, mode in phases] == [("utilsel", 1, "all"),
-                                                                         ("curriculum-human", 1, "one")]
+    assert [(name, epochs, mode) for name, _, epochs, mode in phases] == [
+        ("utilsel", 1, "all"),
+        ("curriculum-human", 1, "one"),
+    ]
     assert phases[0][1] == {"q0": {"5"}, "q1": {"6"}}
     assert len(phases[1][1]) == 6  # 25% of the 24 queries, seeded
 
 
 @pytest.mark.slow
-def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(ray_local, make_config, tiny_dataset, tmp_path,
-                                                                 monkeypatch):
+def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(
+    ray_local, make_config, tiny_dataset, tmp_path, monkeypatch
+):
     """A two-phase curriculum (LLM labels, then human labels of 50% of the queries) on one engine;
     rank 1 SIGKILLs itself in phase 2 — at its first step (resume from the end of phase 1: fresh
     AdamW state and schedule) and mid-phase (resume inside phase 2's own schedule). Both resumed
@@ -93,11 +129,25 @@ def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(ray_local, mak
     from utilrag.train import run_train
 
     qrels = [line.split() for line in (tiny_dataset / "qrels.train.tsv").read_text().splitlines()]
-    pq.write_table(pa.table({"query_id": [q for q, _, _, _ in qrels], "doc_id": [d for _, _, d, _ in qrels],
-                             "source": ["utilsel"] * len(qrels), "positive": [True] * len(qrels)}),
-                   tmp_path / "labels.parquet")
-    cfg = _config(make_config, tiny_dataset, name="straight", labels="utilsel",
-                  labels_path=str(tmp_path / "labels.parquet"), curriculum_human_percent=50)
+    pq.write_table(
+        pa.table(
+            {
+                "query_id": [q for q, _, _, _ in qrels],
+                "doc_id": [d for _, _, d, _ in qrels],
+                "source": ["utilsel"] * len(qrels),
+                "positive": [True] * len(qrels),
+            }
+        ),
+        tmp_path / "labels.parquet",
+    )
+    cfg = _config(
+        make_config,
+        tiny_dataset,
+        name="straight",
+        labels="utilsel",
+        labels_path=str(tmp_path / "labels.parquet"),
+        curriculum_human_percent=50,
+    )
     ingest(cfg)
     run_pools(cfg, cfg.pools[0])
     straight = run_train(cfg)
@@ -120,4 +170,4 @@ def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(ray_local, mak
         assert (killed.parent / "loss.png").stat().st_size > 1000
         b = AutoModel.from_pretrained(killed)
         for (pname, pa_), pb in zip(a.named_parameters(), b.parameters()):
-            torch.testing.assert_close(pa_, pb, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} {pname}: {m}")
+            torch.testing.assert_close(pa_, pb, rtol=1e-4, atol=1e-5, msg=f"{name}: {pname}")

@@ -2,6 +2,7 @@
 
 User mistakes (config, missing data, bad files) print one ``utilrag: error: ...`` line and exit 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qrels", required=True, help="TREC qrels (qid 0 docid grade) or BEIR qrels tsv")
     p.add_argument("--run", required=True, help="TREC run (qid Q0 docid rank score tag)")
     p.add_argument("--metrics", nargs="+", default=["nDCG@10,MRR@10,R@100,R@1000,MAP"])
-    p.add_argument("--rel-threshold", type=int, default=1,
-                   help="grade counted relevant by MRR/Recall/MAP (TREC DL passage: 2)")
+    p.add_argument(
+        "--rel-threshold", type=int, default=1, help="grade counted relevant by MRR/Recall/MAP (TREC DL passage: 2)"
+    )
     p.add_argument("--per-query", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object of metric -> value")
     return parser

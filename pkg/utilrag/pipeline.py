@@ -1,4 +1,5 @@
 """The main job: ingest -> pools -> BM25 -> dense index -> evaluation, each stage reusing unchanged outputs."""
+
 from __future__ import annotations
 
 import time

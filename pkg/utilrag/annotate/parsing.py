@@ -7,6 +7,7 @@ repeats are ignored and counted. Parse status:
 - ``unparsed``: no id at all (and no explicit empty selection);
 - ``prompt_too_long`` / ``engine_error``: set by the engine side, nothing was generated.
 """
+
 from __future__ import annotations
 
 import re

@@ -5,6 +5,7 @@ docs/method.md §2) exactly, typos included: a model fine-tuned or evaluated on 
 see it unchanged. Changing any text here must bump ``PROMPT_VERSION`` (it is written into every
 output row and into the stage fingerprint, so old outputs are not mixed with new ones).
 """
+
 from __future__ import annotations
 
 PROMPT_VERSION = "zhang2025-v1"
@@ -34,71 +35,104 @@ def _passage_turns(passages: list[str]) -> list[dict]:
 def relsel_messages(query: str, passages: list[str]) -> list[dict]:
     num = len(passages)
     return [
-        {"role": "user", "content": "You are the relevance judger, an intelligent assistant that can select the "
-                                    "passages that are relevant to the question."},
+        {
+            "role": "user",
+            "content": "You are the relevance judger, an intelligent assistant that can select the "
+            "passages that are relevant to the question.",
+        },
         {"role": "assistant", "content": "Yes, I am the relevance judger."},
-        {"role": "user", "content": f"I will provide you with {num} passages, each indicated by number identifier "
-                                    f"[]. \nSelect the passages that are relevant to the question: {query}."},
+        {
+            "role": "user",
+            "content": f"I will provide you with {num} passages, each indicated by number identifier "
+            f"[]. \nSelect the passages that are relevant to the question: {query}.",
+        },
         {"role": "assistant", "content": "Okay, please provide the passages."},
         *_passage_turns(passages),
-        {"role": "user", "content": f"Search Query: {query}. \nDirectly output the passages you selected that are "
-                                    "relevant to the question. The format of the output is: 'My selection:[[i],[j],"
-                                    "...].'. Only response the selection results, do not say any word or explain."},
+        {
+            "role": "user",
+            "content": f"Search Query: {query}. \nDirectly output the passages you selected that are "
+            "relevant to the question. The format of the output is: 'My selection:[[i],[j],"
+            "...].'. Only response the selection results, do not say any word or explain.",
+        },
     ]
 
 
 def answer_messages(query: str, passages: list[str]) -> list[dict]:
     info = "\n".join(f"[{rank}] {p}" for rank, p in enumerate(passages, start=1))
     return [
-        {"role": "user", "content": "You are a faithful question and answer assistant. Answer the question based on "
-                                    "the given information with one or few sentences without the source."},
+        {
+            "role": "user",
+            "content": "You are a faithful question and answer assistant. Answer the question based on "
+            "the given information with one or few sentences without the source.",
+        },
         {"role": "assistant", "content": "Yes, i am the faithful question and answer assistant."},
-        {"role": "user", "content": f"Given the information: \n{info}\n Answer the following question based on the "
-                                    "given information with one or few sentences without the source.\n Question: "
-                                    f"{query}\n\n Answer:"},
+        {
+            "role": "user",
+            "content": f"Given the information: \n{info}\n Answer the following question based on the "
+            "given information with one or few sentences without the source.\n Question: "
+            f"{query}\n\n Answer:",
+        },
     ]
 
 
 def utilsel_messages(query: str, passages: list[str], answer: str) -> list[dict]:
     num = len(passages)
     return [
-        {"role": "user", "content": "You are the utility judger, an intelligent assistant that can select the "
-                                    "passages that have utility in answering the question."},
+        {
+            "role": "user",
+            "content": "You are the utility judger, an intelligent assistant that can select the "
+            "passages that have utility in answering the question.",
+        },
         {"role": "assistant", "content": "Yes, I am the utility judger."},
-        {"role": "user", "content": f"I will provide you with {num} passages, each indicated by number identifier "
-                                    "[]. \n I will also provide you with a reference answer to the question. \nSelect "
-                                    "the passages that have utility in generating the reference answer to the "
-                                    f"following question from the {num} passages: {query}."},
+        {
+            "role": "user",
+            "content": f"I will provide you with {num} passages, each indicated by number identifier "
+            "[]. \n I will also provide you with a reference answer to the question. \nSelect "
+            "the passages that have utility in generating the reference answer to the "
+            f"following question from the {num} passages: {query}.",
+        },
         {"role": "assistant", "content": "Okay, please provide the passages and the reference answer."},
         *_passage_turns(passages),
-        {"role": "user", "content": f"Question: {query}. \n Reference answer: {answer}. \n\n The requirements for "
-                                    "judging whether a passage has utility in answering the question are: The passage "
-                                    "has utility in answering the question, meaning that the passage not only be "
-                                    "relevant to the question, but also be useful in generating a correct, reasonable "
-                                    "and perfect answer to the question. \nDirectly output the passages you selected "
-                                    "that have utility in generating the reference answer to the question. The format "
-                                    "of the output is: 'My selection:[[i],[j],...].'. Only response the selection "
-                                    "results, do not say any word or explain."},
+        {
+            "role": "user",
+            "content": f"Question: {query}. \n Reference answer: {answer}. \n\n The requirements for "
+            "judging whether a passage has utility in answering the question are: The passage "
+            "has utility in answering the question, meaning that the passage not only be "
+            "relevant to the question, but also be useful in generating a correct, reasonable "
+            "and perfect answer to the question. \nDirectly output the passages you selected "
+            "that have utility in generating the reference answer to the question. The format "
+            "of the output is: 'My selection:[[i],[j],...].'. Only response the selection "
+            "results, do not say any word or explain.",
+        },
     ]
 
 
 def utilrank_messages(query: str, passages: list[str], answer: str) -> list[dict]:
     num = len(passages)
     return [
-        {"role": "user", "content": "You are RankGPT, an intelligent assistant that can rank passages based on their "
-                                    "utility in generating the given reference answer to the question."},
+        {
+            "role": "user",
+            "content": "You are RankGPT, an intelligent assistant that can rank passages based on their "
+            "utility in generating the given reference answer to the question.",
+        },
         {"role": "assistant", "content": "Yes, i am RankGPT."},
-        {"role": "user", "content": f"I will provide you with {num} passages, each indicated by number identifier [].  "
-                                    "I will also give you a reference answer to the question. \nRank the passages "
-                                    f"based on their utility in generating the reference answer to the question: {query}."},
+        {
+            "role": "user",
+            "content": f"I will provide you with {num} passages, each indicated by number identifier [].  "
+            "I will also give you a reference answer to the question. \nRank the passages "
+            f"based on their utility in generating the reference answer to the question: {query}.",
+        },
         {"role": "assistant", "content": "Okay, please provide the passages and the reference answer."},
         *_passage_turns(passages),
-        {"role": "user", "content": f"Question: {query}. \n\n Reference answer: {answer}\n\n Rank the {num} passages "
-                                    "above based on their utility in generating the reference answer to the question. "
-                                    "The passages should be listed in utility descending order using identifiers.  The "
-                                    "passages that have utility generating the reference answer to the question should "
-                                    "be listed first. The output format should be [] > [] > [] > ..., e.g., [i] > [j] > "
-                                    "[k] > ... Only response the ranking results, do not say any word or explain."},
+        {
+            "role": "user",
+            "content": f"Question: {query}. \n\n Reference answer: {answer}\n\n Rank the {num} passages "
+            "above based on their utility in generating the reference answer to the question. "
+            "The passages should be listed in utility descending order using identifiers.  The "
+            "passages that have utility generating the reference answer to the question should "
+            "be listed first. The output format should be [] > [] > [] > ..., e.g., [i] > [j] > "
+            "[k] > ... Only response the ranking results, do not say any word or explain.",
+        },
     ]
 
 
@@ -107,16 +141,20 @@ def graded_messages(query: str, passage: str) -> list[dict]:
     definitions, an instruction to weigh intent match and trustworthiness, one final score."""
     return [
         {"role": "system", "content": "You are a search quality rater evaluating the relevance of passages."},
-        {"role": "user", "content": (
-            "Given a query and a passage, you must provide a score on an integer scale of 0 to 3 with the following "
-            "meanings:\n"
-            "0 = the passage has nothing to do with the query.\n"
-            "1 = the passage seems related to the query but does not answer it.\n"
-            "2 = the passage has some answer for the query, but the answer may be a bit unclear, or hidden amongst "
-            "extraneous information.\n"
-            "3 = the passage is dedicated to the query and contains the exact answer.\n\n"
-            f"Query: {query}\nPassage: {passage}\n\n"
-            "Consider the underlying intent of the search, how well the passage matches it, and how trustworthy the "
-            "passage is; then decide on a final score. Give the final score only, in the format: "
-            "##final score: N")},
+        {
+            "role": "user",
+            "content": (
+                "Given a query and a passage, you must provide a score on an integer scale of 0 to 3 with the "
+                "following meanings:\n"
+                "0 = the passage has nothing to do with the query.\n"
+                "1 = the passage seems related to the query but does not answer it.\n"
+                "2 = the passage has some answer for the query, but the answer may be a bit unclear, or hidden amongst "
+                "extraneous information.\n"
+                "3 = the passage is dedicated to the query and contains the exact answer.\n\n"
+                f"Query: {query}\nPassage: {passage}\n\n"
+                "Consider the underlying intent of the search, how well the passage matches it, and how "
+                "trustworthy the passage is; then decide on a final score. Give the final score only, in the format: "
+                "##final score: N"
+            ),
+        },
     ]

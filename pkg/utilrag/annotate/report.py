@@ -1,4 +1,5 @@
 """The agreement report: LLM labels against the human ones (the paper's Table 1, on our data)."""
+
 from __future__ import annotations
 
 import json
@@ -53,16 +54,19 @@ def agreement(labels: pa.Table, summaries: dict[str, dict]) -> list[dict]:
         correct = sum(len(positives[source][q] & human[q]) for q in queries)
         relevant = sum(len(human[q]) for q in queries)
         summary = summaries.get(source, {})
-        rows.append({
-            "source": source, "queries": len(queries),
-            "precision": round(correct / chosen, 4) if chosen else None,
-            "recall": round(correct / relevant, 4) if relevant else None,
-            "positives_per_query": round(chosen / len(queries), 2) if queries else 0.0,
-            "queries_without_positive": sum(1 for q in queries if not positives[source][q]),
-            "parse_failure_rate": summary.get("parse_failure_rate"),
-            "prompt_tokens_per_query": summary.get("prompt_tokens_per_query"),
-            "prefix_cache_hit_rate": summary.get("prefix_cache_hit_rate"),
-        })
+        rows.append(
+            {
+                "source": source,
+                "queries": len(queries),
+                "precision": round(correct / chosen, 4) if chosen else None,
+                "recall": round(correct / relevant, 4) if relevant else None,
+                "positives_per_query": round(chosen / len(queries), 2) if queries else 0.0,
+                "queries_without_positive": sum(1 for q in queries if not positives[source][q]),
+                "parse_failure_rate": summary.get("parse_failure_rate"),
+                "prompt_tokens_per_query": summary.get("prompt_tokens_per_query"),
+                "prefix_cache_hit_rate": summary.get("prefix_cache_hit_rate"),
+            }
+        )
     return rows
 
 
@@ -83,9 +87,12 @@ def graded_kappa(labels: pa.Table) -> dict | None:
     a = [human[k] for k in both]
     b = [judge[k] for k in both]
     categories = sorted(set(a) | set(b) | {0, 1, 2, 3})
-    return {"pairs": len(both), "kappa": _round(cohen_kappa(a, b, categories)),
-            "kappa_linear": _round(cohen_kappa(a, b, categories, "linear")),
-            "exact_agreement": round(sum(x == y for x, y in zip(a, b)) / len(both), 4)}
+    return {
+        "pairs": len(both),
+        "kappa": _round(cohen_kappa(a, b, categories)),
+        "kappa_linear": _round(cohen_kappa(a, b, categories, "linear")),
+        "exact_agreement": round(sum(x == y for x, y in zip(a, b)) / len(both), 4),
+    }
 
 
 def _round(x):
@@ -99,19 +106,27 @@ def _fmt(x, pct=False):
 
 
 def render_markdown(label: str, rows: list[dict], kappa: dict | None, model: str) -> str:
-    lines = [f"Agreement with human labels: {label} ({model})", "",
-             "| stage | queries | precision | recall | positives/query | no positive | parse failures "
-             "| prompt tokens/query | prefix-cache hits |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Agreement with human labels: {label} ({model})",
+        "",
+        "| stage | queries | precision | recall | positives/query | no positive | parse failures "
+        "| prompt tokens/query | prefix-cache hits |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['source']} | {r['queries']} | {_fmt(r['precision'], True)} | {_fmt(r['recall'], True)} | "
-                     f"{_fmt(r['positives_per_query'])} | {r['queries_without_positive']} | "
-                     f"{_fmt(r['parse_failure_rate'], True)} | {_fmt(r['prompt_tokens_per_query'])} | "
-                     f"{_fmt(r['prefix_cache_hit_rate'], True)} |")
+        lines.append(
+            f"| {r['source']} | {r['queries']} | {_fmt(r['precision'], True)} | {_fmt(r['recall'], True)} | "
+            f"{_fmt(r['positives_per_query'])} | {r['queries_without_positive']} | "
+            f"{_fmt(r['parse_failure_rate'], True)} | {_fmt(r['prompt_tokens_per_query'])} | "
+            f"{_fmt(r['prefix_cache_hit_rate'], True)} |"
+        )
     if kappa:
-        lines += ["", f"Graded judge vs qrels grades: Cohen's kappa {kappa['kappa']}, linear-weighted "
-                      f"{kappa['kappa_linear']}, exact agreement {kappa['exact_agreement']:.1%} over "
-                      f"{kappa['pairs']} judged pool passages"]
+        lines += [
+            "",
+            f"Graded judge vs qrels grades: Cohen's kappa {kappa['kappa']}, linear-weighted "
+            f"{kappa['kappa_linear']}, exact agreement {kappa['exact_agreement']:.1%} over "
+            f"{kappa['pairs']} judged pool passages",
+        ]
     return "\n".join(lines)
 
 
@@ -121,8 +136,9 @@ def write_report(folder: Path, label: str, labels: pa.Table, summaries: dict[str
     text = render_markdown(label, rows, kappa, model)
     folder = Path(folder)
     (folder / "report.md").write_text(text + "\n")
-    (folder / "report.json").write_text(json.dumps({"agreement": rows, "graded_kappa": kappa, "stages": summaries,
-                                                    "model": model}, indent=2) + "\n")
+    (folder / "report.json").write_text(
+        json.dumps({"agreement": rows, "graded_kappa": kappa, "stages": summaries, "model": model}, indent=2) + "\n"
+    )
     if rows:
         _plot(folder / "agreement.png", label, rows)
     return text

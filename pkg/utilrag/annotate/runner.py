@@ -6,6 +6,7 @@ vLLM actor pool; the driver writes every finished block as its own Parquet part,
 rest, so a stage killed at any point finishes with exactly one row per (query, window). The stage
 table is consolidated from the parts and checked against the expected keys before it counts as done.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,7 @@ def engine_failure(stage: str, err: Exception) -> AnnotateError:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     for line in lines:
         if "the vLLM engine did not start: " in line and "{self.error}" not in line:
-            return AnnotateError(f"{stage}: " + line[line.index("the vLLM engine did not start: "):])
+            return AnnotateError(f"{stage}: " + line[line.index("the vLLM engine did not start: ") :])
     return AnnotateError(f"{stage}: the annotation job failed: {type(err).__name__}: {' | '.join(lines[-3:])}")
 
 
@@ -59,8 +60,9 @@ def stage_sampling(stage: str, acfg: AnnotateConfig) -> dict:
     return sampling_kwargs(acfg, max_tokens, stage_regex(stage))
 
 
-def run_stage(stage: str, requests: pa.Table, folder: Path, fingerprint: str, acfg: AnnotateConfig,
-              model_path: str, label: str) -> tuple[pa.Table, dict]:
+def run_stage(
+    stage: str, requests: pa.Table, folder: Path, fingerprint: str, acfg: AnnotateConfig, model_path: str, label: str
+) -> tuple[pa.Table, dict]:
     """Run (or resume, or reuse) ``stage`` over ``requests``; returns the stage table and its summary."""
     folder = Path(folder)
     final = folder / f"{stage}.parquet"
@@ -75,8 +77,13 @@ def run_stage(stage: str, requests: pa.Table, folder: Path, fingerprint: str, ac
     parts.mkdir(parents=True, exist_ok=True)
     for stale in parts.glob(".tmp-*"):  # a part being written when the last run was killed
         stale.unlink()
-    write_manifest(folder / f"{stage}.meta", stage=stage, fingerprint=fingerprint, status="running",
-                   expected_rows=requests.num_rows)
+    write_manifest(
+        folder / f"{stage}.meta",
+        stage=stage,
+        fingerprint=fingerprint,
+        status="running",
+        expected_rows=requests.num_rows,
+    )
 
     expected = set(requests.column("key").to_pylist())
     written = read_parts(parts)
@@ -84,8 +91,11 @@ def run_stage(stage: str, requests: pa.Table, folder: Path, fingerprint: str, ac
     todo = requests.filter(pc.invert(pc.is_in(requests.column("key"), pa.array(sorted(done), pa.string()))))
     t0 = time.time()
     if done:
-        print(f"[annotate] {label} {stage}: resuming: {len(done):,} of {len(expected):,} requests already done, "
-              f"{todo.num_rows:,} to go", flush=True)
+        print(
+            f"[annotate] {label} {stage}: resuming: {len(done):,} of {len(expected):,} requests already done, "
+            f"{todo.num_rows:,} to go",
+            flush=True,
+        )
     new_rows, dropped, engine_s = 0, 0, None
     if todo.num_rows:
         new_rows, dropped, engine_s = _generate(stage, todo, parts, done, acfg, model_path, label, len(expected))
@@ -96,40 +106,59 @@ def run_stage(stage: str, requests: pa.Table, folder: Path, fingerprint: str, ac
     missing = expected - set(counts)
     extra = set(counts) - expected
     if duplicates or missing or extra:  # cannot happen by construction; refuse to hand it on if it does
-        raise AnnotateError(f"{label} {stage}: {len(missing)} missing, {duplicates} duplicate, {len(extra)} unexpected "
-                            f"rows in {parts}; rerun to finish the missing ones")
+        raise AnnotateError(
+            f"{label} {stage}: {len(missing)} missing, {duplicates} duplicate, {len(extra)} unexpected "
+            f"rows in {parts}; rerun to finish the missing ones"
+        )
     table = table.sort_by([("query_id", "ascending"), ("window", "ascending")]).drop_columns(["key"])
     tmp = final.with_suffix(".parquet.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, final)
     summary = summarise(stage, table, time.time() - t0, new_rows, dropped, engine_s)
-    write_manifest(folder / f"{stage}.meta", stage=stage, fingerprint=fingerprint, status="complete",
-                   expected_rows=requests.num_rows, summary=summary)
+    write_manifest(
+        folder / f"{stage}.meta",
+        stage=stage,
+        fingerprint=fingerprint,
+        status="complete",
+        expected_rows=requests.num_rows,
+        summary=summary,
+    )
     print(f"[annotate] {label} {stage}: {summary_line(summary)}", flush=True)
     return table, summary
 
 
-def _generate(stage, todo: pa.Table, parts: Path, done: set[str], acfg: AnnotateConfig, model_path: str,
-              label: str, total: int) -> tuple[int, int]:
+def _generate(
+    stage, todo: pa.Table, parts: Path, done: set[str], acfg: AnnotateConfig, model_path: str, label: str, total: int
+) -> tuple[int, int]:
     import ray
 
     by_key = {k: i for i, k in enumerate(todo.column("key").to_pylist())}
     columns = {c: todo.column(c).to_pylist() for c in ["query_id", "window", "doc_ids", "passages_cut"]}
     sampling = stage_sampling(stage, acfg)
-    meta = {"model": acfg.model, "prompt_version": PROMPT_VERSION, "constrained": bool(acfg.constrained),
-            "sampling": json.dumps({k: v for k, v in sampling.items() if k != "regex"}, sort_keys=True)}
+    meta = {
+        "model": acfg.model,
+        "prompt_version": PROMPT_VERSION,
+        "constrained": bool(acfg.constrained),
+        "sampling": json.dumps({k: v for k, v in sampling.items() if k != "regex"}, sort_keys=True),
+    }
     fail = None  # fault injection for tests only (never in a config): a replica dies once in batch N
     if os.environ.get("UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES"):
-        fail = {"after_batches": int(os.environ["UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES"]),
-                "marker": str(parts.parent / f".{stage}.crashed")}
+        fail = {
+            "after_batches": int(os.environ["UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES"]),
+            "marker": str(parts.parent / f".{stage}.crashed"),
+        }
     # One block per actor call: a batch lost with its replica is retried whole, never half-delivered.
-    blocks = [todo.select(["key", "messages"]).slice(i, acfg.batch_size)
-              for i in range(0, todo.num_rows, acfg.batch_size)]
+    blocks = [
+        todo.select(["key", "messages"]).slice(i, acfg.batch_size) for i in range(0, todo.num_rows, acfg.batch_size)
+    ]
     ds = ray.data.from_arrow(blocks).map_batches(
-        LLMPredictor, batch_size=acfg.batch_size, batch_format="numpy",
+        LLMPredictor,
+        batch_size=acfg.batch_size,
+        batch_format="numpy",
         fn_constructor_kwargs=dict(model=model_path, engine=engine_kwargs(acfg), sampling=sampling, fail=fail),
         compute=ray.data.ActorPoolStrategy(min_size=acfg.replicas[0], max_size=acfg.replicas[1]),
-        **actor_resources(acfg))
+        **actor_resources(acfg),
+    )
     queries_total = len(set(columns["query_id"]) | {k.split("\t")[0] for k in done})
     seen_keys: set[str] = set(done)
     queries_done = Counter(k.split("\t")[0] for k in done)
@@ -140,18 +169,32 @@ def _generate(stage, todo: pa.Table, parts: Path, done: set[str], acfg: Annotate
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             rows = {name: [] for name in PART_SCHEMA.names}
-            for key, raw, p_tok, o_tok, c_tok, reason in zip(*(batch.column(c).to_pylist() for c in [
-                    "key", "raw_output", "prompt_tokens", "output_tokens", "cached_tokens", "finish_reason"])):
+            for key, raw, p_tok, o_tok, c_tok, reason in zip(
+                *(
+                    batch.column(c).to_pylist()
+                    for c in ["key", "raw_output", "prompt_tokens", "output_tokens", "cached_tokens", "finish_reason"]
+                )
+            ):
                 if key in seen_keys:  # never expected (one block per call); counted if it happens
                     dropped += 1
                     continue
                 seen_keys.add(key)
                 i = by_key[key]
                 parsed = parse_output(stage, raw, columns["doc_ids"][i], reason)
-                values = dict(key=key, query_id=columns["query_id"][i], window=columns["window"][i],
-                              doc_ids=columns["doc_ids"][i], raw_output=raw, prompt_tokens=p_tok,
-                              output_tokens=o_tok, cached_tokens=c_tok, finish_reason=reason,
-                              passages_cut=columns["passages_cut"][i], **parsed, **meta)
+                values = dict(
+                    key=key,
+                    query_id=columns["query_id"][i],
+                    window=columns["window"][i],
+                    doc_ids=columns["doc_ids"][i],
+                    raw_output=raw,
+                    prompt_tokens=p_tok,
+                    output_tokens=o_tok,
+                    cached_tokens=c_tok,
+                    finish_reason=reason,
+                    passages_cut=columns["passages_cut"][i],
+                    **parsed,
+                    **meta,
+                )
                 for name in PART_SCHEMA.names:
                     rows[name].append(values[name])
                 queries_done[columns["query_id"][i]] += 1
@@ -166,8 +209,11 @@ def _generate(stage, todo: pa.Table, parts: Path, done: set[str], acfg: Annotate
             if now - last >= acfg.progress_every_s:
                 last = now
                 finished = sum(1 for q, n in queries_done.items() if n >= expected_per_query[q])
-                print(f"[annotate] {label} {stage}: queries {finished:,}/{queries_total:,}, requests "
-                      f"{len(seen_keys):,}/{total:,}, {tokens / max(now - (first_ready or t0), 1e-9):,.0f} tokens/s", flush=True)
+                print(
+                    f"[annotate] {label} {stage}: queries {finished:,}/{queries_total:,}, requests "
+                    f"{len(seen_keys):,}/{total:,}, {tokens / max(now - (first_ready or t0), 1e-9):,.0f} tokens/s",
+                    flush=True,
+                )
     except AnnotateError:
         raise
     except Exception as e:  # noqa: BLE001 -- Ray wraps the engine's error; surface the engine's words
@@ -175,8 +221,9 @@ def _generate(stage, todo: pa.Table, parts: Path, done: set[str], acfg: Annotate
     return new_rows, dropped, (time.time() - first_ready) if first_ready else None
 
 
-def summarise(stage: str, table: pa.Table, wall_s: float, new_rows: int, dropped: int,
-              engine_s: float | None = None) -> dict:
+def summarise(
+    stage: str, table: pa.Table, wall_s: float, new_rows: int, dropped: int, engine_s: float | None = None
+) -> dict:
     n = table.num_rows
     queries = len(set(table.column("query_id").to_pylist()))
     status = Counter(table.column("parse_status").to_pylist())
@@ -184,14 +231,19 @@ def summarise(stage: str, table: pa.Table, wall_s: float, new_rows: int, dropped
     output_tokens = pc.sum(table.column("output_tokens")).as_py() or 0
     cached = pc.sum(table.column("cached_tokens")).as_py() or 0
     return {
-        "rows": n, "queries": queries, "new_rows": new_rows, "resumed_rows": n - new_rows,
-        "duplicates_dropped": dropped, "parse_status": dict(status),
+        "rows": n,
+        "queries": queries,
+        "new_rows": new_rows,
+        "resumed_rows": n - new_rows,
+        "duplicates_dropped": dropped,
+        "parse_status": dict(status),
         "parse_failure_rate": round(1 - status.get("ok", 0) / n, 4) if n else 0.0,
         "finish_reasons": dict(Counter(table.column("finish_reason").to_pylist())),
         "invalid_ids": pc.sum(table.column("invalid_ids")).as_py() or 0,
         "repeated_ids": pc.sum(table.column("repeated_ids")).as_py() or 0,
         "passages_cut": pc.sum(table.column("passages_cut")).as_py() or 0,
-        "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
         "prompt_tokens_per_query": round(prompt_tokens / queries, 1) if queries else 0.0,
         "prefix_cache_hit_rate": round(cached / prompt_tokens, 4) if prompt_tokens else 0.0,
         "wall_s": round(wall_s, 1),
@@ -204,6 +256,8 @@ def summarise(stage: str, table: pa.Table, wall_s: float, new_rows: int, dropped
 
 def summary_line(s: dict) -> str:
     rate = f" ({s['generate_s']:.0f}s generating, {s['tokens_per_s']:,.0f} tokens/s)" if s.get("tokens_per_s") else ""
-    return (f"{s['rows']:,} rows ({s['new_rows']:,} new, {s['resumed_rows']:,} resumed) over {s['queries']:,} queries; "
-            f"parse failures {s['parse_failure_rate']:.1%} {s['parse_status']}; {s['prompt_tokens_per_query']:,.0f} "
-            f"prompt tokens/query, prefix-cache hits {s['prefix_cache_hit_rate']:.1%}; {s['wall_s']:.0f}s{rate}")
+    return (
+        f"{s['rows']:,} rows ({s['new_rows']:,} new, {s['resumed_rows']:,} resumed) over {s['queries']:,} queries; "
+        f"parse failures {s['parse_failure_rate']:.1%} {s['parse_status']}; {s['prompt_tokens_per_query']:,.0f} "
+        f"prompt tokens/query, prefix-cache hits {s['prefix_cache_hit_rate']:.1%}; {s['wall_s']:.0f}s{rate}"
+    )

@@ -4,6 +4,7 @@ and the labels table built from all of them.
 A request's key is ``(query_id, window)``: the window index for listwise stages, the pool
 position for the pointwise judge, 0 for the pseudo-answer.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,22 +23,52 @@ from utilrag.config import AnnotateConfig, AnnotateTarget
 STAGE_ORDER = ["relsel", "answer", "utilsel", "utilrank", "graded"]
 NEEDS = {"answer": "relsel", "utilsel": "answer", "utilrank": "answer"}
 
-REQUEST_SCHEMA = pa.schema([("key", pa.string()), ("query_id", pa.string()), ("window", pa.int32()),
-                            ("doc_ids", pa.list_(pa.string())), ("messages", pa.string()),
-                            ("passages_cut", pa.int32())])
+REQUEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("query_id", pa.string()),
+        ("window", pa.int32()),
+        ("doc_ids", pa.list_(pa.string())),
+        ("messages", pa.string()),
+        ("passages_cut", pa.int32()),
+    ]
+)
 
-STAGE_SCHEMA = pa.schema([
-    ("query_id", pa.string()), ("window", pa.int32()), ("doc_ids", pa.list_(pa.string())),
-    ("raw_output", pa.string()), ("parsed", pa.list_(pa.int32())), ("selected", pa.list_(pa.string())),
-    ("answer", pa.string()), ("grade", pa.int32()),
-    ("prompt_tokens", pa.int32()), ("output_tokens", pa.int32()), ("cached_tokens", pa.int32()),
-    ("finish_reason", pa.string()), ("parse_status", pa.string()), ("invalid_ids", pa.int32()),
-    ("repeated_ids", pa.int32()), ("passages_cut", pa.int32()),
-    ("model", pa.string()), ("prompt_version", pa.string()), ("sampling", pa.string()), ("constrained", pa.bool_()),
-])
+STAGE_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("window", pa.int32()),
+        ("doc_ids", pa.list_(pa.string())),
+        ("raw_output", pa.string()),
+        ("parsed", pa.list_(pa.int32())),
+        ("selected", pa.list_(pa.string())),
+        ("answer", pa.string()),
+        ("grade", pa.int32()),
+        ("prompt_tokens", pa.int32()),
+        ("output_tokens", pa.int32()),
+        ("cached_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("parse_status", pa.string()),
+        ("invalid_ids", pa.int32()),
+        ("repeated_ids", pa.int32()),
+        ("passages_cut", pa.int32()),
+        ("model", pa.string()),
+        ("prompt_version", pa.string()),
+        ("sampling", pa.string()),
+        ("constrained", pa.bool_()),
+    ]
+)
 
-LABELS_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("source", pa.string()),
-                           ("positive", pa.bool_()), ("rank", pa.int32()), ("grade", pa.int32())])
+LABELS_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("doc_id", pa.string()),
+        ("source", pa.string()),
+        ("positive", pa.bool_()),
+        ("rank", pa.int32()),
+        ("grade", pa.int32()),
+    ]
+)
 
 REJECTS_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("reason", pa.string())])
 
@@ -59,13 +90,15 @@ def passage_text(title: str | None, text: str | None) -> str:
     return " ".join(part.strip() for part in (title, text) if part and part.strip())
 
 
-def load_inputs(pools: pa.Table, queries: pa.Table, corpus_path, target: AnnotateTarget,
-                acfg: AnnotateConfig) -> TargetInputs:
+def load_inputs(
+    pools: pa.Table, queries: pa.Table, corpus_path, target: AnnotateTarget, acfg: AnnotateConfig
+) -> TargetInputs:
     """Pools + texts, with bad input counted as rejects: a pool of < 2 passages or without query
     text is skipped; an empty or missing passage is left out of the prompts (a negative)."""
     by_query: dict[str, list[tuple[int, str, str, int | None]]] = defaultdict(list)
-    for q, d, pos, src, g in zip(*(pools.column(c).to_pylist()
-                                   for c in ["query_id", "doc_id", "position", "source", "human_grade"])):
+    for q, d, pos, src, g in zip(
+        *(pools.column(c).to_pylist() for c in ["query_id", "doc_id", "position", "source", "human_grade"])
+    ):
         by_query[q].append((pos, d, src, g))
     qids = sorted(by_query)
     if target.max_queries is not None and target.max_queries < len(qids):
@@ -73,7 +106,8 @@ def load_inputs(pools: pa.Table, queries: pa.Table, corpus_path, target: Annotat
     texts = dict(zip(queries.column("query_id").to_pylist(), queries.column("text").to_pylist()))
     wanted = {d for q in qids for _, d, _, _ in by_query[q]}
     corpus = pads.dataset(str(corpus_path), format="parquet").to_table(
-        filter=pc.field("doc_id").isin(pa.array(sorted(wanted), pa.string())))
+        filter=pc.field("doc_id").isin(pa.array(sorted(wanted), pa.string()))
+    )
     passages, cut = {}, set()
     max_chars = acfg.passage_words * 30  # a "word" of a megabyte is not a word
     for d, title, text in zip(*(corpus.column(c).to_pylist() for c in ["doc_id", "title", "text"])):
@@ -119,11 +153,12 @@ def _request(rows: dict, qid: str, window: int, doc_ids: list[str], messages: li
 
 
 def windows(doc_ids: list[str], size: int) -> list[list[str]]:
-    return [doc_ids[i:i + size] for i in range(0, len(doc_ids), size)]
+    return [doc_ids[i : i + size] for i in range(0, len(doc_ids), size)]
 
 
-def build_requests(stage: str, inputs: TargetInputs, acfg: AnnotateConfig, done: dict[str, pa.Table],
-                   graded_seed: str = "") -> tuple[pa.Table, dict]:
+def build_requests(
+    stage: str, inputs: TargetInputs, acfg: AnnotateConfig, done: dict[str, pa.Table], graded_seed: str = ""
+) -> tuple[pa.Table, dict]:
     """The requests of ``stage`` given the finished earlier stages; and what was skipped why."""
     rows = {name: [] for name in REQUEST_SCHEMA.names}
     skipped: dict[str, int] = defaultdict(int)
@@ -147,8 +182,9 @@ def build_requests(stage: str, inputs: TargetInputs, acfg: AnnotateConfig, done:
                 skipped["no_relsel_positive"] += 1
                 continue
             if stage == "answer":
-                _request(rows, q, 0, chosen, prompts.answer_messages(query, [inputs.passages[d] for d in chosen]),
-                         inputs)
+                _request(
+                    rows, q, 0, chosen, prompts.answer_messages(query, [inputs.passages[d] for d in chosen]), inputs
+                )
                 continue
             answer = answers.get(q)
             if not answer:
@@ -161,8 +197,12 @@ def build_requests(stage: str, inputs: TargetInputs, acfg: AnnotateConfig, done:
 
 
 def stage_regex(stage: str) -> str | None:
-    return {"relsel": prompts.SELECTION_REGEX, "utilsel": prompts.SELECTION_REGEX,
-            "utilrank": prompts.RANKING_REGEX, "graded": prompts.GRADE_REGEX}.get(stage)
+    return {
+        "relsel": prompts.SELECTION_REGEX,
+        "utilsel": prompts.SELECTION_REGEX,
+        "utilrank": prompts.RANKING_REGEX,
+        "graded": prompts.GRADE_REGEX,
+    }.get(stage)
 
 
 # --------------------------------------------------------------------------- parsing outputs
@@ -179,8 +219,13 @@ def parse_output(stage: str, raw: str, doc_ids: list[str], finish_reason: str) -
         row["grade"], row["parse_status"] = parse_grade(raw)
     else:
         parsed = parse_ids(raw, len(doc_ids), allow_empty_selection=stage != "utilrank")
-        row.update(parsed=parsed.ids, selected=[doc_ids[i - 1] for i in parsed.ids], parse_status=parsed.status,
-                   invalid_ids=parsed.invalid_ids, repeated_ids=parsed.repeated_ids)
+        row.update(
+            parsed=parsed.ids,
+            selected=[doc_ids[i - 1] for i in parsed.ids],
+            parse_status=parsed.status,
+            invalid_ids=parsed.invalid_ids,
+            repeated_ids=parsed.repeated_ids,
+        )
     return row
 
 
@@ -211,8 +256,9 @@ def merged_ranking(table: pa.Table) -> dict[str, list[str]]:
 
 
 # --------------------------------------------------------------------------- labels
-def build_labels(inputs: TargetInputs, done: dict[str, pa.Table], all_pools: dict[str, list[str]],
-                 acfg: AnnotateConfig) -> pa.Table:
+def build_labels(
+    inputs: TargetInputs, done: dict[str, pa.Table], all_pools: dict[str, list[str]], acfg: AnnotateConfig
+) -> pa.Table:
     """One row per (query, pool passage, source): human, and each finished LLM stage. Selected
     passages are positives, every other pool passage a negative (docs/method.md §2)."""
     rows = {name: [] for name in LABELS_SCHEMA.names}
@@ -234,7 +280,7 @@ def build_labels(inputs: TargetInputs, done: dict[str, pa.Table], all_pools: dic
         llm_sets["utilrank"] = {}
         for q, order in merged_ranking(done["utilrank"]).items():
             ranks[q] = {d: i + 1 for i, d in enumerate(order)}
-            llm_sets["utilrank"][q] = set(order[:top_percent(len(order), acfg.utilrank_top_percent)])
+            llm_sets["utilrank"][q] = set(order[: top_percent(len(order), acfg.utilrank_top_percent)])
     grades: dict[str, dict[str, int]] = defaultdict(dict)
     if "graded" in done:
         g = done["graded"]
@@ -260,6 +306,7 @@ def build_labels(inputs: TargetInputs, done: dict[str, pa.Table], all_pools: dic
                     continue
                 grade = grades[q].get(d)
                 positive = (grade is not None and grade >= acfg.graded_threshold) or (
-                    acfg.human_positive == "inclusion" and d in human)
+                    acfg.human_positive == "inclusion" and d in human
+                )
                 add(q, d, "graded", positive, grade=grade)
     return pa.table(rows, schema=LABELS_SCHEMA)

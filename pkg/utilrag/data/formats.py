@@ -4,13 +4,14 @@ Every line becomes either a row or a reject carrying (file, line, reason, raw) â
 dropped. Files are opened through pyarrow filesystems, so local paths and s3:// / gs:// URIs
 read alike; ``.gz`` is decompressed on the fly and a truncated stream becomes one reject.
 """
+
 from __future__ import annotations
 
 import gzip
 import io
 import json
 import zlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -119,16 +120,28 @@ def tsv_queries(line: str, ctx) -> list[dict]:
 def trec_qrels(line: str, ctx) -> list[dict]:
     # TREC "qid Q0 docid grade" and MS MARCO's tab-separated "qid 0 pid 1" alike.
     cols = _columns(line, None, (4,))
-    return [dict(query_id=_id(cols[0], "query id"), doc_id=_id(cols[2], "doc id"),
-                 grade=_int(cols[3], "grade"), split=ctx["split"])]
+    return [
+        dict(
+            query_id=_id(cols[0], "query id"),
+            doc_id=_id(cols[2], "doc id"),
+            grade=_int(cols[3], "grade"),
+            split=ctx["split"],
+        )
+    ]
 
 
 def beir_qrels(line: str, ctx) -> list[dict]:
     if ctx["line"] == 1 and line.lower().startswith("query-id"):
         return []  # BEIR's header row
     cols = _columns(line, "\t", (3,))
-    return [dict(query_id=_id(cols[0], "query id"), doc_id=_id(cols[1], "doc id"),
-                 grade=_int(cols[2], "grade"), split=ctx["split"])]
+    return [
+        dict(
+            query_id=_id(cols[0], "query id"),
+            doc_id=_id(cols[1], "doc id"),
+            grade=_int(cols[2], "grade"),
+            split=ctx["split"],
+        )
+    ]
 
 
 def trec_run(line: str, ctx) -> list[dict]:
@@ -137,15 +150,27 @@ def trec_run(line: str, ctx) -> list[dict]:
         score = float(cols[4])
     except ValueError:
         raise RowError(f"score {cols[4]!r} is not a number") from None
-    return [dict(query_id=_id(cols[0], "query id"), doc_id=_id(cols[2], "doc id"),
-                 rank=_int(cols[3], "rank"), score=score, run=ctx["run"])]
+    return [
+        dict(
+            query_id=_id(cols[0], "query id"),
+            doc_id=_id(cols[2], "doc id"),
+            rank=_int(cols[3], "rank"),
+            score=score,
+            run=ctx["run"],
+        )
+    ]
 
 
 def beir_corpus(line: str, ctx) -> list[dict]:
     obj = _json(line)
     title = obj.get("title") or ""
-    return [dict(doc_id=_id(obj.get("_id"), "_id"), title=_text(title, "title"),
-                 text=_nonempty(_text(obj.get("text"), "text"), "text"))]
+    return [
+        dict(
+            doc_id=_id(obj.get("_id"), "_id"),
+            title=_text(title, "title"),
+            text=_nonempty(_text(obj.get("text"), "text"), "text"),
+        )
+    ]
 
 
 def beir_queries(line: str, ctx) -> list[dict]:
@@ -172,28 +197,56 @@ def tevatron_queries(line: str, ctx) -> list[dict]:
 
 def tevatron_corpus(line: str, ctx) -> list[dict]:
     _, passages = _tevatron(line)
-    return [dict(doc_id=_id(p["docid"], "docid"), title=_text(p.get("title") or "", "title"),
-                 text=_nonempty(_text(p.get("text"), "text"), "passage text")) for p, _ in passages]
+    return [
+        dict(
+            doc_id=_id(p["docid"], "docid"),
+            title=_text(p.get("title") or "", "title"),
+            text=_nonempty(_text(p.get("text"), "text"), "passage text"),
+        )
+        for p, _ in passages
+    ]
 
 
 def tevatron_qrels(line: str, ctx) -> list[dict]:
     obj, passages = _tevatron(line)
     qid = _id(obj["query_id"], "query_id")
-    return [dict(query_id=qid, doc_id=_id(p["docid"], "docid"), grade=1, split=ctx["split"])
-            for p, grade in passages if grade]
+    return [
+        dict(query_id=qid, doc_id=_id(p["docid"], "docid"), grade=1, split=ctx["split"])
+        for p, grade in passages
+        if grade
+    ]
 
 
 def tevatron_pools(line: str, ctx) -> list[dict]:
     obj, passages = _tevatron(line)
     qid = _id(obj["query_id"], "query_id")
-    return [dict(query_id=qid, doc_id=_id(p["docid"], "docid"), position=i,
-                 source="human" if grade else "tevatron", human_grade=grade if grade else None)
-            for i, (p, grade) in enumerate(passages)]
+    return [
+        dict(
+            query_id=qid,
+            doc_id=_id(p["docid"], "docid"),
+            position=i,
+            source="human" if grade else "tevatron",
+            human_grade=grade if grade else None,
+        )
+        for i, (p, grade) in enumerate(passages)
+    ]
 
 
 PARSERS: dict[str, Callable[[str, dict], list[dict]]] = {
-    f.__name__: f for f in [msmarco_collection, tsv_queries, trec_qrels, beir_qrels, trec_run, beir_corpus,
-                            beir_queries, tevatron_queries, tevatron_corpus, tevatron_qrels, tevatron_pools]
+    f.__name__: f
+    for f in [
+        msmarco_collection,
+        tsv_queries,
+        trec_qrels,
+        beir_qrels,
+        trec_run,
+        beir_corpus,
+        beir_queries,
+        tevatron_queries,
+        tevatron_corpus,
+        tevatron_qrels,
+        tevatron_pools,
+    ]
 }
 
 
@@ -236,4 +289,3 @@ def parse_file(uri: str, table: str, parser: str, ctx: dict, batch_rows: int = 2
         reject(f"read error after line {line_no - 1}: {e}", "")
     if rows:
         yield pa.Table.from_pylist(rows, schema=schema)
-

@@ -5,6 +5,7 @@ and the parsed batches stream back to a single validator, which owns the global 
 need every id at once: duplicate ids, qrels and runs naming unknown queries or documents.
 Every bad line is counted and written to ``rejects.parquet`` with its file, line and reason.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,7 @@ import pyarrow.parquet as pq
 from utilrag.config import IngestConfig, PipelineConfig, resolve_data_root
 from utilrag.data import registry
 from utilrag.data.formats import filesystem_and_path, parse_file
-from utilrag.data.tables import (REJECTS_SCHEMA, SCHEMAS, ParquetParts, fingerprint, read_manifest,
-                                 write_manifest)
+from utilrag.data.tables import REJECTS_SCHEMA, SCHEMAS, ParquetParts, fingerprint, read_manifest, write_manifest
 
 TABLE_ORDER = ["corpus", "queries", "qrels", "runs", "pools"]  # references point backwards
 
@@ -147,9 +147,14 @@ def _input_fingerprint(resolved: registry.ResolvedDataset, icfg: IngestConfig) -
         fs, path = filesystem_and_path(job.uri)
         info = fs.get_file_info(path)
         stats.append((job.uri, job.table, job.parser, info.size, str(info.mtime)))
-    return fingerprint({"files": stats, "threshold": resolved.relevance_threshold,
-                        "unknown_qrels_docs": resolved.unknown_qrels_docs,
-                        "reject_threshold": icfg.reject_threshold})
+    return fingerprint(
+        {
+            "files": stats,
+            "threshold": resolved.relevance_threshold,
+            "unknown_qrels_docs": resolved.unknown_qrels_docs,
+            "reject_threshold": icfg.reject_threshold,
+        }
+    )
 
 
 def ingest_dataset(resolved: registry.ResolvedDataset, out: Path, icfg: IngestConfig) -> IngestResult:
@@ -176,30 +181,47 @@ def ingest_dataset(resolved: registry.ResolvedDataset, out: Path, icfg: IngestCo
             writer.write(good)
             all_rejects.extend(rejects)
         writer.close()
-        print(f"[ingest] {resolved.name}/{table}: {report.rows:,} rows kept, {report.rejected:,} rejected "
-              f"from {len(jobs)} file(s) in {time.time() - t0:.1f}s", flush=True)
+        print(
+            f"[ingest] {resolved.name}/{table}: {report.rows:,} rows kept, {report.rejected:,} rejected "
+            f"from {len(jobs)} file(s) in {time.time() - t0:.1f}s",
+            flush=True,
+        )
 
     pq.write_table(pa.Table.from_pylist(all_rejects, schema=REJECTS_SCHEMA), out / "rejects.parquet")
     total = sum(r.rows + r.rejected for r in reports.values())
     rejected = sum(r.rejected for r in reports.values())
     share = rejected / total if total else 0.0
     status = "ok" if share <= icfg.reject_threshold else "failed"
-    write_manifest(out, stage="ingest", dataset=resolved.name, source=resolved.root, layout=resolved.layout,
-                   status=status, input_fingerprint=fp, relevance_threshold=resolved.relevance_threshold,
-                   rows={t: r.rows for t, r in reports.items()}, rejected={t: r.rejected for t, r in reports.items()},
-                   notes={t: dict(r.notes) for t, r in reports.items() if r.notes},
-                   reject_reasons={t: dict(r.reasons) for t, r in reports.items() if r.reasons},
-                   files=[asdict(j) for j in resolved.jobs], wall_time_s=round(time.time() - started, 2))
+    write_manifest(
+        out,
+        stage="ingest",
+        dataset=resolved.name,
+        source=resolved.root,
+        layout=resolved.layout,
+        status=status,
+        input_fingerprint=fp,
+        relevance_threshold=resolved.relevance_threshold,
+        rows={t: r.rows for t, r in reports.items()},
+        rejected={t: r.rejected for t, r in reports.items()},
+        notes={t: dict(r.notes) for t, r in reports.items() if r.notes},
+        reject_reasons={t: dict(r.reasons) for t, r in reports.items() if r.reasons},
+        files=[asdict(j) for j in resolved.jobs],
+        wall_time_s=round(time.time() - started, 2),
+    )
     print_summary(resolved.name, reports)
     if status != "ok":
-        raise IngestError(f"{resolved.name}: {rejected:,} of {total:,} rows rejected ({share:.3%}) exceeds "
-                          f"reject_threshold {icfg.reject_threshold:.3%}; see {out / 'rejects.parquet'}")
+        raise IngestError(
+            f"{resolved.name}: {rejected:,} of {total:,} rows rejected ({share:.3%}) exceeds "
+            f"reject_threshold {icfg.reject_threshold:.3%}; see {out / 'rejects.parquet'}"
+        )
     return IngestResult(resolved.name, out, False, reports, resolved.relevance_threshold)
 
 
 def print_summary(name: str, reports: dict[str, TableReport]) -> None:
     for table, r in reports.items():
-        extras = [f"{n:,} {why}" for why, n in r.reasons.most_common(4)] + [f"{n:,} {why}" for why, n in r.notes.items()]
+        extras = [f"{n:,} {why}" for why, n in r.reasons.most_common(4)] + [
+            f"{n:,} {why}" for why, n in r.notes.items()
+        ]
         if extras:
             print(f"[ingest] {name}/{table}: " + "; ".join(extras), flush=True)
 

@@ -1,5 +1,6 @@
 """Candidate pools for annotation: per training query its human positives plus hard negatives
 from a run (BM25 when none is given), cut to the pool size and shuffled with a seed."""
+
 from __future__ import annotations
 
 import random
@@ -16,8 +17,16 @@ from utilrag.data.ingest import IngestError, dataset_dir, qrels_split, relevance
 from utilrag.data.tables import SCHEMAS, fingerprint, read_manifest, read_table, write_manifest
 
 
-def build_pools(qrels: pa.Table, run: pa.Table, query_ids: list[str], size: int, seed: int,
-                threshold: int, negative_source: str, corpus_ids: set[str] | None = None) -> tuple[pa.Table, dict]:
+def build_pools(
+    qrels: pa.Table,
+    run: pa.Table,
+    query_ids: list[str],
+    size: int,
+    seed: int,
+    threshold: int,
+    negative_source: str,
+    corpus_ids: set[str] | None = None,
+) -> tuple[pa.Table, dict]:
     """Positives (grade >= threshold) first, then the run's top documents that are not judged
     relevant, to ``size``; each pool shuffled by a per-query seeded RNG (stable under subsetting).
     With ``corpus_ids``, judged positives without a text in the corpus (DL19 judges passages
@@ -69,8 +78,9 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> Path:
 
     source = dataset_dir(cfg, pcfg.dataset)
     out = Path(cfg.output_dir) / "pools" / f"{pcfg.dataset}-{pcfg.split}"
-    fp = fingerprint({"input": read_manifest(source)["input_fingerprint"], "config": pcfg.model_dump(),
-                      "positives": "with-text"})
+    fp = fingerprint(
+        {"input": read_manifest(source)["input_fingerprint"], "config": pcfg.model_dump(), "positives": "with-text"}
+    )
     old = read_manifest(out)
     if old and old.get("input_fingerprint") == fp and (out / "pools.parquet").is_file():
         print(f"[pools] {pcfg.dataset}/{pcfg.split}: unchanged, reusing {out}", flush=True)
@@ -92,15 +102,36 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> Path:
                 raise IngestError(f"pools: run {pcfg.run!r} not in dataset {pcfg.dataset!r} (runs: {names})")
             run = runs.filter(pc.equal(runs.column("run"), pcfg.run))
         else:
-            run = bm25_search(read_table(source / "corpus"), qids, texts, BM25Config(
-                dataset=pcfg.dataset, split=pcfg.split, k=pcfg.size * 3))
+            run = bm25_search(
+                read_table(source / "corpus"),
+                qids,
+                texts,
+                BM25Config(dataset=pcfg.dataset, split=pcfg.split, k=pcfg.size * 3),
+            )
         corpus_ids = set(read_table(source / "corpus", columns=["doc_id"]).column("doc_id").to_pylist())
-        pools, stats = build_pools(qrels, run, qids, pcfg.size, pcfg.seed, relevance_threshold(cfg, pcfg.dataset),
-                                   pcfg.run or "bm25s", corpus_ids)
+        pools, stats = build_pools(
+            qrels,
+            run,
+            qids,
+            pcfg.size,
+            pcfg.seed,
+            relevance_threshold(cfg, pcfg.dataset),
+            pcfg.run or "bm25s",
+            corpus_ids,
+        )
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(pools, out / "pools.parquet")
-    write_manifest(out, stage="pools", config=pcfg.model_dump(), input_fingerprint=fp,
-                   rows={"pools": pools.num_rows}, stats=stats, wall_time_s=round(time.time() - t0, 2))
-    print(f"[pools] {pcfg.dataset}/{pcfg.split}: {stats} -> {pools.num_rows:,} rows in {time.time() - t0:.1f}s",
-          flush=True)
+    write_manifest(
+        out,
+        stage="pools",
+        config=pcfg.model_dump(),
+        input_fingerprint=fp,
+        rows={"pools": pools.num_rows},
+        stats=stats,
+        wall_time_s=round(time.time() - t0, 2),
+    )
+    print(
+        f"[pools] {pcfg.dataset}/{pcfg.split}: {stats} -> {pools.num_rows:,} rows in {time.time() - t0:.1f}s",
+        flush=True,
+    )
     return out

@@ -1,5 +1,6 @@
 """Datasets by name: where they live under the data root, how their files map to tables,
 and how to fetch the official public files when they are missing."""
+
 from __future__ import annotations
 
 import re
@@ -20,8 +21,23 @@ MSMARCO_TAR = "https://msmarco.z22.web.core.windows.net/msmarcoranking/collectio
 DL19_QRELS = "https://trec.nist.gov/data/deep/2019qrels-pass.txt"
 DL19_QUERIES = "https://msmarco.z22.web.core.windows.net/msmarcoranking/msmarco-test2019-queries.tsv.gz"
 
-BEIR_NAMES = ["arguana", "climate-fever", "cqadupstack", "dbpedia-entity", "fever", "fiqa", "hotpotqa",
-              "msmarco", "nfcorpus", "nq", "quora", "scidocs", "scifact", "trec-covid", "webis-touche2020"]
+BEIR_NAMES = [
+    "arguana",
+    "climate-fever",
+    "cqadupstack",
+    "dbpedia-entity",
+    "fever",
+    "fiqa",
+    "hotpotqa",
+    "msmarco",
+    "nfcorpus",
+    "nq",
+    "quora",
+    "scidocs",
+    "scifact",
+    "trec-covid",
+    "webis-touche2020",
+]
 
 
 class DatasetError(Exception):
@@ -38,17 +54,28 @@ class Registered:
 
 
 REGISTRY: dict[str, Registered] = {
-    **{name: Registered("beir", downloads=[(BEIR_URL.format(name=name), "")],
-                        needs="corpus.jsonl, queries.jsonl, qrels/<split>.tsv (BEIR layout)") for name in BEIR_NAMES},
+    **{
+        name: Registered(
+            "beir",
+            downloads=[(BEIR_URL.format(name=name), "")],
+            needs="corpus.jsonl, queries.jsonl, qrels/<split>.tsv (BEIR layout)",
+        )
+        for name in BEIR_NAMES
+    },
     "msmarco-passage": Registered(
-        "msmarco", downloads=[(MSMARCO_TAR, "")],
-        needs="collection.tsv, queries.train.tsv, queries.dev.tsv, qrels.train.tsv, qrels.dev.tsv"),
+        "msmarco",
+        downloads=[(MSMARCO_TAR, "")],
+        needs="collection.tsv, queries.train.tsv, queries.dev.tsv, qrels.train.tsv, qrels.dev.tsv",
+    ),
     # The local copy holds the 43 judged queries and only the passages of four public runs'
     # top-100, so judged passages outside the pool are kept in qrels (they still count in nDCG's ideal).
     "trec-dl-2019": Registered(
-        "msmarco", relevance_threshold=2, unknown_qrels_docs="keep",
+        "msmarco",
+        relevance_threshold=2,
+        unknown_qrels_docs="keep",
         downloads=[(MSMARCO_TAR, ""), (DL19_QRELS, "qrels.txt"), (DL19_QUERIES, "queries.tsv.gz")],
-        needs="collection.tsv[.gz], queries.tsv (qid<TAB>text), qrels.txt (TREC qrels), optional runs/*.trec"),
+        needs="collection.tsv[.gz], queries.tsv (qid<TAB>text), qrels.txt (TREC qrels), optional runs/*.trec",
+    ),
 }
 
 
@@ -124,9 +151,11 @@ def offline_message(name: str, folder: Path) -> str:
     reg = REGISTRY.get(name)
     needs = reg.needs if reg else "a BEIR, MS MARCO or Tevatron layout"
     urls = ", ".join(u for u, _ in reg.downloads) if reg else "(not a registered name)"
-    return (f"dataset {name!r} is not at {folder} and could not be downloaded. Put these files there: "
-            f"{needs}; official sources: {urls}. Or set UTILRAG_DATA_ROOT / data_root, or give the "
-            f"dataset a path.")
+    return (
+        f"dataset {name!r} is not at {folder} and could not be downloaded. Put these files there: "
+        f"{needs}; official sources: {urls}. Or set UTILRAG_DATA_ROOT / data_root, or give the "
+        f"dataset a path."
+    )
 
 
 def download(name: str, folder: Path) -> None:
@@ -162,8 +191,9 @@ def resolve(ds: DatasetConfig, data_root: Path, allow_download: bool = True) -> 
     if ds.path:
         root = ds.path if "://" in ds.path else str(Path(ds.path).expanduser().resolve())
     elif reg is None:
-        raise DatasetError(f"dataset {ds.name!r}: not a registered name ({', '.join(sorted(REGISTRY))}) "
-                           f"and no path given")
+        raise DatasetError(
+            f"dataset {ds.name!r}: not a registered name ({', '.join(sorted(REGISTRY))}) and no path given"
+        )
     else:
         root = str(data_root / ds.name)
         if not exists(root) or not list_files(root):
@@ -177,9 +207,12 @@ def resolve(ds: DatasetConfig, data_root: Path, allow_download: bool = True) -> 
     layout = ds.layout if ds.layout != "auto" else (reg.layout if reg else _detect_layout(files))
     jobs = _jobs_for(root, layout, files)
     if not any(j.table == "corpus" for j in jobs) or not any(j.table == "queries" for j in jobs):
-        raise DatasetError(f"dataset {ds.name!r} at {root}: no corpus or queries file for layout {layout!r}; "
-                           + offline_message(ds.name, Path(root)).split(". ", 1)[1])
-    threshold = ds.relevance_threshold if ds.relevance_threshold is not None else (
-        reg.relevance_threshold if reg else 1)
+        raise DatasetError(
+            f"dataset {ds.name!r} at {root}: no corpus or queries file for layout {layout!r}; "
+            + offline_message(ds.name, Path(root)).split(". ", 1)[1]
+        )
+    threshold = (
+        ds.relevance_threshold if ds.relevance_threshold is not None else (reg.relevance_threshold if reg else 1)
+    )
     unknown = ds.unknown_qrels_docs or (reg.unknown_qrels_docs if reg else "reject")
     return ResolvedDataset(ds.name, root, layout, threshold, unknown, jobs)

@@ -2,10 +2,11 @@
 
 Ids are strings everywhere (MS MARCO ids are integers, BEIR ids are not).
 """
+
 from __future__ import annotations
 
-import json
 import hashlib
+import json
 import os
 import subprocess
 import time
@@ -18,19 +19,35 @@ SCHEMAS: dict[str, pa.Schema] = {
     "corpus": pa.schema([("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())]),
     "queries": pa.schema([("query_id", pa.string()), ("text", pa.string())]),
     # split: the qrels file it came from (train/dev/test); grade: the judged relevance.
-    "qrels": pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("grade", pa.int32()),
-                        ("split", pa.string())]),
+    "qrels": pa.schema(
+        [("query_id", pa.string()), ("doc_id", pa.string()), ("grade", pa.int32()), ("split", pa.string())]
+    ),
     # run: the run's name (its file stem); rank from 1.
-    "runs": pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("rank", pa.int32()),
-                       ("score", pa.float64()), ("run", pa.string())]),
+    "runs": pa.schema(
+        [
+            ("query_id", pa.string()),
+            ("doc_id", pa.string()),
+            ("rank", pa.int32()),
+            ("score", pa.float64()),
+            ("run", pa.string()),
+        ]
+    ),
     # source: human (a judged positive), or where the negative came from (a run name, bm25,
     # tevatron); human_grade: the qrels grade, null when unjudged.
-    "pools": pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("position", pa.int32()),
-                        ("source", pa.string()), ("human_grade", pa.int32())]),
+    "pools": pa.schema(
+        [
+            ("query_id", pa.string()),
+            ("doc_id", pa.string()),
+            ("position", pa.int32()),
+            ("source", pa.string()),
+            ("human_grade", pa.int32()),
+        ]
+    ),
 }
 
-REJECTS_SCHEMA = pa.schema([("table", pa.string()), ("file", pa.string()), ("line", pa.int64()),
-                            ("reason", pa.string()), ("raw", pa.string())])
+REJECTS_SCHEMA = pa.schema(
+    [("table", pa.string()), ("file", pa.string()), ("line", pa.int64()), ("reason", pa.string()), ("raw", pa.string())]
+)
 
 # Per-row provenance carried next to the table's columns between parse and validation.
 PROVENANCE = [("_file", pa.string()), ("_line", pa.int64()), ("_reason", pa.string()), ("_raw", pa.string())]
@@ -94,13 +111,15 @@ class ParquetParts:
 def code_version() -> str:
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10
+        )
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         pass
     from utilrag import __version__
+
     return __version__
 
 

@@ -1,4 +1,5 @@
 """Evaluation stage: metrics of retrieval runs against qrels, as a table, CSV, Markdown and PNG."""
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,10 @@ def load_run(cfg: PipelineConfig, spec: RunToEvaluate) -> pa.Table:
             raise IngestError(f"no BM25 run for {spec.dataset}/{spec.split} at {path}; run `utilrag bm25` first")
         return pq.read_table(path)
     names = sorted(set(runs.column("run").to_pylist()))
-    raise IngestError(f"run {spec.run!r}: not a file, not 'bm25s' (the BM25 stage), not a dense run at {dense}, "
-                      f"and not an ingested run of {spec.dataset!r} (ingested: {names})")
+    raise IngestError(
+        f"run {spec.run!r}: not a file, not 'bm25s' (the BM25 stage), not a dense run at {dense}, "
+        f"and not an ingested run of {spec.dataset!r} (ingested: {names})"
+    )
 
 
 def format_table(rows: list[dict], metrics: list[str]) -> str:
@@ -66,8 +69,9 @@ def format_table(rows: list[dict], metrics: list[str]) -> str:
     head = ["run", "dataset", "queries"] + metrics
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * len(metrics)) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join([r["label"], r["dataset"], str(r["queries"])]
-                                       + [f"{r[m]:.4f}" for m in metrics]) + " |")
+        lines.append(
+            "| " + " | ".join([r["label"], r["dataset"], str(r["queries"])] + [f"{r[m]:.4f}" for m in metrics]) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -90,12 +94,18 @@ def significance(cfg: PipelineConfig, rows: list[dict], per_query_rows: list[dic
 
 
 def format_tests(tests: list[dict], baseline: str) -> str:
-    lines = [f"Paired tests against {baseline!r} (two-sided; * p < 0.05 in both):", "",
-             "| run | dataset | metric | Δ | t-test p | randomisation p |", "|---|---|---|---:|---:|---:|"]
+    lines = [
+        f"Paired tests against {baseline!r} (two-sided; * p < 0.05 in both):",
+        "",
+        "| run | dataset | metric | Δ | t-test p | randomisation p |",
+        "|---|---|---|---:|---:|---:|",
+    ]
     for t in tests:
         star = " *" if max(t["t_p"], t["rand_p"]) < 0.05 else ""
-        lines.append(f"| {t['label']} | {t['dataset']} | {t['metric']} | {t['delta']:+.4f}{star} | "
-                     f"{t['t_p']:.4f} | {t['rand_p']:.4f} |")
+        lines.append(
+            f"| {t['label']} | {t['dataset']} | {t['metric']} | {t['delta']:+.4f}{star} | "
+            f"{t['t_p']:.4f} | {t['rand_p']:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -136,12 +146,14 @@ def run_evaluation(cfg: PipelineConfig, runs: list[RunToEvaluate] | None = None)
         run = load_run(cfg, spec)
         means, per_query = evaluate(qrels, run, metrics, threshold)
         label = spec.label or spec.run
-        rows.append({"label": label, "dataset": spec.dataset, "split": spec.split or "all",
-                     "queries": len(per_query), **means})
+        rows.append(
+            {"label": label, "dataset": spec.dataset, "split": spec.split or "all", "queries": len(per_query), **means}
+        )
         for qid, values in per_query.items():
             for m, v in values.items():
-                per_query_rows.append({"label": label, "dataset": spec.dataset, "query_id": qid, "metric": m,
-                                       "value": v})
+                per_query_rows.append(
+                    {"label": label, "dataset": spec.dataset, "query_id": qid, "metric": m, "value": v}
+                )
     table = format_table(rows, metrics)
     tests = significance(cfg, rows, per_query_rows) if cfg.evaluate.baseline else []
     if tests:
@@ -152,9 +164,14 @@ def run_evaluation(cfg: PipelineConfig, runs: list[RunToEvaluate] | None = None)
         pacsv.write_csv(pa.Table.from_pylist(rows), out / "metrics.csv")
         pq.write_table(pa.Table.from_pylist(per_query_rows), out / "per_query.parquet")
         plot_metrics(rows, metrics, out / "metrics.png")
-    write_manifest(out, stage="evaluate", runs=[r.model_dump() for r in runs], metrics=metrics, results=rows,
-                   wall_time_s=round(time.time() - t0, 2))
+    write_manifest(
+        out,
+        stage="evaluate",
+        runs=[r.model_dump() for r in runs],
+        metrics=metrics,
+        results=rows,
+        wall_time_s=round(time.time() - t0, 2),
+    )
     (out / "metrics.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table, flush=True)
     return rows
-

@@ -4,6 +4,7 @@ Graded qrels: nDCG uses the grades as gains; the binary measures (MRR, Recall, M
 document relevant at grade >= threshold, as ``trec_eval -l <threshold>`` does (TREC DL: 2).
 Queries in the qrels that a run does not answer score 0 (trec_eval ``-c``).
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -23,8 +24,16 @@ def to_measure(name: str, threshold: int):
     base, _, cutoff = name.partition("@")
     at = f"@{cutoff}" if cutoff else ""
     rel = f"(rel={threshold})"
-    aliases = {"nDCG": f"nDCG{at}", "MRR": f"RR{rel}{at}", "RR": f"RR{rel}{at}", "R": f"R{rel}{at}",
-               "Recall": f"R{rel}{at}", "P": f"P{rel}{at}", "MAP": f"AP{rel}{at}", "AP": f"AP{rel}{at}"}
+    aliases = {
+        "nDCG": f"nDCG{at}",
+        "MRR": f"RR{rel}{at}",
+        "RR": f"RR{rel}{at}",
+        "R": f"R{rel}{at}",
+        "Recall": f"R{rel}{at}",
+        "P": f"P{rel}{at}",
+        "MAP": f"AP{rel}{at}",
+        "AP": f"AP{rel}{at}",
+    }
     text = aliases.get(base, name)
     try:
         return ir_measures.parse_measure(text)
@@ -32,14 +41,19 @@ def to_measure(name: str, threshold: int):
         raise MetricError(f"unknown metric {name!r} ({e})") from None
 
 
-def evaluate(qrels: pa.Table, run: pa.Table, metrics: list[str] = DEFAULT_METRICS,
-             threshold: int = 1) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+def evaluate(
+    qrels: pa.Table, run: pa.Table, metrics: list[str] = DEFAULT_METRICS, threshold: int = 1
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Mean and per-query values of each metric (qrels/run as Arrow tables with our columns)."""
     measures = {m: to_measure(m, threshold) for m in metrics}
-    qrels_list = [ir_measures.Qrel(q, d, int(g)) for q, d, g in
-                  zip(*(qrels.column(c).to_pylist() for c in ["query_id", "doc_id", "grade"]))]
-    run_list = [ir_measures.ScoredDoc(q, d, float(s)) for q, d, s in
-                zip(*(run.column(c).to_pylist() for c in ["query_id", "doc_id", "score"]))]
+    qrels_list = [
+        ir_measures.Qrel(q, d, int(g))
+        for q, d, g in zip(*(qrels.column(c).to_pylist() for c in ["query_id", "doc_id", "grade"]))
+    ]
+    run_list = [
+        ir_measures.ScoredDoc(q, d, float(s))
+        for q, d, s in zip(*(run.column(c).to_pylist() for c in ["query_id", "doc_id", "score"]))
+    ]
     by_measure = {v: k for k, v in measures.items()}
     per_query: dict[str, dict[str, float]] = defaultdict(dict)
     for m in ir_measures.iter_calc(list(measures.values()), qrels_list, run_list):

@@ -1,12 +1,14 @@
 """Paired significance tests of per-query metric values against a baseline run (scipy)."""
+
 from __future__ import annotations
 
 import numpy as np
 from scipy import stats
 
 
-def paired_tests(baseline: dict[str, float], other: dict[str, float], permutations: int = 10_000,
-                 seed: int = 0) -> dict:
+def paired_tests(
+    baseline: dict[str, float], other: dict[str, float], permutations: int = 10_000, seed: int = 0
+) -> dict:
     """Two-sided paired t-test and paired randomisation (sign-flip) test over the shared queries."""
     queries = sorted(set(baseline) & set(other))
     a = np.array([baseline[q] for q in queries])
@@ -15,6 +17,13 @@ def paired_tests(baseline: dict[str, float], other: dict[str, float], permutatio
     if len(queries) < 2 or np.allclose(diff, 0):
         return {"queries": len(queries), "delta": float(diff.mean()) if len(diff) else 0.0, "t_p": 1.0, "rand_p": 1.0}
     t_p = float(stats.ttest_rel(b, a).pvalue)
-    rand = stats.permutation_test((b, a), lambda x, y: np.mean(x - y), permutation_type="samples", vectorized=False,
-                                  n_resamples=permutations, alternative="two-sided", random_state=seed)
+    rand = stats.permutation_test(
+        (b, a),
+        lambda x, y: np.mean(x - y),
+        permutation_type="samples",
+        vectorized=False,
+        n_resamples=permutations,
+        alternative="two-sided",
+        random_state=seed,
+    )
     return {"queries": len(queries), "delta": float(diff.mean()), "t_p": t_p, "rand_p": float(rand.pvalue)}

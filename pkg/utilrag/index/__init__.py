@@ -1,6 +1,7 @@
 """Index stage: encode a corpus on a Ray Data actor pool, build a sharded FAISS index on Ray actors,
 and write dense runs (full retrieval, or re-ranking of a candidate run) for evaluation.
 BM25 (bm25s) lives here too."""
+
 from __future__ import annotations
 
 import re
@@ -17,7 +18,7 @@ from utilrag.data.ingest import IngestError, dataset_dir
 from utilrag.data.tables import SCHEMAS, fingerprint, read_manifest, read_table, write_manifest
 from utilrag.index.bm25 import run_bm25, split_queries, write_trec_run
 from utilrag.index.encode import ModelError, encode_table, read_embeddings, texts_for
-from utilrag.index.shards import ShardError, ShardedIndex
+from utilrag.index.shards import ShardedIndex, ShardError
 
 __all__ = ["run_bm25", "run_index", "dense_run_path", "ModelError", "ShardError"]
 
@@ -34,8 +35,17 @@ def encode_corpus(cfg: PipelineConfig, dataset: str, icfg: IndexConfig) -> tuple
     """Corpus embeddings under output_dir/index/<dataset>/<model>/embeddings (reused when unchanged)."""
     source = dataset_dir(cfg, dataset)
     out = Path(cfg.output_dir) / "index" / dataset / model_slug(icfg.model) / "embeddings"
-    settings = icfg.model_dump(include={"model", "pooling", "normalize", "passage_prefix", "passage_max_len",
-                                        "embedding_dtype", "rows_per_file"})
+    settings = icfg.model_dump(
+        include={
+            "model",
+            "pooling",
+            "normalize",
+            "passage_prefix",
+            "passage_max_len",
+            "embedding_dtype",
+            "rows_per_file",
+        }
+    )
     fp = fingerprint({"input": read_manifest(source)["input_fingerprint"], "encode": settings})
     old = read_manifest(out)
     if old and old.get("input_fingerprint") == fp:
@@ -44,30 +54,55 @@ def encode_corpus(cfg: PipelineConfig, dataset: str, icfg: IndexConfig) -> tuple
     corpus = read_table(source / "corpus")
     if corpus.num_rows == 0:
         raise ShardError(f"{dataset}: the corpus is empty; nothing to index")
-    stats = encode_table(texts_for(corpus, "doc_id", icfg.passage_prefix), out, model=icfg.model,
-                         pooling=icfg.pooling, normalize=icfg.normalize, max_length=icfg.passage_max_len,
-                         batch_size=icfg.batch_size, encoders=icfg.encoders, use_gpu=icfg.use_gpu,
-                         out_dtype=icfg.embedding_dtype, rows_per_file=icfg.rows_per_file, what=f"{dataset} corpus")
+    stats = encode_table(
+        texts_for(corpus, "doc_id", icfg.passage_prefix),
+        out,
+        model=icfg.model,
+        pooling=icfg.pooling,
+        normalize=icfg.normalize,
+        max_length=icfg.passage_max_len,
+        batch_size=icfg.batch_size,
+        encoders=icfg.encoders,
+        max_encoders=icfg.max_encoders,
+        use_gpu=icfg.use_gpu,
+        out_dtype=icfg.embedding_dtype,
+        rows_per_file=icfg.rows_per_file,
+        what=f"{dataset} corpus",
+    )
     write_manifest(out, stage="index/encode", dataset=dataset, input_fingerprint=fp, encode=stats, config=settings)
     return out, stats
 
 
-def encode_queries(cfg: PipelineConfig, target: IndexTarget, icfg: IndexConfig, out: Path) -> tuple[list[str], np.ndarray]:
+def encode_queries(
+    cfg: PipelineConfig, target: IndexTarget, icfg: IndexConfig, out: Path
+) -> tuple[list[str], np.ndarray]:
     qids, texts = split_queries(cfg, target.dataset, target.split)
     if not qids:
         raise IngestError(f"{target.dataset}/{target.split}: no queries to search")
     table = pa.table({"id": qids, "text": [icfg.query_prefix + t for t in texts]})
-    encode_table(table, out, model=icfg.model, pooling=icfg.pooling, normalize=icfg.normalize,
-                 max_length=icfg.query_max_len, batch_size=icfg.batch_size, encoders=icfg.encoders,
-                 use_gpu=icfg.use_gpu, out_dtype="float32", rows_per_file=10**9,
-                 what=f"{target.dataset}/{target.split or 'all'} queries")
+    encode_table(
+        table,
+        out,
+        model=icfg.model,
+        pooling=icfg.pooling,
+        normalize=icfg.normalize,
+        max_length=icfg.query_max_len,
+        batch_size=icfg.batch_size,
+        encoders=icfg.encoders,
+        max_encoders=icfg.max_encoders,
+        use_gpu=icfg.use_gpu,
+        out_dtype="float32",
+        rows_per_file=10**9,
+        what=f"{target.dataset}/{target.split or 'all'} queries",
+    )
     ids, vectors = read_embeddings(out)
     order = {q: i for i, q in enumerate(ids)}
     return qids, vectors[[order[q] for q in qids]]
 
 
-def rerank_run(cfg: PipelineConfig, target: IndexTarget, qids: list[str], queries: np.ndarray,
-               embeddings_dir: Path) -> pa.Table:
+def rerank_run(
+    cfg: PipelineConfig, target: IndexTarget, qids: list[str], queries: np.ndarray, embeddings_dir: Path
+) -> pa.Table:
     """Score only the candidates of an ingested run with the encoder (e.g. DL19's top-100)."""
     runs = read_table(dataset_dir(cfg, target.dataset) / "runs")
     candidates = runs.filter(pc.equal(runs.column("run"), target.rerank))
@@ -94,13 +129,24 @@ def rerank_run(cfg: PipelineConfig, target: IndexTarget, qids: list[str], querie
     return pa.table(rows, schema=SCHEMAS["runs"])
 
 
-def build_or_load_index(cfg: PipelineConfig, dataset: str, icfg: IndexConfig, embeddings_dir: Path,
-                        dim: int) -> ShardedIndex:
+def build_or_load_index(
+    cfg: PipelineConfig, dataset: str, icfg: IndexConfig, embeddings_dir: Path, dim: int
+) -> ShardedIndex:
     folder = embeddings_dir.parent / f"faiss-{icfg.index_type}-{icfg.shards}shards"
     settings = icfg.model_dump(include={"index_type", "shards", "nlist", "pq_m", "hnsw_m"})
+    if icfg.use_gpu and icfg.gpu_fp16 and icfg.index_type == "ivf_flat":
+        settings["storage"] = "ivf_sq_fp16"  # a different saved index (other settings keep their fingerprint)
     fp = fingerprint({"embeddings": read_manifest(embeddings_dir)["input_fingerprint"], "index": settings})
-    index = ShardedIndex(icfg.shards, icfg.threads_per_shard, icfg.use_gpu, icfg.gpu_fp16, icfg.search_retries,
-                         icfg.cpus_per_shard, icfg.shard_start_timeout_s)
+    index = ShardedIndex(
+        icfg.shards,
+        icfg.threads_per_shard,
+        icfg.use_gpu,
+        icfg.gpu_fp16,
+        icfg.search_retries,
+        icfg.cpus_per_shard,
+        icfg.shard_start_timeout_s,
+        index_type=icfg.index_type,
+    )
     old = read_manifest(folder)
     t0 = time.time()
     if old and old.get("input_fingerprint") == fp:
@@ -110,11 +156,21 @@ def build_or_load_index(cfg: PipelineConfig, dataset: str, icfg: IndexConfig, em
     files = [str(p) for p in sorted(embeddings_dir.glob("part-*.parquet"))]
     stats = index.build(files, icfg.index_type, icfg.nlist, icfg.pq_m, icfg.hnsw_m, expected_dim=dim)
     index.save(str(folder))
-    write_manifest(folder, stage="index/faiss", dataset=dataset, input_fingerprint=fp, config=settings, shards=stats,
-                   wall_time_s=round(time.time() - t0, 2))
+    write_manifest(
+        folder,
+        stage="index/faiss",
+        dataset=dataset,
+        input_fingerprint=fp,
+        config=settings,
+        shards=stats,
+        wall_time_s=round(time.time() - t0, 2),
+    )
     for s in stats:
-        print(f"[index] {dataset}: shard {s['shard']}: {s['vectors']:,} vectors x {s['dim']}, "
-              f"{s['bytes'] / 2**20:.1f} MiB", flush=True)
+        print(
+            f"[index] {dataset}: shard {s['shard']}: {s['vectors']:,} vectors x {s['dim']}, "
+            f"{s['bytes'] / 2**20:.1f} MiB",
+            flush=True,
+        )
     return index
 
 
@@ -150,12 +206,20 @@ def run_index(cfg: PipelineConfig) -> list[Path]:
                     run = dense_search_run(index, qids, queries, icfg.k, label)
                 pq.write_table(run, run_path)
                 write_trec_run(run, run_path.with_suffix(".trec"))
-                write_manifest(run_path.parent, stage="index/search", target=target.model_dump(), model=icfg.model,
-                               index_type=None if target.rerank else icfg.index_type,
-                               rows={"runs": run.num_rows, "queries": len(qids)},
-                               wall_time_s=round(time.time() - t0, 2))
-                print(f"[index] {dataset}/{target.split or 'all'}: run {label!r}: {len(qids):,} queries, "
-                      f"{run.num_rows:,} results in {time.time() - t0:.1f}s -> {run_path.parent}", flush=True)
+                write_manifest(
+                    run_path.parent,
+                    stage="index/search",
+                    target=target.model_dump(),
+                    model=icfg.model,
+                    index_type=None if target.rerank else icfg.index_type,
+                    rows={"runs": run.num_rows, "queries": len(qids)},
+                    wall_time_s=round(time.time() - t0, 2),
+                )
+                print(
+                    f"[index] {dataset}/{target.split or 'all'}: run {label!r}: {len(qids):,} queries, "
+                    f"{run.num_rows:,} results in {time.time() - t0:.1f}s -> {run_path.parent}",
+                    flush=True,
+                )
                 written.append(run_path)
         finally:
             if index is not None:

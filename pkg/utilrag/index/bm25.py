@@ -1,4 +1,5 @@
 """BM25 retrieval over an ingested corpus with bm25s (sparse matrices, numpy scoring)."""
+
 from __future__ import annotations
 
 import time
@@ -26,8 +27,9 @@ def build_bm25(corpus: pa.Table, cfg: BM25Config):
     return tokenizer, retriever
 
 
-def bm25_search(corpus: pa.Table, query_ids: list[str], query_texts: list[str], cfg: BM25Config,
-                run_name: str = "bm25s") -> pa.Table:
+def bm25_search(
+    corpus: pa.Table, query_ids: list[str], query_texts: list[str], cfg: BM25Config, run_name: str = "bm25s"
+) -> pa.Table:
     """Top-k BM25 documents per query as a ``runs`` table (rank from 1, ties by doc order)."""
     tokenizer, retriever = build_bm25(corpus, cfg)
     doc_ids = np.asarray(corpus.column("doc_id").to_pylist(), dtype=object)
@@ -48,7 +50,9 @@ def bm25_search(corpus: pa.Table, query_ids: list[str], query_texts: list[str], 
 
 def write_trec_run(run: pa.Table, path: Path) -> None:
     with open(path, "w") as out:
-        for q, d, r, s, name in zip(*(run.column(c).to_pylist() for c in ["query_id", "doc_id", "rank", "score", "run"])):
+        for q, d, r, s, name in zip(
+            *(run.column(c).to_pylist() for c in ["query_id", "doc_id", "rank", "score", "run"])
+        ):
             out.write(f"{q} Q0 {d} {r} {s:.6f} {name}\n")
 
 
@@ -81,9 +85,17 @@ def run_bm25(cfg: PipelineConfig, bcfg: BM25Config) -> Path:
     pq.write_table(run, out / "run.parquet")
     write_trec_run(run, out / "run.trec")
     wall = time.time() - t0
-    write_manifest(out, stage="bm25", config=bcfg.model_dump(), input_fingerprint=fp,
-                   rows={"runs": run.num_rows, "queries": len(qids), "corpus": corpus.num_rows},
-                   wall_time_s=round(wall, 2))
-    print(f"[bm25] {bcfg.dataset}/{bcfg.split}: {len(qids):,} queries over {corpus.num_rows:,} docs, "
-          f"{run.num_rows:,} results in {wall:.1f}s", flush=True)
+    write_manifest(
+        out,
+        stage="bm25",
+        config=bcfg.model_dump(),
+        input_fingerprint=fp,
+        rows={"runs": run.num_rows, "queries": len(qids), "corpus": corpus.num_rows},
+        wall_time_s=round(wall, 2),
+    )
+    print(
+        f"[bm25] {bcfg.dataset}/{bcfg.split}: {len(qids):,} queries over {corpus.num_rows:,} docs, "
+        f"{run.num_rows:,} results in {wall:.1f}s",
+        flush=True,
+    )
     return out

@@ -1,5 +1,6 @@
 """Dense encoding: a Hugging Face encoder with CLS or mean pooling, run on a Ray Data actor pool
 (one model replica per actor; a GPU per actor when configured) and written as Parquet shards."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -30,16 +31,26 @@ def resolve_model(name: str) -> str:
         if spec and spec.origin:
             return str(Path(spec.origin).parent / sub)
     if "/" not in name or name.startswith((".", "/", "~")):
-        raise ModelError(f"model {name!r}: no such folder, and not a hub name (owner/name) or packaged model "
-                         f"({', '.join(PACKAGED_MODELS)})")
+        raise ModelError(
+            f"model {name!r}: no such folder, and not a hub name (owner/name) or packaged model "
+            f"({', '.join(PACKAGED_MODELS)})"
+        )
     return name
 
 
 class Encoder:
     """Tokenise + forward + pool (+ L2 normalise); the one place embeddings are computed."""
 
-    def __init__(self, model: str, pooling: str = "mean", normalize: bool = True, max_length: int = 256,
-                 device: str = "cpu", dtype: str = "float32", threads: int | None = None):
+    def __init__(
+        self,
+        model: str,
+        pooling: str = "mean",
+        normalize: bool = True,
+        max_length: int = 256,
+        device: str = "cpu",
+        dtype: str = "float32",
+        threads: int | None = None,
+    ):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -57,8 +68,9 @@ class Encoder:
     def __call__(self, texts: list[str]) -> np.ndarray:
         import torch
 
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt").to(self.device)
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
         with torch.inference_mode():
             hidden = self.model(**batch).last_hidden_state
             if self.pooling == "cls":
@@ -74,10 +86,25 @@ class Encoder:
 class EncodeBatch:
     """Ray Data callable class: holds one Encoder; maps {id, text} batches to {id, embedding}."""
 
-    def __init__(self, model: str, pooling: str, normalize: bool, max_length: int, use_gpu: bool,
-                 out_dtype: str, threads: int | None):
-        self.encoder = Encoder(model, pooling, normalize, max_length, "cuda" if use_gpu else "cpu",
-                               "float16" if use_gpu else "float32", threads)
+    def __init__(
+        self,
+        model: str,
+        pooling: str,
+        normalize: bool,
+        max_length: int,
+        use_gpu: bool,
+        out_dtype: str,
+        threads: int | None,
+    ):
+        self.encoder = Encoder(
+            model,
+            pooling,
+            normalize,
+            max_length,
+            "cuda" if use_gpu else "cpu",
+            "float16" if use_gpu else "float32",
+            threads,
+        )
         self.out_dtype = np.dtype(out_dtype)
 
     def __call__(self, batch: dict) -> dict:
@@ -95,28 +122,61 @@ def texts_for(table: pa.Table, id_column: str, prefix: str = "") -> pa.Table:
     return pa.table({"id": table.column(id_column), "text": joined})
 
 
-def encode_table(table: pa.Table, out_dir: Path, *, model: str, pooling: str, normalize: bool, max_length: int,
-                 batch_size: int, encoders: int, use_gpu: bool, out_dtype: str, rows_per_file: int,
-                 what: str) -> dict:
-    """Encode an (id, text) table on a Ray Data actor pool; write Parquet parts of (id, embedding)."""
+def encoder_pool(encoders: int, max_encoders: int | None = None):
+    """The encoders' actor pool: autoscaling from `encoders` up to `max_encoders` (fixed when None)."""
+    import ray
+
+    return ray.data.ActorPoolStrategy(min_size=encoders, max_size=max(encoders, max_encoders or encoders))
+
+
+def encode_table(
+    table: pa.Table,
+    out_dir: Path,
+    *,
+    model: str,
+    pooling: str,
+    normalize: bool,
+    max_length: int,
+    batch_size: int,
+    encoders: int,
+    use_gpu: bool,
+    out_dtype: str,
+    rows_per_file: int,
+    what: str,
+    max_encoders: int | None = None,
+) -> dict:
+    """Encode an (id, text) table on a Ray Data actor pool (encoders .. max_encoders actors, autoscaled
+    by Ray Data); write Parquet parts of (id, embedding)."""
     import ray
 
     from utilrag.data.tables import ParquetParts
 
     t0 = time.time()
     cpus = ray.cluster_resources().get("CPU", 1)
-    threads = None if use_gpu else max(1, int(cpus // max(encoders, 1)))
+    # CPU threads per encoder sized for the largest pool, so that the pool can grow to it on this cluster.
+    threads = None if use_gpu else max(1, int(cpus // max(encoders, max_encoders or 1)))
     # Longest texts first: batches of similar length waste less padding.
     order = np.argsort([-len(t) for t in table.column("text").to_pylist()], kind="stable")
     ordered = table.take(pa.array(order))
     step = batch_size * 4  # many small blocks: progress streams back, and several encoders share the work
     ds = ray.data.from_arrow([ordered.slice(i, step) for i in range(0, ordered.num_rows, step)])
-    ds = ds.map_batches(EncodeBatch, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=encoders),
-                        num_gpus=1 if use_gpu else 0,
-                        num_cpus=0 if use_gpu else threads, batch_format="numpy",
-                        fn_constructor_kwargs=dict(model=model, pooling=pooling, normalize=normalize,
-                                                   max_length=max_length, use_gpu=use_gpu, out_dtype=out_dtype,
-                                                   threads=threads))
+    ds = ds.map_batches(
+        EncodeBatch,
+        batch_size=batch_size,
+        compute=encoder_pool(encoders, max_encoders),
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=0 if use_gpu else threads,
+        batch_format="numpy",
+        fn_constructor_kwargs=dict(
+            model=model,
+            pooling=pooling,
+            normalize=normalize,
+            max_length=max_length,
+            use_gpu=use_gpu,
+            out_dtype=out_dtype,
+            threads=threads,
+        ),
+    )
     writer, dim, done, last = None, None, 0, t0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         vectors = np.stack(batch["embedding"])
@@ -126,8 +186,11 @@ def encode_table(table: pa.Table, out_dir: Path, *, model: str, pooling: str, no
             schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(value, dim))])
             writer = ParquetParts(out_dir, schema, rows_per_file)
         flat = pa.array(vectors.reshape(-1), type=writer.schema.field("embedding").type.value_type)
-        writer.write(pa.table({"id": pa.array(batch["id"], pa.string()),
-                               "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)}))
+        writer.write(
+            pa.table(
+                {"id": pa.array(batch["id"], pa.string()), "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)}
+            )
+        )
         done += len(vectors)
         if time.time() - last > 10 or done == table.num_rows:
             rate = done / max(time.time() - t0, 1e-9)
@@ -136,8 +199,12 @@ def encode_table(table: pa.Table, out_dir: Path, *, model: str, pooling: str, no
     if writer is None:
         raise ModelError(f"{what}: nothing to encode (empty table)")
     writer.close()
-    return {"rows": done, "dim": dim, "seconds": round(time.time() - t0, 2),
-            "per_second": round(done / max(time.time() - t0, 1e-9), 1)}
+    return {
+        "rows": done,
+        "dim": dim,
+        "seconds": round(time.time() - t0, 2),
+        "per_second": round(done / max(time.time() - t0, 1e-9), 1),
+    }
 
 
 def read_embeddings(folder: Path) -> tuple[list[str], np.ndarray]:

@@ -1,13 +1,26 @@
 """A FAISS index split over Ray actors: each actor owns one shard (built from its share of the
 embedding files, saved with its id map); a search fans the query batch out to every shard and
 merges the per-shard top-k into the global top-k. A dead shard fails the search (or is retried
-per config) — never a silently partial result."""
+per config) — never a silently partial result.
+
+A shard is built streaming: embedding files are read one at a time (IVF types first train on a
+seeded sample drawn in a first pass, then add file by file), so a build's peak host memory is about
+the index + one file + the training sample. With use_gpu the empty (untrained) index is cloned to
+the GPU first, so IVF training and adding run there."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import numpy as np
+
+INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq", "hnsw")
+MIN_POINTS_PER_LIST = 39  # FAISS k-means warns below this many training points per centroid
+MAX_POINTS_PER_LIST = 256  # ... and subsamples above this many (its max_points_per_centroid)
+PQ_TRAIN_POINTS = 256 * 256  # 8-bit PQ: 256 centroids per sub-quantizer, FAISS uses <= 256 points each
+GPU_MAX_K = 2048  # FAISS GPU k-selection limit (k and nprobe)
+READ_BATCH_ROWS = 4096  # embedding rows decoded at a time
 
 
 class ShardError(Exception):
@@ -18,23 +31,123 @@ class ShardDied(ShardError):
     """A shard actor died during a call."""
 
 
-def make_faiss_index(kind: str, dim: int, n_vectors: int, nlist: int, pq_m: int, hnsw_m: int):
-    """Inner-product index of the configured type (IVF lists shrunk for small shards)."""
+def check_index_type(kind: str, use_gpu: bool) -> None:
+    """Refuse, before any work, an index type this setup cannot build."""
+    if kind not in INDEX_TYPES:
+        raise ShardError(f"unknown index type {kind!r} (one of {', '.join(INDEX_TYPES)})")
+    if use_gpu and kind == "hnsw":
+        raise ShardError(
+            "index_type hnsw cannot run on the GPU (FAISS has no GPU HNSW): set index.use_gpu=false "
+            "for hnsw, or use flat, ivf_flat or ivf_pq on the GPU"
+        )
+
+
+def ivf_lists(nlist: int, n_vectors: int) -> int:
+    """IVF lists actually used: nlist, shrunk so that every list gets >= 39 training points."""
+    return max(1, min(nlist, n_vectors // MIN_POINTS_PER_LIST))
+
+
+def training_sample_size(kind: str, n_vectors: int, nlist: int) -> int:
+    """Vectors an IVF shard trains on: what FAISS would use anyway (<= 256 per list; PQ codebooks
+    want up to 65,536), never more than the shard holds; 0 for types that need no training."""
+    if not kind.startswith("ivf"):
+        return 0
+    want = ivf_lists(nlist, n_vectors) * MAX_POINTS_PER_LIST
+    if kind == "ivf_pq":
+        want = max(want, PQ_TRAIN_POINTS)
+    return min(n_vectors, want)
+
+
+def make_faiss_index(
+    kind: str, dim: int, n_vectors: int, nlist: int, pq_m: int, hnsw_m: int, fp16_storage: bool = False
+):
+    """Inner-product index of the configured type (IVF lists shrunk for small shards). fp16_storage
+    turns ivf_flat into IVF-SQfp16 (2 bytes per dimension; FAISS's IVF-Flat has no fp16 storage)."""
     import faiss
 
+    check_index_type(kind, use_gpu=False)
     if kind == "flat":
         return faiss.IndexFlatIP(dim)
     if kind == "hnsw":
         return faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    lists = max(1, min(nlist, n_vectors // 39))  # FAISS wants >= 39 training points per list
+    lists = ivf_lists(nlist, n_vectors)
     quantizer = faiss.IndexFlatIP(dim)
-    if kind == "ivf_flat":
-        return faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
-    if kind == "ivf_pq":
+    if kind == "ivf_flat" and fp16_storage:
+        index = faiss.IndexIVFScalarQuantizer(
+            quantizer, dim, lists, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+        )
+    elif kind == "ivf_flat":
+        index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+    else:
         if dim % pq_m:
             raise ShardError(f"ivf_pq: pq_m={pq_m} must divide the embedding dimension {dim}")
-        return faiss.IndexIVFPQ(quantizer, dim, lists, pq_m, 8, faiss.METRIC_INNER_PRODUCT)
-    raise ShardError(f"unknown index type {kind!r}")
+        if n_vectors < 256:
+            raise ShardError(
+                f"ivf_pq: a shard of {n_vectors} vectors is too small to train 8-bit PQ codebooks "
+                f"(needs >= 256): use fewer shards or index_type flat"
+            )
+        index = faiss.IndexIVFPQ(quantizer, dim, lists, pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+    return index  # (the Python wrapper keeps the quantizer alive with the index)
+
+
+def index_nbytes(
+    kind: str, ntotal: int, dim: int, *, nlist: int = 0, pq_m: int = 0, hnsw_m: int = 32, fp16: bool = False
+) -> int:
+    """Memory of an index from its layout (no copy, no serialisation; host or GPU alike):
+    ntotal x code size, + 8-byte ids per IVF entry, + the fixed parts (coarse centroids, PQ codebooks).
+    flat: 4*dim (2*dim with fp16 storage); ivf_flat: 4*dim (IVF-SQfp16 when fp16: 2*dim);
+    ivf_pq: pq_m; hnsw: the vectors + its graph (2M level-0 links, M/(M-1) upper links, level and
+    offset per vector). Within ~0.1% of faiss.serialize_index on CPU."""
+    if kind == "flat":
+        return ntotal * dim * (2 if fp16 else 4)
+    if kind == "hnsw":
+        links = 2 * hnsw_m + hnsw_m / max(hnsw_m - 1, 1)
+        return int(ntotal * (dim * 4 + 4 + 8 + 4 * links))
+    if kind == "ivf_flat":
+        code, fixed = dim * (2 if fp16 else 4), 0
+    elif kind == "ivf_pq":
+        code, fixed = pq_m, 256 * dim * 4
+    else:
+        raise ShardError(f"unknown index type {kind!r}")
+    return ntotal * (code + 8) + nlist * dim * 4 + fixed
+
+
+def index_layout(index) -> dict:
+    """The index_nbytes arguments of a CPU index (built here or read from disk)."""
+    import faiss
+
+    if isinstance(index, faiss.IndexHNSW):
+        return {"kind": "hnsw", "hnsw_m": index.hnsw.nb_neighbors(1)}
+    if isinstance(index, faiss.IndexIVFPQ):
+        return {"kind": "ivf_pq", "nlist": index.nlist, "pq_m": index.pq.M}
+    if isinstance(index, faiss.IndexIVFScalarQuantizer):  # ivf_flat stored as SQfp16 (gpu_fp16)
+        return {"kind": "ivf_flat", "nlist": index.nlist, "fp16": index.code_size == 2 * index.d}
+    if isinstance(index, faiss.IndexIVFFlat):
+        return {"kind": "ivf_flat", "nlist": index.nlist}
+    if isinstance(index, faiss.IndexFlat):
+        return {"kind": "flat"}
+    raise ShardError(f"unsupported FAISS index class {type(index).__name__}")
+
+
+def scan_embedding_files(files: list[str], expected_dim: int | None, where: str) -> tuple[list[int], int | None]:
+    """Rows per file and the common dimension, from Parquet metadata only (nothing is loaded)."""
+    import pyarrow.parquet as pq
+
+    rows, dim = [], None
+    for f in files:
+        if not Path(f).is_file():
+            raise ShardError(f"{where}: embedding file missing: {f}")
+        kind = pq.read_schema(f).field("embedding").type
+        d = getattr(kind, "list_size", None)
+        if d is None:
+            raise ShardError(f"{where}: {f}: the embedding column is {kind}, not a fixed-size list")
+        if expected_dim is not None and d != expected_dim:
+            raise ShardError(f"{where}: embeddings have dimension {d}, expected {expected_dim} ({f})")
+        if dim is not None and d != dim:
+            raise ShardError(f"{where}: embeddings have dimension {d} in {f} but {dim} in {files[0]}")
+        rows.append(pq.read_metadata(f).num_rows)
+        dim = d
+    return rows, dim
 
 
 class FaissShard:
@@ -46,53 +159,127 @@ class FaissShard:
         self.shard_id, self.use_gpu, self.gpu_fp16 = shard_id, use_gpu, gpu_fp16
         if threads:
             faiss.omp_set_num_threads(threads)
-        self.index, self.ids, self.dim = None, [], None
+        self.index, self.ids, self.dim, self.layout = None, [], None, {}
 
-    def build(self, files: list[str], kind: str, nlist: int, pq_m: int, hnsw_m: int, expected_dim: int | None):
-        from utilrag.index.encode import read_embeddings
+    def _read(self, path: str, rows: int) -> tuple[list[str], np.ndarray]:
+        """One embedding file as (ids, float32 matrix), decoded in record batches straight into the
+        matrix: decoding a whole nested-list column at once costs ~6x the file's size, this ~2.5x."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-        ids, vectors = [], []
-        for f in files:
-            if not Path(f).is_file():
-                raise ShardError(f"shard {self.shard_id}: embedding file missing: {f}")
-            i, v = read_embeddings(Path(f))
-            ids += i
-            vectors.append(v)
-        matrix = np.ascontiguousarray(np.concatenate(vectors).astype(np.float32)) if vectors else None
-        if matrix is None or not len(matrix):
+        ids: list[str] = []
+        vectors, filled = np.empty((rows, self.dim), dtype=np.float32), 0
+        with pq.ParquetFile(path, memory_map=True, pre_buffer=False) as reader:
+            for batch in reader.iter_batches(
+                batch_size=READ_BATCH_ROWS, columns=["id", "embedding"], use_threads=False
+            ):
+                column = batch.column("embedding")
+                if column.type.list_size != self.dim or filled + len(batch) > rows:
+                    raise ShardError(f"shard {self.shard_id}: {path} changed while the shard was built")
+                flat = column.flatten().to_numpy(zero_copy_only=False)
+                vectors[filled : filled + len(batch)] = flat.reshape(-1, self.dim)
+                ids += batch.column("id").to_pylist()
+                filled += len(batch)
+        if filled != rows:
+            raise ShardError(f"shard {self.shard_id}: {path} holds {filled} rows, its metadata says {rows}")
+        pa.default_memory_pool().release_unused()
+        return ids, vectors
+
+    def build(
+        self, files: list[str], kind: str, nlist: int, pq_m: int, hnsw_m: int, expected_dim: int | None, seed: int = 0
+    ):
+        """Read the files one at a time: IVF types train on a seeded sample drawn in a first pass, then
+        every type adds file by file (ids in the same order). Peak host memory ~ index + one file +
+        training sample, instead of several copies of the whole shard."""
+        check_index_type(kind, self.use_gpu)
+        rows, dim = scan_embedding_files(files, expected_dim, f"shard {self.shard_id}")
+        total = sum(rows)
+        if not total:
             raise ShardError(f"shard {self.shard_id}: no embeddings in {files}")
-        if expected_dim is not None and matrix.shape[1] != expected_dim:
-            raise ShardError(f"shard {self.shard_id}: embeddings have dimension {matrix.shape[1]}, "
-                              f"expected {expected_dim} ({files[0]})")
-        self.dim = matrix.shape[1]
-        index = make_faiss_index(kind, self.dim, len(matrix), nlist, pq_m, hnsw_m)
+        self.dim = dim
+        fp16 = self.use_gpu and self.gpu_fp16
+        cpu_index = make_faiss_index(kind, dim, total, nlist, pq_m, hnsw_m, fp16_storage=fp16 and kind == "ivf_flat")
+        self.layout = self._layout_of(cpu_index)
+        index = self._maybe_to_gpu(cpu_index)  # still empty: with a GPU, training and adding run there
+        del cpu_index
         if not index.is_trained:
-            index.train(matrix)
-        index.add(matrix)
-        self.index, self.ids = self._maybe_to_gpu(index), ids
+            size = training_sample_size(kind, total, nlist)
+            rng = np.random.default_rng([seed, self.shard_id])
+            picked = np.sort(rng.choice(total, size=size, replace=False))
+            sample, filled, start = np.empty((size, dim), dtype=np.float32), 0, 0
+            for f, n in zip(files, rows):
+                lo, hi = np.searchsorted(picked, [start, start + n])
+                if hi > lo:
+                    sample[filled : filled + hi - lo] = self._read(f, n)[1][picked[lo:hi] - start]
+                    filled += hi - lo
+                start += n
+            index.train(sample)
+            del sample, picked
+        ids: list[str] = []
+        for f, n in zip(files, rows):
+            if n:
+                file_ids, vectors = self._read(f, n)
+                index.add(vectors)
+                ids += file_ids
+                del vectors
+        if index.ntotal != len(ids):
+            raise ShardError(f"shard {self.shard_id}: the index holds {index.ntotal} vectors but the id map {len(ids)}")
+        self.index, self.ids = index, ids
         return {"shard": self.shard_id, "vectors": len(ids), "dim": self.dim, "bytes": self.memory_bytes()}
 
+    def _layout_of(self, cpu_index) -> dict:
+        layout = index_layout(cpu_index)
+        if layout["kind"] == "flat":
+            layout["fp16"] = self.use_gpu and self.gpu_fp16  # GpuIndexFlat with useFloat16
+        return layout
+
     def _maybe_to_gpu(self, index):
+        """The CPU index cloned to GPU 0 (an empty or untrained one too). gpu_fp16: flat stores fp16
+        (useFloat16), ivf_pq uses fp16 lookup tables (the same option); ivf_flat is already IVF-SQfp16."""
         import faiss
 
         if not self.use_gpu:
             return index
         if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
-            raise ShardError(f"shard {self.shard_id}: use_gpu is set but this FAISS build sees no GPU")
-        self._resources = faiss.StandardGpuResources()
+            return self._torch_fallback(index)
+        if getattr(self, "_resources", None) is None:
+            self._resources = faiss.StandardGpuResources()
         options = faiss.GpuClonerOptions()
         options.useFloat16 = self.gpu_fp16
-        return faiss.index_cpu_to_gpu(self._resources, 0, index, options)
+        try:
+            return faiss.index_cpu_to_gpu(self._resources, 0, index, options)
+        except RuntimeError as e:
+            raise ShardError(
+                f"shard {self.shard_id}: FAISS cannot put this {type(index).__name__} on the GPU: "
+                f"{str(e).strip().splitlines()[-1]}"
+            ) from None
 
-    def memory_bytes(self) -> int:
+    def _torch_fallback(self, index):
+        """No faiss-gpu (the pip faiss-cpu build): exact search with torch on the GPU for flat shards."""
         import faiss
 
-        index = faiss.index_gpu_to_cpu(self.index) if self.use_gpu else self.index
-        return int(faiss.serialize_index(index).nbytes)
+        from utilrag.index.torch_flat import TorchFlatIndex, torch_sees_a_gpu
+
+        if not isinstance(index, faiss.IndexFlat) or not torch_sees_a_gpu():
+            raise ShardError(
+                f"shard {self.shard_id}: use_gpu is set but this FAISS build sees no GPU"
+                + ("" if torch_sees_a_gpu() else " (nor does torch)")
+                + ": install faiss-gpu, or use index_type flat (searched with torch on the GPU)"
+            )
+        gpu = TorchFlatIndex(index.d, device="cuda", fp16=self.gpu_fp16)
+        if index.ntotal:
+            gpu.add(index.reconstruct_n(0, index.ntotal))
+        return gpu
+
+    def memory_bytes(self) -> int:
+        """Index memory from ntotal x code size (host or GPU alike; nothing is copied or serialised)."""
+        return int(index_nbytes(ntotal=int(self.index.ntotal), dim=self.dim, **self.layout))
 
     def set_search_params(self, nprobe: int, ef_search: int) -> None:
         import faiss
 
+        if self.use_gpu and nprobe > GPU_MAX_K and hasattr(self.index, "nprobe"):
+            raise ShardError(f"shard {self.shard_id}: nprobe {nprobe} > {GPU_MAX_K}, the FAISS GPU limit")
         if hasattr(self.index, "nprobe"):
             self.index.nprobe = nprobe
         hnsw = getattr(faiss.downcast_index(self.index), "hnsw", None) if not self.use_gpu else None
@@ -102,7 +289,12 @@ class FaissShard:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if queries.shape[1] != self.dim:
             raise ShardError(f"shard {self.shard_id}: query dimension {queries.shape[1]} != index dimension {self.dim}")
-        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(self.ids)))
+        k = min(k, len(self.ids))
+        if self.use_gpu and k > GPU_MAX_K:
+            raise ShardError(
+                f"shard {self.shard_id}: k={k} > {GPU_MAX_K}, the most a FAISS GPU index returns: lower index.k"
+            )
+        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return scores, rows
 
     def save(self, folder: str) -> str:
@@ -110,7 +302,10 @@ class FaissShard:
 
         folder_path = Path(folder)
         folder_path.mkdir(parents=True, exist_ok=True)
-        index = faiss.index_gpu_to_cpu(self.index) if self.use_gpu else self.index
+        if hasattr(self.index, "to_faiss"):  # the torch fallback
+            index = self.index.to_faiss()
+        else:
+            index = faiss.index_gpu_to_cpu(self.index) if self.use_gpu else self.index
         faiss.write_index(index, str(folder_path / f"shard-{self.shard_id:03d}.faiss"))
         (folder_path / f"shard-{self.shard_id:03d}.ids.json").write_text(json.dumps(self.ids))
         return str(folder_path)
@@ -125,7 +320,11 @@ class FaissShard:
         index = faiss.read_index(str(path))
         self.ids = json.loads(ids_path.read_text())
         if index.ntotal != len(self.ids):
-            raise ShardError(f"shard {self.shard_id}: {path} holds {index.ntotal} vectors but its id map {len(self.ids)}")
+            raise ShardError(
+                f"shard {self.shard_id}: {path} holds {index.ntotal} vectors but its id map {len(self.ids)}"
+            )
+        self.layout = self._layout_of(index)
+        check_index_type(self.layout["kind"], self.use_gpu)
         self.index, self.dim = self._maybe_to_gpu(index), index.d
         return {"shard": self.shard_id, "vectors": len(self.ids), "dim": self.dim}
 
@@ -149,11 +348,22 @@ def merge_topk(per_shard: list[tuple[np.ndarray, np.ndarray, list[str]]], k: int
 class ShardedIndex:
     """Driver-side handle: N Ray actors, each a FaissShard."""
 
-    def __init__(self, n_shards: int, threads_per_shard: int | None = None, use_gpu: bool = False,
-                 gpu_fp16: bool = False, retries: int = 0, cpus_per_shard: float | None = None,
-                 start_timeout_s: float = 300.0):
+    def __init__(
+        self,
+        n_shards: int,
+        threads_per_shard: int | None = None,
+        use_gpu: bool = False,
+        gpu_fp16: bool = False,
+        retries: int = 0,
+        cpus_per_shard: float | None = None,
+        start_timeout_s: float = 300.0,
+        index_type: str | None = None,
+    ):
         import ray
 
+        if index_type is not None:  # refuse an impossible index before any actor starts
+            check_index_type(index_type, use_gpu)
+        self.use_gpu = use_gpu
         cpus = 0 if use_gpu else (cpus_per_shard if cpus_per_shard is not None else (threads_per_shard or 1))
         self._actor_cls = ray.remote(FaissShard).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
         self._actor_args = (threads_per_shard, use_gpu, gpu_fp16)
@@ -161,14 +371,17 @@ class ShardedIndex:
         self.retries, self.ids, self.saved_to = retries, None, None
         self.stats: list[dict] = []
         # Fail, rather than hang, when the cluster cannot place every shard.
-        ready, pending = ray.wait([a.id_map.remote() for a in self.actors], num_returns=n_shards,
-                                  timeout=start_timeout_s)
+        ready, pending = ray.wait(
+            [a.id_map.remote() for a in self.actors], num_returns=n_shards, timeout=start_timeout_s
+        )
         if pending:
             self.close()
-            raise ShardError(f"only {len(ready)} of {n_shards} shard actors could start within {start_timeout_s:.0f}s "
-                             f"(each asks for {cpus} CPU, {1 if use_gpu else 0} GPU; cluster has "
-                             f"{ray.cluster_resources().get('CPU', 0):.0f} CPU): lower index.shards or "
-                             f"index.cpus_per_shard, or add nodes")
+            raise ShardError(
+                f"only {len(ready)} of {n_shards} shard actors could start within {start_timeout_s:.0f}s "
+                f"(each asks for {cpus} CPU, {1 if use_gpu else 0} GPU; cluster has "
+                f"{ray.cluster_resources().get('CPU', 0):.0f} CPU): lower index.shards or "
+                f"index.cpus_per_shard, or add nodes"
+            )
 
     def _get(self, refs, what: str):
         import ray
@@ -182,16 +395,27 @@ class ShardedIndex:
                 raise e.cause from None
             raise
 
-    def build(self, files: list[str], kind: str = "flat", nlist: int = 256, pq_m: int = 16, hnsw_m: int = 32,
-              expected_dim: int | None = None) -> list[dict]:
+    def build(
+        self,
+        files: list[str],
+        kind: str = "flat",
+        nlist: int = 256,
+        pq_m: int = 16,
+        hnsw_m: int = 32,
+        expected_dim: int | None = None,
+    ) -> list[dict]:
+        check_index_type(kind, self.use_gpu)
         if not files:
             raise ShardError("no embedding files to index (empty corpus?)")
         if len(files) < len(self.actors):
-            raise ShardError(f"{len(self.actors)} shards but only {len(files)} embedding file(s): lower "
-                             f"index.shards or write smaller parts (index.rows_per_file)")
-        groups = [files[i::len(self.actors)] for i in range(len(self.actors))]
-        self.stats = self._get([a.build.remote(g, kind, nlist, pq_m, hnsw_m, expected_dim)
-                                for a, g in zip(self.actors, groups)], "build")
+            raise ShardError(
+                f"{len(self.actors)} shards but only {len(files)} embedding file(s): lower "
+                f"index.shards or write smaller parts (index.rows_per_file)"
+            )
+        groups = [files[i :: len(self.actors)] for i in range(len(self.actors))]
+        self.stats = self._get(
+            [a.build.remote(g, kind, nlist, pq_m, hnsw_m, expected_dim) for a, g in zip(self.actors, groups)], "build"
+        )
         self._check_dims("build")
         self.ids = self._get([a.id_map.remote() for a in self.actors], "id map")
         return self.stats

@@ -1,9 +1,18 @@
 """Exact inner-product top-k on a GPU with plain PyTorch: the shard index when faiss-gpu is absent
 (the pip faiss-cpu build, or a CUDA version faiss-gpu has no wheel for). Same results as a FAISS
 ``IndexFlatIP``: scores descending, ``-1`` rows where a shard holds fewer than k vectors."""
+
 from __future__ import annotations
 
 import numpy as np
+
+
+def torch_sees_a_gpu() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 class TorchFlatIndex:
@@ -51,12 +60,21 @@ class TorchFlatIndex:
         q_all = torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32), device=self.device)
         with torch.inference_mode():
             for start in range(0, len(queries), rows):
-                q = q_all[start:start + rows].to(self.dtype)
+                q = q_all[start : start + rows].to(self.dtype)
                 scores = (q @ matrix.T).float()  # fp16 products accumulate in fp32 on tensor cores
                 top = torch.topk(scores, k_eff, dim=1)
-                scores_out[start:start + rows, :k_eff] = top.values.cpu().numpy()
-                ids_out[start:start + rows, :k_eff] = top.indices.cpu().numpy()
+                scores_out[start : start + rows, :k_eff] = top.values.cpu().numpy()
+                ids_out[start : start + rows, :k_eff] = top.indices.cpu().numpy()
         return scores_out, ids_out
 
     def memory_bytes(self) -> int:
         return self.ntotal * self.d * self.dtype.itemsize
+
+    def to_faiss(self):
+        """A faiss-cpu IndexFlatIP holding the same vectors (what a saved shard is on disk)."""
+        import faiss
+
+        index = faiss.IndexFlatIP(self.d)
+        if self.ntotal:
+            index.add(self._all().float().cpu().numpy())
+        return index

@@ -1,6 +1,7 @@
 """Training groups: per query its positives (from the chosen label source) and negatives (the rest
 of its candidate pool), m+1 passages per group, re-sampled each epoch with a seed; tokenised on
 Ray Data and handed to each worker as its own deterministic stream."""
+
 from __future__ import annotations
 
 import functools
@@ -27,10 +28,14 @@ def human_positives(cfg: PipelineConfig, tcfg: TrainConfig) -> dict[str, set[str
 
 
 def llm_positives(cfg: PipelineConfig, tcfg: TrainConfig) -> dict[str, set[str]]:
-    path = Path(tcfg.labels_path or Path(cfg.output_dir) / "annotate" / f"{tcfg.dataset}-{tcfg.split}" / "labels.parquet")
+    path = Path(
+        tcfg.labels_path or Path(cfg.output_dir) / "annotate" / f"{tcfg.dataset}-{tcfg.split}" / "labels.parquet"
+    )
     if not path.exists():
-        raise IngestError(f"train.labels={tcfg.labels!r} needs the annotation labels table at {path}; run "
-                          f"`utilrag annotate` first or train on labels=human")
+        raise IngestError(
+            f"train.labels={tcfg.labels!r} needs the annotation labels table at {path}; run "
+            f"`utilrag annotate` first or train on labels=human"
+        )
     labels = read_table(path)
     labels = labels.filter(pc.and_(pc.equal(labels.column("source"), tcfg.labels), labels.column("positive")))
     positives: dict[str, set[str]] = defaultdict(set)
@@ -42,8 +47,9 @@ def llm_positives(cfg: PipelineConfig, tcfg: TrainConfig) -> dict[str, set[str]]
 def pools_by_query(cfg: PipelineConfig, tcfg: TrainConfig) -> dict[str, list[str]]:
     path = Path(cfg.output_dir) / "pools" / f"{tcfg.dataset}-{tcfg.split}" / "pools.parquet"
     if not path.exists():
-        raise IngestError(f"training needs candidate pools at {path}; run `utilrag pools` for "
-                          f"{tcfg.dataset}/{tcfg.split} first")
+        raise IngestError(
+            f"training needs candidate pools at {path}; run `utilrag pools` for {tcfg.dataset}/{tcfg.split} first"
+        )
     pools = read_table(path)
     by_query: dict[str, list[str]] = defaultdict(list)
     for q, d in zip(pools.column("query_id").to_pylist(), pools.column("doc_id").to_pylist()):
@@ -75,8 +81,15 @@ def phase_positives(cfg: PipelineConfig, tcfg: TrainConfig) -> list[tuple[str, d
     return phases
 
 
-def make_groups(positives: dict[str, set[str]], pools: dict[str, list[str]], group_size: int, mode: str,
-                epochs: int, seed: int, query_ids: list[str]) -> list[dict]:
+def make_groups(
+    positives: dict[str, set[str]],
+    pools: dict[str, list[str]],
+    group_size: int,
+    mode: str,
+    epochs: int,
+    seed: int,
+    query_ids: list[str],
+) -> list[dict]:
     """One row per (epoch, query with a positive): group_size doc ids and a positive mask."""
     rows = []
     for epoch in range(epochs):
@@ -99,8 +112,14 @@ def make_groups(positives: dict[str, set[str]], pools: dict[str, list[str]], gro
                 picked = [rng.choice(negs) for _ in range(need)]
             else:
                 continue
-            rows.append({"epoch": epoch, "query_id": q, "doc_ids": chosen + picked,
-                         "positives": [True] * len(chosen) + [False] * need})
+            rows.append(
+                {
+                    "epoch": epoch,
+                    "query_id": q,
+                    "doc_ids": chosen + picked,
+                    "positives": [True] * len(chosen) + [False] * need,
+                }
+            )
     return rows
 
 
@@ -114,20 +133,31 @@ def _tokenizer(model_path: str):
 def tokenize_batch(batch: dict, model_path: str, query_max_len: int, passage_max_len: int) -> dict:
     """Ray Data fn: query/passage texts -> fixed-length token id arrays (tokenizer cached per process)."""
     tokenizer = _tokenizer(model_path)
-    q = tokenizer(list(batch["query"]), padding="max_length", truncation=True, max_length=query_max_len,
-                  return_tensors="np")
+    q = tokenizer(
+        list(batch["query"]), padding="max_length", truncation=True, max_length=query_max_len, return_tensors="np"
+    )
     groups = [list(g) for g in batch["passages"]]
     n, size = len(groups), len(groups[0])
-    p = tokenizer([x for g in groups for x in g], padding="max_length", truncation=True, max_length=passage_max_len,
-                  return_tensors="np")
-    return {"q_ids": q["input_ids"], "q_mask": q["attention_mask"],
-            "p_ids": p["input_ids"].reshape(n, size, passage_max_len),
-            "p_mask": p["attention_mask"].reshape(n, size, passage_max_len),
-            "positives": np.array([list(x) for x in batch["positives"]], dtype=bool), "epoch": batch["epoch"]}
+    p = tokenizer(
+        [x for g in groups for x in g],
+        padding="max_length",
+        truncation=True,
+        max_length=passage_max_len,
+        return_tensors="np",
+    )
+    return {
+        "q_ids": q["input_ids"],
+        "q_mask": q["attention_mask"],
+        "p_ids": p["input_ids"].reshape(n, size, passage_max_len),
+        "p_mask": p["attention_mask"].reshape(n, size, passage_max_len),
+        "positives": np.array([list(x) for x in batch["positives"]], dtype=bool),
+        "epoch": batch["epoch"],
+    }
 
 
-def worker_datasets(rows: list[dict], texts: dict[str, str], docs: dict[str, str], tcfg: TrainConfig,
-                    model_path: str) -> tuple[dict, int]:
+def worker_datasets(
+    rows: list[dict], texts: dict[str, str], docs: dict[str, str], tcfg: TrainConfig, model_path: str
+) -> tuple[dict, int]:
     """Deterministic per-worker Ray datasets (train_0, train_1, ...) of whole batches.
 
     Rows are dealt round-robin in batches of per_device_queries and cut to equal step counts
@@ -139,15 +169,23 @@ def worker_datasets(rows: list[dict], texts: dict[str, str], docs: dict[str, str
     if tcfg.max_steps is not None:
         steps = min(steps, tcfg.max_steps)
     if steps == 0:
-        raise IngestError(f"train: {len(rows)} training groups are fewer than one step "
-                          f"({tcfg.per_device_queries} queries x {tcfg.num_workers} workers)")
+        raise IngestError(
+            f"train: {len(rows)} training groups are fewer than one step "
+            f"({tcfg.per_device_queries} queries x {tcfg.num_workers} workers)"
+        )
     per_worker: list[list[dict]] = [[] for _ in range(tcfg.num_workers)]
     for step in range(steps):
         for w in range(tcfg.num_workers):
             start = step * per_step + w * tcfg.per_device_queries
-            for r in rows[start:start + tcfg.per_device_queries]:
-                per_worker[w].append({"query": texts[r["query_id"]], "passages": [docs[d] for d in r["doc_ids"]],
-                                      "positives": r["positives"], "epoch": r["epoch"]})
+            for r in rows[start : start + tcfg.per_device_queries]:
+                per_worker[w].append(
+                    {
+                        "query": texts[r["query_id"]],
+                        "passages": [docs[d] for d in r["doc_ids"]],
+                        "positives": r["positives"],
+                        "epoch": r["epoch"],
+                    }
+                )
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     datasets = {}
@@ -156,8 +194,13 @@ def worker_datasets(rows: list[dict], texts: dict[str, str], docs: dict[str, str
         # num_cpus=0: tokenising is light and the training workers hold the cores; one task at a
         # time per stream, or Ray starts a process per block.
         datasets[f"train_{w}"] = ds.map_batches(
-            tokenize_batch, batch_size=tcfg.per_device_queries, num_cpus=0, batch_format="numpy",
+            tokenize_batch,
+            batch_size=tcfg.per_device_queries,
+            num_cpus=0,
+            batch_format="numpy",
             compute=ray.data.TaskPoolStrategy(size=1),
-            fn_kwargs=dict(model_path=model_path, query_max_len=tcfg.query_max_len,
-                           passage_max_len=tcfg.passage_max_len))
+            fn_kwargs=dict(
+                model_path=model_path, query_max_len=tcfg.query_max_len, passage_max_len=tcfg.passage_max_len
+            ),
+        )
     return datasets, steps

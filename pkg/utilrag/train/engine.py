@@ -5,6 +5,7 @@ on the same engine: a second ``deepspeed.initialize`` on the same module would l
 engine's ZeRO gradient hooks attached (``contiguous_gradients`` installs them even at stage 1).
 Only torch and DeepSpeed here (no Ray), so ``benchmarks/gpu_check.py`` runs it on a bare GPU box.
 """
+
 from __future__ import annotations
 
 import time
@@ -75,12 +76,14 @@ def setup_model_and_engine(tcfg: TrainConfig, model_path: str, total_steps: int,
 
     from utilrag.train.modeling import BiEncoder
 
-    model = model or BiEncoder(model_path, tcfg.pooling, tcfg.normalize, tcfg.shared_encoder,
-                               tcfg.gradient_checkpointing)
+    model = model or BiEncoder(
+        model_path, tcfg.pooling, tcfg.normalize, tcfg.shared_encoder, tcfg.gradient_checkpointing
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinearDecay(total_steps, tcfg.warmup_ratio))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(tcfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tcfg)
+    )
     engine.client_optimizer = optimizer
     return model, engine
 
@@ -90,8 +93,9 @@ def new_phase_schedule(engine, tcfg: TrainConfig, total_steps: int) -> None:
     optimizer = engine.client_optimizer
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"]
-    engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinearDecay(total_steps,
-                                                                                         tcfg.warmup_ratio))
+    engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupLinearDecay(total_steps, tcfg.warmup_ratio)
+    )
 
 
 def reset_optimizer_state(engine) -> None:
@@ -106,8 +110,12 @@ def train_step(engine, batch, tcfg: TrainConfig) -> float:
 
     b, g, p_len = batch["p_ids"].shape
     device = engine.device
-    q, p = engine(batch["q_ids"].to(device), batch["q_mask"].to(device),
-                  batch["p_ids"].reshape(b * g, p_len).to(device), batch["p_mask"].reshape(b * g, p_len).to(device))
+    q, p = engine(
+        batch["q_ids"].to(device),
+        batch["q_mask"].to(device),
+        batch["p_ids"].reshape(b * g, p_len).to(device),
+        batch["p_mask"].reshape(b * g, p_len).to(device),
+    )
     scores, mask = contrastive_scores(q.float(), p.float(), batch["positives"].bool().to(device), tcfg.temperature)
     loss = LOSSES[tcfg.loss](scores, mask)
     engine.backward(loss)

@@ -6,6 +6,7 @@ global passages. All losses are means over the local queries that have a positiv
 gather below and gradient averaging across workers, their gradients equal those of one worker
 holding the whole batch.
 """
+
 from __future__ import annotations
 
 import math

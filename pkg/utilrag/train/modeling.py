@@ -1,5 +1,6 @@
 """Bi-encoder over any Hugging Face encoder: CLS / mean / last-token pooling, shared or separate
 towers, optional L2 normalisation; saved in HF format so anyone can load it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,15 +22,24 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
 
 
 class BiEncoder(nn.Module):
-    def __init__(self, model_path: str, pooling: str = "cls", normalize: bool = False, shared: bool = True,
-                 gradient_checkpointing: bool = False):
+    def __init__(
+        self,
+        model_path: str,
+        pooling: str = "cls",
+        normalize: bool = False,
+        shared: bool = True,
+        gradient_checkpointing: bool = False,
+    ):
         super().__init__()
         from transformers import AutoModel
 
         self.query_encoder = AutoModel.from_pretrained(model_path)
         self.passage_encoder = self.query_encoder if shared else AutoModel.from_pretrained(model_path)
         if gradient_checkpointing:
-            for enc in {id(self.query_encoder): self.query_encoder, id(self.passage_encoder): self.passage_encoder}.values():
+            for enc in {
+                id(self.query_encoder): self.query_encoder,
+                id(self.passage_encoder): self.passage_encoder,
+            }.values():
                 enc.gradient_checkpointing_enable()
         self.pooling, self.normalize, self.shared = pooling, normalize, shared
 

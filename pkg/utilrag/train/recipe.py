@@ -4,6 +4,7 @@ Driver: build the phases' training groups, hand each worker its own deterministi
 stream, fit, then plot the loss curve. Worker: set up model and engine, train, checkpoint every
 N steps through ``ray.train.report``, resume from the latest checkpoint after a failure.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,14 @@ from pathlib import Path
 from utilrag.config import PipelineConfig, TrainConfig
 from utilrag.data.ingest import dataset_dir
 from utilrag.data.tables import read_table, write_manifest
-from utilrag.train.engine import (CheckpointClock, new_phase_schedule, reset_optimizer_state, resolve_precision,
-                                  save_hf_model, setup_model_and_engine, train_step)
+from utilrag.train.engine import (
+    CheckpointClock,
+    new_phase_schedule,
+    reset_optimizer_state,
+    save_hf_model,
+    setup_model_and_engine,
+    train_step,
+)
 
 __all__ = ["run_train", "setup_model_and_engine", "train_step", "train_loop_per_worker"]
 
@@ -92,9 +99,17 @@ def train_loop_per_worker(config: dict) -> None:
             torch.manual_seed(tcfg.seed * 100_003 + phase_index * 10_007 + step * 101 + rank)  # dropout
             loss = train_step(engine, batch, tcfg)
             done = step + 1
-            metrics = {"phase": phase["name"], "step": done, "global_step": phase["offset"] + done, "loss": loss,
-                       "lr": engine.get_lr()[0], "queries_per_s": tcfg.per_device_queries * ctx.get_world_size() * (
-                           done - start) / max(time.time() - t0, 1e-9)}
+            metrics = {
+                "phase": phase["name"],
+                "step": done,
+                "global_step": phase["offset"] + done,
+                "loss": loss,
+                "lr": engine.get_lr()[0],
+                "queries_per_s": tcfg.per_device_queries
+                * ctx.get_world_size()
+                * (done - start)
+                / max(time.time() - t0, 1e-9),
+            }
             if rank == 0:
                 write_header = not metrics_path.exists()
                 with open(metrics_path, "a", newline="") as f:
@@ -103,8 +118,11 @@ def train_loop_per_worker(config: dict) -> None:
                         writer.writeheader()
                     writer.writerow(metrics)
                 if done % 10 == 0 or done == phase["steps"]:
-                    print(f"[train] {phase['name']} step {done}/{phase['steps']} loss {loss:.4f} "
-                          f"({metrics['queries_per_s']:.1f} queries/s)", flush=True)
+                    print(
+                        f"[train] {phase['name']} step {done}/{phase['steps']} loss {loss:.4f} "
+                        f"({metrics['queries_per_s']:.1f} queries/s)",
+                        flush=True,
+                    )
             last = done == phase["steps"]
             save = clock.due(done) or last
             next_state = {"phase": phase_index + 1, "step": 0} if last else {"phase": phase_index, "step": done}
@@ -114,8 +132,9 @@ def train_loop_per_worker(config: dict) -> None:
         checkpoint = None
     from transformers import AutoTokenizer
 
-    save_hf_model(engine, model, Path(config["out_dir"]) / "model",
-                  AutoTokenizer.from_pretrained(config["model_path"]), rank)
+    save_hf_model(
+        engine, model, Path(config["out_dir"]) / "model", AutoTokenizer.from_pretrained(config["model_path"]), rank
+    )
 
 
 # --------------------------------------------------------------------------- driver side
@@ -129,10 +148,14 @@ def plot_loss(metrics_csv: Path, png: Path) -> None:
     df = pd.read_csv(metrics_csv).drop_duplicates("global_step", keep="last")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for phase, part in df.groupby("phase", sort=False):
-        line, = ax.plot(part["global_step"], part["loss"], alpha=0.3, linewidth=1)
+        (line,) = ax.plot(part["global_step"], part["loss"], alpha=0.3, linewidth=1)
         window = max(1, min(10, len(part) // 5))  # per-step losses of one rank's batch are noisy
-        ax.plot(part["global_step"], part["loss"].rolling(window, min_periods=1).mean(), color=line.get_color(),
-                label=f"{phase} (mean of {window} steps)")
+        ax.plot(
+            part["global_step"],
+            part["loss"].rolling(window, min_periods=1).mean(),
+            color=line.get_color(),
+            label=f"{phase} (mean of {window} steps)",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
@@ -162,7 +185,9 @@ def run_train(cfg: PipelineConfig) -> Path:
     queries = read_table(source / "queries")
     texts = dict(zip(queries.column("query_id").to_pylist(), queries.column("text").to_pylist()))
     corpus = read_table(source / "corpus")
-    docs = {d: f"{t} {x}".strip() for d, t, x in zip(*(corpus.column(c).to_pylist() for c in ["doc_id", "title", "text"]))}
+    docs = {
+        d: f"{t} {x}".strip() for d, t, x in zip(*(corpus.column(c).to_pylist() for c in ["doc_id", "title", "text"]))
+    }
     pools = pools_by_query(cfg, tcfg)
     query_ids = sorted(pools)
     if tcfg.max_queries is not None and tcfg.max_queries < len(query_ids):
@@ -174,11 +199,17 @@ def run_train(cfg: PipelineConfig) -> Path:
         datasets.update({k.replace("train", name, 1): v for k, v in phase_sets.items()})
         phases.append({"name": name, "steps": steps, "offset": offset, "groups": len(rows), "positive_sampling": mode})
         offset += steps
-        print(f"[train] phase {name!r}: {len(rows):,} groups of {tcfg.group_size} over {epochs} epoch(s) -> "
-              f"{steps} steps x {tcfg.num_workers} workers x {tcfg.per_device_queries} queries", flush=True)
-    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "utilrag" /
-                                                                              "torch_extensions")),
-           "OMP_NUM_THREADS": str(tcfg.cpus_per_worker)}
+        print(
+            f"[train] phase {name!r}: {len(rows):,} groups of {tcfg.group_size} over {epochs} epoch(s) -> "
+            f"{steps} steps x {tcfg.num_workers} workers x {tcfg.per_device_queries} queries",
+            flush=True,
+        )
+    env = {
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "utilrag" / "torch_extensions")
+        ),
+        "OMP_NUM_THREADS": str(tcfg.cpus_per_worker),
+    }
     if not tcfg.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     if os.environ.get("UTILRAG_FAULT_TRAIN_KILL_AT_STEP"):  # fault injection, set by tests only
@@ -189,12 +220,16 @@ def run_train(cfg: PipelineConfig) -> Path:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": tcfg.model_dump(), "model_path": model_path, "phases": phases, "out_dir": str(out)},
-        scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
-                                     resources_per_worker=per_worker),
-        run_config=RunConfig(name=f"utilrag-{tcfg.name}", storage_path=str(out / "ray_results"),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=tcfg.max_failures),
-                             worker_runtime_env={"env_vars": env}),
+        scaling_config=ScalingConfig(
+            num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(
+            name=f"utilrag-{tcfg.name}",
+            storage_path=str(out / "ray_results"),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=tcfg.max_failures),
+            worker_runtime_env={"env_vars": env},
+        ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
@@ -204,7 +239,14 @@ def run_train(cfg: PipelineConfig) -> Path:
         raise result.error
     plot_loss(out / "metrics.csv", out / "loss.png")
     wall = time.time() - t0
-    write_manifest(out, stage="train", config=tcfg.model_dump(), model_path=model_path, phases=phases,
-                   checkpoint=str(result.checkpoint.path) if result.checkpoint else None, wall_time_s=round(wall, 2))
+    write_manifest(
+        out,
+        stage="train",
+        config=tcfg.model_dump(),
+        model_path=model_path,
+        phases=phases,
+        checkpoint=str(result.checkpoint.path) if result.checkpoint else None,
+        wall_time_s=round(wall, 2),
+    )
     print(f"[train] done in {wall:.0f}s; HF model at {out / 'model'}; loss curve {out / 'loss.png'}", flush=True)
     return out / "model"
