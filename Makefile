@@ -28,11 +28,13 @@ $(STAMP): $(LOCK) pyproject.toml
 run: install
 	$(VENV)/bin/utilrag run --config $(CONFIG)
 
-# The quick loop: ruff lint + format check (also the first step of `make test`, so CI runs it).
+# The quick loop: ruff lint + format check and mypy on pkg/ (also the first step of `make test`,
+# so CI runs them). Settings in pyproject.toml.
 LINT_PATHS := pkg tests benchmarks jobs
 lint: install
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
 
 # pytest exits 5 when it collects no test: that is a failure here, said plainly.
 test: lint

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from utilrag.config import ConfigError, PipelineConfig, load_config
+from utilrag.config import PipelineConfig, load_config
 
 STAGES = {
     "ingest": "ingest the configured datasets into Parquet",
@@ -107,10 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utilrag.annotate import AnnotateError
-    from utilrag.data import DatasetError, IngestError
-    from utilrag.evaluate import MetricError
-    from utilrag.index import ModelError, ShardError
+    from utilrag.errors import UtilragError
 
     args = build_parser().parse_args(argv)
     try:
@@ -118,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             _eval_run(args)
         else:
             _stage(args.command, load_config(args.config, args.overrides))
-    except (AnnotateError, ConfigError, DatasetError, IngestError, MetricError, ModelError, ShardError) as e:
+    except UtilragError as e:  # every stage's user-facing errors: one line, exit 2
         print(f"utilrag: error: {e}", file=sys.stderr)
         return 2
     return 0

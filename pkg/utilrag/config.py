@@ -14,8 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from utilrag.errors import UtilragError
 
-class ConfigError(Exception):
+
+class ConfigError(UtilragError):
     """A user mistake in a config file or override (printed as one line, exit 2)."""
 
 
@@ -273,11 +275,11 @@ def apply_override(tree: dict, dotted: str, value: Any) -> None:
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
                 raise ConfigError(f"override {dotted!r}: {where!r} is not an index of a {len(node)}-item list")
-            key = int(key)
+            position = int(key)
             if last:
-                node[key] = value
+                node[position] = value
             else:
-                node = node[key]
+                node = node[position]
             continue
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i])!r} is not a section")

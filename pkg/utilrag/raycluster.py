@@ -37,6 +37,6 @@ def connect(cfg: RayConfig) -> None:
             include_dashboard=False,
             log_to_driver=True,
             configure_logging=True,
-            logging_level="WARNING",
+            logging_level=logging.WARNING,
         )
     quiet_ray_data()

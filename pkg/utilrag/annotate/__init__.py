@@ -45,8 +45,15 @@ CONTENT_SETTINGS = {
 }
 
 
+def annotate_config(cfg: PipelineConfig) -> AnnotateConfig:
+    if cfg.annotate is None:
+        raise AnnotateError("the config has no annotate section (annotate: {model, targets: [{dataset, split}]})")
+    return cfg.annotate
+
+
 def target_dir(cfg: PipelineConfig, target: AnnotateTarget) -> Path:
-    suffix = f"-{cfg.annotate.output_name}" if cfg.annotate.output_name else ""
+    output_name = annotate_config(cfg).output_name
+    suffix = f"-{output_name}" if output_name else ""
     return Path(cfg.output_dir) / "annotate" / f"{target.dataset}-{target.split}{suffix}"
 
 
@@ -63,7 +70,7 @@ def run_annotate(cfg: PipelineConfig) -> list[Path]:
 
 
 def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str) -> Path:
-    acfg = cfg.annotate
+    acfg = annotate_config(cfg)
     label = f"{target.dataset}/{target.split}"
     pools_dir = Path(cfg.output_dir) / "pools" / f"{target.dataset}-{target.split}"
     if not (pools_dir / "pools.parquet").is_file():
@@ -86,7 +93,7 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
         flush=True,
     )
     base = {
-        "pools": read_manifest(pools_dir).get("input_fingerprint"),
+        "pools": (read_manifest(pools_dir) or {}).get("input_fingerprint"),
         "target": target.model_dump(),
         "prompt_version": PROMPT_VERSION,
         "settings": acfg.model_dump(include=CONTENT_SETTINGS),

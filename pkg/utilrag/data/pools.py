@@ -7,6 +7,7 @@ import random
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 
 from utilrag.config import BM25Config, PipelineConfig, PoolsConfig
 from utilrag.data.ingest import IngestError, dataset_dir, qrels_split, relevance_threshold
-from utilrag.data.tables import SCHEMAS, fingerprint, read_manifest, read_table, write_manifest
+from utilrag.data.tables import SCHEMAS, fingerprint, read_manifest, read_table, require_manifest, write_manifest
 
 
 def build_pools(
@@ -37,7 +38,7 @@ def build_pools(
     ranked: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for q, d, r in zip(*(run.column(c).to_pylist() for c in ["query_id", "doc_id", "rank"])):
         ranked[q].append((r, d))
-    rows = {name: [] for name in SCHEMAS["pools"].names}
+    rows: dict[str, list[Any]] = {name: [] for name in SCHEMAS["pools"].names}
     stats = {"queries": 0, "no_positive": 0, "short_pool": 0, "positives_cut": 0, "positives_without_text": 0}
     for qid in query_ids:
         positives = sorted(d for d, g in grades[qid].items() if g >= threshold)
@@ -51,7 +52,7 @@ def build_pools(
             stats["positives_cut"] += 1
             positives = random.Random(f"{seed}:{qid}:pos").sample(positives, size - 1)
         chosen = set(positives)
-        negatives = []
+        negatives: list[str] = []
         for _, d in sorted(ranked[qid]):
             if len(positives) + len(negatives) >= size:
                 break
@@ -79,7 +80,11 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> Path:
     source = dataset_dir(cfg, pcfg.dataset)
     out = Path(cfg.output_dir) / "pools" / f"{pcfg.dataset}-{pcfg.split}"
     fp = fingerprint(
-        {"input": read_manifest(source)["input_fingerprint"], "config": pcfg.model_dump(), "positives": "with-text"}
+        {
+            "input": require_manifest(source, f"pools: dataset {pcfg.dataset!r}")["input_fingerprint"],
+            "config": pcfg.model_dump(),
+            "positives": "with-text",
+        }
     )
     old = read_manifest(out)
     if old and old.get("input_fingerprint") == fp and (out / "pools.parquet").is_file():
@@ -100,6 +105,7 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> Path:
             names = sorted(set(runs.column("run").to_pylist())) if runs is not None else []
             if pcfg.run not in names:
                 raise IngestError(f"pools: run {pcfg.run!r} not in dataset {pcfg.dataset!r} (runs: {names})")
+            assert runs is not None  # names came from it
             run = runs.filter(pc.equal(runs.column("run"), pcfg.run))
         else:
             run = bm25_search(

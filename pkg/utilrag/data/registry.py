@@ -15,6 +15,7 @@ from pathlib import Path
 
 from utilrag.config import DatasetConfig
 from utilrag.data.formats import exists, list_files
+from utilrag.errors import UtilragError
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 MSMARCO_TAR = "https://msmarco.z22.web.core.windows.net/msmarcoranking/collectionandqueries.tar.gz"
@@ -40,7 +41,7 @@ BEIR_NAMES = [
 ]
 
 
-class DatasetError(Exception):
+class DatasetError(UtilragError):
     """A dataset that is missing or laid out wrongly (printed as one message, exit 2)."""
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from utilrag.errors import MissingInputError
+
 SCHEMAS: dict[str, pa.Schema] = {
     "corpus": pa.schema([("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())]),
     "queries": pa.schema([("query_id", pa.string()), ("text", pa.string())]),
@@ -131,6 +133,16 @@ def write_manifest(folder: Path, **fields) -> dict:
     manifest = {"code_version": code_version(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return manifest
+
+
+def require_manifest(folder: Path, what: str) -> dict:
+    """A stage input's manifest, or one line saying which input is missing and what makes it."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise MissingInputError(
+            f"{what}: no manifest at {Path(folder) / 'manifest.json'} (run the stage that makes it)"
+        )
     return manifest
 
 

@@ -157,7 +157,7 @@ def run_evaluation(cfg: PipelineConfig, runs: list[RunToEvaluate] | None = None)
     table = format_table(rows, metrics)
     tests = significance(cfg, rows, per_query_rows) if cfg.evaluate.baseline else []
     if tests:
-        table += "\n\n" + format_tests(tests, cfg.evaluate.baseline)
+        table += "\n\n" + format_tests(tests, cfg.evaluate.baseline or "")
         pq.write_table(pa.Table.from_pylist(tests), out / "significance.parquet")
     (out / "metrics.md").write_text(table + "\n")
     if rows:

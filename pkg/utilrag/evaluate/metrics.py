@@ -12,10 +12,12 @@ from collections import defaultdict
 import ir_measures
 import pyarrow as pa
 
+from utilrag.errors import UtilragError
+
 DEFAULT_METRICS = ["nDCG@10", "MRR@10", "R@100", "R@1000", "MAP"]
 
 
-class MetricError(ValueError):
+class MetricError(UtilragError, ValueError):
     pass
 
 

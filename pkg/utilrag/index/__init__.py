@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 
 from utilrag.config import IndexConfig, IndexTarget, PipelineConfig
 from utilrag.data.ingest import IngestError, dataset_dir
-from utilrag.data.tables import SCHEMAS, fingerprint, read_manifest, read_table, write_manifest
+from utilrag.data.tables import SCHEMAS, fingerprint, read_manifest, read_table, require_manifest, write_manifest
 from utilrag.index.bm25 import run_bm25, split_queries, write_trec_run
 from utilrag.index.encode import ModelError, encode_table, read_embeddings, texts_for
 from utilrag.index.shards import ShardedIndex, ShardError
@@ -46,7 +47,7 @@ def encode_corpus(cfg: PipelineConfig, dataset: str, icfg: IndexConfig) -> tuple
             "rows_per_file",
         }
     )
-    fp = fingerprint({"input": read_manifest(source)["input_fingerprint"], "encode": settings})
+    fp = fingerprint({"input": require_manifest(source, "index: dataset")["input_fingerprint"], "encode": settings})
     old = read_manifest(out)
     if old and old.get("input_fingerprint") == fp:
         print(f"[index] {dataset}: corpus embeddings unchanged, reusing {out}", flush=True)
@@ -111,7 +112,7 @@ def rerank_run(
     doc_ids, doc_vectors = read_embeddings(embeddings_dir)
     row_of = {d: i for i, d in enumerate(doc_ids)}
     q_row = {q: i for i, q in enumerate(qids)}
-    rows = {name: [] for name in SCHEMAS["runs"].names}
+    rows: dict[str, list[Any]] = {name: [] for name in SCHEMAS["runs"].names}
     by_query: dict[str, list[str]] = {}
     for q, d in zip(candidates.column("query_id").to_pylist(), candidates.column("doc_id").to_pylist()):
         by_query.setdefault(q, []).append(d)
@@ -136,7 +137,9 @@ def build_or_load_index(
     settings = icfg.model_dump(include={"index_type", "shards", "nlist", "pq_m", "hnsw_m"})
     if icfg.use_gpu and icfg.gpu_fp16 and icfg.index_type == "ivf_flat":
         settings["storage"] = "ivf_sq_fp16"  # a different saved index (other settings keep their fingerprint)
-    fp = fingerprint({"embeddings": read_manifest(embeddings_dir)["input_fingerprint"], "index": settings})
+    fp = fingerprint(
+        {"embeddings": require_manifest(embeddings_dir, "index: embeddings")["input_fingerprint"], "index": settings}
+    )
     index = ShardedIndex(
         icfg.shards,
         icfg.threads_per_shard,
@@ -200,7 +203,7 @@ def run_index(cfg: PipelineConfig) -> list[Path]:
                     run = rerank_run(cfg, target, qids, queries, embeddings_dir)
                 else:
                     if index is None:
-                        dim = read_manifest(embeddings_dir)["encode"]["dim"]
+                        dim = require_manifest(embeddings_dir, "index: embeddings")["encode"]["dim"]
                         index = build_or_load_index(cfg, dataset, icfg, embeddings_dir, dim)
                         index.set_search_params(icfg.nprobe, icfg.ef_search)
                     run = dense_search_run(index, qids, queries, icfg.k, label)
@@ -229,7 +232,7 @@ def run_index(cfg: PipelineConfig) -> list[Path]:
 
 def dense_search_run(index: ShardedIndex, qids: list[str], queries: np.ndarray, k: int, label: str) -> pa.Table:
     scores, doc_ids = index.search(queries, k)
-    columns = {name: [] for name in SCHEMAS["runs"].names}
+    columns: dict[str, list[Any]] = {name: [] for name in SCHEMAS["runs"].names}
     for q, docs, row in zip(qids, doc_ids, scores):
         for rank, (d, s) in enumerate(zip(docs, row), start=1):
             columns["query_id"].append(q)

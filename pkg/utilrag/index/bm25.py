@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from utilrag.config import BM25Config, PipelineConfig
 from utilrag.data.ingest import dataset_dir, qrels_split
-from utilrag.data.tables import SCHEMAS, fingerprint, read_manifest, read_table, write_manifest
+from utilrag.data.tables import SCHEMAS, fingerprint, read_manifest, read_table, require_manifest, write_manifest
 
 
 def build_bm25(corpus: pa.Table, cfg: BM25Config):
@@ -36,7 +37,7 @@ def bm25_search(
     q_tokens = tokenizer.tokenize(query_texts, return_as="ids", update_vocab=False, show_progress=False)
     k = min(cfg.k, corpus.num_rows)
     docs, scores = retriever.retrieve(q_tokens, k=k, show_progress=False, n_threads=1)
-    rows = {"query_id": [], "doc_id": [], "rank": [], "score": [], "run": []}
+    rows: dict[str, list[Any]] = {"query_id": [], "doc_id": [], "rank": [], "score": [], "run": []}
     for qi, qid in enumerate(query_ids):
         keep = scores[qi] > 0  # a zero score means no query term matched: not retrieved
         for rank, (d, s) in enumerate(zip(docs[qi][keep], scores[qi][keep]), start=1):
@@ -70,7 +71,12 @@ def run_bm25(cfg: PipelineConfig, bcfg: BM25Config) -> Path:
     """The BM25 stage for one dataset/split: output_dir/bm25/<dataset>-<split>/{run.parquet,run.trec}."""
     source = dataset_dir(cfg, bcfg.dataset)
     out = Path(cfg.output_dir) / "bm25" / f"{bcfg.dataset}-{bcfg.split}"
-    fp = fingerprint({"input": read_manifest(source)["input_fingerprint"], "config": bcfg.model_dump()})
+    fp = fingerprint(
+        {
+            "input": require_manifest(source, f"bm25: dataset {bcfg.dataset!r}")["input_fingerprint"],
+            "config": bcfg.model_dump(),
+        }
+    )
     old = read_manifest(out)
     if old and old.get("input_fingerprint") == fp and (out / "run.parquet").is_file():
         print(f"[bm25] {bcfg.dataset}/{bcfg.split}: unchanged, reusing {out}", flush=True)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import importlib.util
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from utilrag.errors import UtilragError
 
 # Names of models that ship inside a PyPI package (no hub access needed).
 PACKAGED_MODELS = {
@@ -17,7 +20,7 @@ PACKAGED_MODELS = {
 }
 
 
-class ModelError(Exception):
+class ModelError(UtilragError):
     """A model that cannot be found or loaded (printed as one message, exit 2)."""
 
 
@@ -159,7 +162,7 @@ def encode_table(
     order = np.argsort([-len(t) for t in table.column("text").to_pylist()], kind="stable")
     ordered = table.take(pa.array(order))
     step = batch_size * 4  # many small blocks: progress streams back, and several encoders share the work
-    ds = ray.data.from_arrow([ordered.slice(i, step) for i in range(0, ordered.num_rows, step)])
+    ds: Any = ray.data.from_arrow([ordered.slice(i, step) for i in range(0, ordered.num_rows, step)])
     ds = ds.map_batches(
         EncodeBatch,
         batch_size=batch_size,
@@ -179,7 +182,7 @@ def encode_table(
     )
     writer, dim, done, last = None, None, 0, t0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        vectors = np.stack(batch["embedding"])
+        vectors = np.stack(list(batch["embedding"]))
         if writer is None:
             dim = vectors.shape[1]
             value = pa.float16() if out_dtype == "float16" else pa.float32()

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from utilrag.errors import UtilragError
 
 INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq", "hnsw")
 MIN_POINTS_PER_LIST = 39  # FAISS k-means warns below this many training points per centroid
@@ -23,7 +26,7 @@ GPU_MAX_K = 2048  # FAISS GPU k-selection limit (k and nprobe)
 READ_BATCH_ROWS = 4096  # embedding rows decoded at a time
 
 
-class ShardError(Exception):
+class ShardError(UtilragError):
     """An index that cannot be built, loaded or searched correctly (printed as one message, exit 2)."""
 
 
@@ -72,6 +75,7 @@ def make_faiss_index(
         return faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
     lists = ivf_lists(nlist, n_vectors)
     quantizer = faiss.IndexFlatIP(dim)
+    index: Any
     if kind == "ivf_flat" and fp16_storage:
         index = faiss.IndexIVFScalarQuantizer(
             quantizer, dim, lists, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
@@ -117,7 +121,7 @@ def index_layout(index) -> dict:
     import faiss
 
     if isinstance(index, faiss.IndexHNSW):
-        return {"kind": "hnsw", "hnsw_m": index.hnsw.nb_neighbors(1)}
+        return {"kind": "hnsw", "hnsw_m": index.hnsw.nb_neighbors(1)}  # type: ignore[attr-defined]
     if isinstance(index, faiss.IndexIVFPQ):
         return {"kind": "ivf_pq", "nlist": index.nlist, "pq_m": index.pq.M}
     if isinstance(index, faiss.IndexIVFScalarQuantizer):  # ivf_flat stored as SQfp16 (gpu_fp16)
@@ -159,7 +163,10 @@ class FaissShard:
         self.shard_id, self.use_gpu, self.gpu_fp16 = shard_id, use_gpu, gpu_fp16
         if threads:
             faiss.omp_set_num_threads(threads)
-        self.index, self.ids, self.dim, self.layout = None, [], None, {}
+        self.index: Any = None  # a FAISS index (CPU or GPU) or a TorchFlatIndex
+        self.ids: list[str] = []
+        self.dim = 0
+        self.layout: dict[str, Any] = {}
 
     def _read(self, path: str, rows: int) -> tuple[list[str], np.ndarray]:
         """One embedding file as (ids, float32 matrix), decoded in record batches straight into the
@@ -196,9 +203,11 @@ class FaissShard:
         total = sum(rows)
         if not total:
             raise ShardError(f"shard {self.shard_id}: no embeddings in {files}")
-        self.dim = dim
+        self.dim = int(dim or 0)
         fp16 = self.use_gpu and self.gpu_fp16
-        cpu_index = make_faiss_index(kind, dim, total, nlist, pq_m, hnsw_m, fp16_storage=fp16 and kind == "ivf_flat")
+        cpu_index = make_faiss_index(
+            kind, self.dim, total, nlist, pq_m, hnsw_m, fp16_storage=fp16 and kind == "ivf_flat"
+        )
         self.layout = self._layout_of(cpu_index)
         index = self._maybe_to_gpu(cpu_index)  # still empty: with a GPU, training and adding run there
         del cpu_index
@@ -206,7 +215,7 @@ class FaissShard:
             size = training_sample_size(kind, total, nlist)
             rng = np.random.default_rng([seed, self.shard_id])
             picked = np.sort(rng.choice(total, size=size, replace=False))
-            sample, filled, start = np.empty((size, dim), dtype=np.float32), 0, 0
+            sample, filled, start = np.empty((size, self.dim), dtype=np.float32), 0, 0
             for f, n in zip(files, rows):
                 lo, hi = np.searchsorted(picked, [start, start + n])
                 if hi > lo:
@@ -365,10 +374,12 @@ class ShardedIndex:
             check_index_type(index_type, use_gpu)
         self.use_gpu = use_gpu
         cpus = 0 if use_gpu else (cpus_per_shard if cpus_per_shard is not None else (threads_per_shard or 1))
-        self._actor_cls = ray.remote(FaissShard).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
+        self._actor_cls: Any = ray.remote(FaissShard).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
         self._actor_args = (threads_per_shard, use_gpu, gpu_fp16)
-        self.actors = [self._actor_cls.remote(i, *self._actor_args) for i in range(n_shards)]
-        self.retries, self.ids, self.saved_to = retries, None, None
+        self.actors: list[Any] = [self._actor_cls.remote(i, *self._actor_args) for i in range(n_shards)]
+        self.retries = retries
+        self.ids: list[list[str]] = []
+        self.saved_to: str | None = None
         self.stats: list[dict] = []
         # Fail, rather than hang, when the cluster cannot place every shard.
         ready, pending = ray.wait(

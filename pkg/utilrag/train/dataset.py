@@ -8,6 +8,7 @@ import functools
 import random
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -74,7 +75,7 @@ def phase_positives(cfg: PipelineConfig, tcfg: TrainConfig) -> list[tuple[str, d
     if tcfg.human_mix_percent:
         for q in seeded_percent(list(human), tcfg.human_mix_percent, tcfg.seed):
             llm[q] = llm.get(q, set()) | human[q]
-    phases = [(tcfg.labels, llm, tcfg.epochs, tcfg.positives)]
+    phases: list[tuple[str, dict[str, set[str]], int, str]] = [(tcfg.labels, llm, tcfg.epochs, tcfg.positives)]
     if tcfg.curriculum_human_percent:
         chosen = seeded_percent(list(human), tcfg.curriculum_human_percent, tcfg.seed)
         phases.append(("curriculum-human", {q: human[q] for q in chosen}, tcfg.curriculum_epochs, "one"))
@@ -190,7 +191,7 @@ def worker_datasets(
     ctx.execution_options.preserve_order = True
     datasets = {}
     for w, items in enumerate(per_worker):
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(steps, 16)))
+        ds: Any = ray.data.from_items(items, override_num_blocks=max(1, min(steps, 16)))
         # num_cpus=0: tokenising is light and the training workers hold the cores; one task at a
         # time per stream, or Ray starts a process per block.
         datasets[f"train_{w}"] = ds.map_batches(

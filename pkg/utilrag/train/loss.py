@@ -24,7 +24,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
     # Its backward reduce-scatters (sums) every worker's gradient back to the owner of each row.
-    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)  # type: ignore[arg-type]  # WORLD is set once initialised
 
 
 def _rows_with_positive(mask: torch.Tensor) -> torch.Tensor:

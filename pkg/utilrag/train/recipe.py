@@ -228,7 +228,7 @@ def run_train(cfg: PipelineConfig) -> Path:
             storage_path=str(out / "ray_results"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=tcfg.max_failures),
-            worker_runtime_env={"env_vars": env},
+            worker_runtime_env={"env_vars": env},  # type: ignore[call-arg]  # Ray Train v2 RunConfig
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
