@@ -97,7 +97,7 @@ class IndexConfig(Strict):
     # 64: the smallest nprobe with recall@100 >= 0.95 vs Flat at nlist 1024 (0.962, 4.5x Flat's QPS,
     # 2 FAISS threads, 1,000-query batch) on 100k vectors matched to the real MiniLM SciFact embeddings
     # (all 5,183 as anchors + covariance noise; benchmarks/index_search.py, `ivf_sweep`). nlist 2048 reached
-    # 0.951 at nprobe 64 (7.7x); nprobe 32 at nlist 1024 gives 0.916 (8x).
+    # 0.948-0.951 at nprobe 64 (7.7-8.5x) over two runs; nprobe 32 at nlist 1024 gives 0.916 (8x).
     nprobe: int = 64
     pq_m: int = 16
     hnsw_m: int = 32

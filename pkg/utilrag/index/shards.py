@@ -299,7 +299,7 @@ class FaissShard:
         if queries.shape[1] != self.dim:
             raise ShardError(f"shard {self.shard_id}: query dimension {queries.shape[1]} != index dimension {self.dim}")
         k = min(k, len(self.ids))
-        if self.use_gpu and k > GPU_MAX_K:
+        if self.use_gpu and k > GPU_MAX_K and not hasattr(self.index, "to_faiss"):  # FAISS GPU only
             raise ShardError(
                 f"shard {self.shard_id}: k={k} > {GPU_MAX_K}, the most a FAISS GPU index returns: lower index.k"
             )

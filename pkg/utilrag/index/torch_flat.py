@@ -37,7 +37,8 @@ class TorchFlatIndex:
 
         if vectors.shape[1] != self.d:
             raise ValueError(f"vectors have dimension {vectors.shape[1]}, index {self.d}")
-        self._parts.append(torch.as_tensor(np.ascontiguousarray(vectors), device=self.device).to(self.dtype))
+        host = torch.as_tensor(np.ascontiguousarray(vectors, dtype=np.float32)).to(self.dtype)  # cast before upload
+        self._parts.append(host.to(self.device))
         self._matrix = None
 
     def _all(self):
@@ -60,8 +61,11 @@ class TorchFlatIndex:
         q_all = torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32), device=self.device)
         with torch.inference_mode():
             for start in range(0, len(queries), rows):
-                q = q_all[start : start + rows].to(self.dtype)
-                scores = (q @ matrix.T).float()  # fp16 products accumulate in fp32 on tensor cores
+                q = q_all[start : start + rows]
+                if self.dtype == torch.float32:
+                    scores = q @ matrix.T
+                else:  # fp16 storage, fp32 scores (fp16 outputs keep ~3 digits: top-k order among close scores)
+                    scores = torch.cat([q @ part.float().T for part in matrix.split(1 << 18)], dim=1)
                 top = torch.topk(scores, k_eff, dim=1)
                 scores_out[start : start + rows, :k_eff] = top.values.cpu().numpy()
                 ids_out[start : start + rows, :k_eff] = top.indices.cpu().numpy()

@@ -28,10 +28,10 @@ def resolve_precision(tcfg: TrainConfig) -> str:
 
 def effective_zero_stage(tcfg: TrainConfig) -> int:
     """Half precision runs at ZeRO >= 1. DeepSpeed 0.19 wraps a bf16/fp16 model at ZeRO-0 in its
-    unfused fp16 optimizer, whose loss-scale profile ignores ``initial_scale_power``: on an H200
-    its first steps were skipped as overflows, so its losses left the ZeRO-1/2/3 ones (which
-    agree with each other). ZeRO-1 keeps fp32 master weights and costs the same communication
-    volume (reduce-scatter + all-gather instead of all-reduce)."""
+    unfused fp16 optimizer, whose loss-scale profile ignores ``initial_scale_power``: on an H200 it
+    skipped bf16 steps as overflows (bf16 needs no loss scaling; ZeRO-1/2/3 skipped none) and took
+    other fp16 steps than ZeRO-1/2/3, which agree with each other. ZeRO-1 keeps fp32 master weights
+    and costs the same communication volume (reduce-scatter + all-gather instead of all-reduce)."""
     if tcfg.deepspeed_zero_stage == 0 and resolve_precision(tcfg) in ("bf16", "fp16"):
         return 1
     return tcfg.deepspeed_zero_stage
@@ -41,8 +41,6 @@ def deepspeed_config(tcfg: TrainConfig) -> dict[str, Any]:
     precision = resolve_precision(tcfg)
     stage = effective_zero_stage(tcfg)
     zero: dict[str, Any] = {"stage": stage}
-    if stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
         "train_micro_batch_size_per_gpu": tcfg.per_device_queries,
         "gradient_accumulation_steps": 1,
@@ -124,17 +122,29 @@ def train_step(engine, batch, tcfg: TrainConfig) -> float:
 
 
 def save_hf_model(engine, model, folder: Path, tokenizer, rank: int) -> None:
-    """Save the bi-encoder in Hugging Face format. Under ZeRO-3 every rank holds only a slice of
-    each parameter, so all ranks gather the full weights together and rank 0 writes them."""
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
+    """Save the bi-encoder in Hugging Face format, in fp32. In bf16/fp16 the module holds 16-bit
+    copies: the fp32 master weights of ZeRO's optimizer are what gets saved. Under ZeRO-3 every
+    rank holds only a slice of each parameter, so all ranks gather together and rank 0 writes."""
+    import contextlib
 
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            if rank == 0:
-                model.save(folder, tokenizer)
-        return
-    if rank == 0:
-        model.save(folder, tokenizer)
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    stage = engine.zero_optimization_stage()
+    weights: dict[str, torch.Tensor] = {}
+    if stage > 0 and (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        for name, param in model.named_parameters():
+            full = safe_get_full_fp32_param(param)  # a collective under ZeRO-3: every rank calls it
+            if rank == 0 and full is not None:
+                weights[name] = full.detach().cpu()
+    gather = (
+        deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        if stage == 3
+        else contextlib.nullcontext()
+    )
+    with gather:
+        if rank == 0:
+            model.save(folder, tokenizer, weights or None)
 
 
 class CheckpointClock:
@@ -146,6 +156,8 @@ class CheckpointClock:
         self.last = time.monotonic()
 
     def due(self, step: int) -> bool:
+        """Collective: every rank calls it every step (one int broadcast; the step's loss.item()
+        synchronises with the device anyway)."""
         import torch.distributed as dist
 
         flag = time.monotonic() - self.last >= self.every_s

@@ -51,11 +51,19 @@ class BiEncoder(nn.Module):
     def forward(self, q_ids, q_mask, p_ids, p_mask):
         return (self.encode(self.query_encoder, q_ids, q_mask), self.encode(self.passage_encoder, p_ids, p_mask))
 
-    def save(self, folder: Path, tokenizer) -> None:
-        """HF format: the (query) encoder + tokenizer at folder; a separate passage tower under passage/."""
+    def save(self, folder: Path, tokenizer, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """HF format, fp32: the (query) encoder + tokenizer at folder; a separate passage tower under
+        passage/. ``weights`` (BiEncoder parameter name -> tensor) replaces the module's own values,
+        e.g. with DeepSpeed's fp32 master copies of a bf16 model."""
         folder = Path(folder)
-        self.query_encoder.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        towers = [("query_encoder", self.query_encoder, folder)]
         if not self.shared:
-            self.passage_encoder.save_pretrained(folder / "passage")
-            tokenizer.save_pretrained(folder / "passage")
+            towers.append(("passage_encoder", self.passage_encoder, folder / "passage"))
+        for prefix, encoder, where in towers:
+            state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+                     for k, v in encoder.state_dict().items()}
+            for name in list(state):
+                if weights is not None and f"{prefix}.{name}" in weights:
+                    state[name] = weights[f"{prefix}.{name}"].detach().float().cpu()
+            encoder.save_pretrained(where, state_dict=state)
+            tokenizer.save_pretrained(where)

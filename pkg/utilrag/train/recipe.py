@@ -130,6 +130,9 @@ def train_loop_per_worker(config: dict) -> None:
             if save:
                 clock.saved()
         checkpoint = None
+    if checkpoint is not None:  # restarted after the last step's checkpoint: its weights, not fresh ones
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag="ckpt")
     from transformers import AutoTokenizer
 
     save_hf_model(
