@@ -60,8 +60,10 @@ class BiEncoder(nn.Module):
         if not self.shared:
             towers.append(("passage_encoder", self.passage_encoder, folder / "passage"))
         for prefix, encoder, where in towers:
-            state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
-                     for k, v in encoder.state_dict().items()}
+            state = {
+                k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+                for k, v in encoder.state_dict().items()
+            }
             for name in list(state):
                 if weights is not None and f"{prefix}.{name}" in weights:
                     state[name] = weights[f"{prefix}.{name}"].detach().float().cpu()
