@@ -73,3 +73,22 @@ def test_cli_prints_one_error_line_and_exits_2():
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"utilrag: error: {LOCAL}: ingest.bogus: unknown key"]
+
+
+def test_cli_one_line_for_a_bad_ray_cpu_count_and_ctrl_c(tmp_path, capsys, monkeypatch):
+    """ray.num_cpus=-3 is a config error (one line, exit 2), not a Ray traceback; Ctrl-C is one
+    line and exit 130."""
+    import utilrag.cli as cli
+
+    config = tmp_path / "c.yaml"
+    config.write_text("ingest: {datasets: [{name: scifact}]}\n")
+    assert cli.main(["ingest", "--config", str(config), "ray.num_cpus=-3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ray.num_cpus" in err[0] and "greater than or equal to 1" in err[0]
+
+    def interrupted(*_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_stage", interrupted)
+    assert cli.main(["ingest", "--config", str(config)]) == 130
+    assert capsys.readouterr().err.strip() == "utilrag: interrupted"

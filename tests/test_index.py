@@ -339,3 +339,71 @@ def test_torch_flat_index_equals_faiss_flat_and_saves_as_faiss():
     saved = index.to_faiss()
     assert saved.ntotal == 500 and (saved.search(queries, 10)[1] == f_ids).all()
     assert index.memory_bytes() == 500 * 16 * 4
+
+
+def test_trained_encoder_spec_index_embeddings_equal_the_training_encoders(ray_local, tmp_path):
+    """A bi-encoder with last-token pooling, L2 normalisation and separate towers, saved as
+    training saves it (HF folders + encoder_spec.json): the index stage's Ray Data encoder,
+    configured with nothing but the model folder, reproduces the training-time embeddings."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from utilrag.config import IndexConfig
+    from utilrag.encoder_spec import EncoderSpec, read_spec
+    from utilrag.index.encode import encode_table, read_embeddings, resolve_encoder
+    from utilrag.train.modeling import BiEncoder
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    BertModel(
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=40,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(base)
+    words = [f"w{i}" for i in range(35)]
+    (base / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(base / "vocab.txt"))
+    tokenizer.save_pretrained(base)
+    model = BiEncoder(str(base), pooling="last", normalize=True, shared=False).eval()
+    with torch.no_grad():  # make the towers differ, so that a mix-up shows
+        for p in model.passage_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    spec = EncoderSpec(pooling="last", normalize=True, query_max_len=8, passage_max_len=12)
+    trained = tmp_path / "trained"
+    model.save(trained, tokenizer, spec=spec)
+    assert read_spec(trained) == spec.model_copy(update={"shared": False})
+
+    resolved, query_dir, passage_dir = resolve_encoder(IndexConfig(model=str(trained)))
+    assert resolved.pooling == "last" and not resolved.shared and passage_dir.endswith("passage")
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(2, 15)))) for _ in range(9)]  # some cut at max len
+    for tower, folder, max_len in (("query", query_dir, 8), ("passage", passage_dir, 12)):
+        out = tmp_path / f"{tower}-embeddings"
+        encode_table(
+            pa.table({"id": [str(i) for i in range(len(texts))], "text": texts}),
+            out,
+            model=folder,
+            pooling=resolved.pooling,
+            normalize=resolved.normalize,
+            max_length=max_len,
+            batch_size=4,
+            encoders=1,
+            use_gpu=False,
+            out_dtype="float32",
+            rows_per_file=100,
+            what=tower,
+        )
+        ids, got = read_embeddings(out)
+        got = got[np.argsort([int(i) for i in ids])]
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        encoder = model.query_encoder if tower == "query" else model.passage_encoder
+        with torch.no_grad():
+            want = model.encode(encoder, batch["input_ids"], batch["attention_mask"]).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=tower)
+    other = model.encode(model.query_encoder, batch["input_ids"], batch["attention_mask"]).detach().numpy()
+    assert not np.allclose(got, other, atol=1e-3)  # the passage tower really differs from the query tower

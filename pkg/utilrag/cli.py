@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     except UtilragError as e:  # every stage's user-facing errors: one line, exit 2
         print(f"utilrag: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the stages clean up in their finally blocks; no traceback
+        print("utilrag: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

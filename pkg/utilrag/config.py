@@ -28,7 +28,7 @@ class Strict(BaseModel):
 # --------------------------------------------------------------------------- stages
 class RayConfig(Strict):
     address: str | None = None  # None: $RAY_ADDRESS if set, else start a local cluster
-    num_cpus: int | None = None  # only for a local cluster started here
+    num_cpus: int | None = Field(None, ge=1)  # only for a local cluster started here
 
 
 class DatasetConfig(Strict):
@@ -79,12 +79,14 @@ class IndexTarget(Strict):
 
 class IndexConfig(Strict):
     model: str = "sentence-transformers/all-MiniLM-L6-v2"  # HF folder, hub name, or a packaged model
-    pooling: Literal["cls", "mean"] = "mean"
-    normalize: bool = True
-    query_prefix: str = ""
-    passage_prefix: str = ""
-    query_max_len: int = Field(64, gt=0)
-    passage_max_len: int = Field(256, gt=0)
+    # Encoding settings: None = as the model's encoder_spec.json says (a model trained here), else
+    # the defaults in parentheses; a value set here overrides both.
+    pooling: Literal["cls", "mean", "last"] | None = None  # (mean)
+    normalize: bool | None = None  # (true)
+    query_prefix: str | None = None  # ("")
+    passage_prefix: str | None = None  # ("")
+    query_max_len: int | None = Field(None, gt=0)  # (64)
+    passage_max_len: int | None = Field(None, gt=0)  # (256)
     batch_size: int = Field(64, gt=0)
     encoders: int = Field(1, ge=1)  # encoding actors (one model replica each); the pool's minimum
     max_encoders: int | None = Field(None, ge=1)  # autoscale the encoder pool up to this many (None: fixed)

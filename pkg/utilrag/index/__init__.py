@@ -18,7 +18,7 @@ from utilrag.config import IndexConfig, IndexTarget, PipelineConfig
 from utilrag.data.ingest import IngestError, dataset_dir
 from utilrag.data.tables import SCHEMAS, fingerprint, read_manifest, read_table, require_manifest, write_manifest
 from utilrag.index.bm25 import run_bm25, split_queries, write_trec_run
-from utilrag.index.encode import ModelError, encode_table, read_embeddings, texts_for
+from utilrag.index.encode import ModelError, encode_table, read_embeddings, resolve_encoder, texts_for
 from utilrag.index.shards import ShardedIndex, ShardError
 
 __all__ = ["run_bm25", "run_index", "dense_run_path", "ModelError", "ShardError"]
@@ -36,17 +36,12 @@ def encode_corpus(cfg: PipelineConfig, dataset: str, icfg: IndexConfig) -> tuple
     """Corpus embeddings under output_dir/index/<dataset>/<model>/embeddings (reused when unchanged)."""
     source = dataset_dir(cfg, dataset)
     out = Path(cfg.output_dir) / "index" / dataset / model_slug(icfg.model) / "embeddings"
-    settings = icfg.model_dump(
-        include={
-            "model",
-            "pooling",
-            "normalize",
-            "passage_prefix",
-            "passage_max_len",
-            "embedding_dtype",
-            "rows_per_file",
-        }
-    )
+    spec, _, passage_model = resolve_encoder(icfg)
+    settings = {
+        **icfg.model_dump(include={"model", "embedding_dtype", "rows_per_file"}),
+        **spec.model_dump(include={"pooling", "normalize", "passage_prefix", "passage_max_len"}),
+        "passage_model": passage_model,
+    }
     fp = fingerprint({"input": require_manifest(source, "index: dataset")["input_fingerprint"], "encode": settings})
     old = read_manifest(out)
     if old and old.get("input_fingerprint") == fp:
@@ -56,12 +51,12 @@ def encode_corpus(cfg: PipelineConfig, dataset: str, icfg: IndexConfig) -> tuple
     if corpus.num_rows == 0:
         raise ShardError(f"{dataset}: the corpus is empty; nothing to index")
     stats = encode_table(
-        texts_for(corpus, "doc_id", icfg.passage_prefix),
+        texts_for(corpus, "doc_id", spec.passage_prefix),
         out,
-        model=icfg.model,
-        pooling=icfg.pooling,
-        normalize=icfg.normalize,
-        max_length=icfg.passage_max_len,
+        model=passage_model,
+        pooling=spec.pooling,
+        normalize=spec.normalize,
+        max_length=spec.passage_max_len,
         batch_size=icfg.batch_size,
         encoders=icfg.encoders,
         max_encoders=icfg.max_encoders,
@@ -80,14 +75,15 @@ def encode_queries(
     qids, texts = split_queries(cfg, target.dataset, target.split)
     if not qids:
         raise IngestError(f"{target.dataset}/{target.split}: no queries to search")
-    table = pa.table({"id": qids, "text": [icfg.query_prefix + t for t in texts]})
+    spec, query_model, _ = resolve_encoder(icfg)
+    table = pa.table({"id": qids, "text": [spec.query_prefix + t for t in texts]})
     encode_table(
         table,
         out,
-        model=icfg.model,
-        pooling=icfg.pooling,
-        normalize=icfg.normalize,
-        max_length=icfg.query_max_len,
+        model=query_model,
+        pooling=spec.pooling,
+        normalize=spec.normalize,
+        max_length=spec.query_max_len,
         batch_size=icfg.batch_size,
         encoders=icfg.encoders,
         max_encoders=icfg.max_encoders,

@@ -1,4 +1,4 @@
-"""Dense encoding: a Hugging Face encoder with CLS or mean pooling, run on a Ray Data actor pool
+"""Dense encoding: a Hugging Face encoder with CLS, mean or last-token pooling, run on a Ray Data actor pool
 (one model replica per actor; a GPU per actor when configured) and written as Parquet shards."""
 
 from __future__ import annotations
@@ -11,7 +11,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from utilrag.config import IndexConfig
+from utilrag.encoder_spec import EncoderSpec, pool, read_spec, tower_dirs
 from utilrag.errors import UtilragError
+
+SPEC_FIELDS = {"pooling", "normalize", "query_max_len", "passage_max_len", "query_prefix", "passage_prefix"}
 
 # Names of models that ship inside a PyPI package (no hub access needed).
 PACKAGED_MODELS = {
@@ -76,11 +80,7 @@ class Encoder:
         ).to(self.device)
         with torch.inference_mode():
             hidden = self.model(**batch).last_hidden_state
-            if self.pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            pooled = pool(hidden, batch["attention_mask"], self.pooling)  # the training-time function
             if self.normalize:
                 pooled = torch.nn.functional.normalize(pooled, dim=-1)
         return pooled.float().cpu().numpy()
@@ -113,6 +113,19 @@ class EncodeBatch:
     def __call__(self, batch: dict) -> dict:
         vectors = self.encoder(list(batch["text"])).astype(self.out_dtype)
         return {"id": batch["id"], "embedding": list(vectors)}
+
+
+def resolve_encoder(icfg: IndexConfig) -> tuple[EncoderSpec, str, str]:
+    """How to encode with icfg.model: its saved encoder spec (a model trained here), else the
+    defaults, with every setting given in the index config on top; and its (query, passage) towers."""
+    path = resolve_model(icfg.model)
+    saved = read_spec(path) if Path(path).is_dir() else None
+    given = {k: v for k, v in icfg.model_dump(include=SPEC_FIELDS).items() if v is not None}
+    spec = (saved or EncoderSpec()).model_copy(update=given)
+    query_dir, passage_dir = tower_dirs(path, spec)
+    if not Path(passage_dir).is_dir() and passage_dir != path:
+        raise ModelError(f"model {icfg.model!r}: its encoder spec says separate towers, but {passage_dir} is missing")
+    return spec, query_dir, passage_dir
 
 
 def texts_for(table: pa.Table, id_column: str, prefix: str = "") -> pa.Table:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from utilrag.config import TrainConfig
+from utilrag.encoder_spec import EncoderSpec
 
 
 def resolve_precision(tcfg: TrainConfig) -> str:
@@ -121,7 +122,19 @@ def train_step(engine, batch, tcfg: TrainConfig) -> float:
     return float(loss.detach())
 
 
-def save_hf_model(engine, model, folder: Path, tokenizer, rank: int) -> None:
+def encoder_spec(tcfg: TrainConfig) -> EncoderSpec:
+    """How the trained model encodes: what the index and RAG stages read back."""
+    return EncoderSpec(
+        pooling=tcfg.pooling,
+        normalize=tcfg.normalize,
+        temperature=tcfg.temperature,
+        query_max_len=tcfg.query_max_len,
+        passage_max_len=tcfg.passage_max_len,
+        shared=tcfg.shared_encoder,
+    )
+
+
+def save_hf_model(engine, model, folder: Path, tokenizer, rank: int, spec: EncoderSpec | None = None) -> None:
     """Save the bi-encoder in Hugging Face format, in fp32. In bf16/fp16 the module holds 16-bit
     copies: the fp32 master weights of ZeRO's optimizer are what gets saved. Under ZeRO-3 every
     rank holds only a slice of each parameter, so all ranks gather together and rank 0 writes."""
@@ -144,7 +157,7 @@ def save_hf_model(engine, model, folder: Path, tokenizer, rank: int) -> None:
     )
     with gather:
         if rank == 0:
-            model.save(folder, tokenizer, weights or None)
+            model.save(folder, tokenizer, weights or None, spec)
 
 
 class CheckpointClock:

@@ -8,17 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from utilrag.encoder_spec import EncoderSpec, pool, write_spec
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    if pooling == "cls":
-        return hidden[:, 0]
-    if pooling == "mean":
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-    if pooling == "last":  # decoder backbones (RepLLaMA-style), right padding
-        last = mask.sum(1) - 1
-        return hidden[torch.arange(hidden.size(0)), last]
-    raise ValueError(f"unknown pooling {pooling!r}")
+__all__ = ["BiEncoder", "pool"]
 
 
 class BiEncoder(nn.Module):
@@ -51,7 +43,13 @@ class BiEncoder(nn.Module):
     def forward(self, q_ids, q_mask, p_ids, p_mask):
         return (self.encode(self.query_encoder, q_ids, q_mask), self.encode(self.passage_encoder, p_ids, p_mask))
 
-    def save(self, folder: Path, tokenizer, weights: dict[str, torch.Tensor] | None = None) -> None:
+    def save(
+        self,
+        folder: Path,
+        tokenizer,
+        weights: dict[str, torch.Tensor] | None = None,
+        spec: EncoderSpec | None = None,
+    ) -> None:
         """HF format, fp32: the (query) encoder + tokenizer at folder; a separate passage tower under
         passage/. ``weights`` (BiEncoder parameter name -> tensor) replaces the module's own values,
         e.g. with DeepSpeed's fp32 master copies of a bf16 model."""
@@ -69,3 +67,5 @@ class BiEncoder(nn.Module):
                     state[name] = weights[f"{prefix}.{name}"].detach().float().cpu()
             encoder.save_pretrained(where, state_dict=state)
             tokenizer.save_pretrained(where)
+        if spec is not None:  # how to encode with it: read back by the index and RAG stages
+            write_spec(folder, spec.model_copy(update={"shared": self.shared}))

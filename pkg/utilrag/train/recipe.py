@@ -20,6 +20,7 @@ from utilrag.data.ingest import dataset_dir
 from utilrag.data.tables import read_table, write_manifest
 from utilrag.train.engine import (
     CheckpointClock,
+    encoder_spec,
     new_phase_schedule,
     reset_optimizer_state,
     save_hf_model,
@@ -136,7 +137,12 @@ def train_loop_per_worker(config: dict) -> None:
     from transformers import AutoTokenizer
 
     save_hf_model(
-        engine, model, Path(config["out_dir"]) / "model", AutoTokenizer.from_pretrained(config["model_path"]), rank
+        engine,
+        model,
+        Path(config["out_dir"]) / "model",
+        AutoTokenizer.from_pretrained(config["model_path"]),
+        rank,
+        encoder_spec(tcfg),
     )
 
 

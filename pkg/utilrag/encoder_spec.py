@@ -1,0 +1,66 @@
+"""One description of a dense encoder, shared by training and encoding.
+
+A trained model folder carries ``encoder_spec.json`` beside its Hugging Face files: pooling,
+normalisation, temperature, max lengths, prefixes and whether the towers are shared (a separate
+passage tower lives under ``passage/``). The index (and RAG) stages read it back, so a model is
+encoded as it was trained; ``pool`` is the one pooling function both sides call.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+SPEC_FILE = "encoder_spec.json"
+Pooling = Literal["cls", "mean", "last"]
+
+
+class EncoderSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pooling: Pooling = "mean"
+    normalize: bool = True
+    temperature: float = 1.0  # the score scale at training time (s = q.d / temperature)
+    query_max_len: int = 64
+    passage_max_len: int = 256
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    shared: bool = True  # False: the passage tower is saved under passage/
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Token states -> one vector per text. ``last`` assumes right padding (decoder backbones)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    if pooling == "last":
+        last = mask.sum(1) - 1
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+    raise ValueError(f"unknown pooling {pooling!r}")
+
+
+def write_spec(model_dir: str | Path, spec: EncoderSpec) -> Path:
+    path = Path(model_dir) / SPEC_FILE
+    path.write_text(json.dumps(spec.model_dump(), indent=1) + "\n")
+    return path
+
+
+def read_spec(model_dir: str | Path) -> EncoderSpec | None:
+    """The spec saved beside a model folder, or None (a plain hub/packaged model)."""
+    path = Path(model_dir) / SPEC_FILE
+    if not path.is_file():
+        return None
+    return EncoderSpec.model_validate_json(path.read_text())
+
+
+def tower_dirs(model_dir: str, spec: EncoderSpec | None) -> tuple[str, str]:
+    """(query tower, passage tower) folders of a model."""
+    if spec is not None and not spec.shared:
+        return model_dir, str(Path(model_dir) / "passage")
+    return model_dir, model_dir
