@@ -221,7 +221,7 @@ def run_steps(tcfg, model_path: str, data: list[dict], total_steps: int, timing:
     losses, t0 = [], time.perf_counter()
     for i, b in enumerate(data):
         if i == 1:
-            sync("cpu" if tcfg.use_gpu is False else "cuda")
+            sync("cuda" if tcfg.use_gpu else "cpu")
             t0 = time.perf_counter()
         losses.append(train_step(engine, b, tcfg))
     if timing is not None and len(data) > 1:
@@ -311,6 +311,7 @@ def reference_two_phases(s, model_path, tcfg, phase_data: list[list[dict]]):
     device = "cpu" if s["cpu"] else "cuda"
     torch.manual_seed(0)
     model = BiEncoder(model_path, tcfg.pooling, tcfg.normalize, True).to(device)
+    initial = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
     losses = []
     for data in phase_data:
         opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
@@ -330,8 +331,8 @@ def reference_two_phases(s, model_path, tcfg, phase_data: list[list[dict]]):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
-    return model, losses
+            losses.append(float(loss.detach()))
+    return model, losses, initial
 
 
 def check_curriculum(s, model_path, vocab) -> dict:
@@ -343,10 +344,9 @@ def check_curriculum(s, model_path, vocab) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     phases = [batches(3, s, vocab, seed=3), batches(3, s, vocab, seed=4)]
     tcfg = train_config(s, precision="fp32")
-    ref_model, ref_losses = reference_two_phases(s, model_path, tcfg, phases)
+    ref_model, ref_losses, initial = reference_two_phases(s, model_path, tcfg, phases)
     reference = {k: v.detach().float().cpu() for k, v in ref_model.state_dict().items()}
     del ref_model
-    initial = {k: v.detach().float().cpu() for k, v in BiEncoder_state(model_path, tcfg).items()}
     update = sum(float((reference[k] - initial[k]).norm()) ** 2 for k in reference) ** 0.5
     out: dict = {"ok": True, "reference_losses": [round(v, 6) for v in ref_losses], "update_norm": update}
     for stage, reset in ((0, True), (1, True), (2, True), (3, True), (2, False)):
@@ -379,12 +379,6 @@ def check_curriculum(s, model_path, vocab) -> dict:
         # the control (AdamW state carried into phase 2) must be told apart, or the check is blind
         out["ok"] &= equal if reset else not equal
     return out
-
-
-def BiEncoder_state(model_path: str, tcfg) -> dict:
-    from utilrag.train.modeling import BiEncoder
-
-    return BiEncoder(model_path, tcfg.pooling, tcfg.normalize, True).state_dict()
 
 
 def gathered_state(engine, model) -> dict:

@@ -15,7 +15,7 @@ from utilrag.config import IndexConfig
 from utilrag.encoder_spec import EncoderSpec, pool, read_spec, tower_dirs
 from utilrag.errors import UtilragError
 
-SPEC_FIELDS = {"pooling", "normalize", "query_max_len", "passage_max_len", "query_prefix", "passage_prefix"}
+SPEC_FIELDS = set(EncoderSpec.model_fields) & set(IndexConfig.model_fields)  # what index.* may override
 
 # Names of models that ship inside a PyPI package (no hub access needed).
 PACKAGED_MODELS = {

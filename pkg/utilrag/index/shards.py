@@ -269,10 +269,11 @@ class FaissShard:
 
         from utilrag.index.torch_flat import TorchFlatIndex, torch_sees_a_gpu
 
-        if not isinstance(index, faiss.IndexFlat) or not torch_sees_a_gpu():
+        torch_gpu = torch_sees_a_gpu()
+        if not isinstance(index, faiss.IndexFlat) or not torch_gpu:
             raise ShardError(
                 f"shard {self.shard_id}: use_gpu is set but this FAISS build sees no GPU"
-                + ("" if torch_sees_a_gpu() else " (nor does torch)")
+                + ("" if torch_gpu else " (nor does torch)")
                 + ": install faiss-gpu, or use index_type flat (searched with torch on the GPU)"
             )
         gpu = TorchFlatIndex(index.d, device="cuda", fp16=self.gpu_fp16)

@@ -70,7 +70,8 @@ class WarmupLinearDecay:
 
 def setup_model_and_engine(tcfg: TrainConfig, model_path: str, total_steps: int, model=None):
     """The bi-encoder, AdamW and the first phase's schedule inside one DeepSpeed engine.
-    Returns (model, engine); ``engine.client_optimizer`` is the AdamW that later phases reset."""
+    Returns (model, engine); DeepSpeed keeps the AdamW as ``engine.client_optimizer``, which later
+    phases reset."""
     import deepspeed
 
     from utilrag.train.modeling import BiEncoder
@@ -83,7 +84,6 @@ def setup_model_and_engine(tcfg: TrainConfig, model_path: str, total_steps: int,
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tcfg)
     )
-    engine.client_optimizer = optimizer
     return model, engine
 
 
