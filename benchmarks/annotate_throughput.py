@@ -109,8 +109,8 @@ def bare_generate(model_path: str, acfg, requests) -> dict:
     from utilrag.annotate.runner import stage_sampling
 
     for key, value in {
-        "VLLM_CPU_KVCACHE_SPACE": str(acfg.kv_cache_gib),
-        "VLLM_CPU_OMP_THREADS_BIND": acfg.cpu_threads_bind or "",
+        "VLLM_CPU_KVCACHE_SPACE": str(acfg.engine.kv_cache_gib),
+        "VLLM_CPU_OMP_THREADS_BIND": acfg.engine.cpu_threads_bind or "",
     }.items():
         if value:
             os.environ[key] = value
@@ -130,6 +130,10 @@ def bare_generate(model_path: str, acfg, requests) -> dict:
     del predictor
     gc.collect()
     return {"seconds": seconds, "tokens": tokens, "start_s": start_s, "outputs": list(out["raw_output"])}
+
+
+def with_batch_size(acfg, batch_size: int):
+    return acfg.model_copy(update={"scale": acfg.scale.model_copy(update={"batch_size": batch_size})})
 
 
 def pipeline_run(cfg, acfg, requests, model_path: str, folder: Path) -> dict:
@@ -207,9 +211,7 @@ def main() -> None:
         f"(engine start {bare['start_s']:.0f}s)",
         flush=True,
     )
-    piped = pipeline_run(
-        cfg, acfg.model_copy(update={"batch_size": requests.num_rows}), requests, model_path, work / "pipeline"
-    )
+    piped = pipeline_run(cfg, with_batch_size(acfg, requests.num_rows), requests, model_path, work / "pipeline")
     s = piped["summary"]
     pipeline_tok_s = (s["prompt_tokens"] + s["output_tokens"]) / s["generate_s"]
     bare_tok_s = bare["tokens"] / bare["seconds"]
@@ -222,9 +224,15 @@ def main() -> None:
 
     # 2. scaling: s/query at 100 vs 1,000 pool rows (31 rows per query)
     scale_model = str(make_tiny_llm(work / "tiny")) if args.quick else model_path
-    scale_cfg = acfg.model_copy(update={"batch_size": 16})
+    scale_cfg = with_batch_size(acfg, 16)
     if args.quick:  # the tiny model: short prompts within its 4,096 positions
-        scale_cfg = scale_cfg.model_copy(update={"passage_words": 20, "max_tokens": 8, "max_model_len": 2048})
+        scale_cfg = scale_cfg.model_copy(
+            update={
+                "passage_words": 20,
+                "sampling": scale_cfg.sampling.model_copy(update={"max_tokens": 8}),
+                "engine": scale_cfg.engine.model_copy(update={"max_model_len": 2048}),
+            }
+        )
     per_query = {}
     for rows in (100, 1000):
         queries = max(1, round(rows / 31))

@@ -142,7 +142,7 @@ def main() -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from utilrag.config import TrainConfig
-    from utilrag.index.encode import resolve_model
+    from utilrag.encoder_spec import resolve_model
 
     model_path = resolve_model("sentence-transformers/all-MiniLM-L6-v2")
     tcfg = TrainConfig(

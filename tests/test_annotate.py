@@ -334,22 +334,25 @@ def annotate_data(tmp_path_factory, shared_datasets, ray_local):
 
 
 def _annotate_config(path: Path, data, model: str, **annotate) -> Path:
+    """The annotate section for the tiny model; a dict value (sampling, engine, scale) updates that sub-section."""
     shared, out = data
-    section = {
+    section: dict = {
         "model": model,
         "targets": [{"dataset": "trec-dl-2019", "split": "default", "max_queries": 8}],
         "stages": ["relsel"],
         "passage_words": 20,
-        "max_tokens": 8,
-        "dtype": "float32",
-        "max_model_len": 2048,
-        "enforce_eager": True,
-        "kv_cache_gib": 1,
-        "cpus_per_replica": 1,
-        "batch_size": 2,
-        "progress_every_s": 1,
-        **annotate,
+        "sampling": {"max_tokens": 8},
+        "engine": {
+            "dtype": "float32",
+            "max_model_len": 2048,
+            "enforce_eager": True,
+            "kv_cache_gib": 1,
+            "cpus_per_replica": 1,
+        },
+        "scale": {"batch_size": 2, "progress_every_s": 1},
     }
+    for key, value in annotate.items():
+        section[key] = {**section[key], **value} if isinstance(value, dict) else value
     path.write_text(
         yaml.safe_dump(
             {
@@ -378,7 +381,9 @@ def test_killed_driver_and_dead_replica_still_give_exactly_once(tmp_path, annota
     its replicas dies mid-batch (os._exit) and is restarted by Ray with the batch retried. The
     stage still ends with exactly one row per (query, window), and only unfinished work was redone.
     Constrained decoding is on, so every output must also match the selection format."""
-    config = _annotate_config(tmp_path / "c.yaml", annotate_data, tiny_llm, output_name="kill", constrained=True)
+    config = _annotate_config(
+        tmp_path / "c.yaml", annotate_data, tiny_llm, output_name="kill", sampling={"constrained": True}
+    )
     stage_dir = annotate_data[1] / "annotate" / "trec-dl-2019-default-kill"
     parts = stage_dir / "relsel.parts"
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
@@ -430,7 +435,9 @@ def test_an_engine_that_cannot_start_fails_the_job_with_its_message(tmp_path, an
     from utilrag.config import load_config
 
     # the tiny model knows 4,096 positions: vLLM refuses a longer context at engine start
-    config = _annotate_config(tmp_path / "c.yaml", annotate_data, tiny_llm, output_name="bad", max_model_len=100000)
+    config = _annotate_config(
+        tmp_path / "c.yaml", annotate_data, tiny_llm, output_name="bad", engine={"max_model_len": 100000}
+    )
     t0 = time.time()
     with pytest.raises(AnnotateError, match=r"the vLLM engine did not start: .*max_model_len"):
         run_annotate(load_config(config))

@@ -3,7 +3,15 @@ import sys
 
 import pytest
 
-from utilrag.config import REPO_ROOT, ConfigError, PipelineConfig, load_config
+from utilrag.config import (
+    REPO_ROOT,
+    AnnotateConfig,
+    ConfigError,
+    PipelineConfig,
+    config_json_schema,
+    config_reference,
+    load_config,
+)
 
 LOCAL = REPO_ROOT / "jobs" / "configs" / "local.yaml"
 PAPER = REPO_ROOT / "jobs" / "configs" / "msmarco-qwen32b.yaml"
@@ -15,6 +23,7 @@ def test_shipped_configs_validate():
     paper = load_config(PAPER)
     assert paper.annotate.model == "Qwen/Qwen2.5-32B-Instruct-GPTQ-Int8"
     assert paper.pools[0].size == 31 and paper.annotate.window == 16
+    assert paper.annotate.engine.tensor_parallel_size == 2 and paper.annotate.scale.replicas == (1, 16)
     assert paper.train.loss == "summarg" and paper.train.lr == 3e-5
 
 
@@ -89,6 +98,61 @@ def test_cli_one_line_for_a_bad_ray_cpu_count_and_ctrl_c(tmp_path, capsys, monke
     def interrupted(*_args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_stage", interrupted)
+    monkeypatch.setattr(cli, "_dispatch", interrupted)
     assert cli.main(["ingest", "--config", str(config)]) == 130
     assert capsys.readouterr().err.strip() == "utilrag: interrupted"
+
+
+def test_annotate_sections_take_overrides_and_refuse_the_old_flat_keys():
+    cfg = load_config(LOCAL, ["annotate.scale.batch_size=4", "annotate.engine.enforce_eager=false"])
+    assert cfg.annotate.scale.batch_size == 4 and cfg.annotate.engine.enforce_eager is False
+    assert cfg.annotate.sampling.max_tokens == 48 and cfg.annotate.engine.cpu_threads_bind == "0-1"
+    with pytest.raises(ConfigError, match="annotate.batch_size: unknown key"):
+        load_config(LOCAL, ["annotate.batch_size=4"])
+
+
+def test_content_settings_keep_the_flat_fingerprint_keys():
+    """The stage fingerprint's settings stay the flat keys they were before the sub-sections, so
+    finished stages are not redone; scale and placement settings are not among them."""
+    acfg = AnnotateConfig.model_validate(
+        {"model": "m", "sampling": {"max_tokens": 8}, "engine": {"dtype": "float32"}, "scale": {"batch_size": 2}}
+    )
+    assert acfg.content_settings() == {
+        "model": "m",
+        "window": 16,
+        "passage_words": 300,
+        "human_positive": "random",
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "seed": 0,
+        "max_tokens": 8,
+        "answer_max_tokens": 256,
+        "constrained": False,
+        "dtype": "float32",
+        "quantization": None,
+        "max_model_len": 8192,
+    }
+
+
+def test_every_key_has_a_description():
+    schema = config_json_schema()
+    models = {"PipelineConfig": schema, **schema["$defs"]}
+    missing = [
+        f"{name}.{key}"
+        for name, model in models.items()
+        for key, prop in model["properties"].items()
+        if not prop.get("description")
+    ]
+    assert not missing
+    rows = config_reference().splitlines()[2:]
+    assert all(row.rstrip(" |").rsplit(" | ", 1)[1].strip() for row in rows)
+    keys = [row.split(" | ")[0].strip("| `") for row in rows]
+    assert {"pools[].size", "annotate.engine.enforce_eager", "annotate.scale.batch_size"} <= set(keys)
+
+
+def test_readme_reference_is_generated():
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+    assert text.count(start) == 1 and text.count(end) == 1
+    section = text.split(start, 1)[1].split(end, 1)[0]
+    assert section.strip() == config_reference().strip(), "stale: run python scripts/gen_config_reference.py"

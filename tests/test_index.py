@@ -238,10 +238,10 @@ def dl19_slice(tmp_path, shared_datasets):
 
 def test_index_stage_end_to_end(ray_local, make_config, dl19_slice, capsys):
     from utilrag.data import ingest
-    from utilrag.data.tables import read_manifest
     from utilrag.evaluate import run_evaluation
     from utilrag.index import run_index
     from utilrag.index.encode import Encoder, read_embeddings
+    from utilrag.store import read_manifest
 
     root, queries, docs = dl19_slice
     cfg = make_config(
@@ -296,7 +296,7 @@ def test_index_stage_end_to_end(ray_local, make_config, dl19_slice, capsys):
     assert all(abs(full_scores[(q, d)] - s) < 1e-4 for q, d, s in shared)
     # The Ray Data pipeline's embeddings equal the bare encoder's.
     emb_dir = next((cfg_out := __import__("pathlib").Path(cfg.output_dir) / "index" / "slice").glob("*/embeddings"))
-    ids, vectors = read_embeddings(emb_dir)
+    ids, vectors = read_embeddings(str(emb_dir / "parts"))
     from utilrag.data.tables import read_table
 
     corpus = read_table(cfg_out.parent.parent / "ingest" / "slice" / "corpus").to_pandas().set_index("doc_id")

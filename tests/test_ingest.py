@@ -2,6 +2,7 @@
 
 import gzip
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -9,7 +10,8 @@ import pytest
 from conftest import write_lines
 from utilrag.data import IngestError, ingest
 from utilrag.data.formats import parse_file
-from utilrag.data.tables import read_manifest, read_table
+from utilrag.data.tables import read_table
+from utilrag.store import read_manifest
 
 
 def _rejects(out):
@@ -21,7 +23,7 @@ def test_real_scifact_and_dl19(ray_local, shared_datasets, make_config, capsys):
         {"data_root": str(shared_datasets), "ingest": {"datasets": [{"name": "scifact"}, {"name": "trec-dl-2019"}]}}
     )
     results = ingest(cfg)
-    sf, dl = results["scifact"].output, results["trec-dl-2019"].output
+    sf, dl = Path(results["scifact"].output), Path(results["trec-dl-2019"].output)
     assert read_table(sf / "corpus").num_rows == 5183
     assert read_table(sf / "queries").num_rows == 1109
     qrels = read_table(sf / "qrels").to_pandas()
@@ -68,7 +70,7 @@ def test_broken_msmarco_inputs_are_rejected_with_file_line_reason(ray_local, tmp
         {"ingest": {"reject_threshold": 1.0, "datasets": [{"name": "broken", "path": str(root), "layout": "msmarco"}]}}
     )
     result = ingest(cfg)["broken"]
-    out = result.output
+    out = Path(result.output)
     assert read_table(out / "corpus").column("doc_id").to_pylist() == ["1", "2"]
     assert read_table(out / "queries").column("query_id").to_pylist() == ["10", "12"]
     assert read_table(out / "qrels").to_pylist() == [{"query_id": "10", "doc_id": "1", "grade": 2, "split": "default"}]
@@ -136,7 +138,7 @@ def test_broken_beir_jsonl(ray_local, tmp_path, make_config):
     write_lines(root / "queries.jsonl", [json.dumps({"_id": "q1", "text": "alpha?"}), ""])
     write_lines(root / "qrels" / "test.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t1", "q1\td2\t1"])
     cfg = make_config({"ingest": {"reject_threshold": 1.0, "datasets": [{"name": "b", "path": str(root)}]}})
-    out = ingest(cfg)["b"].output
+    out = Path(ingest(cfg)["b"].output)
     reasons = {(r["table"], r["line"]): r["reason"] for r in _rejects(out)}
     assert reasons[("corpus", 2)].startswith("malformed JSON")
     assert reasons[("corpus", 3)] == "text is not a string"
@@ -175,7 +177,7 @@ def test_tevatron_pools_are_read_as_given(ray_local, tmp_path, make_config):
             }
         }
     )
-    out = ingest(cfg)["tev"].output
+    out = Path(ingest(cfg)["tev"].output)
     assert read_table(out / "corpus").num_rows == 6
     pools = read_table(out / "pools").to_pylist()
     assert [(p["query_id"], p["doc_id"], p["position"], p["source"]) for p in pools[:4]] == [

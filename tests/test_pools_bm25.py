@@ -9,7 +9,7 @@ import pytest
 from utilrag.data import ingest, run_pools
 from utilrag.data.pools import build_pools
 from utilrag.evaluate import run_evaluation
-from utilrag.index import run_bm25
+from utilrag.index.bm25 import run_bm25
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def real_cfg(tmp_path_factory, shared_datasets):
 
 def test_dl19_pools_from_the_bm25_run(ray_local, real_cfg):
     ingest(real_cfg)
-    pools = pq.read_table(run_pools(real_cfg, real_cfg.pools[0]) / "pools.parquet").to_pandas()
+    pools = pq.read_table(Path(run_pools(real_cfg, real_cfg.pools[0])[0]) / "pools.parquet").to_pandas()
     assert pools["query_id"].nunique() == 43
     assert (pools.groupby("query_id").size() == 31).all()
     positives = pools[pools["source"] == "human"]
@@ -52,7 +52,7 @@ def test_dl19_pools_from_the_bm25_run(ray_local, real_cfg):
 
 def test_scifact_pools_from_bm25s_are_seeded(ray_local, real_cfg):
     ingest(real_cfg)
-    first = pq.read_table(run_pools(real_cfg, real_cfg.pools[1]) / "pools.parquet")
+    first = pq.read_table(Path(run_pools(real_cfg, real_cfg.pools[1])[0]) / "pools.parquet")
     assert first.to_pandas()["query_id"].nunique() == 50
     assert set(first.column("source").to_pylist()) == {"human", "bm25s"}
     inputs = _inputs_for(first)
@@ -103,7 +103,7 @@ def test_pool_edge_cases():
 
 def test_bm25s_on_scifact_and_the_evaluation_table(ray_local, real_cfg, capsys):
     ingest(real_cfg)
-    out = run_bm25(real_cfg, real_cfg.bm25[0])
+    out = Path(run_bm25(real_cfg, real_cfg.bm25[0])[0])
     run = pq.read_table(out / "run.parquet")
     assert run.to_pandas().groupby("query_id").size().max() == 1000
     assert (out / "run.trec").read_text().splitlines()[0].split()[1] == "Q0"

@@ -1,4 +1,4 @@
-"""Integration: a real `ray start --head` on 127.0.0.1, `ray job submit` of jobs/ingest.py, Parquet checked,
+"""Integration: a real `ray start --head` on 127.0.0.1, `ray job submit` of jobs/submit.py ingest, Parquet checked,
 and the cluster this test started stopped again (only its own processes: other tests' Ray stays up)."""
 
 import os
@@ -14,7 +14,8 @@ import psutil
 import pytest
 
 from utilrag.config import REPO_ROOT
-from utilrag.data.tables import read_manifest, read_table
+from utilrag.data.tables import read_table
+from utilrag.store import read_manifest
 
 
 def free_port() -> int:
@@ -99,7 +100,8 @@ def test_ray_job_submit_ingest(shared_datasets, tmp_path):
             str(REPO_ROOT),
             "--",
             "python",
-            "jobs/ingest.py",
+            "jobs/submit.py",
+            "ingest",
             "--config",
             "jobs/configs/local.yaml",
             f"output_dir={out}",
@@ -114,7 +116,7 @@ def test_ray_job_submit_ingest(shared_datasets, tmp_path):
         assert "succeeded" in submit.stdout + submit.stderr
         assert read_table(out / "ingest" / "scifact" / "corpus").num_rows == 5183
         assert read_table(out / "ingest" / "trec-dl-2019" / "runs").num_rows == 17200
-        assert read_manifest(out / "ingest" / "scifact")["status"] == "ok"
+        assert read_manifest(out / "ingest" / "scifact")["status"] == "complete"
     finally:
         stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -125,7 +125,7 @@ def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(
     from transformers import AutoModel
 
     from utilrag.data import ingest, run_pools
-    from utilrag.index.encode import resolve_model
+    from utilrag.encoder_spec import resolve_model
     from utilrag.train import run_train
 
     qrels = [line.split() for line in (tiny_dataset / "qrels.train.tsv").read_text().splitlines()]

@@ -1,6 +1,7 @@
-"""``utilrag <stage> --config FILE [key=value ...]`` and ``utilrag eval-run``.
+"""``utilrag <stage> --config FILE [key=value ...]``, ``utilrag pipeline``, ``utilrag eval-run``.
 
-User mistakes (config, missing data, bad files) print one ``utilrag: error: ...`` line and exit 2.
+The stage commands come from the stage registry (``utilrag.stages``), in pipeline order. User
+mistakes (config, missing data, bad files) print one ``utilrag: error: ...`` line and exit 2.
 """
 
 from __future__ import annotations
@@ -9,63 +10,13 @@ import argparse
 import json
 import sys
 
-from utilrag.config import PipelineConfig, load_config
+from utilrag.stages import STAGES
 
-STAGES = {
-    "ingest": "ingest the configured datasets into Parquet",
-    "pools": "build candidate pools for annotation",
-    "bm25": "BM25 retrieval runs with bm25s",
-    "index": "encode a corpus, build sharded FAISS indices, write dense runs",
-    "annotate": "LLM utility annotation (RelSel, pseudo-answer, UtilSel, UtilRank, graded) with vLLM",
+JOBS = {
+    "pipeline": "every configured stage in order (--from STAGE, --only STAGE ...), reusing unchanged outputs",
+    "run": "the baseline job: ingest, pools, BM25, dense index, evaluation (no LLM, no training)",
     "annotate-report": "print the agreement report of finished annotations",
-    "train": "fit the bi-encoder with Ray Train + DeepSpeed",
-    "evaluate": "evaluate the configured runs",
-    "run": "the main job: ingest, pools, BM25, evaluation",
 }
-
-
-def _stage(name: str, cfg: PipelineConfig) -> None:
-    from utilrag.raycluster import connect
-
-    if name == "run":
-        from utilrag.pipeline import run_pipeline
-
-        run_pipeline(cfg)
-    elif name == "ingest":
-        from utilrag.data import ingest
-
-        connect(cfg.ray)
-        ingest(cfg)
-    elif name == "pools":
-        from utilrag.data import run_pools
-
-        for pcfg in cfg.pools:
-            run_pools(cfg, pcfg)
-    elif name == "bm25":
-        from utilrag.index import run_bm25
-
-        for bcfg in cfg.bm25:
-            run_bm25(cfg, bcfg)
-    elif name == "index":
-        from utilrag.index import run_index
-
-        run_index(cfg)
-    elif name == "annotate":
-        from utilrag.annotate import run_annotate
-
-        run_annotate(cfg)
-    elif name == "annotate-report":
-        from utilrag.annotate import print_reports
-
-        print_reports(cfg)
-    elif name == "train":
-        from utilrag.train import run_train
-
-        run_train(cfg)
-    elif name == "evaluate":
-        from utilrag.evaluate import run_evaluation
-
-        run_evaluation(cfg)
 
 
 def _eval_run(args) -> None:
@@ -87,13 +38,29 @@ def _eval_run(args) -> None:
     print(f"queries\tall\t{len(per_query)}")
 
 
+def _config(args) -> None:
+    from utilrag.config import config_json_schema, config_reference
+
+    print(json.dumps(config_json_schema(), indent=2) if args.schema else config_reference())
+
+
+def _with_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config (e.g. jobs/configs/local.yaml)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="utilrag", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in STAGES.items():
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage in STAGES:
+        _with_config(sub.add_parser(stage.name, help=stage.help))
+    for name, help_text in JOBS.items():
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", required=True, help="YAML config (e.g. jobs/configs/local.yaml)")
-        p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        _with_config(p)
+        if name == "pipeline":
+            p.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (earlier ones skipped)")
+            p.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
     p = sub.add_parser("eval-run", help="trec_eval-like evaluation of one run file")
     p.add_argument("--qrels", required=True, help="TREC qrels (qid 0 docid grade) or BEIR qrels tsv")
     p.add_argument("--run", required=True, help="TREC run (qid Q0 docid rank score tag)")
@@ -103,7 +70,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--per-query", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object of metric -> value")
+    p = sub.add_parser("config", help="the configuration reference (Markdown), or its JSON schema")
+    p.add_argument("--schema", action="store_true", help="print the JSON schema instead of the Markdown table")
     return parser
+
+
+def _dispatch(args) -> None:
+    if args.command == "eval-run":
+        return _eval_run(args)
+    if args.command == "config":
+        return _config(args)
+    from utilrag.config import load_config
+    from utilrag.logs import setup_logging
+
+    setup_logging(args.log_level)
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "pipeline":
+        from utilrag.pipeline import run_pipeline
+
+        run_pipeline(cfg, only=args.only, start=args.start)
+    elif args.command == "run":
+        from utilrag.pipeline import BASELINE_STAGES, run_pipeline
+
+        run_pipeline(cfg, among=BASELINE_STAGES)
+    elif args.command == "annotate-report":
+        from utilrag.annotate import print_reports
+
+        print_reports(cfg)
+    else:
+        from utilrag.stages import get_stage
+
+        get_stage(args.command).runner()(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "eval-run":
-            _eval_run(args)
-        else:
-            _stage(args.command, load_config(args.config, args.overrides))
+        _dispatch(args)
     except UtilragError as e:  # every stage's user-facing errors: one line, exit 2
         print(f"utilrag: error: {e}", file=sys.stderr)
         return 2

@@ -2,17 +2,22 @@
 
 A config is a YAML file plus torchtune-style ``key.sub=value`` overrides. Every
 mistake (unknown key, wrong type, missing file) becomes one ``ConfigError`` line
-naming the key or path; the CLI turns it into exit code 2.
+naming the key or path; the CLI turns it into exit code 2. Every key carries a description:
+``config_reference()`` renders them as the README's Markdown table, ``config_json_schema()`` as
+JSON Schema.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 
 from utilrag.errors import UtilragError
 
@@ -27,91 +32,139 @@ class Strict(BaseModel):
 
 # --------------------------------------------------------------------------- stages
 class RayConfig(Strict):
-    address: str | None = None  # None: $RAY_ADDRESS if set, else start a local cluster
-    num_cpus: int | None = Field(None, ge=1)  # only for a local cluster started here
+    address: str | None = Field(
+        None,
+        description="Ray cluster address; null: $RAY_ADDRESS if set (as `ray job submit` does), else a local cluster",
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs of a local cluster started here (ignored for an address)"
+    )
 
 
 class DatasetConfig(Strict):
-    name: str  # a registered name (scifact, trec-dl-2019, msmarco-passage, BEIR names) or a label
-    path: str | None = None  # a local folder or s3:// / gs:// URI holding the layout; None: data_root/name
-    layout: Literal["auto", "beir", "msmarco", "tevatron"] = "auto"
-    relevance_threshold: int | None = None  # grade counted relevant; None: the registry's (DL: 2)
+    name: str = Field(description="a registered name (scifact, trec-dl-2019, msmarco-passage, BEIR names) or a label")
+    path: str | None = Field(
+        None, description="a local folder or s3:// / gs:// URI holding the layout; null: <data_root>/<name>"
+    )
+    layout: Literal["auto", "beir", "msmarco", "tevatron"] = Field("auto", description="the files' layout")
+    relevance_threshold: int | None = Field(
+        None, description="qrels grade counted relevant; null: the registry's (TREC DL: 2)"
+    )
     # qrels naming documents outside the corpus: reject them, or keep them (a partial corpus
     # such as the DL19 candidate pool, where judged-but-unretrieved passages still count for nDCG).
-    unknown_qrels_docs: Literal["reject", "keep"] | None = None
+    unknown_qrels_docs: Literal["reject", "keep"] | None = Field(
+        None,
+        description="qrels naming documents outside the corpus: reject them, or keep them (a partial corpus "
+        "such as the DL19 candidate pool, where judged-but-unretrieved passages still count for nDCG); "
+        "null: the registry's",
+    )
 
 
 class IngestConfig(Strict):
-    datasets: list[DatasetConfig] = Field(min_length=1)
-    reject_threshold: float = Field(0.001, ge=0, le=1)  # fail the ingest above this share of bad rows
-    rows_per_file: int = Field(500_000, gt=0)
-    batch_rows: int = Field(20_000, gt=0)
-    download: bool = True  # fetch a registered dataset's public files when it is missing and online
+    datasets: list[DatasetConfig] = Field(min_length=1, description="the datasets to ingest")
+    reject_threshold: float = Field(0.001, ge=0, le=1, description="fail the ingest above this share of bad rows")
+    rows_per_file: int = Field(500_000, gt=0, description="rows per Parquet part of the ingested tables")
+    batch_rows: int = Field(20_000, gt=0, description="rows read and validated per batch")
+    download: bool = Field(True, description="fetch a registered dataset's public files when it is missing and online")
 
 
 class PoolsConfig(Strict):
-    dataset: str
-    split: str  # the qrels split whose queries get pools
-    run: str | None = None  # ingested run giving hard negatives; None: BM25 over the corpus
-    size: int = Field(31, ge=2)  # the paper: 1 human positive + 30 negatives
-    seed: int = 0
-    max_queries: int | None = None  # a seeded sample of the split's queries, for small local runs
+    dataset: str = Field(description="an ingested dataset")
+    split: str = Field(description="the qrels split whose queries get pools")
+    run: str | None = Field(None, description="an ingested run giving hard negatives; null: BM25 over the corpus")
+    size: int = Field(31, ge=2, description="passages per pool (the paper: 1 human positive + 30 negatives)")
+    seed: int = Field(0, description="seed of the per-query shuffle and of the max_queries sample")
+    max_queries: int | None = Field(
+        None, description="a seeded sample of the split's queries, for small local runs; null: all"
+    )
 
 
 class BM25Config(Strict):
-    dataset: str
-    split: str  # queries of this qrels split are searched
-    k: int = Field(1000, gt=0)
-    k1: float = 0.9
-    b: float = 0.4
-    method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = "lucene"
-    stemmer: str | None = "english"  # a PyStemmer language, or null
-    stopwords: str | None = "en"
-    fields: list[Literal["title", "text"]] = ["title", "text"]
+    dataset: str = Field(description="an ingested dataset; its corpus is indexed")
+    split: str = Field(description="queries of this qrels split are searched")
+    k: int = Field(1000, gt=0, description="results per query")
+    k1: float = Field(0.9, description="BM25 k1 (term frequency saturation)")
+    b: float = Field(0.4, description="BM25 b (length normalisation)")
+    method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = Field(
+        "lucene", description="the bm25s scoring variant"
+    )
+    stemmer: str | None = Field("english", description="a PyStemmer language, or null for no stemming")
+    stopwords: str | None = Field("en", description="a bm25s stopword list, or null for none")
+    fields: list[Literal["title", "text"]] = Field(["title", "text"], description="document fields indexed")
 
 
 class IndexTarget(Strict):
-    dataset: str
-    split: str | None = None  # queries of this qrels split are searched; None: all judged queries
-    rerank: str | None = None  # an ingested run (e.g. DL19's bm25 top-100): score only its candidates
-    label: str | None = None  # the run's name; default "dense" (or "dense-rerank-<run>")
+    dataset: str = Field(description="an ingested dataset")
+    split: str | None = Field(None, description="queries of this qrels split are searched; null: all judged queries")
+    rerank: str | None = Field(
+        None, description="an ingested run (e.g. DL19's bm25 top-100): score only its candidates; null: full retrieval"
+    )
+    label: str | None = Field(None, description='the run\'s name; null: "dense" (or "dense-rerank-<run>")')
 
 
 class IndexConfig(Strict):
-    model: str = "sentence-transformers/all-MiniLM-L6-v2"  # HF folder, hub name, or a packaged model
+    model: str = Field(
+        "sentence-transformers/all-MiniLM-L6-v2", description="the encoder: HF folder, hub name, or a packaged model"
+    )
     # Encoding settings: None = as the model's encoder_spec.json says (a model trained here), else
     # the defaults in parentheses; a value set here overrides both.
-    pooling: Literal["cls", "mean", "last"] | None = None  # (mean)
-    normalize: bool | None = None  # (true)
-    query_prefix: str | None = None  # ("")
-    passage_prefix: str | None = None  # ("")
-    query_max_len: int | None = Field(None, gt=0)  # (64)
-    passage_max_len: int | None = Field(None, gt=0)  # (256)
-    batch_size: int = Field(64, gt=0)
-    encoders: int = Field(1, ge=1)  # encoding actors (one model replica each); the pool's minimum
-    max_encoders: int | None = Field(None, ge=1)  # autoscale the encoder pool up to this many (None: fixed)
-    use_gpu: bool = False  # a GPU per encoder and per shard actor, and a FAISS GPU index
-    embedding_dtype: Literal["float32", "float16"] = "float32"
-    rows_per_file: int = Field(2048, gt=0)  # embedding Parquet part size; shards take whole parts
-    shards: int = Field(2, ge=1)
-    index_type: Literal["flat", "ivf_flat", "ivf_pq", "hnsw"] = "flat"
-    nlist: int = 1024  # IVF lists per shard (shrunk to shard size / 39 for small shards)
+    pooling: Literal["cls", "mean", "last"] | None = Field(
+        None, description="token pooling; null: as the model's encoder_spec.json says, else mean"
+    )
+    normalize: bool | None = Field(
+        None, description="L2-normalise embeddings; null: as the model's encoder_spec.json says, else true"
+    )
+    query_prefix: str | None = Field(
+        None, description='text put before each query; null: as the model\'s encoder_spec.json says, else ""'
+    )
+    passage_prefix: str | None = Field(
+        None, description='text put before each passage; null: as the model\'s encoder_spec.json says, else ""'
+    )
+    query_max_len: int | None = Field(
+        None, gt=0, description="query tokens kept; null: as the model's encoder_spec.json says, else 64"
+    )
+    passage_max_len: int | None = Field(
+        None, gt=0, description="passage tokens kept; null: as the model's encoder_spec.json says, else 256"
+    )
+    batch_size: int = Field(64, gt=0, description="texts per encoder call")
+    encoders: int = Field(1, ge=1, description="encoding actors (one model replica each); the pool's minimum")
+    max_encoders: int | None = Field(
+        None, ge=1, description="autoscale the encoder pool up to this many; null: a fixed pool of `encoders`"
+    )
+    use_gpu: bool = Field(False, description="a GPU per encoder and per shard actor, and a FAISS GPU index")
+    embedding_dtype: Literal["float32", "float16"] = Field("float32", description="stored embedding precision")
+    rows_per_file: int = Field(2048, gt=0, description="embedding Parquet part size; shards take whole parts")
+    shards: int = Field(2, ge=1, description="index shard actors; each searches its part and the results are merged")
+    index_type: Literal["flat", "ivf_flat", "ivf_pq", "hnsw"] = Field(
+        "flat", description="the FAISS index of each shard"
+    )
+    nlist: int = Field(1024, description="IVF lists per shard (shrunk to shard size / 39 for small shards)")
     # 64: the smallest nprobe with recall@100 >= 0.95 vs Flat at nlist 1024 (0.962, 4.5x Flat's QPS,
     # 2 FAISS threads, 1,000-query batch) on 100k vectors matched to the real MiniLM SciFact embeddings
     # (all 5,183 as anchors + covariance noise; benchmarks/index_search.py, `ivf_sweep`). nlist 2048 reached
     # 0.948-0.951 at nprobe 64 (7.7-8.5x) over two runs; nprobe 32 at nlist 1024 gives 0.916 (8x).
-    nprobe: int = 64
-    pq_m: int = 16
-    hnsw_m: int = 32
-    ef_search: int = 128
+    nprobe: int = Field(
+        64,
+        description="IVF lists searched per query; 64 is the smallest with recall@100 >= 0.95 vs Flat at "
+        "nlist 1024 (measured 0.962, 4.5x Flat's QPS; benchmarks/index_search.py)",
+    )
+    pq_m: int = Field(16, description="ivf_pq: sub-quantizers per vector")
+    hnsw_m: int = Field(32, description="hnsw: neighbours per node")
+    ef_search: int = Field(128, description="hnsw: search depth")
     # GPU: fp16 storage for flat (useFloat16) and ivf_flat (stored as IVF-SQfp16); ivf_pq: fp16 lookup tables
-    gpu_fp16: bool = False
-    threads_per_shard: int | None = 1
-    cpus_per_shard: float | None = None  # CPUs each shard actor reserves; None: threads_per_shard
-    shard_start_timeout_s: float = Field(300, gt=0)  # fail (not hang) when shards cannot be placed
-    search_retries: int = Field(0, ge=0)  # restart a dead shard from the saved index and retry
-    k: int = Field(1000, gt=0)
-    targets: list[IndexTarget] = []
+    gpu_fp16: bool = Field(
+        False,
+        description="GPU only: fp16 storage for flat (useFloat16) and ivf_flat (as IVF-SQfp16); "
+        "ivf_pq: fp16 lookup tables",
+    )
+    threads_per_shard: int | None = Field(1, description="FAISS threads per shard actor; null: FAISS's default")
+    cpus_per_shard: float | None = Field(None, description="CPUs each shard actor reserves; null: threads_per_shard")
+    shard_start_timeout_s: float = Field(
+        300, gt=0, description="fail (not hang) when the shard actors cannot be placed within this many seconds"
+    )
+    search_retries: int = Field(0, ge=0, description="restart a dead shard from the saved index and retry")
+    k: int = Field(1000, gt=0, description="results per query")
+    targets: list[IndexTarget] = Field([], description="the searches to run, one run each")
 
     @field_validator("max_encoders")
     @classmethod
@@ -133,123 +186,214 @@ class IndexConfig(Strict):
 
 
 class RunToEvaluate(Strict):
-    dataset: str
-    split: str | None = None  # qrels split; None: all of the dataset's qrels
-    run: str  # a TREC run file, an ingested run, "bm25s" (the BM25 stage) or a dense run's label
-    label: str | None = None
+    dataset: str = Field(description="an ingested dataset")
+    split: str | None = Field(None, description="qrels split; null: all of the dataset's qrels")
+    run: str = Field(description='a TREC run file, an ingested run, "bm25s" (the BM25 stage) or a dense run\'s label')
+    label: str | None = Field(None, description="the run's name in the tables; null: `run`")
 
 
 class EvaluateConfig(Strict):
-    metrics: list[str] = ["nDCG@10", "MRR@10", "R@100", "R@1000", "MAP"]
-    runs: list[RunToEvaluate] = []
-    baseline: str | None = None  # label of the run the others (same dataset) are tested against
-    permutations: int = Field(10_000, ge=100)  # randomisation test samples
+    metrics: list[str] = Field(
+        ["nDCG@10", "MRR@10", "R@100", "R@1000", "MAP"],
+        description="nDCG@k, MRR@k, R@k, P@k, MAP, or any ir_measures name",
+    )
+    runs: list[RunToEvaluate] = Field([], description="the runs to evaluate")
+    baseline: str | None = Field(
+        None, description="label of the run the others (same dataset) are tested against; null: no tests"
+    )
+    permutations: int = Field(10_000, ge=100, description="randomisation test samples")
 
 
 class AnnotateTarget(Strict):
-    dataset: str
-    split: str  # the pools built for <dataset>-<split>
-    max_queries: int | None = Field(None, ge=1)  # a seeded subset of the pools' queries (small local runs)
+    dataset: str = Field(description="an ingested dataset with pools")
+    split: str = Field(description="the pools built for <dataset>-<split>")
+    max_queries: int | None = Field(
+        None, ge=1, description="a seeded subset of the pools' queries (small local runs); null: all"
+    )
+
+
+class AnnotateSampling(Strict):
+    """Sampling (default greedy) and constrained decoding (vLLM structured outputs, regex)."""
+
+    temperature: float = Field(0.0, ge=0, description="sampling temperature; 0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    seed: int = Field(0, description="sampling and engine seed")
+    max_tokens: int = Field(256, ge=1, description="output tokens of a selection / ranking / grade")
+    answer_max_tokens: int = Field(256, ge=1, description="output tokens of the pseudo-answer")
+    constrained: bool = Field(False, description="vLLM structured outputs: a regex for each stage's answer format")
+
+
+class AnnotateEngine(Strict):
+    """One vLLM engine replica: model loading, parallelism, memory, placement."""
+
+    dtype: str = Field("auto", description="vLLM model dtype (auto, float32, float16, bfloat16)")
+    quantization: str | None = Field(None, description="vLLM quantization method (e.g. gptq); null: as the model says")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica that split each layer")
+    pipeline_parallel_size: int = Field(1, ge=1, description="GPUs per replica that split the layers into stages")
+    max_model_len: int = Field(
+        8192, ge=16, description="context length; a longer prompt is not sent but reported (prompt_too_long)"
+    )
+    max_num_batched_tokens: int | None = Field(None, description="vLLM's tokens per scheduler step; null: vLLM's")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV cache of shared prompt prefixes")
+    enforce_eager: bool = Field(False, description="skip torch.compile: engine start in seconds (CPU, tests)")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="share of GPU memory vLLM may take (GPU replicas)"
+    )
+    use_gpu: bool = Field(
+        False, description="a GPU per engine worker (tp x pp per replica, in a placement group); false: vLLM-CPU"
+    )
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type of the replicas' nodes (e.g. A100-80G); null: any"
+    )
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPU replicas: CPUs Ray reserves per engine")
+    kv_cache_gib: int = Field(2, ge=1, description="CPU replicas: VLLM_CPU_KVCACHE_SPACE (whole GiB)")
+    cpu_threads_bind: str | None = Field(
+        None, description='CPU replicas: VLLM_CPU_OMP_THREADS_BIND (e.g. "0-1"); null: vLLM\'s binding'
+    )
+
+
+class AnnotateScale(Strict):
+    """The actor pool: autoscaling, batching, fault tolerance, progress."""
+
+    replicas: tuple[int, int] = Field((1, 1), description="autoscaling range of the actor pool: [min, max] replicas")
+    batch_size: int = Field(
+        16, ge=1, description="requests per actor call; one Parquet part per call (progress and resume granularity)"
+    )
+    actor_restarts: int = Field(3, ge=0, description="a crashed replica is restarted and its batch retried")
+    progress_every_s: float = Field(10.0, gt=0, description="seconds between progress lines")
 
 
 class AnnotateConfig(Strict):
     """The LLM annotation stage (docs/method.md §1-2): vLLM replicas on a Ray Data actor pool."""
 
-    model: str  # HF folder, hub name, or a packaged model (HuggingFaceTB/SmolLM2-135M-Instruct)
-    targets: list[AnnotateTarget] = []
-    stages: list[Literal["relsel", "answer", "utilsel", "utilrank", "graded"]] = [
-        "relsel",
-        "answer",
-        "utilsel",
-        "utilrank",
-    ]
-    output_name: str | None = None  # None: output_dir/annotate/<dataset>-<split>; else ...-<output_name>
-    window: int = Field(16, ge=2)  # at most m passages per listwise prompt (31 -> 16 + 15)
-    passage_words: int = Field(300, ge=1)  # passages are cut to this many words (the cut is recorded)
-    human_positive: Literal["random", "inclusion", "exclusion"] = "random"
-    utilrank_top_percent: float = Field(10.0, gt=0, le=100)  # UtilRank positives: top k%, rounded down, >= 1
-    graded_queries: int | None = Field(None, ge=1)  # the pointwise judge: a seeded subset of queries (31 prompts each)
-    graded_threshold: int = Field(2, ge=0, le=3)  # graded label counted positive
-    # sampling (default greedy) and constrained decoding (vLLM structured outputs, regex)
-    temperature: float = Field(0.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int = 0
-    max_tokens: int = Field(256, ge=1)  # selection / ranking / grade outputs
-    answer_max_tokens: int = Field(256, ge=1)  # the pseudo-answer
-    constrained: bool = False
-    # engine
-    dtype: str = "auto"
-    quantization: str | None = None
-    tensor_parallel_size: int = Field(1, ge=1)
-    pipeline_parallel_size: int = Field(1, ge=1)
-    max_model_len: int = Field(8192, ge=16)
-    max_num_batched_tokens: int | None = None
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False  # skips torch.compile: engine start in seconds (CPU, tests)
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    use_gpu: bool = False  # a GPU per engine worker (tp x pp per replica, in a placement group)
-    accelerator_type: str | None = None  # Ray accelerator type of the replicas' nodes (e.g. A100-80G)
-    cpus_per_replica: float = Field(1.0, gt=0)  # CPU replicas: CPUs Ray reserves per engine
-    kv_cache_gib: int = Field(2, ge=1)  # CPU replicas: VLLM_CPU_KVCACHE_SPACE (whole GiB)
-    cpu_threads_bind: str | None = None  # CPU replicas: VLLM_CPU_OMP_THREADS_BIND (e.g. "0-1")
-    # scale and fault tolerance
-    replicas: tuple[int, int] = (1, 1)  # autoscaling range of the actor pool (min, max)
-    batch_size: int = Field(16, ge=1)  # requests per actor call; one Parquet part per call
-    actor_restarts: int = Field(3, ge=0)  # a crashed replica is restarted and its batch retried
-    progress_every_s: float = Field(10.0, gt=0)
+    model: str = Field(
+        description="the annotating LLM: HF folder, hub name, or a packaged model (HuggingFaceTB/SmolLM2-135M-Instruct)"
+    )
+    targets: list[AnnotateTarget] = Field([], description="the pools to annotate")
+    stages: list[Literal["relsel", "answer", "utilsel", "utilrank", "graded"]] = Field(
+        ["relsel", "answer", "utilsel", "utilrank"],
+        description="the stages to run (graded: the pointwise 0-3 judge, an addition)",
+    )
+    output_name: str | None = Field(
+        None,
+        description="the output folder's suffix: null: output_dir/annotate/<dataset>-<split>; "
+        "else output_dir/annotate/<dataset>-<split>-<output_name>",
+    )
+    window: int = Field(16, ge=2, description="at most this many passages per listwise prompt (31 -> 16 + 15)")
+    passage_words: int = Field(300, ge=1, description="passages are cut to this many words (the cut is recorded)")
+    human_positive: Literal["random", "inclusion", "exclusion"] = Field(
+        "random",
+        description="the human positive: judged like any pool passage (random), forced positive in the LLM "
+        "labels (inclusion), or left out of the prompts and the LLM labels (exclusion)",
+    )
+    utilrank_top_percent: float = Field(
+        10.0, gt=0, le=100, description="UtilRank positives: the top k%, rounded down, at least 1"
+    )
+    graded_queries: int | None = Field(
+        None,
+        ge=1,
+        description="the pointwise judge: a seeded subset of queries (one prompt per pool passage); null: all",
+    )
+    graded_threshold: int = Field(2, ge=0, le=3, description="graded label counted positive")
+    sampling: AnnotateSampling = Field(
+        default_factory=AnnotateSampling, description="sampling and constrained decoding"
+    )
+    engine: AnnotateEngine = Field(default_factory=AnnotateEngine, description="the vLLM engine of each replica")
+    scale: AnnotateScale = Field(default_factory=AnnotateScale, description="the actor pool and fault tolerance")
+
+    def content_settings(self) -> dict[str, Any]:
+        """The settings that change what a stage's rows contain, flat (the stage fingerprint's keys).
+
+        Scale settings and the engine's placement do not: a stage can be resumed with another
+        batch size or replica count."""
+        return {
+            "model": self.model,
+            "window": self.window,
+            "passage_words": self.passage_words,
+            "human_positive": self.human_positive,
+            **self.sampling.model_dump(),
+            **self.engine.model_dump(include={"dtype", "quantization", "max_model_len"}),
+        }
 
 
 class TrainConfig(Strict):
     """The retriever training stage (Ray Train + DeepSpeed; docs/method.md §3-4)."""
 
-    model: str = "sentence-transformers/all-MiniLM-L6-v2"  # HF folder, hub name, or a packaged model
-    dataset: str = "scifact"
-    split: str = "train"  # qrels split (human labels) and pools (<dataset>-<split>) to train on
-    labels: Literal["human", "relsel", "utilsel", "utilrank", "graded"] = "human"
-    labels_path: str | None = None  # labels table; None: output_dir/annotate/<dataset>-<split>/labels.parquet
-    pooling: Literal["cls", "mean", "last"] = "cls"
-    normalize: bool = False
-    shared_encoder: bool = True
-    temperature: float = Field(1.0, gt=0)
-    query_max_len: int = Field(32, gt=0)
-    passage_max_len: int = Field(140, gt=0)
-    loss: Literal["single", "rand1", "joint", "summarg"] = "summarg"
-    group_size: int = Field(16, ge=2)  # m + 1 passages per query
-    positives: Literal["all", "one", "rand1"] = "all"  # Pos-all / Pos-one / one sampled per epoch
-    human_mix_percent: float | None = Field(None, ge=0, le=100)  # union with human labels of X% of queries
-    curriculum_human_percent: float | None = Field(None, ge=0, le=100)  # CL stage 2 on X% human labels
-    curriculum_epochs: int = Field(1, ge=1)
-    epochs: int = Field(2, ge=1)
-    lr: float = Field(3e-5, gt=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    weight_decay: float = 0.01
-    per_device_queries: int = Field(16, ge=1)
-    num_workers: int = Field(1, ge=1)
-    cpus_per_worker: int = Field(1, ge=1)
-    use_gpu: bool = False
-    deepspeed_zero_stage: int = Field(0, ge=0, le=3)
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16 on GPU (when supported), fp32 on CPU
-    gradient_checkpointing: bool = False
-    checkpoint_every_s: float = Field(600.0, gt=0)  # wall-clock seconds between checkpoints (rank 0's clock)
-    checkpoint_every: int | None = Field(None, ge=1)  # also every N steps (None: by wall time only)
-    max_failures: int = Field(1, ge=0)
-    seed: int = 0
-    max_queries: int | None = None  # a seeded subset of the training queries (small local runs)
-    max_steps: int | None = None
-    name: str = "run"  # output_dir/train/<name>/
+    model: str = Field(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        description="the initial encoder: HF folder, hub name, or a packaged model",
+    )
+    dataset: str = Field("scifact", description="an ingested dataset with pools")
+    split: str = Field("train", description="qrels split (human labels) and pools (<dataset>-<split>) to train on")
+    labels: Literal["human", "relsel", "utilsel", "utilrank", "graded"] = Field(
+        "human", description="the positives: human qrels, or an annotate stage's labels"
+    )
+    labels_path: str | None = Field(
+        None, description="labels table; null: output_dir/annotate/<dataset>-<split>/labels.parquet"
+    )
+    pooling: Literal["cls", "mean", "last"] = Field("cls", description="token pooling")
+    normalize: bool = Field(False, description="L2-normalise embeddings (cosine scores)")
+    shared_encoder: bool = Field(
+        True, description="one tower for queries and passages; false: a separate passage tower"
+    )
+    temperature: float = Field(1.0, gt=0, description="scores are q.d / temperature")
+    query_max_len: int = Field(32, gt=0, description="query tokens kept")
+    passage_max_len: int = Field(140, gt=0, description="passage tokens kept")
+    loss: Literal["single", "rand1", "joint", "summarg"] = Field(
+        "summarg", description="SingleLH / Rand1LH / JointLH / SumMargLH (docs/method.md §4)"
+    )
+    group_size: int = Field(16, ge=2, description="passages per query in a group (m + 1)")
+    positives: Literal["all", "one", "rand1"] = Field("all", description="Pos-all / Pos-one / one sampled per epoch")
+    human_mix_percent: float | None = Field(
+        None, ge=0, le=100, description="union the LLM labels with the human labels of X% of queries; null: none"
+    )
+    curriculum_human_percent: float | None = Field(
+        None, ge=0, le=100, description="curriculum stage 2 on the human labels of X% of queries; null: no stage 2"
+    )
+    curriculum_epochs: int = Field(1, ge=1, description="epochs of curriculum stage 2")
+    epochs: int = Field(2, ge=1, description="epochs over the training groups")
+    lr: float = Field(3e-5, gt=0, description="peak AdamW learning rate")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps with a linear warmup, then linear decay")
+    weight_decay: float = Field(0.01, description="AdamW weight decay")
+    per_device_queries: int = Field(16, ge=1, description="queries per worker per step")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel)")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs each worker reserves")
+    use_gpu: bool = Field(False, description="a GPU per worker")
+    deepspeed_zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPU (when supported), fp32 on CPU"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+    checkpoint_every_s: float = Field(
+        600.0, gt=0, description="wall-clock seconds between checkpoints (rank 0's clock)"
+    )
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="also checkpoint every N steps; null: by wall time only"
+    )
+    max_failures: int = Field(1, ge=0, description="Ray Train restarts (from the last checkpoint) before the run fails")
+    seed: int = Field(0, description="seed of weights, sampling and data order")
+    max_queries: int | None = Field(
+        None, description="a seeded subset of the training queries (small local runs); null: all"
+    )
+    max_steps: int | None = Field(None, description="cap on the steps of each phase; null: whole epochs")
+    name: str = Field("run", description="the run folder: output_dir/train/<name>/")
 
 
 class PipelineConfig(Strict):
-    data_root: str | None = None  # None: $UTILRAG_DATA_ROOT, ../shared/datasets beside the repo, ~/.cache
-    output_dir: str = "outputs/local"
-    ray: RayConfig = RayConfig()
-    ingest: IngestConfig
-    pools: list[PoolsConfig] = []
-    bm25: list[BM25Config] = []
-    index: IndexConfig = IndexConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    annotate: AnnotateConfig | None = None
-    train: TrainConfig = TrainConfig()
+    data_root: str | None = Field(
+        None,
+        description="where registered datasets live; null: $UTILRAG_DATA_ROOT, else ../shared/datasets beside "
+        "the checkout, else ~/.cache/utilrag/datasets",
+    )
+    output_dir: str = Field("outputs/local", description="every stage writes under this folder")
+    ray: RayConfig = Field(RayConfig(), description="the Ray cluster")
+    ingest: IngestConfig = Field(description="the ingest stage: datasets into Parquet tables")
+    pools: list[PoolsConfig] = Field([], description="candidate pools, one per dataset split")
+    bm25: list[BM25Config] = Field([], description="BM25 runs (bm25s), one per dataset split")
+    index: IndexConfig = Field(IndexConfig(), description="dense retrieval: encoding, the sharded index, search")
+    evaluate: EvaluateConfig = Field(EvaluateConfig(), description="metrics and significance tests")
+    annotate: AnnotateConfig | None = Field(None, description="the LLM annotation stage; null: none")
+    train: TrainConfig = Field(TrainConfig(), description="retriever training")
 
     @field_validator("output_dir")
     @classmethod
@@ -330,6 +474,96 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         return schema.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, str(path))) from None
+
+
+# --------------------------------------------------------------------------- reference
+def _section(annotation: Any) -> tuple[type[BaseModel], bool] | None:
+    """The model a field holds (unwrapping ``X | None``), and whether it is a list of them."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else None
+    many = get_origin(annotation) is list
+    if many:
+        annotation = get_args(annotation)[0]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, many
+    return None
+
+
+def _type_text(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        kept = [a for a in args if a is not type(None)]
+        text = " or ".join(_type_text(a) for a in kept)
+        return f"{text} or null" if len(kept) < len(args) else text
+    if origin is Literal:
+        return " / ".join(str(a) for a in args)
+    if origin is list:
+        inner = _type_text(args[0])
+        return (
+            "list of sections" if inner == "section" else f"list of ({inner})" if " " in inner else f"list of {inner}"
+        )
+    if origin is tuple:
+        return "[" + ", ".join(_type_text(a) for a in args) + "]"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+_BOUNDS = {"gt": "> {}", "ge": "≥ {}", "lt": "< {}", "le": "≤ {}", "min_length": "≥ {} items"}
+
+
+def _field_type(field: FieldInfo) -> str:
+    bounds = [
+        form.format(getattr(m, attr))
+        for m in field.metadata
+        for attr, form in _BOUNDS.items()
+        if getattr(m, attr, None) is not None
+    ]
+    return ", ".join([_type_text(field.annotation), *bounds])
+
+
+def _default_text(field: FieldInfo) -> str:
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return ""  # a section: its keys follow
+    if isinstance(value, tuple):
+        value = list(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()
+    return f"`{text.removesuffix('...').strip()}`"
+
+
+def _cell(text: str) -> str:
+    """One table cell: one line, pipes escaped, ``<name>`` outside code spans escaped (not an HTML tag)."""
+    parts = re.split(r"(`[^`]*`)", " ".join(text.split()))
+    return "".join(p if p.startswith("`") else re.sub(r"<(?=[A-Za-z])", r"\\<", p) for p in parts).replace("|", "\\|")
+
+
+def _reference_rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    rows = []
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        rows.append((f"`{key}`", _field_type(field), _default_text(field), field.description or ""))
+        section = _section(field.annotation)
+        if section is not None:
+            sub, many = section
+            rows.extend(_reference_rows(sub, f"{key}[]." if many else f"{key}."))
+    return rows
+
+
+def config_reference() -> str:
+    """Every key of the pipeline config as a Markdown table: dotted key (list items as
+    ``pools[].dataset``), type with bounds, default, description (the README's reference)."""
+    lines = ["| key | type | default | description |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in _reference_rows(PipelineConfig)]
+    return "\n".join(lines) + "\n"
+
+
+def config_json_schema() -> dict[str, Any]:
+    """The pipeline config's JSON Schema (with every key's description)."""
+    return PipelineConfig.model_json_schema()
 
 
 # --------------------------------------------------------------------------- paths

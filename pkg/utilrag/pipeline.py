@@ -1,26 +1,65 @@
-"""The main job: ingest -> pools -> BM25 -> dense index -> evaluation, each stage reusing unchanged outputs."""
+"""The pipeline: the registry's stages in order, each reusing its outputs when its fingerprint matches."""
 
 from __future__ import annotations
 
 import time
 
 from utilrag.config import PipelineConfig
-from utilrag.data import ingest, run_pools
-from utilrag.evaluate import run_evaluation
-from utilrag.index import run_bm25, run_index
-from utilrag.raycluster import connect
+from utilrag.errors import UtilragError
+from utilrag.logs import get_logger
+from utilrag.stages import STAGES, StageResult, get_stage
+
+log = get_logger("pipeline")
+
+# `utilrag run`: the baselines (BM25, public runs, the packaged encoder) without the LLM and training.
+BASELINE_STAGES = ("ingest", "pools", "bm25", "index", "evaluate")
 
 
-def run_pipeline(cfg: PipelineConfig) -> list[dict]:
+def configured(cfg: PipelineConfig, name: str) -> bool:
+    """Whether the config asks for a stage: ingest always; the others when their section has work."""
+    if name == "ingest":
+        return True
+    if name in ("pools", "bm25"):
+        return bool(getattr(cfg, name))
+    if name == "annotate":
+        return cfg.annotate is not None and bool(cfg.annotate.targets)
+    if name == "train":
+        return "train" in cfg.model_fields_set  # the section has defaults: only when written
+    if name == "index":
+        return bool(cfg.index.targets)
+    if name == "evaluate":
+        return bool(cfg.evaluate.runs)
+    return False
+
+
+def select_stages(
+    cfg: PipelineConfig, only: list[str] | None = None, start: str | None = None, among: tuple[str, ...] | None = None
+) -> list[str]:
+    names = [s.name for s in STAGES if among is None or s.name in among]
+    for name in [*(only or []), *([start] if start else [])]:
+        get_stage(name)  # one line for an unknown name
+    if only:
+        return [n for n in names if n in only]
+    if start:
+        if start not in names:
+            raise UtilragError(f"--from {start}: not a stage of this job ({', '.join(names)})")
+        names = names[names.index(start) :]
+    return [n for n in names if configured(cfg, n)]
+
+
+def run_pipeline(
+    cfg: PipelineConfig, only: list[str] | None = None, start: str | None = None, among: tuple[str, ...] | None = None
+) -> list[StageResult]:
+    from utilrag.raycluster import connect
+
     t0 = time.time()
     connect(cfg.ray)
-    ingest(cfg)
-    for pcfg in cfg.pools:
-        run_pools(cfg, pcfg)
-    for bcfg in cfg.bm25:
-        run_bm25(cfg, bcfg)
-    if cfg.index.targets:
-        run_index(cfg)
-    rows = run_evaluation(cfg)
-    print(f"[run] done in {time.time() - t0:.1f}s; outputs under {cfg.output_dir}", flush=True)
-    return rows
+    names = select_stages(cfg, only, start, among)
+    log.info(f"stages: {' -> '.join(names)}")
+    results = []
+    for name in names:
+        result = get_stage(name).runner()(cfg)
+        log.info(f"{name}: {result.line()}")
+        results.append(result)
+    log.info(f"done in {time.time() - t0:.1f}s; outputs under {cfg.output_dir}")
+    return results

@@ -15,34 +15,22 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from utilrag import store
 from utilrag.annotate.engine import AnnotateError, check_model, resolve_llm
 from utilrag.annotate.prompts import PROMPT_VERSION
 from utilrag.annotate.report import write_report
 from utilrag.annotate.runner import run_stage
 from utilrag.annotate.stages import NEEDS, REJECTS_SCHEMA, STAGE_ORDER, build_labels, build_requests, load_inputs
 from utilrag.config import AnnotateConfig, AnnotateTarget, PipelineConfig
-from utilrag.data.ingest import IngestError, dataset_dir
-from utilrag.data.tables import fingerprint, read_manifest, read_table
+from utilrag.data.dataset import open_dataset
+from utilrag.data.tables import fingerprint, read_table
+from utilrag.logs import get_logger
+from utilrag.stages import StageResult
+from utilrag.store import Store, read_manifest
+
+log = get_logger("annotate")
 
 __all__ = ["run_annotate", "annotate_target", "print_reports", "target_dir", "AnnotateError"]
-
-# Settings that change what a stage's rows contain (engine scale settings do not: a stage can be
-# resumed with another batch size or replica count).
-CONTENT_SETTINGS = {
-    "model",
-    "window",
-    "passage_words",
-    "human_positive",
-    "temperature",
-    "top_p",
-    "seed",
-    "max_tokens",
-    "answer_max_tokens",
-    "constrained",
-    "dtype",
-    "quantization",
-    "max_model_len",
-}
 
 
 def annotate_config(cfg: PipelineConfig) -> AnnotateConfig:
@@ -52,9 +40,16 @@ def annotate_config(cfg: PipelineConfig) -> AnnotateConfig:
 
 
 def target_dir(cfg: PipelineConfig, target: AnnotateTarget) -> Path:
-    output_name = annotate_config(cfg).output_name
-    suffix = f"-{output_name}" if output_name else ""
-    return Path(cfg.output_dir) / "annotate" / f"{target.dataset}-{target.split}{suffix}"
+    folder = Store(cfg.output_dir).annotate(target.dataset, target.split, annotate_config(cfg).output_name)
+    if store.is_remote(folder):
+        raise AnnotateError(f"annotate: output_dir {cfg.output_dir} must be a local or shared path for now")
+    return Path(folder)
+
+
+def run(cfg: PipelineConfig) -> StageResult:
+    """The annotation stage."""
+    t0 = time.time()
+    return StageResult("annotate", [str(p) for p in run_annotate(cfg)], wall_s=time.time() - t0)
 
 
 def run_annotate(cfg: PipelineConfig) -> list[Path]:
@@ -62,7 +57,7 @@ def run_annotate(cfg: PipelineConfig) -> list[Path]:
     if acfg is None or not acfg.targets:
         raise AnnotateError("the config has no annotate section with targets (annotate.targets: [{dataset, split}])")
     model_path = resolve_llm(acfg.model)
-    check_model(model_path, acfg.use_gpu)
+    check_model(model_path, acfg.engine.use_gpu)
     from utilrag.raycluster import connect
 
     connect(cfg.ray)
@@ -72,32 +67,34 @@ def run_annotate(cfg: PipelineConfig) -> list[Path]:
 def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str) -> Path:
     acfg = annotate_config(cfg)
     label = f"{target.dataset}/{target.split}"
-    pools_dir = Path(cfg.output_dir) / "pools" / f"{target.dataset}-{target.split}"
-    if not (pools_dir / "pools.parquet").is_file():
-        raise IngestError(f"annotate: no pools at {pools_dir}; run `utilrag pools` for {label} first")
-    source = dataset_dir(cfg, target.dataset)
+    pools_done = store.require(Store(cfg.output_dir).pools(target.dataset, target.split), f"annotate: pools of {label}")
+    dataset = open_dataset(cfg, target.dataset)
+    if not dataset.has("corpus"):
+        raise AnnotateError(f"annotate: dataset {target.dataset!r} has no corpus")
     out = target_dir(cfg, target)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    pools = read_table(pools_dir / "pools.parquet")
-    inputs = load_inputs(pools, read_table(source / "queries"), source / "corpus", target, acfg)
+    pools = read_table(pools_done.path("pools.parquet"))
+    inputs = load_inputs(pools, dataset.table("queries"), Path(dataset.committed.path("corpus")), target, acfg)
+    base = {
+        "pools": pools_done["input_fingerprint"],
+        "target": target.model_dump(),
+        "prompt_version": PROMPT_VERSION,
+        "settings": acfg.content_settings(),
+    }
+    # The labels and report are this folder's committed outputs; the per-stage tables and parts
+    # beside them have their own manifests (<stage>.meta), so a rerun resumes them exactly once.
+    writer = store.begin(out, "annotate", fingerprint({**base, "stages": acfg.stages}))
+    staging = writer.local_path(".")
     pq.write_table(
         pa.table(
             {k: [r[i] for r in inputs.rejects] for i, k in enumerate(REJECTS_SCHEMA.names)}, schema=REJECTS_SCHEMA
         ),
-        out / "rejects.parquet",
+        staging / "rejects.parquet",
     )
-    print(
-        f"[annotate] {label}: {len(inputs.pools):,} queries to annotate, {len(inputs.rejects):,} rejects "
-        f"({out / 'rejects.parquet'}), {len(inputs.cut):,} passages cut to {acfg.passage_words} words",
-        flush=True,
+    log.info(
+        f"{label}: {len(inputs.pools):,} queries to annotate, {len(inputs.rejects):,} rejects "
+        f"({out / 'rejects.parquet'}), {len(inputs.cut):,} passages cut to {acfg.passage_words} words"
     )
-    base = {
-        "pools": (read_manifest(pools_dir) or {}).get("input_fingerprint"),
-        "target": target.model_dump(),
-        "prompt_version": PROMPT_VERSION,
-        "settings": acfg.model_dump(include=CONTENT_SETTINGS),
-    }
     wanted = [s for s in STAGE_ORDER if s in acfg.stages]
     done: dict[str, pa.Table] = {}
     summaries: dict[str, dict] = {}
@@ -120,18 +117,16 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
         fingerprints[stage] = fp
         requests, skipped = build_requests(stage, inputs, acfg, done, graded_seed=label)
         if skipped:
-            print(f"[annotate] {label} {stage}: skipped queries {skipped}", flush=True)
+            log.info(f"{label} {stage}: skipped queries {skipped}")
         done[stage], summaries[stage] = run_stage(stage, requests, out, fingerprints[stage], acfg, model_path, label)
         summaries[stage]["skipped_queries"] = skipped
     all_pools = _pool_docs(pools)
     labels = build_labels(inputs, done, all_pools, acfg)
-    pq.write_table(labels, out / "labels.parquet")
-    text = write_report(out, label, labels, summaries, acfg.model)
+    pq.write_table(labels, staging / "labels.parquet")
+    text = write_report(staging, label, labels, summaries, acfg.model)
+    writer.commit(rows={"labels": labels.num_rows}, summaries=summaries, wall_time_s=round(time.time() - t0, 2))
     print(text, flush=True)
-    print(
-        f"[annotate] {label}: labels {labels.num_rows:,} rows -> {out / 'labels.parquet'} ({time.time() - t0:.0f}s)",
-        flush=True,
-    )
+    log.info(f"{label}: labels {labels.num_rows:,} rows -> {out / 'labels.parquet'} ({time.time() - t0:.0f}s)")
     return out
 
 
@@ -177,8 +172,7 @@ def print_reports(cfg: PipelineConfig) -> None:
         raise AnnotateError("the config has no annotate section with targets")
     for target in acfg.targets:
         out = target_dir(cfg, target)
-        if not (out / "labels.parquet").is_file():
-            raise AnnotateError(f"no labels at {out / 'labels.parquet'}; run `utilrag annotate` first")
+        store.require(out, f"annotate-report: the annotation of {target.dataset}/{target.split}")
         summaries = {}
         for stage in STAGE_ORDER:
             meta = read_manifest(out / f"{stage}.meta")

@@ -101,38 +101,40 @@ def check_model(path: str, use_gpu: bool) -> None:
     if head_dim and head_dim not in CPU_HEAD_SIZES:
         raise AnnotateError(
             f"annotate.model={path}: attention head size {head_dim} is not supported by vLLM on CPU "
-            f"(supported: {', '.join(map(str, CPU_HEAD_SIZES))}); use another model or use_gpu=true"
+            f"(supported: {', '.join(map(str, CPU_HEAD_SIZES))}); use another model or annotate.engine.use_gpu=true"
         )
 
 
 def engine_kwargs(acfg: AnnotateConfig) -> dict:
+    engine = acfg.engine
     kwargs: dict[str, Any] = dict(
-        dtype=acfg.dtype,
-        quantization=acfg.quantization,
-        tensor_parallel_size=acfg.tensor_parallel_size,
-        pipeline_parallel_size=acfg.pipeline_parallel_size,
-        max_model_len=acfg.max_model_len,
-        enable_prefix_caching=acfg.enable_prefix_caching,
-        enforce_eager=acfg.enforce_eager,
-        seed=acfg.seed,
+        dtype=engine.dtype,
+        quantization=engine.quantization,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        pipeline_parallel_size=engine.pipeline_parallel_size,
+        max_model_len=engine.max_model_len,
+        enable_prefix_caching=engine.enable_prefix_caching,
+        enforce_eager=engine.enforce_eager,
+        seed=acfg.sampling.seed,
         disable_log_stats=True,
     )
-    if acfg.max_num_batched_tokens:
-        kwargs["max_num_batched_tokens"] = acfg.max_num_batched_tokens
-    if acfg.use_gpu:
-        kwargs["gpu_memory_utilization"] = acfg.gpu_memory_utilization
-    if acfg.tensor_parallel_size * acfg.pipeline_parallel_size > 1:
+    if engine.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = engine.max_num_batched_tokens
+    if engine.use_gpu:
+        kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    if engine.tensor_parallel_size * engine.pipeline_parallel_size > 1:
         kwargs["distributed_executor_backend"] = "ray"  # workers inside the replica's placement group
     return kwargs
 
 
 def engine_env(acfg: AnnotateConfig) -> dict[str, str]:
     env = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
-    if not acfg.use_gpu:
+    engine = acfg.engine
+    if not engine.use_gpu:
         # vLLM-CPU otherwise reserves 92% of RAM for its KV cache and binds one core.
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(acfg.kv_cache_gib)
-        if acfg.cpu_threads_bind:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = acfg.cpu_threads_bind
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(engine.kv_cache_gib)
+        if engine.cpu_threads_bind:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = engine.cpu_threads_bind
     return env
 
 
@@ -142,15 +144,16 @@ def actor_resources(acfg: AnnotateConfig) -> dict:
         "runtime_env": {"env_vars": engine_env(acfg)},
         # A crashed replica is restarted and its batch retried (each batch is one block, so a
         # retried batch yields its rows once).
-        "max_restarts": acfg.actor_restarts,
-        "max_task_retries": acfg.actor_restarts,
+        "max_restarts": acfg.scale.actor_restarts,
+        "max_task_retries": acfg.scale.actor_restarts,
     }
-    if acfg.accelerator_type:
-        kwargs["accelerator_type"] = acfg.accelerator_type
-    if not acfg.use_gpu:
-        kwargs["num_cpus"] = acfg.cpus_per_replica
+    engine = acfg.engine
+    if engine.accelerator_type:
+        kwargs["accelerator_type"] = engine.accelerator_type
+    if not engine.use_gpu:
+        kwargs["num_cpus"] = engine.cpus_per_replica
         return kwargs
-    gpus = acfg.tensor_parallel_size * acfg.pipeline_parallel_size
+    gpus = engine.tensor_parallel_size * engine.pipeline_parallel_size
     if gpus == 1:
         kwargs["num_gpus"] = 1
         return kwargs
@@ -169,8 +172,11 @@ def actor_resources(acfg: AnnotateConfig) -> dict:
 
 
 def sampling_kwargs(acfg: AnnotateConfig, max_tokens: int, regex: str | None) -> dict:
-    kwargs: dict[str, Any] = dict(temperature=acfg.temperature, top_p=acfg.top_p, max_tokens=max_tokens, seed=acfg.seed)
-    if acfg.constrained and regex:
+    sampling = acfg.sampling
+    kwargs: dict[str, Any] = dict(
+        temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=max_tokens, seed=sampling.seed
+    )
+    if sampling.constrained and regex:
         kwargs["regex"] = regex
     return kwargs
 

@@ -1,6 +1,6 @@
 """Running one stage exactly once, resumably.
 
-The requests are cut into blocks of ``batch_size`` (one actor call each) and streamed through the
+The requests are cut into blocks of ``scale.batch_size`` (one actor call each) and streamed through the
 vLLM actor pool; the driver writes every finished block as its own Parquet part, atomically
 (temporary file + rename). A rerun reads the keys of the parts already written and sends only the
 rest, so a stage killed at any point finishes with exactly one row per (query, window). The stage
@@ -26,7 +26,7 @@ from utilrag.annotate.engine import AnnotateError, LLMPredictor, actor_resources
 from utilrag.annotate.prompts import PROMPT_VERSION
 from utilrag.annotate.stages import STAGE_SCHEMA, parse_output, stage_regex
 from utilrag.config import AnnotateConfig
-from utilrag.data.tables import read_manifest, write_manifest
+from utilrag.store import read_manifest, write_manifest
 
 PART_SCHEMA = pa.schema([("key", pa.string()), *STAGE_SCHEMA])
 
@@ -57,7 +57,7 @@ def engine_failure(stage: str, err: Exception) -> AnnotateError:
 
 
 def stage_sampling(stage: str, acfg: AnnotateConfig) -> dict:
-    max_tokens = acfg.answer_max_tokens if stage == "answer" else acfg.max_tokens
+    max_tokens = acfg.sampling.answer_max_tokens if stage == "answer" else acfg.sampling.max_tokens
     return sampling_kwargs(acfg, max_tokens, stage_regex(stage))
 
 
@@ -140,7 +140,7 @@ def _generate(
     meta = {
         "model": acfg.model,
         "prompt_version": PROMPT_VERSION,
-        "constrained": bool(acfg.constrained),
+        "constrained": bool(acfg.sampling.constrained),
         "sampling": json.dumps({k: v for k, v in sampling.items() if k != "regex"}, sort_keys=True),
     }
     fail = None  # fault injection for tests only (never in a config): a replica dies once in batch N
@@ -150,15 +150,14 @@ def _generate(
             "marker": str(parts.parent / f".{stage}.crashed"),
         }
     # One block per actor call: a batch lost with its replica is retried whole, never half-delivered.
-    blocks = [
-        todo.select(["key", "messages"]).slice(i, acfg.batch_size) for i in range(0, todo.num_rows, acfg.batch_size)
-    ]
+    size = acfg.scale.batch_size
+    blocks = [todo.select(["key", "messages"]).slice(i, size) for i in range(0, todo.num_rows, size)]
     ds = ray.data.from_arrow(blocks).map_batches(
         LLMPredictor,
-        batch_size=acfg.batch_size,
+        batch_size=size,
         batch_format="numpy",
         fn_constructor_kwargs=dict(model=model_path, engine=engine_kwargs(acfg), sampling=sampling, fail=fail),
-        compute=ray.data.ActorPoolStrategy(min_size=acfg.replicas[0], max_size=acfg.replicas[1]),
+        compute=ray.data.ActorPoolStrategy(min_size=acfg.scale.replicas[0], max_size=acfg.scale.replicas[1]),
         **actor_resources(acfg),
     )
     queries_total = len(set(columns["query_id"]) | {k.split("\t")[0] for k in done})
@@ -209,7 +208,7 @@ def _generate(
                 write_part(parts, pa.table(rows, schema=PART_SCHEMA))
                 new_rows += len(rows["key"])
             now = time.time()
-            if now - last >= acfg.progress_every_s:
+            if now - last >= acfg.scale.progress_every_s:
                 last = now
                 finished = sum(1 for q, n in queries_done.items() if n >= expected_per_query[q])
                 print(

@@ -12,26 +12,21 @@ import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from utilrag import store
 from utilrag.config import IngestConfig, PipelineConfig, resolve_data_root
 from utilrag.data import registry
 from utilrag.data.formats import filesystem_and_path, parse_file
-from utilrag.data.tables import (
-    REJECTS_SCHEMA,
-    SCHEMAS,
-    ParquetParts,
-    fingerprint,
-    read_manifest,
-    require_manifest,
-    write_manifest,
-)
+from utilrag.data.tables import REJECTS_SCHEMA, SCHEMAS, ParquetParts, fingerprint, write_table
 from utilrag.errors import UtilragError
+from utilrag.logs import get_logger
+from utilrag.stages import StageResult
+from utilrag.store import Store
+
+log = get_logger("ingest")
 
 TABLE_ORDER = ["corpus", "queries", "qrels", "runs", "pools"]  # references point backwards
 
@@ -51,7 +46,7 @@ class TableReport:
 @dataclass
 class IngestResult:
     dataset: str
-    output: Path
+    output: str
     reused: bool
     tables: dict[str, TableReport]
     relevance_threshold: int
@@ -167,15 +162,16 @@ def _input_fingerprint(resolved: registry.ResolvedDataset, icfg: IngestConfig) -
     )
 
 
-def ingest_dataset(resolved: registry.ResolvedDataset, out: Path, icfg: IngestConfig) -> IngestResult:
+def ingest_dataset(resolved: registry.ResolvedDataset, out: str, icfg: IngestConfig) -> IngestResult:
     fp = _input_fingerprint(resolved, icfg)
-    old = read_manifest(out)
-    if old and old.get("input_fingerprint") == fp and old.get("status") == "ok":
+    old = store.reusable(out, fp)
+    if old is not None:
         tables = {t: TableReport(rows=n, rejected=old["rejected"].get(t, 0)) for t, n in old["rows"].items()}
-        print(f"[ingest] {resolved.name}: inputs unchanged (fingerprint {fp}), reusing {out}", flush=True)
+        log.info(f"{resolved.name}: inputs unchanged (fingerprint {fp}), reusing {out}")
         return IngestResult(resolved.name, out, True, tables, resolved.relevance_threshold)
 
     started = time.time()
+    writer = store.begin(out, "ingest", fp, dataset=resolved.name)
     validator = Validator(resolved.unknown_qrels_docs)
     reports: dict[str, TableReport] = {}
     all_rejects: list[dict] = []
@@ -185,31 +181,28 @@ def ingest_dataset(resolved: registry.ResolvedDataset, out: Path, icfg: IngestCo
             continue
         t0 = time.time()
         report = reports[table] = TableReport()
-        writer = ParquetParts(out / table, SCHEMAS[table], icfg.rows_per_file)
+        parts = ParquetParts(writer.path(table), SCHEMAS[table], icfg.rows_per_file)
         for batch in stream_parsed(jobs, icfg.batch_rows):
             good, rejects = validator.check(table, batch, report)
-            writer.write(good)
+            parts.write(good)
             all_rejects.extend(rejects)
-        writer.close()
-        print(
-            f"[ingest] {resolved.name}/{table}: {report.rows:,} rows kept, {report.rejected:,} rejected "
-            f"from {len(jobs)} file(s) in {time.time() - t0:.1f}s",
-            flush=True,
+        parts.close()
+        log.info(
+            f"{resolved.name}/{table}: {report.rows:,} rows kept, {report.rejected:,} rejected "
+            f"from {len(jobs)} file(s) in {time.time() - t0:.1f}s"
         )
 
-    pq.write_table(pa.Table.from_pylist(all_rejects, schema=REJECTS_SCHEMA), out / "rejects.parquet")
+    write_table(pa.Table.from_pylist(all_rejects, schema=REJECTS_SCHEMA), writer.path("rejects.parquet"))
     total = sum(r.rows + r.rejected for r in reports.values())
     rejected = sum(r.rejected for r in reports.values())
     share = rejected / total if total else 0.0
-    status = "ok" if share <= icfg.reject_threshold else "failed"
-    write_manifest(
-        out,
-        stage="ingest",
-        dataset=resolved.name,
+    # Above the threshold the tables are kept for inspection, but the manifest says "failed" and no
+    # later stage reads them.
+    status = "complete" if share <= icfg.reject_threshold else "failed"
+    writer.commit(
+        status=status,
         source=resolved.root,
         layout=resolved.layout,
-        status=status,
-        input_fingerprint=fp,
         relevance_threshold=resolved.relevance_threshold,
         rows={t: r.rows for t, r in reports.items()},
         rejected={t: r.rejected for t, r in reports.items()},
@@ -219,10 +212,10 @@ def ingest_dataset(resolved: registry.ResolvedDataset, out: Path, icfg: IngestCo
         wall_time_s=round(time.time() - started, 2),
     )
     print_summary(resolved.name, reports)
-    if status != "ok":
+    if status != "complete":
         raise IngestError(
             f"{resolved.name}: {rejected:,} of {total:,} rows rejected ({share:.3%}) exceeds "
-            f"reject_threshold {icfg.reject_threshold:.3%}; see {out / 'rejects.parquet'}"
+            f"reject_threshold {icfg.reject_threshold:.3%}; see {store.join(out, 'rejects.parquet')}"
         )
     return IngestResult(resolved.name, out, False, reports, resolved.relevance_threshold)
 
@@ -233,36 +226,32 @@ def print_summary(name: str, reports: dict[str, TableReport]) -> None:
             f"{n:,} {why}" for why, n in r.notes.items()
         ]
         if extras:
-            print(f"[ingest] {name}/{table}: " + "; ".join(extras), flush=True)
+            log.info(f"{name}/{table}: " + "; ".join(extras))
 
 
 def ingest(cfg: PipelineConfig, names: list[str] | None = None) -> dict[str, IngestResult]:
-    """The ingest stage: every configured dataset (or those named) -> output_dir/ingest/<name>/."""
+    """Every configured dataset (or those named) -> output_dir/ingest/<name>/."""
     data_root = resolve_data_root(cfg.data_root)
     results = {}
     for ds in cfg.ingest.datasets:
         if names and ds.name not in names:
             continue
         resolved = registry.resolve(ds, data_root, allow_download=cfg.ingest.download)
-        results[ds.name] = ingest_dataset(resolved, Path(cfg.output_dir) / "ingest" / ds.name, cfg.ingest)
+        results[ds.name] = ingest_dataset(resolved, Store(cfg.output_dir).ingest(ds.name), cfg.ingest)
     return results
 
 
-def dataset_dir(cfg: PipelineConfig, name: str) -> Path:
-    path = Path(cfg.output_dir) / "ingest" / name
-    if read_manifest(path) is None:
-        raise IngestError(f"dataset {name!r} has not been ingested into {path}; run `utilrag ingest` first")
-    return path
+def run(cfg: PipelineConfig) -> StageResult:
+    """The ingest stage."""
+    from utilrag.raycluster import connect
 
-
-def relevance_threshold(cfg: PipelineConfig, name: str) -> int:
-    return int(require_manifest(dataset_dir(cfg, name), f"dataset {name!r}")["relevance_threshold"])
-
-
-def qrels_split(table: pa.Table, split: str | None) -> pa.Table:
-    if split is None:
-        return table
-    known = sorted(set(table.column("split").to_pylist()))
-    if split not in known:
-        raise IngestError(f"qrels split {split!r} not found; the dataset has {known}")
-    return table.filter(pc.equal(table.column("split"), split))
+    t0 = time.time()
+    connect(cfg.ray)
+    results = ingest(cfg)
+    return StageResult(
+        "ingest",
+        outputs=[str(r.output) for r in results.values()],
+        counts={f"{name}/{t}": rep.rows for name, r in results.items() for t, rep in r.tables.items()},
+        reused=sum(r.reused for r in results.values()),
+        wall_s=time.time() - t0,
+    )

@@ -6,16 +6,20 @@ from __future__ import annotations
 import random
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from utilrag import store
 from utilrag.config import BM25Config, PipelineConfig, PoolsConfig
-from utilrag.data.ingest import IngestError, dataset_dir, qrels_split, relevance_threshold
-from utilrag.data.tables import SCHEMAS, fingerprint, read_manifest, read_table, require_manifest, write_manifest
+from utilrag.data.dataset import open_dataset
+from utilrag.data.lexical import bm25_search
+from utilrag.data.tables import SCHEMAS, fingerprint, write_table
+from utilrag.logs import get_logger
+from utilrag.stages import StageResult
+from utilrag.store import Store
+
+log = get_logger("pools")
 
 
 def build_pools(
@@ -73,71 +77,59 @@ def build_pools(
     return pa.table(rows, schema=SCHEMAS["pools"]), stats
 
 
-def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> Path:
-    """The pools stage for one dataset/split: output_dir/pools/<dataset>-<split>/pools.parquet."""
-    from utilrag.index.bm25 import bm25_search, split_queries
-
-    source = dataset_dir(cfg, pcfg.dataset)
-    out = Path(cfg.output_dir) / "pools" / f"{pcfg.dataset}-{pcfg.split}"
-    fp = fingerprint(
-        {
-            "input": require_manifest(source, f"pools: dataset {pcfg.dataset!r}")["input_fingerprint"],
-            "config": pcfg.model_dump(),
-            "positives": "with-text",
-        }
-    )
-    old = read_manifest(out)
-    if old and old.get("input_fingerprint") == fp and (out / "pools.parquet").is_file():
-        print(f"[pools] {pcfg.dataset}/{pcfg.split}: unchanged, reusing {out}", flush=True)
-        return out
+def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> tuple[str, bool]:
+    """The pools of one dataset/split: output_dir/pools/<dataset>-<split>/pools.parquet.
+    Returns the folder and whether it was reused."""
+    dataset = open_dataset(cfg, pcfg.dataset)
+    out = Store(cfg.output_dir).pools(pcfg.dataset, pcfg.split)
+    fp = fingerprint({"input": dataset.fingerprint, "config": pcfg.model_dump(), "positives": "with-text"})
+    if store.reusable(out, fp) is not None:
+        log.info(f"{pcfg.dataset}/{pcfg.split}: unchanged, reusing {out}")
+        return out, True
     t0 = time.time()
-    if (source / "pools").is_dir():  # Tevatron pools are taken as given
-        pools = read_table(source / "pools")
+    writer = store.begin(out, "pools", fp)
+    if dataset.has("pools"):  # Tevatron pools are taken as given
+        pools = dataset.table("pools")
         stats = {"queries": len(set(pools.column("query_id").to_pylist())), "taken_as_given": True}
     else:
-        qrels = qrels_split(read_table(source / "qrels"), pcfg.split)
-        qids, texts = split_queries(cfg, pcfg.dataset, pcfg.split)
+        qrels = dataset.qrels(pcfg.split)
+        qids, texts = dataset.split_queries(pcfg.split)
         if pcfg.max_queries is not None and pcfg.max_queries < len(qids):
             picked = sorted(random.Random(pcfg.seed).sample(range(len(qids)), pcfg.max_queries))
             qids, texts = [qids[i] for i in picked], [texts[i] for i in picked]
         if pcfg.run:
-            runs = read_table(source / "runs") if (source / "runs").is_dir() else None
-            names = sorted(set(runs.column("run").to_pylist())) if runs is not None else []
-            if pcfg.run not in names:
-                raise IngestError(f"pools: run {pcfg.run!r} not in dataset {pcfg.dataset!r} (runs: {names})")
-            assert runs is not None  # names came from it
-            run = runs.filter(pc.equal(runs.column("run"), pcfg.run))
+            run = dataset.run(pcfg.run)
         else:
             run = bm25_search(
-                read_table(source / "corpus"),
+                dataset.table("corpus"),
                 qids,
                 texts,
                 BM25Config(dataset=pcfg.dataset, split=pcfg.split, k=pcfg.size * 3),
             )
-        corpus_ids = set(read_table(source / "corpus", columns=["doc_id"]).column("doc_id").to_pylist())
+        corpus_ids = set(dataset.table("corpus", columns=["doc_id"]).column("doc_id").to_pylist())
         pools, stats = build_pools(
             qrels,
             run,
             qids,
             pcfg.size,
             pcfg.seed,
-            relevance_threshold(cfg, pcfg.dataset),
+            dataset.relevance_threshold,
             pcfg.run or "bm25s",
             corpus_ids,
         )
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pools, out / "pools.parquet")
-    write_manifest(
-        out,
-        stage="pools",
+    write_table(pools, writer.path("pools.parquet"))
+    writer.commit(
         config=pcfg.model_dump(),
-        input_fingerprint=fp,
         rows={"pools": pools.num_rows},
         stats=stats,
         wall_time_s=round(time.time() - t0, 2),
     )
-    print(
-        f"[pools] {pcfg.dataset}/{pcfg.split}: {stats} -> {pools.num_rows:,} rows in {time.time() - t0:.1f}s",
-        flush=True,
-    )
-    return out
+    log.info(f"{pcfg.dataset}/{pcfg.split}: {stats} -> {pools.num_rows:,} rows in {time.time() - t0:.1f}s")
+    return out, False
+
+
+def run(cfg: PipelineConfig) -> StageResult:
+    """The pools stage: every configured pools section."""
+    t0 = time.time()
+    done = [run_pools(cfg, pcfg) for pcfg in cfg.pools]
+    return StageResult("pools", [o for o, _ in done], reused=sum(r for _, r in done), wall_s=time.time() - t0)

@@ -16,6 +16,7 @@ from pathlib import Path
 from utilrag.config import DatasetConfig
 from utilrag.data.formats import exists, list_files
 from utilrag.errors import UtilragError
+from utilrag.logs import get_logger
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 MSMARCO_TAR = "https://msmarco.z22.web.core.windows.net/msmarcoranking/collectionandqueries.tar.gz"
@@ -39,6 +40,8 @@ BEIR_NAMES = [
     "trec-covid",
     "webis-touche2020",
 ]
+
+log = get_logger("ingest")
 
 
 class DatasetError(UtilragError):
@@ -166,7 +169,7 @@ def download(name: str, folder: Path) -> None:
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
         for url, target in reg.downloads:
             local = Path(tmp) / url.rsplit("/", 1)[-1]
-            print(f"[download] {url}", flush=True)
+            log.info(f"download {url}")
             try:
                 with urllib.request.urlopen(url, timeout=60) as resp, open(local, "wb") as out:
                     shutil.copyfileobj(resp, out, 1 << 20)

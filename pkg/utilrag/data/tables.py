@@ -8,13 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import time
-from pathlib import Path
+import posixpath
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from utilrag import store
 from utilrag.errors import MissingInputError
 
 SCHEMAS: dict[str, pa.Schema] = {
@@ -59,36 +59,55 @@ def parse_schema(table: str) -> pa.Schema:
     return pa.schema(list(SCHEMAS[table]) + [pa.field(n, t) for n, t in PROVENANCE])
 
 
-def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
-    """Read one table written by a stage (a folder of Parquet parts, or one file)."""
-    path = Path(path)
-    if path.is_dir():
-        parts = sorted(path.glob("*.parquet"))
+def read_table(location: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """Read one table written by a stage (a folder of Parquet parts, or one file; local or URI)."""
+    fs, path = store.filesystem(str(location))
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        parts = sorted(
+            i.path
+            for i in fs.get_file_info(pafs.FileSelector(path))
+            if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+        )
         if not parts:
-            raise FileNotFoundError(f"no Parquet files in {path}")
-        return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts])
-    return pq.read_table(path, columns=columns)
+            raise MissingInputError(f"no Parquet files in {location}")
+        return pa.concat_tables([pq.read_table(p, columns=columns, filesystem=fs) for p in parts])
+    if info.type == pafs.FileType.NotFound:
+        raise MissingInputError(f"{location}: not found")
+    return pq.read_table(path, columns=columns, filesystem=fs)
+
+
+def write_table(table: pa.Table, location: str | os.PathLike) -> None:
+    fs, path = store.filesystem(str(location))
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    pq.write_table(table, path, filesystem=fs)
 
 
 class ParquetParts:
     """Writes a table as part-00000.parquet, part-00001.parquet, … of at most rows_per_file rows."""
 
-    def __init__(self, folder: Path, schema: pa.Schema, rows_per_file: int):
-        self.folder, self.schema, self.rows_per_file = Path(folder), schema, rows_per_file
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for old in self.folder.glob("part-*.parquet"):
-            old.unlink()
+    def __init__(self, folder: str | os.PathLike, schema: pa.Schema, rows_per_file: int):
+        self.schema, self.rows_per_file = schema, rows_per_file
+        self.fs, self.folder = store.filesystem(str(folder))
+        self.fs.create_dir(self.folder, recursive=True)
+        for old in self.fs.get_file_info(pafs.FileSelector(self.folder)):
+            if posixpath.basename(old.path).startswith("part-"):
+                self.fs.delete_file(old.path)
         self._writer: pq.ParquetWriter | None = None
         self._in_file = 0
         self.files = 0
         self.rows = 0
 
+    def _name(self, i: int) -> str:
+        return posixpath.join(self.folder, f"part-{i:05d}.parquet")
+
     def write(self, table: pa.Table) -> None:
         table = table.select(self.schema.names).cast(self.schema)
         while table.num_rows:
             if self._writer is None:
-                name = self.folder / f"part-{self.files:05d}.parquet"
-                self._writer = pq.ParquetWriter(name, self.schema, compression="zstd")
+                self._writer = pq.ParquetWriter(
+                    self._name(self.files), self.schema, compression="zstd", filesystem=self.fs
+                )
                 self.files += 1
                 self._in_file = 0
             take = min(table.num_rows, self.rows_per_file - self._in_file)
@@ -105,52 +124,9 @@ class ParquetParts:
             self._writer.close()
             self._writer = None
         if self.files == 0:  # an empty table is still a readable table
-            pq.write_table(self.schema.empty_table(), self.folder / "part-00000.parquet")
+            pq.write_table(self.schema.empty_table(), self._name(0), filesystem=self.fs)
             self.files = 1
-
-
-# --------------------------------------------------------------------------- manifests
-def code_version() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    from utilrag import __version__
-
-    return __version__
 
 
 def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def write_manifest(folder: Path, **fields) -> dict:
-    manifest = {"code_version": code_version(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    return manifest
-
-
-def require_manifest(folder: Path, what: str) -> dict:
-    """A stage input's manifest, or one line saying which input is missing and what makes it."""
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise MissingInputError(
-            f"{what}: no manifest at {Path(folder) / 'manifest.json'} (run the stage that makes it)"
-        )
-    return manifest
-
-
-def read_manifest(folder: Path) -> dict | None:
-    path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None

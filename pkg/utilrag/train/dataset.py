@@ -7,37 +7,48 @@ from __future__ import annotations
 import functools
 import random
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
 
+from utilrag import store
 from utilrag.config import PipelineConfig, TrainConfig
-from utilrag.data.ingest import IngestError, dataset_dir, qrels_split, relevance_threshold
+from utilrag.data.dataset import open_dataset
 from utilrag.data.tables import read_table
+from utilrag.errors import UtilragError
+from utilrag.store import Committed, Store
+
+
+class TrainInputError(UtilragError):
+    """A training input (labels, pools) that is missing or unusable."""
 
 
 def human_positives(cfg: PipelineConfig, tcfg: TrainConfig) -> dict[str, set[str]]:
-    qrels = qrels_split(read_table(dataset_dir(cfg, tcfg.dataset) / "qrels"), tcfg.split)
-    threshold = relevance_threshold(cfg, tcfg.dataset)
+    dataset = open_dataset(cfg, tcfg.dataset)
+    qrels = dataset.qrels(tcfg.split)
     positives: dict[str, set[str]] = defaultdict(set)
     for q, d, g in zip(*(qrels.column(c).to_pylist() for c in ["query_id", "doc_id", "grade"])):
-        if g >= threshold:
+        if g >= dataset.relevance_threshold:
             positives[q].add(d)
     return positives
 
 
-def llm_positives(cfg: PipelineConfig, tcfg: TrainConfig) -> dict[str, set[str]]:
-    path = Path(
-        tcfg.labels_path or Path(cfg.output_dir) / "annotate" / f"{tcfg.dataset}-{tcfg.split}" / "labels.parquet"
+def labels_location(cfg: PipelineConfig, tcfg: TrainConfig) -> tuple[str, Committed | None]:
+    """The labels table: train.labels_path as given, else the annotation stage's committed output."""
+    if tcfg.labels_path:
+        if not store.exists(tcfg.labels_path):
+            raise TrainInputError(f"train.labels_path {tcfg.labels_path}: not found")
+        return tcfg.labels_path, None
+    folder = Store(cfg.output_dir).annotate(tcfg.dataset, tcfg.split)
+    committed = store.require(
+        folder, f"train.labels={tcfg.labels!r} needs the annotation of {tcfg.dataset}/{tcfg.split} (or labels=human)"
     )
-    if not path.exists():
-        raise IngestError(
-            f"train.labels={tcfg.labels!r} needs the annotation labels table at {path}; run "
-            f"`utilrag annotate` first or train on labels=human"
-        )
-    labels = read_table(path)
+    return committed.path("labels.parquet"), committed
+
+
+def llm_positives(cfg: PipelineConfig, tcfg: TrainConfig) -> dict[str, set[str]]:
+    labels = read_table(labels_location(cfg, tcfg)[0])
     labels = labels.filter(pc.and_(pc.equal(labels.column("source"), tcfg.labels), labels.column("positive")))
     positives: dict[str, set[str]] = defaultdict(set)
     for q, d in zip(labels.column("query_id").to_pylist(), labels.column("doc_id").to_pylist()):
@@ -46,12 +57,8 @@ def llm_positives(cfg: PipelineConfig, tcfg: TrainConfig) -> dict[str, set[str]]
 
 
 def pools_by_query(cfg: PipelineConfig, tcfg: TrainConfig) -> dict[str, list[str]]:
-    path = Path(cfg.output_dir) / "pools" / f"{tcfg.dataset}-{tcfg.split}" / "pools.parquet"
-    if not path.exists():
-        raise IngestError(
-            f"training needs candidate pools at {path}; run `utilrag pools` for {tcfg.dataset}/{tcfg.split} first"
-        )
-    pools = read_table(path)
+    folder = Store(cfg.output_dir).pools(tcfg.dataset, tcfg.split)
+    pools = read_table(store.require(folder, f"train: pools of {tcfg.dataset}/{tcfg.split}").path("pools.parquet"))
     by_query: dict[str, list[str]] = defaultdict(list)
     for q, d in zip(pools.column("query_id").to_pylist(), pools.column("doc_id").to_pylist()):
         by_query[q].append(d)
@@ -170,7 +177,7 @@ def worker_datasets(
     if tcfg.max_steps is not None:
         steps = min(steps, tcfg.max_steps)
     if steps == 0:
-        raise IngestError(
+        raise TrainInputError(
             f"train: {len(rows)} training groups are fewer than one step "
             f"({tcfg.per_device_queries} queries x {tcfg.num_workers} workers)"
         )

@@ -10,14 +10,19 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import tempfile
 import time
 from pathlib import Path
 
+from utilrag import store
 from utilrag.config import PipelineConfig, TrainConfig
-from utilrag.data.ingest import dataset_dir
-from utilrag.data.tables import read_table, write_manifest
+from utilrag.data.dataset import open_dataset
+from utilrag.data.tables import fingerprint
+from utilrag.logs import get_logger
+from utilrag.stages import StageResult
+from utilrag.store import Store
 from utilrag.train.engine import (
     CheckpointClock,
     encoder_spec,
@@ -29,6 +34,8 @@ from utilrag.train.engine import (
 )
 
 __all__ = ["run_train", "setup_model_and_engine", "train_step", "train_loop_per_worker"]
+
+log = get_logger("train")
 
 
 # --------------------------------------------------------------------------- worker side
@@ -84,7 +91,7 @@ def train_loop_per_worker(config: dict) -> None:
             with checkpoint.as_directory() as d:
                 engine.load_checkpoint(d, tag="ckpt")
             if rank == 0:
-                print(f"[train] resumed phase {phase['name']!r} at step {start}", flush=True)
+                log.info(f"resumed phase {phase['name']!r} at step {start}")
         if phase_index > 0 and start == 0:  # a new phase: fresh AdamW state and schedule
             reset_optimizer_state(engine)
             new_phase_schedule(engine, tcfg, phase["steps"])
@@ -119,10 +126,9 @@ def train_loop_per_worker(config: dict) -> None:
                         writer.writeheader()
                     writer.writerow(metrics)
                 if done % 10 == 0 or done == phase["steps"]:
-                    print(
-                        f"[train] {phase['name']} step {done}/{phase['steps']} loss {loss:.4f} "
-                        f"({metrics['queries_per_s']:.1f} queries/s)",
-                        flush=True,
+                    log.info(
+                        f"{phase['name']} step {done}/{phase['steps']} loss {loss:.4f} "
+                        f"({metrics['queries_per_s']:.1f} queries/s)"
                     )
             last = done == phase["steps"]
             save = clock.due(done) or last
@@ -174,26 +180,49 @@ def plot_loss(metrics_csv: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def run_train(cfg: PipelineConfig) -> Path:
-    """The training stage: output_dir/train/<name>/{model/ (HF), metrics.csv, loss.png, manifest.json}."""
+# Settings that do not change the trained weights: a rerun that differs only in them reuses the model.
+RUN_CONTROL = {"checkpoint_every_s", "checkpoint_every", "max_failures", "name"}
+
+
+def run_train(cfg: PipelineConfig) -> tuple[str, bool]:
+    """output_dir/train/<name>/{model/ (HF + encoder_spec.json), metrics.csv, loss.png, manifest.json};
+    returns the folder and whether it was reused. Checkpoints live under ray_results/<fingerprint>,
+    so a rerun with the same settings resumes and one with other settings starts afresh."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from utilrag.index.encode import resolve_model
+    from utilrag.encoder_spec import resolve_model
     from utilrag.raycluster import connect
     from utilrag.train.dataset import make_groups, phase_positives, pools_by_query, seeded_percent, worker_datasets
 
     connect(cfg.ray)
     tcfg = cfg.train
     t0 = time.time()
-    out = (Path(cfg.output_dir) / "train" / tcfg.name).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.csv").unlink(missing_ok=True)
+    folder = Store(cfg.output_dir).train(tcfg.name)
+    if store.is_remote(folder):
+        raise store.UtilragError(f"train: output_dir {cfg.output_dir} must be a local or shared path for now")
     model_path = resolve_model(tcfg.model)
-    source = dataset_dir(cfg, tcfg.dataset)
-    queries = read_table(source / "queries")
+    dataset = open_dataset(cfg, tcfg.dataset)
+    fp = fingerprint(
+        {
+            "dataset": dataset.fingerprint,
+            "inputs": input_fingerprints(cfg, tcfg),
+            "model": model_path,
+            "train": tcfg.model_dump(exclude=RUN_CONTROL),
+        }
+    )
+    if store.reusable(folder, fp) is not None:
+        log.info(f"{tcfg.name}: inputs and settings unchanged, reusing {folder}")
+        return folder, True
+    writer = store.begin(folder, "train", fp)
+    staging = writer.local_path(".")
+    results = Path(folder) / "ray_results"
+    for old in results.glob("*") if results.is_dir() else []:  # another setting's checkpoints
+        if old.name != fp:
+            shutil.rmtree(old, ignore_errors=True)
+    queries = dataset.table("queries")
     texts = dict(zip(queries.column("query_id").to_pylist(), queries.column("text").to_pylist()))
-    corpus = read_table(source / "corpus")
+    corpus = dataset.table("corpus")
     docs = {
         d: f"{t} {x}".strip() for d, t, x in zip(*(corpus.column(c).to_pylist() for c in ["doc_id", "title", "text"]))
     }
@@ -208,10 +237,9 @@ def run_train(cfg: PipelineConfig) -> Path:
         datasets.update({k.replace("train", name, 1): v for k, v in phase_sets.items()})
         phases.append({"name": name, "steps": steps, "offset": offset, "groups": len(rows), "positive_sampling": mode})
         offset += steps
-        print(
-            f"[train] phase {name!r}: {len(rows):,} groups of {tcfg.group_size} over {epochs} epoch(s) -> "
-            f"{steps} steps x {tcfg.num_workers} workers x {tcfg.per_device_queries} queries",
-            flush=True,
+        log.info(
+            f"phase {name!r}: {len(rows):,} groups of {tcfg.group_size} over {epochs} epoch(s) -> "
+            f"{steps} steps x {tcfg.num_workers} workers x {tcfg.per_device_queries} queries"
         )
     env = {
         "TORCH_EXTENSIONS_DIR": os.environ.get(
@@ -228,13 +256,18 @@ def run_train(cfg: PipelineConfig) -> Path:
     per_worker = {"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": tcfg.model_dump(), "model_path": model_path, "phases": phases, "out_dir": str(out)},
+        train_loop_config={
+            "train": tcfg.model_dump(),
+            "model_path": model_path,
+            "phases": phases,
+            "out_dir": str(staging),
+        },
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=per_worker
         ),
         run_config=RunConfig(
-            name=f"utilrag-{tcfg.name}",
-            storage_path=str(out / "ray_results"),
+            name=fp,
+            storage_path=str(results),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=tcfg.max_failures),
             worker_runtime_env={"env_vars": env},  # type: ignore[call-arg]  # Ray Train v2 RunConfig
@@ -246,16 +279,36 @@ def run_train(cfg: PipelineConfig) -> Path:
     result = trainer.fit()
     if result.error:
         raise result.error
-    plot_loss(out / "metrics.csv", out / "loss.png")
+    plot_loss(staging / "metrics.csv", staging / "loss.png")
     wall = time.time() - t0
-    write_manifest(
-        out,
-        stage="train",
+    writer.commit(
         config=tcfg.model_dump(),
         model_path=model_path,
         phases=phases,
         checkpoint=str(result.checkpoint.path) if result.checkpoint else None,
         wall_time_s=round(wall, 2),
     )
-    print(f"[train] done in {wall:.0f}s; HF model at {out / 'model'}; loss curve {out / 'loss.png'}", flush=True)
-    return out / "model"
+    log.info(
+        f"done in {wall:.0f}s; HF model at {store.join(folder, 'model')}; loss curve {store.join(folder, 'loss.png')}"
+    )
+    return folder, False
+
+
+def input_fingerprints(cfg: PipelineConfig, tcfg: TrainConfig) -> dict:
+    """The pools (and, for LLM labels, the annotation) a training run reads."""
+    from utilrag.train.dataset import labels_location
+
+    layout = Store(cfg.output_dir)
+    pools = store.require(layout.pools(tcfg.dataset, tcfg.split), f"train: pools of {tcfg.dataset}/{tcfg.split}")
+    found = {"pools": pools["input_fingerprint"]}
+    if tcfg.labels != "human":
+        location, committed = labels_location(cfg, tcfg)
+        found["labels"] = committed["input_fingerprint"] if committed else store.file_stamp(location)
+    return found
+
+
+def run(cfg: PipelineConfig) -> StageResult:
+    """The training stage."""
+    t0 = time.time()
+    folder, reused = run_train(cfg)
+    return StageResult("train", [folder], reused=int(reused), wall_s=time.time() - t0)

@@ -1,0 +1,77 @@
+"""An ingested dataset as every later stage sees it: its committed tables, relevance threshold and
+splits. The only way a stage opens a dataset, so that a missing, failed or interrupted ingest is
+refused in one place with one line."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from utilrag.config import PipelineConfig
+from utilrag.data.tables import SCHEMAS, read_table
+from utilrag.errors import UtilragError
+from utilrag.store import Committed, Store, require
+
+
+class DatasetInputError(UtilragError):
+    """A stage asked a dataset for something it does not have (a split, a run, queries)."""
+
+
+class Dataset:
+    def __init__(self, name: str, committed: Committed):
+        self.name, self.committed = name, committed
+
+    @property
+    def fingerprint(self) -> str:
+        return self.committed["input_fingerprint"]
+
+    @property
+    def relevance_threshold(self) -> int:
+        return int(self.committed["relevance_threshold"])
+
+    def has(self, table: str) -> bool:
+        return self.committed.has(table)
+
+    def table(self, table: str, columns: list[str] | None = None) -> pa.Table:
+        """One of the dataset's tables; empty (with its schema) when the dataset has none."""
+        if not self.has(table):
+            empty = SCHEMAS[table].empty_table()
+            return empty.select(columns) if columns else empty
+        return read_table(self.committed.path(table), columns=columns)
+
+    def qrels(self, split: str | None) -> pa.Table:
+        return qrels_split(self.table("qrels"), split)
+
+    def split_queries(self, split: str | None) -> tuple[list[str], list[str]]:
+        """The ids and texts of the queries judged in a qrels split (all queries if split is None)."""
+        queries = self.table("queries")
+        if split is not None:
+            wanted = pa.array(sorted(set(self.qrels(split).column("query_id").to_pylist())), pa.string())
+            queries = queries.filter(pc.is_in(queries.column("query_id"), wanted))
+        return queries.column("query_id").to_pylist(), queries.column("text").to_pylist()
+
+    def run(self, name: str) -> pa.Table:
+        """An ingested run by name, or one line naming the runs there are."""
+        runs = self.table("runs")
+        picked = runs.filter(pc.equal(runs.column("run"), name))
+        if picked.num_rows == 0:
+            names = sorted(set(runs.column("run").to_pylist()))
+            raise DatasetInputError(f"run {name!r} is not an ingested run of {self.name!r} (runs: {names})")
+        return picked
+
+    def run_names(self) -> list[str]:
+        return sorted(set(self.table("runs", columns=["run"]).column("run").to_pylist()))
+
+
+def open_dataset(cfg: PipelineConfig, name: str) -> Dataset:
+    """An ingested dataset, or one line: not ingested, ingest interrupted, or failed its threshold."""
+    return Dataset(name, require(Store(cfg.output_dir).ingest(name), f"dataset {name!r}"))
+
+
+def qrels_split(table: pa.Table, split: str | None) -> pa.Table:
+    if split is None:
+        return table
+    known = sorted(set(table.column("split").to_pylist()))
+    if split not in known:
+        raise DatasetInputError(f"qrels split {split!r} not found; the dataset has {known}")
+    return table.filter(pc.equal(table.column("split"), split))

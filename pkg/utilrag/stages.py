@@ -1,0 +1,102 @@
+"""The stage registry: the CLI, the pipeline and the job entrypoint all come from this list.
+
+Each stage is a module with one ``run(cfg) -> StageResult``; it declares what it reads and writes
+(folders under the run directory, see ``utilrag.store``). Modules are imported only when a stage
+runs, so ``utilrag --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from utilrag.errors import UtilragError
+
+
+@dataclass
+class StageResult:
+    stage: str
+    outputs: list[str] = field(default_factory=list)  # folders (paths or URIs) written or reused
+    counts: dict[str, int] = field(default_factory=dict)  # rows, queries, steps … per output
+    reused: int = 0  # outputs reused because their fingerprint matched
+    wall_s: float = 0.0
+
+    def line(self) -> str:
+        reused = f", {self.reused} reused" if self.reused else ""
+        return f"{len(self.outputs)} output(s){reused} in {self.wall_s:.1f}s"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    module: str  # holds run(cfg) -> StageResult
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    in_pipeline: bool = True  # run by `utilrag pipeline` when the config has a section for it
+
+    def runner(self) -> Callable:
+        return importlib.import_module(self.module).run
+
+
+# Pipeline order. A stage reads only what stages before it write.
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "ingest",
+        "ingest the configured datasets (real formats) into Parquet, with rejects",
+        "utilrag.data.ingest",
+        reads=("data_root",),
+        writes=("ingest/<dataset>",),
+    ),
+    Stage(
+        "pools",
+        "build the candidate pools (31 passages per training query) for annotation",
+        "utilrag.data.pools",
+        reads=("ingest/<dataset>",),
+        writes=("pools/<dataset>-<split>",),
+    ),
+    Stage(
+        "bm25",
+        "BM25 runs with bm25s",
+        "utilrag.index.bm25",
+        reads=("ingest/<dataset>",),
+        writes=("bm25/<dataset>-<split>",),
+    ),
+    Stage(
+        "annotate",
+        "LLM utility annotation (RelSel, pseudo-answer, UtilSel, UtilRank, graded) with vLLM",
+        "utilrag.annotate",
+        reads=("ingest/<dataset>", "pools/<dataset>-<split>"),
+        writes=("annotate/<dataset>-<split>",),
+    ),
+    Stage(
+        "train",
+        "fit the bi-encoder with Ray Train + DeepSpeed (human or LLM labels, curriculum)",
+        "utilrag.train.recipe",
+        reads=("ingest/<dataset>", "pools/<dataset>-<split>", "annotate/<dataset>-<split>"),
+        writes=("train/<name>",),
+    ),
+    Stage(
+        "index",
+        "encode a corpus, build sharded FAISS indices on Ray actors, write dense runs",
+        "utilrag.index",
+        reads=("ingest/<dataset>", "train/<name>"),
+        writes=("index/<dataset>/<model>", "dense/<dataset>-<split>/<label>"),
+    ),
+    Stage(
+        "evaluate",
+        "evaluate the configured runs (metrics table, plot, paired tests)",
+        "utilrag.evaluate",
+        reads=("ingest/<dataset>", "bm25/<dataset>-<split>", "dense/<dataset>-<split>/<label>"),
+        writes=("evaluate",),
+    ),
+)
+
+BY_NAME = {s.name: s for s in STAGES}
+
+
+def get_stage(name: str) -> Stage:
+    if name not in BY_NAME:
+        raise UtilragError(f"unknown stage {name!r}; stages: {', '.join(BY_NAME)}")
+    return BY_NAME[name]

@@ -1,0 +1,361 @@
+"""One store: where every stage's outputs live, and the one commit protocol they are written by.
+
+Locations are strings: a local path, or a ``s3://`` / ``gs://`` URI (``file://`` becomes a local
+path). Every read and write of a manifest or table goes through pyarrow filesystems.
+
+The commit protocol (every stage):
+1. ``begin``: the folder's manifest is replaced by a *running* marker before the first byte of
+   output is written, so the old outputs are no longer trusted by anyone.
+2. Outputs are written into a staging location: ``<folder>/.staging`` locally; on object stores,
+   which cannot rename, a new versioned prefix ``<folder>/v-<id>``.
+3. ``commit``: locally the staged outputs are renamed into ``<folder>``; on object stores the
+   prefix simply stays. Then the *complete* manifest is written, naming its outputs (and the
+   prefix) — the last write of the stage.
+A reader (or a rerun deciding whether to reuse) accepts only a complete manifest whose
+fingerprint matches and whose declared outputs all exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from utilrag.errors import MissingInputError, UtilragError
+
+MANIFEST = "manifest.json"
+STAGING = ".staging"
+
+
+class IncompleteInputError(UtilragError):
+    """A stage input exists but its manifest is not complete (running, failed) or does not match."""
+
+
+# --------------------------------------------------------------------------- locations
+def normalize(location: str | os.PathLike) -> str:
+    text = str(location)
+    if text.startswith("file://"):
+        return text[len("file://") :] or "/"
+    if "://" in text:
+        return text.rstrip("/")
+    return str(Path(os.path.expanduser(text)).absolute())
+
+
+def is_remote(location: str) -> bool:
+    return "://" in location
+
+
+def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    location = normalize(location)
+    if is_remote(location):
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), location
+
+
+def join(location: str, *parts: str) -> str:
+    return posixpath.join(location, *parts) if is_remote(location) else os.path.join(location, *parts)
+
+
+def exists(location: str) -> bool:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(location: str) -> bool:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def remove(location: str) -> None:
+    """Delete a file or a folder (missing is fine)."""
+    fs, path = filesystem(location)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def file_stamp(location: str) -> str:
+    """Size and modification time: enough to notice that a file given by path has changed."""
+    fs, path = filesystem(location)
+    info = fs.get_file_info(path)
+    return f"{info.size}:{info.mtime}"
+
+
+def read_text(location: str) -> str | None:
+    fs, path = filesystem(location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode("utf-8")
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def write_text(location: str, text: str) -> None:
+    """Atomic: a reader sees the old text or the new, never a part (rename locally, one PUT remotely)."""
+    fs, path = filesystem(location)
+    if is_remote(location):
+        with fs.open_output_stream(path) as f:
+            f.write(text.encode("utf-8"))
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(location: str) -> dict | None:
+    text = read_text(location)
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# --------------------------------------------------------------------------- manifests
+def code_version() -> str:
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    from utilrag import __version__
+
+    return __version__
+
+
+def read_manifest(folder: str | os.PathLike) -> dict | None:
+    return read_json(join(normalize(folder), MANIFEST))
+
+
+def _write_manifest(folder: str, fields: dict) -> dict:
+    manifest = {"code_version": code_version(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+    write_text(join(folder, MANIFEST), json.dumps(manifest, indent=2, default=str) + "\n")
+    return manifest
+
+
+def write_manifest(folder: str | os.PathLike, **fields) -> dict:
+    """A manifest written directly (sub-stage bookkeeping such as annotation's <stage>.meta)."""
+    return _write_manifest(normalize(folder), fields)
+
+
+@dataclass
+class Committed:
+    """A complete manifest and where its outputs are."""
+
+    folder: str
+    manifest: dict
+
+    @property
+    def base(self) -> str:
+        prefix = self.manifest.get("prefix")
+        return join(self.folder, prefix) if prefix else self.folder
+
+    def path(self, name: str) -> str:
+        return join(self.base, name)
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest.get("outputs", [])
+
+    def __getitem__(self, key: str):
+        return self.manifest[key]
+
+    def get(self, key: str, default=None):
+        return self.manifest.get(key, default)
+
+
+def _complete(folder: str) -> tuple[Committed | None, str]:
+    """The folder's committed outputs, or None and why not."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return None, "no manifest"
+    status = manifest.get("status")
+    if status != "complete":
+        why = {"running": "its stage was interrupted or is still running"}.get(status or "", f"status {status!r}")
+        return None, f"manifest status is {status!r} ({why})"
+    committed = Committed(folder, manifest)
+    missing = [name for name in manifest.get("outputs", []) if not exists(committed.path(name))]
+    if missing:
+        return None, f"declared outputs missing: {', '.join(missing)}"
+    return committed, ""
+
+
+def reusable(folder: str | os.PathLike, fingerprint: str) -> Committed | None:
+    """The committed outputs of an earlier run with the same fingerprint, else None."""
+    committed, _ = _complete(normalize(folder))
+    if committed is None or committed.get("input_fingerprint") != fingerprint:
+        return None
+    return committed
+
+
+def require(folder: str | os.PathLike, what: str) -> Committed:
+    """A stage input: complete with all declared outputs, or one line saying which and why not."""
+    folder = normalize(folder)
+    committed, why = _complete(folder)
+    if committed is None:
+        error = MissingInputError if why == "no manifest" else IncompleteInputError
+        raise error(f"{what}: {why} at {join(folder, MANIFEST)} (run the stage that makes it)")
+    return committed
+
+
+@dataclass
+class StageWriter:
+    """Outputs being written for one folder: ``path(name)`` inside the staging location, then ``commit``."""
+
+    folder: str
+    stage: str
+    fingerprint: str | None
+    staging: str
+    prefix: str | None
+    previous: list[str] = field(default_factory=list)
+    committed: Committed | None = None
+
+    def path(self, name: str) -> str:
+        return join(self.staging, name)
+
+    def local_path(self, name: str) -> Path:
+        """For writers that need a local file (FAISS, matplotlib, Hugging Face save)."""
+        if is_remote(self.staging):
+            raise UtilragError(f"{self.stage}: writing {name} to {self.staging} needs a local path")
+        path = Path(self.path(name))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def commit(self, status: str = "complete", **fields) -> Committed:
+        fs, staging = filesystem(self.staging)
+        infos = fs.get_file_info(pafs.FileSelector(staging, allow_not_found=True))
+        outputs = sorted(posixpath.basename(i.path) for i in infos)
+        if self.prefix is None:  # local: rename each staged output into the folder
+            for name in outputs:
+                target = join(self.folder, name)
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                elif os.path.lexists(target):
+                    os.unlink(target)
+                os.replace(join(self.staging, name), target)
+            shutil.rmtree(self.staging, ignore_errors=True)
+        manifest = _write_manifest(
+            self.folder,
+            {
+                "stage": self.stage,
+                "status": status,
+                "input_fingerprint": self.fingerprint,
+                **({"prefix": self.prefix} if self.prefix else {}),
+                "outputs": outputs,
+                **fields,
+            },
+        )
+        for name in self.previous:  # the old run's outputs that this one did not write again
+            if name not in outputs:
+                remove(join(self.folder, name))
+        if self.prefix is not None:
+            _remove_other_versions(self.folder, keep=self.prefix)
+        self.committed = Committed(self.folder, manifest)
+        return self.committed
+
+
+def _remove_other_versions(folder: str, keep: str | None) -> None:
+    fs, path = filesystem(folder)
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        name = posixpath.basename(info.path)
+        if re.fullmatch(r"v-[0-9a-f]{12}", name) and name != keep and info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+
+
+def begin(folder: str | os.PathLike, stage: str, fingerprint: str | None, **fields) -> StageWriter:
+    """Invalidate the folder's old outputs (running marker), clear stale staging, return the writer."""
+    folder = normalize(folder)
+    old = read_manifest(folder) or {}
+    previous = list(old.get("outputs", [])) if not old.get("prefix") else []
+    previous += old.get("previous_outputs", [])  # from a run killed after its own marker
+    _write_manifest(
+        folder,
+        {"stage": stage, "status": "running", "input_fingerprint": fingerprint, "previous_outputs": previous, **fields},
+    )
+    if is_remote(folder):
+        _remove_other_versions(folder, keep=None)
+        version = f"v-{uuid.uuid4().hex[:12]}"
+        prefix: str | None = version
+        staging = join(folder, version)
+    else:
+        prefix = None
+        staging = join(folder, STAGING)
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging, exist_ok=True)
+    return StageWriter(folder, stage, fingerprint, staging, prefix, sorted(set(previous)))
+
+
+@contextmanager
+def writing(folder: str | os.PathLike, stage: str, fingerprint: str | None, **fields) -> Iterator[StageWriter]:
+    """``with writing(folder, stage, fp) as out: ... out.commit(...)`` — an exception leaves the
+    running marker (never a complete manifest over partial output)."""
+    writer = begin(folder, stage, fingerprint, **fields)
+    yield writer
+    if writer.committed is None:
+        raise RuntimeError(f"{stage}: outputs written to {folder} but never committed")
+
+
+# --------------------------------------------------------------------------- layout
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text.strip("/")).strip("_")[-80:]
+
+
+class Store:
+    """The output layout of one run directory (``output_dir``)."""
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.root = normalize(output_dir)
+
+    def _at(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    def ingest(self, dataset: str) -> str:
+        return self._at("ingest", dataset)
+
+    def pools(self, dataset: str, split: str) -> str:
+        return self._at("pools", f"{dataset}-{split}")
+
+    def bm25(self, dataset: str, split: str | None) -> str:
+        return self._at("bm25", f"{dataset}-{split}")
+
+    def annotate(self, dataset: str, split: str, output_name: str | None = None) -> str:
+        suffix = f"-{output_name}" if output_name else ""
+        return self._at("annotate", f"{dataset}-{split}{suffix}")
+
+    def train(self, name: str) -> str:
+        return self._at("train", name)
+
+    def embeddings(self, dataset: str, model: str) -> str:
+        return self._at("index", dataset, slug(model), "embeddings")
+
+    def faiss(self, dataset: str, model: str, index_type: str, shards: int) -> str:
+        return self._at("index", dataset, slug(model), f"faiss-{index_type}-{shards}shards")
+
+    def dense_run(self, dataset: str, split: str | None, label: str) -> str:
+        return self._at("dense", f"{dataset}-{split or 'all'}", label)
+
+    def evaluate(self) -> str:
+        return self._at("evaluate")
