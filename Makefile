@@ -30,7 +30,7 @@ run: install
 
 # The quick loop: ruff lint + format check and mypy on pkg/ (also the first step of `make test`,
 # so CI runs them). Settings in pyproject.toml.
-LINT_PATHS := pkg tests benchmarks jobs
+LINT_PATHS := pkg tests benchmarks jobs scripts
 lint: install
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -49,3 +56,104 @@ def write_lines(path: Path, lines: list[bytes | str], compress: bool = False) ->
         data = gzip.compress(data)
     path.write_bytes(data)
     return path
+
+
+WORDS = (
+    "protein cell gene virus immune cancer brain heart blood drug trial dose risk age diet sleep stress "
+    "lung liver bone muscle skin kidney vaccine insulin obesity"
+).split()
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    """24 queries, 120 passages, 1-2 positives each: an MS MARCO layout small enough to train on here."""
+    rng = random.Random(0)
+    docs, queries, qrels = [], [], []
+    for d in range(120):
+        docs.append(f"{d}\t" + " ".join(rng.choice(WORDS) for _ in range(12)))
+    for q in range(24):
+        pos = rng.sample(range(120), rng.choice([1, 2]))
+        words = docs[pos[0]].split("\t")[1].split()[:4]
+        queries.append(f"q{q}\twhat about {' '.join(words)}")
+        qrels += [f"q{q} 0 {d} 1" for d in pos]
+    root = tmp_path / "tiny"
+    write_lines(root / "collection.tsv", docs)
+    write_lines(root / "queries.train.tsv", queries)
+    write_lines(root / "qrels.train.tsv", qrels)
+    return root
+
+
+# --------------------------------------------------------------------------- a `ray start` cluster of our own
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_cluster(temp_dir: str) -> None:
+    ours = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in part for part in (p.info["cmdline"] or []))]
+    for p in ours:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(ours, timeout=15)
+    for p in alive:
+        p.kill()
+
+
+def start_ray_head(dashboard: bool = False) -> tuple[str, int, int, dict]:
+    """`ray start --head` on 127.0.0.1 with every port its own (the session's Ray holds the
+    defaults); returns (temp_dir, gcs port, dashboard port, env for clients). Stop it with
+    stop_cluster(temp_dir), never `ray stop`."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    }
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+    gcs, dash = free_port(), free_port()
+    own_ports = [
+        f"--{flag}={free_port()}"
+        for flag in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "node-manager-port",
+            "object-manager-port",
+            "ray-client-server-port",
+        )
+    ]
+    dashboard_args = (
+        ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash)] if dashboard else ["--include-dashboard=false"]
+    )
+    start = subprocess.run(
+        [
+            os.path.join(bin_dir, "ray"),
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(gcs),
+            *dashboard_args,
+            "--num-cpus",
+            "2",
+            "--temp-dir",
+            temp_dir,
+            "--disable-usage-stats",
+            *own_ports,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    if start.returncode != 0:
+        stop_cluster(temp_dir)
+        raise RuntimeError(start.stderr[-2000:])
+    return temp_dir, gcs, dash, env

@@ -84,6 +84,12 @@ def test_bad_run_file_names_file_and_line(tmp_path, shared_datasets):
     assert proc.stderr.strip() == f"utilrag: error: {run}:2: expected 6 columns, found 3"
     proc = eval_run("--qrels", str(tmp_path / "none.txt"), "--run", str(run))
     assert proc.returncode == 2 and "none.txt: file not found" in proc.stderr
+    proc = eval_run("--qrels", str(shared_datasets / DL19 / "qrels.txt"), "--run", str(tmp_path))
+    assert proc.stderr.strip() == f"utilrag: error: {tmp_path}: is a directory, not a run file"
+    for score in ("nan", "inf", "-Infinity"):  # a NaN score would sort anywhere: refused with its line
+        bad = write_lines(tmp_path / f"{score}.trec", ["19335 Q0 1017759 1 2.0 x", f"19335 Q0 1 2 {score} x"])
+        proc = eval_run("--qrels", str(shared_datasets / DL19 / "qrels.txt"), "--run", str(bad))
+        assert proc.stderr.strip() == f"utilrag: error: {bad}:2: score {score!r} is not finite"
     proc = eval_run(
         "--qrels",
         str(shared_datasets / DL19 / "qrels.txt"),

@@ -282,7 +282,8 @@ def test_index_stage_end_to_end(ray_local, make_config, dl19_slice, capsys):
     )
     ingest(cfg)
     written = run_index(cfg)
-    full, rerank = (pa.parquet.read_table(p) for p in written)
+    assert [reused for _, reused in written] == [False, False, False]  # embeddings, two runs
+    full, rerank = (pa.parquet.read_table(f"{folder}/run.parquet") for folder, _ in written[1:])
     assert full.num_rows == 5 * 20 and set(full.column("doc_id").to_pylist()) <= docs
     assert rerank.num_rows == 5 * 20
     # Full retrieval (FAISS shards) and re-ranking (direct dot products) agree on every shared pair.
@@ -309,9 +310,13 @@ def test_index_stage_end_to_end(ray_local, make_config, dl19_slice, capsys):
     assert 0 < by_label["minilm"]["nDCG@10"] <= 1 and 0 < by_label["minilm-rerank"]["nDCG@10"] <= 1
     printed = capsys.readouterr().out
     assert "Paired tests against 'bm25'" in printed and "| minilm | slice | nDCG@10 |" in printed
-    # A second run reuses the embeddings and the saved shards.
-    run_index(cfg)
+    # A second run reuses the embeddings and both runs; another k searches the saved shards again.
+    assert [reused for _, reused in run_index(cfg)] == [True, True, True]
     assert "corpus embeddings unchanged" in capsys.readouterr().out
+    cfg.index.k = 10
+    again = {folder.rsplit("/", 1)[-1]: reused for folder, reused in run_index(cfg)}
+    assert again == {"embeddings": True, "minilm": False, "minilm-rerank": True}
+    assert "loaded 2 flat shard(s)" in capsys.readouterr().out
 
 
 def test_torch_flat_index_equals_faiss_flat_and_saves_as_faiss():

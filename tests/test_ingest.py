@@ -215,3 +215,28 @@ def test_msmarco_tab_qrels_and_tevatron_style_collection(tmp_path):
     corpus = write_lines(tmp_path / "corpus.tsv", ["7\tA title\tthe passage text"])
     row = next(iter(parse_file(str(corpus), "corpus", "msmarco_collection", {}))).to_pylist()[0]
     assert (row["doc_id"], row["title"], row["text"]) == ("7", "A title", "the passage text")
+
+
+def test_lost_data_is_always_in_the_summary_and_rejects_keep_the_line_as_read(
+    ray_local, tmp_path, make_config, capsys
+):
+    """A truncated gzip is one reject among many commoner ones: the console summary still names it.
+    A row rejected by a later check (unknown query) keeps its original line, not a rebuilt one."""
+    bad = ["x", "x", "", "", b"\xff\xfe\t1", b"\xff\xfe\t2", "7\t", "8\t", "9\ta\tb\tc", "10\ta\tb\tc"]
+    docs = [f"{i}\tdoc {i} " + "word " * 40 for i in range(20, 3000)]
+    data = gzip.compress(b"".join((ln.encode() if isinstance(ln, str) else ln) + b"\n" for ln in bad + docs))
+    root = tmp_path / "m"
+    root.mkdir()
+    (root / "collection.tsv.gz").write_bytes(data[: len(data) // 2])
+    write_lines(root / "queries.tsv", ["1\tq"])
+    write_lines(root / "qrels.tsv", ["1 0 20 1", "q9   0  21   1"])
+    cfg = make_config(
+        {"ingest": {"reject_threshold": 1.0, "datasets": [{"name": "m", "path": str(root), "layout": "msmarco"}]}}
+    )
+    capsys.readouterr()
+    ingest(cfg)
+    summary = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[ingest] m/corpus: ")][-1]
+    assert "1 truncated" in summary and "2 expected" in summary, summary
+    rejects = _rejects(tmp_path / "out" / "ingest" / "m")
+    unknown = [r for r in rejects if r["table"] == "qrels"]
+    assert [(r["reason"].split(" ")[0:3], r["raw"]) for r in unknown] == [(["unknown", "query", "id"], "q9   0  21   1")]

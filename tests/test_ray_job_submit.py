@@ -3,92 +3,25 @@ and the cluster this test started stopped again (only its own processes: other t
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from conftest import start_ray_head, stop_cluster
 from utilrag.config import REPO_ROOT
 from utilrag.data.tables import read_table
 from utilrag.store import read_manifest
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_cluster(temp_dir: str) -> None:
-    ours = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in part for part in (p.info["cmdline"] or []))]
-    for p in ours:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(ours, timeout=15)
-    for p in alive:
-        p.kill()
-
-
 @pytest.mark.slow
 def test_ray_job_submit_ingest(shared_datasets, tmp_path):
-    bin_dir = str(Path(sys.executable).parent)
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-    }
-    env.pop("RAY_ADDRESS", None)
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
-    gcs, dash = free_port(), free_port()
-    # Every port of our own: the test session's other Ray cluster holds the defaults (e.g. the agent's 52365).
-    own_ports = [
-        f"--{flag}={free_port()}"
-        for flag in (
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "metrics-export-port",
-            "runtime-env-agent-port",
-            "node-manager-port",
-            "object-manager-port",
-            "ray-client-server-port",
-        )
-    ]
-    ray = os.path.join(bin_dir, "ray")
-    start = subprocess.run(
-        [
-            ray,
-            "start",
-            "--head",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--port",
-            str(gcs),
-            "--dashboard-host",
-            "127.0.0.1",
-            "--dashboard-port",
-            str(dash),
-            "--num-cpus",
-            "2",
-            "--temp-dir",
-            temp_dir,
-            "--disable-usage-stats",
-            *own_ports,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    temp_dir, gcs, dash, env = start_ray_head(dashboard=True)
+    ray = os.path.join(str(Path(sys.executable).parent), "ray")
     try:
-        assert start.returncode == 0, start.stderr[-2000:]
         out = tmp_path / "job-out"
         command = [
             ray,

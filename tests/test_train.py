@@ -1,20 +1,14 @@
 """Training groups, curriculum phases, and a real Ray Train + DeepSpeed run that loses a worker
 (SIGKILL) mid-run, resumes from its last checkpoint and ends with the uninterrupted run's weights."""
 
-import random
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_lines
 from utilrag.train.dataset import make_groups, phase_positives
-
-WORDS = (
-    "protein cell gene virus immune cancer brain heart blood drug trial dose risk age diet sleep stress "
-    "lung liver bone muscle skin kidney vaccine insulin obesity"
-).split()
 
 
 def test_groups_pos_all_and_pos_one():
@@ -32,25 +26,6 @@ def test_groups_pos_all_and_pos_one():
     assert again == rows
     first, second = (sorted(r["doc_ids"]) for r in rows if r["query_id"] == "q1")
     assert first[:2] == second[:2] == ["a", "b"]  # Pos-all keeps both positives in every epoch
-
-
-@pytest.fixture
-def tiny_dataset(tmp_path):
-    """24 queries, 120 passages, 1-2 positives each: an MS MARCO layout small enough to train on here."""
-    rng = random.Random(0)
-    docs, queries, qrels = [], [], []
-    for d in range(120):
-        docs.append(f"{d}\t" + " ".join(rng.choice(WORDS) for _ in range(12)))
-    for q in range(24):
-        pos = rng.sample(range(120), rng.choice([1, 2]))
-        words = docs[pos[0]].split("\t")[1].split()[:4]
-        queries.append(f"q{q}\twhat about {' '.join(words)}")
-        qrels += [f"q{q} 0 {d} 1" for d in pos]
-    root = tmp_path / "tiny"
-    write_lines(root / "collection.tsv", docs)
-    write_lines(root / "queries.train.tsv", queries)
-    write_lines(root / "qrels.train.tsv", qrels)
-    return root
 
 
 def _config(make_config, root, **train):
@@ -150,7 +125,7 @@ def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(
     )
     ingest(cfg)
     run_pools(cfg, cfg.pools[0])
-    straight = run_train(cfg)
+    straight = Path(run_train(cfg)[0]) / "model"
     log = pd.read_csv(straight.parent / "metrics.csv")
     assert list(log.drop_duplicates("phase")["phase"]) == ["utilsel", "curriculum-human"]
     phase2 = log[log["phase"] == "curriculum-human"]
@@ -164,7 +139,7 @@ def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(
     for name, kill_at in (("killed-phase2-start", "1:0"), ("killed-phase2-middle", "1:2")):
         cfg.train.name = name
         monkeypatch.setenv("UTILRAG_FAULT_TRAIN_KILL_AT_STEP", kill_at)  # rank 1 SIGKILLs itself once
-        killed = run_train(cfg)
+        killed = Path(run_train(cfg)[0]) / "model"
         log = pd.read_csv(killed.parent / "metrics.csv")
         assert log["global_step"].max() == 8 and np.isfinite(log["loss"]).all()
         assert (killed.parent / "loss.png").stat().st_size > 1000

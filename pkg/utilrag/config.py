@@ -31,6 +31,13 @@ class Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------- stages
+# One message for the config check and the shard builder's own check.
+HNSW_ON_GPU = (
+    "index_type hnsw cannot run on the GPU (FAISS has no GPU HNSW): set index.use_gpu=false "
+    "for hnsw, or use flat, ivf_flat or ivf_pq on the GPU"
+)
+
+
 class RayConfig(Strict):
     address: str | None = Field(
         None,
@@ -176,12 +183,8 @@ class IndexConfig(Strict):
     @field_validator("index_type")
     @classmethod
     def _buildable(cls, v: str, info) -> str:
-        from utilrag.index.shards import ShardError, check_index_type
-
-        try:  # refused here, before any encoding, with the shard builder's own message
-            check_index_type(v, bool(info.data.get("use_gpu")))
-        except ShardError as e:
-            raise ValueError(str(e)) from None
+        if v == "hnsw" and info.data.get("use_gpu"):  # refused here, before any encoding
+            raise ValueError(HNSW_ON_GPU)
         return v
 
 

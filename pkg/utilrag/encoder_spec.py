@@ -32,7 +32,13 @@ class ModelError(UtilragError):
 def resolve_model(name: str) -> str:
     """A local folder, a packaged model's folder, or the hub name itself (downloaded when online)."""
     if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser().resolve())
+        folder = Path(name).expanduser().resolve()
+        trained_here = (folder.parent / "manifest.json").is_file() and folder.name == "model"
+        if trained_here:  # a model the train stage wrote: only once its run has committed it
+            from utilrag.store import require
+
+            require(folder.parent, f"model {name}")
+        return str(folder)
     if name in PACKAGED_MODELS:
         module, sub = PACKAGED_MODELS[name]
         spec = importlib.util.find_spec(module)

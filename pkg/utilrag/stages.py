@@ -34,7 +34,6 @@ class Stage:
     module: str  # holds run(cfg) -> StageResult
     reads: tuple[str, ...]
     writes: tuple[str, ...]
-    in_pipeline: bool = True  # run by `utilrag pipeline` when the config has a section for it
 
     def runner(self) -> Callable:
         return importlib.import_module(self.module).run

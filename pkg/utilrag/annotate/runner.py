@@ -26,9 +26,12 @@ from utilrag.annotate.engine import AnnotateError, LLMPredictor, actor_resources
 from utilrag.annotate.prompts import PROMPT_VERSION
 from utilrag.annotate.stages import STAGE_SCHEMA, parse_output, stage_regex
 from utilrag.config import AnnotateConfig
+from utilrag.logs import get_logger
 from utilrag.store import read_manifest, write_manifest
 
 PART_SCHEMA = pa.schema([("key", pa.string()), *STAGE_SCHEMA])
+
+log = get_logger("annotate")
 
 
 def read_parts(parts: Path) -> pa.Table:
@@ -70,10 +73,10 @@ def run_stage(
     parts = folder / f"{stage}.parts"
     old = read_manifest(folder / f"{stage}.meta") or {}
     if old.get("fingerprint") == fingerprint and old.get("status") == "complete" and final.is_file():
-        print(f"[annotate] {label} {stage}: unchanged, reusing {final}", flush=True)
+        log.info(f"{label} {stage}: unchanged, reusing {final}")
         return pq.read_table(final), old["summary"]
     if old.get("fingerprint") not in (None, fingerprint) and parts.exists():
-        print(f"[annotate] {label} {stage}: inputs or settings changed; discarding {parts}", flush=True)
+        log.info(f"{label} {stage}: inputs or settings changed; discarding {parts}")
         shutil.rmtree(parts)
     parts.mkdir(parents=True, exist_ok=True)
     for stale in parts.glob(".tmp-*"):  # a part being written when the last run was killed
@@ -92,10 +95,9 @@ def run_stage(
     todo = requests.filter(pc.invert(pc.is_in(requests.column("key"), pa.array(sorted(done), pa.string()))))
     t0 = time.time()
     if done:
-        print(
-            f"[annotate] {label} {stage}: resuming: {len(done):,} of {len(expected):,} requests already done, "
-            f"{todo.num_rows:,} to go",
-            flush=True,
+        log.info(
+            f"{label} {stage}: resuming: {len(done):,} of {len(expected):,} requests already done, "
+            f"{todo.num_rows:,} to go"
         )
     new_rows, dropped, engine_s = 0, 0, None
     if todo.num_rows:
@@ -124,7 +126,7 @@ def run_stage(
         expected_rows=requests.num_rows,
         summary=summary,
     )
-    print(f"[annotate] {label} {stage}: {summary_line(summary)}", flush=True)
+    log.info(f"{label} {stage}: {summary_line(summary)}")
     return table, summary
 
 
@@ -211,10 +213,9 @@ def _generate(
             if now - last >= acfg.scale.progress_every_s:
                 last = now
                 finished = sum(1 for q, n in queries_done.items() if n >= expected_per_query[q])
-                print(
-                    f"[annotate] {label} {stage}: queries {finished:,}/{queries_total:,}, requests "
-                    f"{len(seen_keys):,}/{total:,}, {tokens / max(now - (first_ready or t0), 1e-9):,.0f} tokens/s",
-                    flush=True,
+                log.info(
+                    f"{label} {stage}: queries {finished:,}/{queries_total:,}, requests "
+                    f"{len(seen_keys):,}/{total:,}, {tokens / max(now - (first_ready or t0), 1e-9):,.0f} tokens/s"
                 )
     except AnnotateError:
         raise

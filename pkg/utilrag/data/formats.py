@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import math
 import zlib
 from collections.abc import Callable, Iterator
 
@@ -150,6 +151,8 @@ def trec_run(line: str, ctx) -> list[dict]:
         score = float(cols[4])
     except ValueError:
         raise RowError(f"score {cols[4]!r} is not a number") from None
+    if not math.isfinite(score):
+        raise RowError(f"score {cols[4]!r} is not finite")
     return [
         dict(
             query_id=_id(cols[0], "query id"),
@@ -274,7 +277,8 @@ def parse_file(uri: str, table: str, parser: str, ctx: dict, batch_rows: int = 2
                 continue
             try:
                 for row in parse(line, {**ctx, "line": line_no}):
-                    row.update(_file=uri, _line=line_no)
+                    # the original line travels with the row: a later check that rejects it keeps it as read
+                    row.update(_file=uri, _line=line_no, _raw=line[:RAW_CHARS])
                     rows.append(row)
             except RowError as e:
                 reject(str(e), line)

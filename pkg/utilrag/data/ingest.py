@@ -102,7 +102,7 @@ class Validator:
                 continue
             report.rejected += 1
             report.reasons[reason.split(" (")[0] if reason.startswith("duplicate") else _category(reason)] += 1
-            raw = raws[i] if raws[i] is not None else _raw_from(cols, i)
+            raw = raws[i] or ""
             rejects.append(dict(table=table, file=files[i], line=lines[i], reason=reason, raw=raw))
         good = batch.filter(pa.array(keep, pa.bool_())).select(SCHEMAS[table].names)
         report.rows += good.num_rows
@@ -134,15 +134,14 @@ class Validator:
         return "" if seen[key] == content else f"duplicate {what} {key} (different content)"
 
 
+LOST_DATA = ("truncated", "read error")  # categories meaning the rest of a file could not be read
+
+
 def _category(reason: str) -> str:
-    for prefix in ("unknown query id", "unknown doc id", "invalid UTF-8", "expected", "truncated", "malformed JSON"):
+    for prefix in ("unknown query id", "unknown doc id", "invalid UTF-8", "expected", "malformed JSON", *LOST_DATA):
         if reason.startswith(prefix):
             return prefix
     return reason
-
-
-def _raw_from(cols: dict, i: int) -> str:
-    return "\t".join(str(v[i]) for v in cols.values())[:300]
 
 
 # --------------------------------------------------------------------------- driver
@@ -222,9 +221,10 @@ def ingest_dataset(resolved: registry.ResolvedDataset, out: str, icfg: IngestCon
 
 def print_summary(name: str, reports: dict[str, TableReport]) -> None:
     for table, r in reports.items():
-        extras = [f"{n:,} {why}" for why, n in r.reasons.most_common(4)] + [
-            f"{n:,} {why}" for why, n in r.notes.items()
-        ]
+        # Lost data (a truncated or unreadable file) is always shown; other reasons, the 4 commonest.
+        lost = [f"{n:,} {why}" for why, n in r.reasons.items() if why in LOST_DATA]
+        common = [f"{n:,} {why}" for why, n in r.reasons.most_common() if why not in LOST_DATA][:4]
+        extras = lost + common + [f"{n:,} {why}" for why, n in r.notes.items()]
         if extras:
             log.info(f"{name}/{table}: " + "; ".join(extras))
 

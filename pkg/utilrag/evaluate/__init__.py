@@ -31,7 +31,10 @@ __all__ = ["run_evaluation", "evaluate", "read_trec_file", "format_table", "DEFA
 
 
 def read_trec_file(path: str, table: str) -> pa.Table:
-    """A qrels (TREC 4-column or BEIR tsv) or TREC run file; the first bad line is an error."""
+    """A qrels (TREC 4-column or BEIR tsv) or TREC run file, streamed: the first bad line is an
+    error as soon as its batch is read (nothing else of a bad file is kept)."""
+    if Path(path).is_dir():
+        raise MetricError(f"{path}: is a directory, not a {'run' if table == 'runs' else 'qrels'} file")
     if not Path(path).is_file():
         raise MetricError(f"{path}: file not found")
     parser = "trec_run" if table == "runs" else "trec_qrels"
@@ -39,12 +42,13 @@ def read_trec_file(path: str, table: str) -> pa.Table:
         with open(path, "rb") as f:
             if f.readline().lower().startswith(b"query-id"):
                 parser = "beir_qrels"
-    parts = list(parse_file(path, table, parser, {"split": "default", "run": Path(path).stem}))
-    data = pa.concat_tables(parts) if parts else pa.table({}, schema=SCHEMAS[table])
-    if data.num_rows and data.column("_reason").null_count < data.num_rows:
-        bad = data.filter(pc.invert(pc.is_null(data.column("_reason")))).slice(0, 1).to_pylist()[0]
-        raise MetricError(f"{bad['_file']}:{bad['_line']}: {bad['_reason']}")
-    return data.select(SCHEMAS[table].names)
+    parts = []
+    for batch in parse_file(path, table, parser, {"split": "default", "run": Path(path).stem}, batch_rows=50_000):
+        if batch.column("_reason").null_count < batch.num_rows:
+            bad = batch.filter(pc.invert(pc.is_null(batch.column("_reason")))).slice(0, 1).to_pylist()[0]
+            raise MetricError(f"{bad['_file']}:{bad['_line']}: {bad['_reason']}")
+        parts.append(batch.select(SCHEMAS[table].names))
+    return pa.concat_tables(parts) if parts else SCHEMAS[table].empty_table()
 
 
 def load_run(cfg: PipelineConfig, dataset: Dataset, spec: RunToEvaluate) -> pa.Table:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from utilrag.config import HNSW_ON_GPU
 from utilrag.errors import UtilragError
 from utilrag.logs import get_logger
 
@@ -42,10 +43,7 @@ def check_index_type(kind: str, use_gpu: bool) -> None:
     if kind not in INDEX_TYPES:
         raise ShardError(f"unknown index type {kind!r} (one of {', '.join(INDEX_TYPES)})")
     if use_gpu and kind == "hnsw":
-        raise ShardError(
-            "index_type hnsw cannot run on the GPU (FAISS has no GPU HNSW): set index.use_gpu=false "
-            "for hnsw, or use flat, ivf_flat or ivf_pq on the GPU"
-        )
+        raise ShardError(HNSW_ON_GPU)
 
 
 def ivf_lists(nlist: int, n_vectors: int) -> int:

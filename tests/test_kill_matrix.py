@@ -1,0 +1,212 @@
+"""The kill matrix: every stage SIGKILLed at each point of the commit protocol during a rerun whose
+setting changed, then rerun. The outputs must equal a clean run's (or the stage redoes itself); never
+reuse of mismatched or partial output, never a traceback. A later stage refuses an interrupted input
+with one line.
+
+Points (``UTILRAG_FAULT_KILL=<stage>@<point>``, read in ``utilrag.store``): ``begin`` (old outputs
+invalidated, nothing written), ``commit`` (new outputs staged), ``manifest`` (new outputs moved in
+place, manifest not yet complete). The stages run as real CLI processes against one `ray start` head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import start_ray_head, stop_cluster
+from utilrag.config import REPO_ROOT
+from utilrag.store import Store, read_manifest
+
+POINTS = ("begin", "commit", "manifest")
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    temp_dir, gcs, _, env = start_ray_head()
+    try:
+        yield f"127.0.0.1:{gcs}", env
+    finally:
+        stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    from conftest import WORDS, write_lines
+
+    import random
+
+    rng = random.Random(0)
+    root = tmp_path_factory.mktemp("tiny")
+    docs = [f"{d}\t" + " ".join(rng.choice(WORDS) for _ in range(12)) for d in range(80)]
+    queries, qrels = [], []
+    for q in range(16):
+        pos = rng.sample(range(80), rng.choice([1, 2]))
+        queries.append(f"q{q}\twhat about {' '.join(docs[pos[0]].split(chr(9))[1].split()[:4])}")
+        qrels += [f"q{q} 0 {d} 1" for d in pos]
+    write_lines(root / "collection.tsv", docs)
+    write_lines(root / "queries.train.tsv", queries)
+    write_lines(root / "qrels.train.tsv", qrels)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cli(ray_head, tiny_root, tmp_path_factory):
+    address, env = ray_head
+    out = tmp_path_factory.mktemp("kill") / "out"
+    config = out.parent / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(out),
+                "ray": {"address": address},
+                "ingest": {"datasets": [{"name": "tiny", "path": str(tiny_root), "layout": "msmarco"}]},
+                "pools": [{"dataset": "tiny", "split": "train", "size": 8}],
+                "bm25": [{"dataset": "tiny", "split": "train", "k": 20}],
+                "index": {
+                    "batch_size": 64,
+                    "shards": 1,
+                    "k": 10,
+                    "query_max_len": 16,
+                    "passage_max_len": 32,
+                    "targets": [{"dataset": "tiny", "split": "train"}],
+                },
+                "train": {
+                    "dataset": "tiny",
+                    "split": "train",
+                    "query_max_len": 8,
+                    "passage_max_len": 16,
+                    "group_size": 4,
+                    "per_device_queries": 4,
+                    "num_workers": 1,
+                    "epochs": 1,
+                    "max_steps": 2,
+                    "name": "k",
+                },
+                "evaluate": {"metrics": ["nDCG@10"], "runs": [{"dataset": "tiny", "split": "train", "run": "bm25s"}]},
+            }
+        )
+    )
+
+    def run(stage: str, *overrides: str, kill: str | None = None) -> subprocess.CompletedProcess:
+        run_env = {**env, "PYTHONPATH": str(REPO_ROOT / "pkg")}
+        run_env.pop("UTILRAG_FAULT_KILL", None)
+        if kill:
+            run_env["UTILRAG_FAULT_KILL"] = kill
+        proc = subprocess.run(
+            [sys.executable, "-m", "utilrag.cli", stage, "--config", str(config), *overrides],
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        if kill:
+            assert proc.returncode == -signal.SIGKILL, (kill, proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+        return proc
+
+    run.store = Store(out)  # type: ignore[attr-defined]
+    return run
+
+
+def _digest(folder: str, names: list[str]) -> str:
+    """The content of a committed stage's table outputs (row order included)."""
+    manifest = read_manifest(folder)
+    assert manifest and manifest["status"] == "complete", manifest
+    h = hashlib.sha256()
+    for name in names:
+        path = Path(folder, name)
+        if path.suffix == ".parquet" or path.is_dir():
+            h.update(json.dumps(pq.read_table(path).to_pylist(), default=str).encode())
+        else:
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _matrix(cli, stage, point_stage, folder, names, setting, other, points=POINTS, check_other=True) -> None:
+    """Clean run with `setting`; then per point: a rerun with `other` killed there (the folder is left
+    marked running), and a rerun with `setting` that must end with the clean run's outputs."""
+    ok = cli(stage, setting)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    clean = _digest(folder, names)
+    for point in points:
+        cli(stage, other, kill=f"{point_stage}@{point}")
+        assert read_manifest(folder)["status"] == "running"
+        again = cli(stage, setting)
+        assert again.returncode == 0, (point, again.stderr[-2000:])
+        assert _digest(folder, names) == clean, point
+    if check_other:  # the other setting really gives other output (so the equality above means something)
+        assert cli(stage, other).returncode == 0
+        assert _digest(folder, names) != clean
+
+
+@pytest.mark.slow
+def test_kill_matrix_ingest_pools_bm25_evaluate(cli):
+    store = cli.store
+    # ingest: a re-ingest with another reject threshold, killed; meanwhile later stages refuse it.
+    ingest_dir = store.ingest("tiny")
+    ok = cli("ingest", "ingest.reject_threshold=0.001")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    clean = _digest(ingest_dir, ["corpus", "queries", "qrels"])
+    for point in POINTS:
+        cli("ingest", "ingest.reject_threshold=0.5", kill=f"ingest@{point}")
+        refused = cli("pools")
+        assert refused.returncode == 2
+        assert refused.stderr.strip().splitlines() == [
+            "utilrag: error: dataset 'tiny': manifest status is 'running' (its stage was interrupted "
+            f"or is still running) at {ingest_dir}/manifest.json (run the stage that makes it)"
+        ]
+        again = cli("ingest", "ingest.reject_threshold=0.001")
+        assert again.returncode == 0 and "reusing" not in again.stdout, again.stdout
+        assert _digest(ingest_dir, ["corpus", "queries", "qrels"]) == clean
+
+    # pools: another seed, killed (the reported bug served the old seed's table).
+    _matrix(cli, "pools", "pools", store.pools("tiny", "train"), ["pools.parquet"], "pools.0.seed=0", "pools.0.seed=7")
+
+    # bm25: another k.
+    _matrix(cli, "bm25", "bm25", store.bm25("tiny", "train"), ["run.parquet", "run.trec"], "bm25.0.k=20", "bm25.0.k=5")
+
+    # evaluate: another metric.
+    _matrix(
+        cli, "evaluate", "evaluate", store.evaluate(), ["metrics.json", "metrics.md"], "evaluate.metrics=[nDCG@10]",
+        "evaluate.metrics=[MRR@10]",
+    )
+
+
+@pytest.mark.slow
+def test_kill_matrix_index_and_train(cli):
+    store = cli.store
+    assert cli("ingest").returncode == 0 and cli("pools").returncode == 0
+    run_dir = store.dense_run("tiny", "train", "dense")
+    _matrix(
+        cli, "index", "index/search", run_dir, ["run.parquet"], "index.k=10", "index.k=5", points=("begin", "manifest")
+    )
+    # The corpus embeddings themselves, killed under another passage length.
+    emb = store.embeddings("tiny", "sentence-transformers/all-MiniLM-L6-v2")
+    _matrix(
+        cli, "index", "index/encode", emb, ["parts"], "index.passage_max_len=32", "index.passage_max_len=24",
+        points=("manifest",),
+        check_other=False,
+    )
+
+    # train: killed after fitting with another seed, its model moved in place but not committed.
+    train_dir = store.train("k")
+    ok = cli("train", "train.seed=0")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    clean = _digest(train_dir, ["model/model.safetensors"])
+    cli("train", "train.seed=1", kill="train@manifest")  # the other seed's model is in place, not committed
+    refused = cli("index", "index.model=" + str(Path(train_dir) / "model"))
+    assert refused.returncode == 2 and "manifest status is 'running'" in refused.stderr, refused.stderr
+    again = cli("train", "train.seed=0")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _digest(train_dir, ["model/model.safetensors"]) == clean
+    assert "reusing" in cli("train", "train.seed=0", "train.max_failures=3").stdout  # run control only
