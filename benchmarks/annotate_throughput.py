@@ -60,15 +60,17 @@ def prepare_pools(out: Path):
 def target_inputs(cfg, acfg, max_queries=None):
     from utilrag.annotate.stages import load_inputs
     from utilrag.config import AnnotateTarget
-    from utilrag.data.ingest import dataset_dir
+    from utilrag import store
+    from utilrag.data.dataset import open_dataset
     from utilrag.data.tables import read_table
 
-    source = dataset_dir(cfg, "trec-dl-2019")
-    pools = read_table(Path(cfg.output_dir) / "pools" / "trec-dl-2019-default" / "pools.parquet")
+    dataset = open_dataset(cfg, "trec-dl-2019")
+    pools_done = store.require(store.Store(cfg.output_dir).pools("trec-dl-2019", "default"), "pools")
+    pools = read_table(pools_done.path("pools.parquet"))
     return load_inputs(
         pools,
-        read_table(source / "queries"),
-        source / "corpus",
+        dataset.table("queries"),
+        Path(dataset.committed.path("corpus")),
         AnnotateTarget(dataset="trec-dl-2019", split="default", max_queries=max_queries),
         acfg,
     )

@@ -217,9 +217,7 @@ def test_msmarco_tab_qrels_and_tevatron_style_collection(tmp_path):
     assert (row["doc_id"], row["title"], row["text"]) == ("7", "A title", "the passage text")
 
 
-def test_lost_data_is_always_in_the_summary_and_rejects_keep_the_line_as_read(
-    ray_local, tmp_path, make_config, capsys
-):
+def test_lost_data_is_always_in_the_summary_and_rejects_keep_the_line_as_read(ray_local, tmp_path, make_config, capsys):
     """A truncated gzip is one reject among many commoner ones: the console summary still names it.
     A row rejected by a later check (unknown query) keeps its original line, not a rebuilt one."""
     bad = ["x", "x", "", "", b"\xff\xfe\t1", b"\xff\xfe\t2", "7\t", "8\t", "9\ta\tb\tc", "10\ta\tb\tc"]
@@ -239,4 +237,6 @@ def test_lost_data_is_always_in_the_summary_and_rejects_keep_the_line_as_read(
     assert summary.startswith("[ingest] m/corpus: 1 truncated; 4 expected; 2 ") and summary.count(";") == 4, summary
     rejects = _rejects(tmp_path / "out" / "ingest" / "m")
     unknown = [r for r in rejects if r["table"] == "qrels"]
-    assert [(r["reason"].split(" ")[0:3], r["raw"]) for r in unknown] == [(["unknown", "query", "id"], "q9   0  21   1")]
+    assert [(r["reason"].split(" ")[0:3], r["raw"]) for r in unknown] == [
+        (["unknown", "query", "id"], "q9   0  21   1")
+    ]

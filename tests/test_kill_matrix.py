@@ -41,9 +41,9 @@ def ray_head():
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
-    from conftest import WORDS, write_lines
-
     import random
+
+    from conftest import WORDS, write_lines
 
     rng = random.Random(0)
     root = tmp_path_factory.mktemp("tiny")
@@ -180,7 +180,12 @@ def test_kill_matrix_ingest_pools_bm25_evaluate(cli):
 
     # evaluate: another metric.
     _matrix(
-        cli, "evaluate", "evaluate", store.evaluate(), ["metrics.json", "metrics.md"], "evaluate.metrics=[nDCG@10]",
+        cli,
+        "evaluate",
+        "evaluate",
+        store.evaluate(),
+        ["metrics.json", "metrics.md"],
+        "evaluate.metrics=[nDCG@10]",
         "evaluate.metrics=[MRR@10]",
     )
 
@@ -190,13 +195,17 @@ def test_kill_matrix_index_and_train(cli):
     store = cli.store
     assert cli("ingest").returncode == 0 and cli("pools").returncode == 0
     run_dir = store.dense_run("tiny", "train", "dense")
-    _matrix(
-        cli, "index", "index/search", run_dir, ["run.parquet"], "index.k=10", "index.k=5", points=("manifest",)
-    )
+    _matrix(cli, "index", "index/search", run_dir, ["run.parquet"], "index.k=10", "index.k=5", points=("manifest",))
     # The corpus embeddings themselves, killed under another passage length.
     emb = store.embeddings("tiny", "sentence-transformers/all-MiniLM-L6-v2")
     _matrix(
-        cli, "index", "index/encode", emb, ["parts"], "index.passage_max_len=32", "index.passage_max_len=24",
+        cli,
+        "index",
+        "index/encode",
+        emb,
+        ["parts"],
+        "index.passage_max_len=32",
+        "index.passage_max_len=24",
         points=("manifest",),
         check_other=False,
     )
@@ -213,3 +222,11 @@ def test_kill_matrix_index_and_train(cli):
     assert again.returncode == 0, again.stderr[-3000:]
     assert _digest(train_dir, ["model/model.safetensors"]) == clean
     assert "reusing" in cli("train", "train.seed=0", "train.max_failures=3").stdout  # run control only
+    # Killed after training but before its commit, then rerun with the same settings: it resumes from
+    # the final checkpoint (no step trained again), keeps the loss log, and commits.
+    cli("train", "train.seed=1", kill="train@commit")
+    resumed = cli("train", "train.seed=1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step 2/2" not in resumed.stdout + resumed.stderr and read_manifest(train_dir)["status"] == "complete"
+    assert (Path(train_dir) / "loss.png").stat().st_size > 1000
+    assert _digest(train_dir, ["model/model.safetensors"]) != clean

@@ -1,4 +1,4 @@
-"""``utilrag <stage> --config FILE [key=value ...]``, ``utilrag pipeline``, ``utilrag eval-run``.
+"""utilrag <stage> --config FILE [key=value ...], utilrag pipeline, utilrag eval-run / eval-qa.
 
 The stage commands come from the stage registry (``utilrag.stages``), in pipeline order. User
 mistakes (config, missing data, bad files) print one ``utilrag: error: ...`` line and exit 2.
@@ -38,6 +38,12 @@ def _eval_run(args) -> None:
     print(f"queries\tall\t{len(per_query)}")
 
 
+def _eval_qa(args) -> None:
+    from utilrag.rag.eval_qa import eval_qa, format_eval_qa
+
+    print(format_eval_qa(eval_qa(args.data, args.predictions), args.json))
+
+
 def _config(args) -> None:
     from utilrag.config import config_json_schema, config_reference
 
@@ -70,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--per-query", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object of metric -> value")
+    p = sub.add_parser("eval-qa", help="official SQuAD v1.1 EM/F1 of answer predictions against a QA file")
+    p.add_argument(
+        "--data", required=True, help="a QA file: SQuAD JSON, NQ-open JSONL, DPR csv, HotpotQA, MS MARCO QnA"
+    )
+    p.add_argument("--predictions", required=True, help="{question_id: answer} JSON, or JSONL of {query_id, answer}")
+    p.add_argument("--json", action="store_true", help='print {"exact_match": …, "f1": …} like the official script')
     p = sub.add_parser("config", help="the configuration reference (Markdown), or its JSON schema")
     p.add_argument("--schema", action="store_true", help="print the JSON schema instead of the Markdown table")
     return parser
@@ -80,6 +92,8 @@ def _dispatch(args) -> None:
         return _eval_run(args)
     if args.command == "config":
         return _config(args)
+    if args.command == "eval-qa":
+        return _eval_qa(args)
     from utilrag.config import load_config
     from utilrag.logs import setup_logging
 

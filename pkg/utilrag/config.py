@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from utilrag.errors import UtilragError
@@ -53,7 +53,9 @@ class DatasetConfig(Strict):
     path: str | None = Field(
         None, description="a local folder or s3:// / gs:// URI holding the layout; null: <data_root>/<name>"
     )
-    layout: Literal["auto", "beir", "msmarco", "tevatron"] = Field("auto", description="the files' layout")
+    layout: Literal["auto", "beir", "msmarco", "tevatron", "qa"] = Field(
+        "auto", description="the files' layout (qa: a question-answering file, see the RAG section)"
+    )
     relevance_threshold: int | None = Field(
         None, description="qrels grade counted relevant; null: the registry's (TREC DL: 2)"
     )
@@ -382,6 +384,37 @@ class TrainConfig(Strict):
     name: str = Field("run", description="the run folder: output_dir/train/<name>/")
 
 
+class RagRetriever(Strict):
+    """Where the passages come from: a run the BM25 or index stage wrote for the QA dataset."""
+
+    run: str = Field(description="'bm25s' (the BM25 stage's run) or a dense run's label (the index stage's)")
+    label: str | None = Field(None, description="the row's name in the report; null: the run's name")
+
+
+class RagConfig(Strict):
+    """RAG evaluation (docs/method.md §5): retrieve top-k, generate with vLLM, score the answers."""
+
+    dataset: str = Field(description="an ingested QA dataset (ingest layout qa, e.g. squad-v1.1-dev)")
+    split: str = Field("dev", description="its qrels split (gold passages)")
+    max_questions: int | None = Field(200, ge=1, description="a seeded sample of the questions; null: all")
+    seed: int = Field(0, description="seed of the question sample")
+    k: list[int] = Field([1, 5], description="passages given to the generator (top-k of each retriever)")
+    retrievers: list[RagRetriever] = Field([], description="the runs to take passages from")
+    closed_book: bool = Field(True, description="also a row without passages (k = 0): the floor")
+    oracle: bool = Field(True, description="also a row with the gold passage: the ceiling")
+    passage_words: int = Field(300, ge=1, description="passages are cut to this many words")
+    baseline: str | None = Field(
+        "closed-book", description="the row the others are tested against (paired tests on F1); null: none"
+    )
+    permutations: int = Field(10_000, ge=100, description="randomisation test samples")
+    model: str = Field(description="generator: HF folder, hub name, or a packaged model")
+    sampling: AnnotateSampling = Field(
+        AnnotateSampling(answer_max_tokens=64), description="decoding (greedy by default, as the paper)"
+    )
+    engine: AnnotateEngine = Field(AnnotateEngine(), description="the vLLM engine replicas")
+    scale: AnnotateScale = Field(AnnotateScale(), description="the actor pool")
+
+
 class PipelineConfig(Strict):
     data_root: str | None = Field(
         None,
@@ -397,6 +430,28 @@ class PipelineConfig(Strict):
     evaluate: EvaluateConfig = Field(EvaluateConfig(), description="metrics and significance tests")
     annotate: AnnotateConfig | None = Field(None, description="the LLM annotation stage; null: none")
     train: TrainConfig = Field(TrainConfig(), description="retriever training")
+    rag: RagConfig | None = Field(None, description="the RAG evaluation; null: none")
+
+    @model_validator(mode="after")
+    def _one_writer_per_folder(self) -> PipelineConfig:
+        """Two entries that would write the same output folder would overwrite each other's work."""
+        for section, keys in (
+            ("pools", [(p.dataset, p.split) for p in self.pools]),
+            ("bm25", [(b.dataset, b.split) for b in self.bm25]),
+            (
+                "index.targets",
+                [
+                    (t.dataset, t.split, t.label or (f"dense-rerank-{t.rerank}" if t.rerank else "dense"))
+                    for t in self.index.targets
+                ],
+            ),
+        ):
+            seen = set()
+            for key in keys:
+                if key in seen:
+                    raise ValueError(f"{section}: two entries write {'/'.join(str(k) for k in key)}; give them labels")
+                seen.add(key)
+        return self
 
     @field_validator("output_dir")
     @classmethod

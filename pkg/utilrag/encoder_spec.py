@@ -52,6 +52,20 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def model_identity(path: str) -> str:
+    """What a fingerprint should say about a resolved model: a model trained here by its training
+    run's fingerprint (retraining under the same name changes it); another local folder by the sizes
+    and times of its files; a hub name by itself."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    if folder.name == "model" and (folder.parent / "manifest.json").is_file():
+        manifest = json.loads((folder.parent / "manifest.json").read_text())
+        return f"{path}@{manifest.get('input_fingerprint')}"
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return f"{path}@" + ",".join(f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
 SPEC_FILE = "encoder_spec.json"
 Pooling = Literal["cls", "mean", "last"]
 

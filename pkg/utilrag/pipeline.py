@@ -29,6 +29,8 @@ def configured(cfg: PipelineConfig, name: str) -> bool:
         return bool(cfg.index.targets)
     if name == "evaluate":
         return bool(cfg.evaluate.runs)
+    if name == "rag":
+        return cfg.rag is not None
     return False
 
 
@@ -53,8 +55,8 @@ def run_pipeline(
     from utilrag.raycluster import connect
 
     t0 = time.time()
+    names = select_stages(cfg, only, start, among)  # a mistyped name fails before Ray starts
     connect(cfg.ray)
-    names = select_stages(cfg, only, start, among)
     log.info(f"stages: {' -> '.join(names)}")
     results = []
     for name in names:

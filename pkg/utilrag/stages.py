@@ -90,6 +90,13 @@ STAGES: tuple[Stage, ...] = (
         reads=("ingest/<dataset>", "bm25/<dataset>-<split>", "dense/<dataset>-<split>/<label>"),
         writes=("evaluate",),
     ),
+    Stage(
+        "rag",
+        "RAG evaluation: top-k passages of each run, vLLM generation, EM/F1 and recall@k",
+        "utilrag.rag",
+        reads=("ingest/<qa dataset>", "bm25/<dataset>-<split>", "dense/<dataset>-<split>/<label>"),
+        writes=("rag/<dataset>/generate", "rag/<dataset>/report"),
+    ),
 )
 
 BY_NAME = {s.name: s for s in STAGES}

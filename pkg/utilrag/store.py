@@ -102,11 +102,10 @@ def file_stamp(location: str) -> str:
 
 def read_text(location: str) -> str | None:
     fs, path = filesystem(location)
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read().decode("utf-8")
-    except (FileNotFoundError, OSError):
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return None
+    with fs.open_input_stream(path) as f:  # other I/O errors propagate: never mistaken for "no manifest"
+        return f.read().decode("utf-8")
 
 
 def write_text(location: str, text: str) -> None:
@@ -200,8 +199,11 @@ def _complete(folder: str) -> tuple[Committed | None, str]:
     if manifest is None:
         return None, "no manifest"
     status = manifest.get("status")
-    if status != "complete":
-        why = {"running": "its stage was interrupted or is still running"}.get(status or "", f"status {status!r}")
+    if status != "complete" or "outputs" not in manifest:
+        why = {
+            "running": "its stage was interrupted or is still running",
+            "failed": "its stage failed; see its log and rejects",
+        }.get(status or "", "written by an older utilrag without a commit record; rerun the stage")
         return None, f"manifest status is {status!r} ({why})"
     committed = Committed(folder, manifest)
     missing = [name for name in manifest.get("outputs", []) if not exists(committed.path(name))]
@@ -256,6 +258,19 @@ class StageWriter:
         fs, staging = filesystem(self.staging)
         infos = fs.get_file_info(pafs.FileSelector(staging, allow_not_found=True))
         outputs = sorted(posixpath.basename(i.path) for i in infos)
+        # Whatever happens from here on, the next run knows every name this folder may now hold.
+        _write_manifest(
+            self.folder,
+            {
+                "stage": self.stage,
+                "status": "running",
+                "input_fingerprint": self.fingerprint,
+                "previous_outputs": sorted(set(self.previous) | set(outputs)),
+            },
+        )
+        for name in self.previous:  # the old run's outputs that this one does not write again
+            if name not in outputs:
+                remove(join(self.folder, name))
         if self.prefix is None:  # local: rename each staged output into the folder
             for name in outputs:
                 target = join(self.folder, name)
@@ -277,9 +292,6 @@ class StageWriter:
                 **fields,
             },
         )
-        for name in self.previous:  # the old run's outputs that this one did not write again
-            if name not in outputs:
-                remove(join(self.folder, name))
         if self.prefix is not None:
             _remove_other_versions(self.folder, keep=self.prefix)
         self.committed = Committed(self.folder, manifest)
@@ -304,8 +316,7 @@ def begin(folder: str | os.PathLike, stage: str, fingerprint: str | None, **fiel
         folder,
         {"stage": stage, "status": "running", "input_fingerprint": fingerprint, "previous_outputs": previous, **fields},
     )
-    if is_remote(folder):
-        _remove_other_versions(folder, keep=None)
+    if is_remote(folder):  # older versions stay until this one commits: a reader may still hold one
         version = f"v-{uuid.uuid4().hex[:12]}"
         prefix: str | None = version
         staging = join(folder, version)
@@ -359,3 +370,6 @@ class Store:
 
     def evaluate(self) -> str:
         return self._at("evaluate")
+
+    def rag(self, dataset: str, part: str) -> str:
+        return self._at("rag", dataset, part)

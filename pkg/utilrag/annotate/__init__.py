@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from utilrag import store
 from utilrag.annotate.engine import AnnotateError, check_model, resolve_llm
 from utilrag.annotate.prompts import PROMPT_VERSION
-from utilrag.annotate.report import write_report
+from utilrag.annotate.report import agreement, graded_kappa, render_markdown, write_report
 from utilrag.annotate.runner import run_stage
 from utilrag.annotate.stages import NEEDS, REJECTS_SCHEMA, STAGE_ORDER, build_labels, build_requests, load_inputs
 from utilrag.config import AnnotateConfig, AnnotateTarget, PipelineConfig
@@ -81,9 +81,10 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
         "prompt_version": PROMPT_VERSION,
         "settings": acfg.content_settings(),
     }
+    check_stage_order(out, base, acfg)  # before begin: a config mistake keeps the committed labels
     # The labels and report are this folder's committed outputs; the per-stage tables and parts
     # beside them have their own manifests (<stage>.meta), so a rerun resumes them exactly once.
-    writer = store.begin(out, "annotate", fingerprint({**base, "stages": acfg.stages}))
+    writer = store.begin(out, "annotate", None)
     staging = writer.local_path(".")
     pq.write_table(
         pa.table(
@@ -124,10 +125,39 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
     labels = build_labels(inputs, done, all_pools, acfg)
     pq.write_table(labels, staging / "labels.parquet")
     text = write_report(staging, label, labels, summaries, acfg.model)
+    # The labels' identity (what training fingerprints): the stage results they were built from and
+    # the settings that turn those into labels.
+    writer.fingerprint = fingerprint(
+        {
+            "stages": fingerprints,
+            "labels": acfg.model_dump(include={"utilrank_top_percent", "graded_threshold", "human_positive"}),
+        }
+    )
     writer.commit(rows={"labels": labels.num_rows}, summaries=summaries, wall_time_s=round(time.time() - t0, 2))
     print(text, flush=True)
     log.info(f"{label}: labels {labels.num_rows:,} rows -> {out / 'labels.parquet'} ({time.time() - t0:.0f}s)")
     return out
+
+
+def check_stage_order(out: Path, base: dict, acfg: AnnotateConfig) -> None:
+    """Every stage asked for has its input stage asked for too, or finished before with the same inputs."""
+    fingerprints: dict[str, str] = {}
+    available = set()
+    for stage in STAGE_ORDER:
+        fp = _stage_fingerprint(stage, base, fingerprints, acfg)
+        if stage in acfg.stages:
+            need = NEEDS.get(stage)
+            if need and need not in available:
+                raise AnnotateError(
+                    f"annotate.stages asks for {stage!r}, which needs the {need!r} stage's output; add "
+                    f"{need!r} to annotate.stages"
+                )
+        else:
+            meta = read_manifest(out / f"{stage}.meta")
+            if not (meta and meta.get("status") == "complete" and meta.get("fingerprint") == fp):
+                continue
+        fingerprints[stage] = fp
+        available.add(stage)
 
 
 def _stage_fingerprint(stage: str, base: dict, upstream: dict[str, str], acfg: AnnotateConfig) -> str:
@@ -172,15 +202,8 @@ def print_reports(cfg: PipelineConfig) -> None:
         raise AnnotateError("the config has no annotate section with targets")
     for target in acfg.targets:
         out = target_dir(cfg, target)
-        store.require(out, f"annotate-report: the annotation of {target.dataset}/{target.split}")
-        summaries = {}
-        for stage in STAGE_ORDER:
-            meta = read_manifest(out / f"{stage}.meta")
-            if meta and meta.get("status") == "complete":
-                summaries[stage] = meta["summary"]
-        print(
-            write_report(
-                out, f"{target.dataset}/{target.split}", pq.read_table(out / "labels.parquet"), summaries, acfg.model
-            ),
-            flush=True,
-        )
+        committed = store.require(out, f"annotate-report: the annotation of {target.dataset}/{target.split}")
+        labels = pq.read_table(committed.path("labels.parquet"))
+        summaries = committed.get("summaries", {})
+        rows = agreement(labels, summaries)  # printed only: the committed report files stay as written
+        print(render_markdown(f"{target.dataset}/{target.split}", rows, graded_kappa(labels), acfg.model), flush=True)

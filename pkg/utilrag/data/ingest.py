@@ -12,14 +12,16 @@ import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from utilrag import store
-from utilrag.config import IngestConfig, PipelineConfig, resolve_data_root
+from utilrag.config import DatasetConfig, IngestConfig, PipelineConfig, resolve_data_root
 from utilrag.data import registry
 from utilrag.data.formats import filesystem_and_path, parse_file
+from utilrag.data.qa import REGISTERED_QA, read_qa, resolve_qa
 from utilrag.data.tables import REJECTS_SCHEMA, SCHEMAS, ParquetParts, fingerprint, write_table
 from utilrag.errors import UtilragError
 from utilrag.logs import get_logger
@@ -219,6 +221,82 @@ def ingest_dataset(resolved: registry.ResolvedDataset, out: str, icfg: IngestCon
     return IngestResult(resolved.name, out, False, reports, resolved.relevance_threshold)
 
 
+QA_SPLIT = "dev"  # the qrels split of a QA set's gold passages
+
+
+def ingest_qa(ds: DatasetConfig, data_root: Path, out: str, icfg: IngestConfig) -> IngestResult:
+    """A question-answering file (SQuAD, NQ-open, DPR, HotpotQA, MS MARCO QnA) as an ingested dataset:
+    its corpus (when it has passages), queries, qrels (the gold passages, split "dev") and qa table
+    (answers), with rejects — so BM25, the index and evaluation run on it like on any other dataset."""
+    path = resolve_qa(ds.path or ds.name, data_root)
+    fp = fingerprint(
+        {"file": path, "stamp": store.file_stamp(path), "layout": "qa", "reject_threshold": icfg.reject_threshold}
+    )
+    old = store.reusable(out, fp)
+    if old is not None:
+        kept = {t: TableReport(rows=n, rejected=old["rejected"].get(t, 0)) for t, n in old["rows"].items()}
+        log.info(f"{ds.name}: inputs unchanged (fingerprint {fp}), reusing {out}")
+        return IngestResult(ds.name, out, True, kept, 1)
+    t0 = time.time()
+    writer = store.begin(out, "ingest", fp, dataset=ds.name)
+    data = read_qa(path)
+    qa = data.qa.cast(SCHEMAS["qa"])
+    gold = [
+        (q, d)
+        for q, docs in zip(qa.column("query_id").to_pylist(), qa.column("gold_doc_ids").to_pylist())
+        for d in docs or []
+    ]
+    tables = {
+        "corpus": data.corpus,
+        "queries": pa.table({"query_id": qa.column("query_id"), "text": qa.column("question")}),
+        "qrels": pa.table(
+            {
+                "query_id": [q for q, _ in gold],
+                "doc_id": [d for _, d in gold],
+                "grade": pa.array([1] * len(gold), pa.int32()),
+                "split": [QA_SPLIT] * len(gold),
+            }
+        ),
+        "qa": qa,
+    }
+    reports: dict[str, TableReport] = {}
+    for name, table in tables.items():
+        if name == "corpus" and table.num_rows == 0:
+            continue  # answers only (NQ-open): closed-book, or retrieval over a corpus supplied elsewhere
+        parts = ParquetParts(writer.path(name), SCHEMAS[name], icfg.rows_per_file)
+        parts.write(table)
+        parts.close()
+        reports[name] = TableReport(rows=table.num_rows)
+    reports["qa"].rejected = len(data.rejects)
+    for r in data.rejects:
+        reports["qa"].reasons[_category(r["reason"])] += 1
+    rejects = [{"table": "qa", **{k: r[k] for k in ("file", "line", "reason", "raw")}} for r in data.rejects]
+    write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), writer.path("rejects.parquet"))
+    total = qa.num_rows + len(rejects)
+    share = len(rejects) / total if total else 0.0
+    status = "complete" if share <= icfg.reject_threshold else "failed"
+    writer.commit(
+        status=status,
+        source=path,
+        layout="qa",
+        relevance_threshold=1,
+        rows={t: r.rows for t, r in reports.items()},
+        rejected={t: r.rejected for t, r in reports.items()},
+        reject_reasons={t: dict(r.reasons) for t, r in reports.items() if r.reasons},
+        stats=data.stats,
+        wall_time_s=round(time.time() - t0, 2),
+    )
+    for name, report in reports.items():
+        log.info(f"{ds.name}/{name}: {report.rows:,} rows kept, {report.rejected:,} rejected")
+    print_summary(ds.name, reports)
+    if status != "complete":
+        raise IngestError(
+            f"{ds.name}: {len(rejects):,} of {total:,} questions rejected ({share:.3%}) exceeds "
+            f"reject_threshold {icfg.reject_threshold:.3%}; see {store.join(out, 'rejects.parquet')}"
+        )
+    return IngestResult(ds.name, out, False, reports, 1)
+
+
 def print_summary(name: str, reports: dict[str, TableReport]) -> None:
     for table, r in reports.items():
         # Lost data (a truncated or unreadable file) is always shown; other reasons, the 4 commonest.
@@ -236,8 +314,12 @@ def ingest(cfg: PipelineConfig, names: list[str] | None = None) -> dict[str, Ing
     for ds in cfg.ingest.datasets:
         if names and ds.name not in names:
             continue
+        out = Store(cfg.output_dir).ingest(ds.name)
+        if ds.layout == "qa" or (ds.layout == "auto" and ds.name in REGISTERED_QA):
+            results[ds.name] = ingest_qa(ds, data_root, out, cfg.ingest)
+            continue
         resolved = registry.resolve(ds, data_root, allow_download=cfg.ingest.download)
-        results[ds.name] = ingest_dataset(resolved, Store(cfg.output_dir).ingest(ds.name), cfg.ingest)
+        results[ds.name] = ingest_dataset(resolved, out, cfg.ingest)
     return results
 
 

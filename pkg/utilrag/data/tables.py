@@ -45,6 +45,15 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("human_grade", pa.int32()),
         ]
     ),
+    # A question-answering set (RAG): gold answers, and the gold passages where the set has them.
+    "qa": pa.schema(
+        [
+            ("query_id", pa.string()),
+            ("question", pa.string()),
+            ("answers", pa.list_(pa.string())),
+            ("gold_doc_ids", pa.list_(pa.string())),
+        ]
+    ),
 }
 
 REJECTS_SCHEMA = pa.schema(

@@ -15,7 +15,7 @@ from utilrag.config import IndexConfig, IndexTarget, PipelineConfig
 from utilrag.data.dataset import Dataset, DatasetInputError, open_dataset
 from utilrag.data.lexical import write_trec_run
 from utilrag.data.tables import SCHEMAS, fingerprint, write_table
-from utilrag.encoder_spec import ModelError
+from utilrag.encoder_spec import ModelError, model_identity
 from utilrag.index.encode import encode_table, read_embeddings, resolve_encoder, texts_for
 from utilrag.index.shards import ShardedIndex, ShardError
 from utilrag.logs import get_logger
@@ -32,9 +32,9 @@ def encode_corpus(cfg: PipelineConfig, dataset: Dataset, icfg: IndexConfig) -> t
     out = Store(cfg.output_dir).embeddings(dataset.name, icfg.model)
     spec, _, passage_model = resolve_encoder(icfg)
     settings = {
-        **icfg.model_dump(include={"model", "embedding_dtype", "rows_per_file"}),
+        **icfg.model_dump(include={"model", "embedding_dtype", "rows_per_file", "use_gpu"}),  # GPU encodes in fp16
         **spec.model_dump(include={"pooling", "normalize", "passage_prefix", "passage_max_len"}),
-        "passage_model": passage_model,
+        "passage_model": model_identity(passage_model),
     }
     fp = fingerprint({"input": dataset.fingerprint, "encode": settings})
     old = store.reusable(out, fp)
@@ -65,7 +65,11 @@ def encode_corpus(cfg: PipelineConfig, dataset: Dataset, icfg: IndexConfig) -> t
 
 def query_settings(icfg: IndexConfig) -> dict:
     spec, query_model, _ = resolve_encoder(icfg)
-    return {**spec.model_dump(include={"pooling", "normalize", "query_prefix", "query_max_len"}), "model": query_model}
+    return {
+        **spec.model_dump(include={"pooling", "normalize", "query_prefix", "query_max_len"}),
+        "model": model_identity(query_model),
+        "use_gpu": icfg.use_gpu,
+    }
 
 
 def encode_queries(dataset: Dataset, target: IndexTarget, icfg: IndexConfig, out: str) -> tuple[list[str], np.ndarray]:
@@ -128,6 +132,16 @@ def faiss_settings(icfg: IndexConfig) -> dict:
     return settings
 
 
+def search_settings(icfg: IndexConfig) -> dict:
+    """What changes a dense run's scores beyond the saved index: fp16 storage (flat) or lookup
+    tables (ivf_pq) on the GPU, and the search parameters."""
+    return {
+        "faiss": faiss_settings(icfg),
+        **icfg.model_dump(include={"k", "nprobe", "ef_search"}),
+        "gpu_fp16": icfg.use_gpu and icfg.gpu_fp16,
+    }
+
+
 def build_or_load_index(cfg: PipelineConfig, dataset: str, icfg: IndexConfig, embeddings: Committed) -> ShardedIndex:
     folder = Store(cfg.output_dir).faiss(dataset, icfg.model, icfg.index_type, icfg.shards)
     settings = faiss_settings(icfg)
@@ -176,11 +190,7 @@ def target_label(target: IndexTarget) -> str:
 
 
 def target_fingerprint(icfg: IndexConfig, target: IndexTarget, embeddings: Committed) -> str:
-    search = (
-        {"rerank": target.rerank}
-        if target.rerank
-        else {"faiss": faiss_settings(icfg), **icfg.model_dump(include={"k", "nprobe", "ef_search"})}
-    )
+    search = {"rerank": target.rerank} if target.rerank else search_settings(icfg)
     return fingerprint(
         {
             "embeddings": embeddings["input_fingerprint"],
@@ -210,6 +220,8 @@ def run_index(cfg: PipelineConfig) -> list[tuple[str, bool]]:
                 log.info(f"{name}/{target.split or 'all'}: run {label!r} unchanged, reusing {out}")
                 written.append((out, True))
                 continue
+            if not dataset.split_queries(target.split)[0]:  # before begin: a mistake keeps the old run
+                raise DatasetInputError(f"{name}/{target.split}: no queries to search")
             writer = store.begin(out, "index/search", fp, dataset=name)
             qids, queries = encode_queries(dataset, target, icfg, writer.path("query_embeddings"))
             planned.append((target, label, writer, qids, queries))

@@ -1,1 +1,304 @@
-"""The rag stage (lands with its own issue)."""
+"""RAG stage (docs/method.md §5): for a sample of an ingested QA dataset's questions, give the
+generator the top-k passages of each configured run (BM25 or dense), plus a closed-book floor and
+an oracle ceiling; generate greedily with vLLM on the annotation engine path (Ray Data actor pool,
+exactly once, resumable); score answers with the official SQuAD v1.1 EM/F1 and retrieval with
+recall@k against the gold passages and answer recall@k.
+
+Outputs: output_dir/rag/<dataset>/generate/ (the generations, resumable parts) and
+output_dir/rag/<dataset>/report/ (per_query.parquet, results.{md,csv,json}, f1.png, significance).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from utilrag import store
+from utilrag.annotate.engine import check_model, resolve_llm
+from utilrag.annotate.prompts import cut_words
+from utilrag.annotate.runner import run_stage
+from utilrag.annotate.stages import REQUEST_SCHEMA
+from utilrag.config import AnnotateConfig, PipelineConfig, RagConfig, RunToEvaluate
+from utilrag.data.dataset import Dataset, open_dataset
+from utilrag.data.tables import fingerprint
+from utilrag.errors import UtilragError
+from utilrag.evaluate import load_run
+from utilrag.evaluate.significance import paired_tests
+from utilrag.logs import get_logger
+from utilrag.rag.prompts import RAG_PROMPT_VERSION, generator_messages
+from utilrag.rag.qa_metrics import answer_recall, exact_match_score, f1_score
+from utilrag.stages import StageResult
+from utilrag.store import Store
+
+log = get_logger("rag")
+
+
+class RagError(UtilragError):
+    """A RAG configuration or input problem (one line, exit 2)."""
+
+
+def rag_config(cfg: PipelineConfig) -> RagConfig:
+    if cfg.rag is None:
+        raise RagError("the config has no rag section (rag: {dataset, model, retrievers: [{run}]})")
+    return cfg.rag
+
+
+def sample_questions(qa: pa.Table, rcfg: RagConfig) -> pa.Table:
+    ids = sorted(qa.column("query_id").to_pylist())
+    if rcfg.max_questions is not None and rcfg.max_questions < len(ids):
+        ids = sorted(random.Random(rcfg.seed).sample(ids, rcfg.max_questions))
+    wanted = set(ids)
+    keep = [q in wanted for q in qa.column("query_id").to_pylist()]
+    return qa.filter(pa.array(keep)).sort_by("query_id")
+
+
+def settings(cfg: PipelineConfig, dataset: Dataset, questions: pa.Table) -> list[dict]:
+    """Every row of the report: its label, k, and the passages (doc ids) each question gets."""
+    rcfg = rag_config(cfg)
+    qids = questions.column("query_id").to_pylist()
+    golds = dict(zip(qids, questions.column("gold_doc_ids").to_pylist()))
+    rows: list[dict] = []
+    if rcfg.closed_book:
+        rows.append({"label": "closed-book", "run": None, "k": 0, "docs": {q: [] for q in qids}})
+    for retriever in rcfg.retrievers:
+        run = load_run(cfg, dataset, RunToEvaluate(dataset=dataset.name, split=rcfg.split, run=retriever.run))
+        ranked: dict[str, list[tuple[int, str]]] = {}
+        for q, d, r in zip(*(run.column(c).to_pylist() for c in ["query_id", "doc_id", "rank"])):
+            ranked.setdefault(q, []).append((r, d))
+        missing = [q for q in qids if q not in ranked]
+        if len(missing) == len(qids):
+            raise RagError(f"rag: run {retriever.run!r} has none of the sampled questions of {dataset.name!r}")
+        order = {q: [d for _, d in sorted(v)] for q, v in ranked.items()}
+        for k in rcfg.k:
+            rows.append(
+                {
+                    "label": retriever.label or retriever.run,
+                    "run": retriever.run,
+                    "k": k,
+                    "docs": {q: order.get(q, [])[:k] for q in qids},
+                }
+            )
+    if rcfg.oracle:
+        if not any(golds.values()):
+            raise RagError(f"rag: {dataset.name!r} has no gold passages; set rag.oracle=false")
+        rows.append({"label": "oracle", "run": None, "k": 1, "docs": {q: golds[q][:1] for q in qids}})
+    return rows
+
+
+def build_requests(questions: pa.Table, rows: list[dict], passages: dict[str, str], words: int) -> pa.Table:
+    out: dict[str, list[Any]] = {name: [] for name in REQUEST_SCHEMA.names}
+    texts = dict(zip(questions.column("query_id").to_pylist(), questions.column("question").to_pylist()))
+    for index, row in enumerate(rows):
+        for q, docs in row["docs"].items():
+            cut = [cut_words(passages[d], words) for d in docs]
+            out["key"].append(f"{q}\t{index}")
+            out["query_id"].append(q)
+            out["window"].append(index)  # the report row this generation belongs to
+            out["doc_ids"].append(docs)
+            out["messages"].append(json.dumps(generator_messages(texts[q], [t for t, _ in cut]), ensure_ascii=False))
+            out["passages_cut"].append(sum(c for _, c in cut))
+    return pa.table(out, schema=REQUEST_SCHEMA)
+
+
+def score(questions: pa.Table, rows: list[dict], generated: pa.Table, passages: dict[str, str]) -> list[dict]:
+    """One record per (row, question): EM, F1, recall@k, answer recall@k, tokens, finish reason."""
+    answers = dict(zip(questions.column("query_id").to_pylist(), questions.column("answers").to_pylist()))
+    golds = dict(zip(questions.column("query_id").to_pylist(), questions.column("gold_doc_ids").to_pylist()))
+    by_key = {
+        (q, w): (a, o, f)
+        for q, w, a, o, f in zip(
+            *(
+                generated.column(c).to_pylist()
+                for c in ["query_id", "window", "answer", "output_tokens", "finish_reason"]
+            )
+        )
+    }
+    records = []
+    for index, row in enumerate(rows):
+        for q, docs in row["docs"].items():
+            prediction, tokens, finish = by_key[(q, index)]
+            prediction = prediction or ""
+            gold_answers = answers[q] or []
+            em = max((exact_match_score(prediction, g) for g in gold_answers), default=0.0)
+            f1 = max((f1_score(prediction, g) for g in gold_answers), default=0.0)
+            gold_docs = set(golds[q] or [])
+            records.append(
+                {
+                    "label": row["label"],
+                    "k": row["k"],
+                    "query_id": q,
+                    "prediction": prediction,
+                    "exact_match": float(em),
+                    "f1": float(f1),
+                    "recall": (float(bool(gold_docs & set(docs))) if gold_docs and row["k"] else None),
+                    "answer_recall": (
+                        float(answer_recall([passages[d] for d in docs], gold_answers)) if row["k"] else None
+                    ),
+                    "output_tokens": tokens,
+                    "finish_reason": finish,
+                }
+            )
+    return records
+
+
+MEANS = {"recall@k": "recall", "answer_recall@k": "answer_recall", "exact_match": "exact_match", "f1": "f1"}
+
+
+def _percent(records: list[dict], key: str) -> float | None:
+    """Mean in percent over the records that have the value (recall needs passages and gold ids)."""
+    values = [r[key] for r in records if r[key] is not None]
+    return 100 * sum(values) / len(values) if values else None
+
+
+def summarise(records: list[dict], rows: list[dict]) -> list[dict]:
+    table = []
+    for row in rows:
+        mine = [r for r in records if r["label"] == row["label"] and r["k"] == row["k"]]
+        table.append(
+            {
+                "retriever": row["label"],
+                "k": row["k"],
+                **{name: _percent(mine, key) for name, key in MEANS.items()},
+                "n": len(mine),
+            }
+        )
+    return table
+
+
+def format_results(table: list[dict]) -> str:
+    def cell(v) -> str:
+        return "–" if v is None else f"{v:.1f}"
+
+    lines = [
+        "| retriever | k | recall@k | answer recall@k | EM | F1 | n |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in table:
+        lines.append(
+            f"| {r['retriever']} | {r['k']} | {cell(r['recall@k'])} | {cell(r['answer_recall@k'])} | "
+            f"{cell(r['exact_match'])} | {cell(r['f1'])} | {r['n']} |"
+        )
+    return "\n".join(lines)
+
+
+def significance(records: list[dict], rows: list[dict], rcfg: RagConfig) -> list[dict]:
+    """Each row's per-question F1 and EM against the baseline row: paired t-test and randomisation test."""
+    base = next((r for r in rows if r["label"] == rcfg.baseline), None)
+    if base is None:
+        return []
+    values: dict[tuple, dict[str, float]] = {}
+    for r in records:
+        for metric in ("f1", "exact_match"):
+            values.setdefault((r["label"], r["k"], metric), {})[r["query_id"]] = r[metric]
+    tests = []
+    for row in rows:
+        if row is base:
+            continue
+        for metric in ("f1", "exact_match"):
+            result = paired_tests(
+                values[(base["label"], base["k"], metric)], values[(row["label"], row["k"], metric)], rcfg.permutations
+            )
+            tests.append({"retriever": row["label"], "k": row["k"], "metric": metric, **result})
+    return tests
+
+
+def plot_f1(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['retriever']} k={r['k']}" for r in table]
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(table) + 1.2))
+    ax.barh(range(len(table)), [r["f1"] or 0 for r in table], color="#4C72B0", label="F1")
+    ax.barh(range(len(table)), [r["exact_match"] or 0 for r in table], color="#DD8452", height=0.4, label="EM")
+    ax.set_yticks(range(len(table)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("score (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(cfg: PipelineConfig) -> StageResult:
+    """The RAG stage."""
+    t0 = time.time()
+    rcfg = rag_config(cfg)
+    dataset = open_dataset(cfg, rcfg.dataset)
+    if not dataset.has("qa"):
+        raise RagError(f"rag: dataset {rcfg.dataset!r} has no qa table; ingest it with layout: qa")
+    model_path = resolve_llm(rcfg.model)
+    check_model(model_path, rcfg.engine.use_gpu)
+    questions = sample_questions(dataset.table("qa"), rcfg)
+    corpus = dataset.table("corpus")
+    passages = dict(zip(corpus.column("doc_id").to_pylist(), corpus.column("text").to_pylist()))
+    rows = settings(cfg, dataset, questions)
+    requests = build_requests(questions, rows, passages, rcfg.passage_words)
+    log.info(
+        f"{rcfg.dataset}: {questions.num_rows:,} questions x {len(rows)} settings "
+        f"({', '.join(row['label'] + '@' + str(row['k']) for row in rows)}) = {requests.num_rows:,} generations"
+    )
+    acfg = AnnotateConfig(
+        model=rcfg.model, passage_words=rcfg.passage_words, sampling=rcfg.sampling, engine=rcfg.engine, scale=rcfg.scale
+    )
+    layout = Store(cfg.output_dir)
+    generate_dir = Path(layout.rag(rcfg.dataset, "generate"))
+    generate_dir.mkdir(parents=True, exist_ok=True)
+    fp = fingerprint(
+        {
+            "dataset": dataset.fingerprint,
+            "requests": fingerprint(requests.column("messages").to_pylist()),
+            "prompt_version": RAG_PROMPT_VERSION,
+            "settings": acfg.content_settings(),
+        }
+    )
+    from utilrag.raycluster import connect
+
+    connect(cfg.ray)
+    generated, summary = run_stage("answer", requests, generate_dir, fp, acfg, model_path, f"rag {rcfg.dataset}")
+
+    records = score(questions, rows, generated, passages)
+    table = summarise(records, rows)
+    tests = significance(records, rows, rcfg)
+    text = format_results(table)
+    if tests:
+        text += "\n\n" + format_significance(tests, rcfg.baseline or "")
+    writer = store.begin(layout.rag(rcfg.dataset, "report"), "rag", fp)
+    out = writer.local_path(".")
+    pq.write_table(pa.Table.from_pylist(records), out / "per_query.parquet")
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps(table, indent=2) + "\n")
+    import pyarrow.csv as pacsv
+
+    pacsv.write_csv(pa.Table.from_pylist(table), out / "results.csv")
+    if tests:
+        pq.write_table(pa.Table.from_pylist(tests), out / "significance.parquet")
+    plot_f1(table, out / "f1.png")
+    writer.commit(results=table, generation=summary, wall_time_s=round(time.time() - t0, 2))
+    print(text, flush=True)
+    return StageResult(
+        "rag", [writer.folder, str(generate_dir)], {"generations": requests.num_rows}, wall_s=time.time() - t0
+    )
+
+
+def format_significance(tests: list[dict], baseline: str) -> str:
+    lines = [
+        f"Paired tests against {baseline!r} (two-sided; * p < 0.05 in both):",
+        "",
+        "| retriever | k | metric | Δ | t-test p | randomisation p |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for t in tests:
+        star = " *" if max(t["t_p"], t["rand_p"]) < 0.05 else ""
+        lines.append(
+            f"| {t['retriever']} | {t['k']} | {t['metric']} | {100 * t['delta']:+.1f}{star} | "
+            f"{t['t_p']:.4f} | {t['rand_p']:.4f} |"
+        )
+    return "\n".join(lines)

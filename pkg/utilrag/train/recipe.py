@@ -75,7 +75,7 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as d:
             resume = json.loads(Path(d, "state.json").read_text())
     phases = config["phases"]
-    metrics_path = Path(config["out_dir"]) / "metrics.csv"
+    metrics_path = Path(config["metrics_path"])
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank and every attempt
     # One engine for every phase (see train/engine.py); built with the first phase's schedule.
     model, engine = setup_model_and_engine(tcfg, config["model_path"], phases[0]["steps"])
@@ -191,7 +191,7 @@ def run_train(cfg: PipelineConfig) -> tuple[str, bool]:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from utilrag.encoder_spec import resolve_model
+    from utilrag.encoder_spec import model_identity, resolve_model
     from utilrag.raycluster import connect
     from utilrag.train.dataset import make_groups, phase_positives, pools_by_query, seeded_percent, worker_datasets
 
@@ -207,19 +207,13 @@ def run_train(cfg: PipelineConfig) -> tuple[str, bool]:
         {
             "dataset": dataset.fingerprint,
             "inputs": input_fingerprints(cfg, tcfg),
-            "model": model_path,
+            "model": model_identity(model_path),
             "train": tcfg.model_dump(exclude=RUN_CONTROL),
         }
     )
     if store.reusable(folder, fp) is not None:
         log.info(f"{tcfg.name}: inputs and settings unchanged, reusing {folder}")
         return folder, True
-    writer = store.begin(folder, "train", fp)
-    staging = writer.local_path(".")
-    results = Path(folder) / "ray_results"
-    for old in results.glob("*") if results.is_dir() else []:  # another setting's checkpoints
-        if old.name != fp:
-            shutil.rmtree(old, ignore_errors=True)
     queries = dataset.table("queries")
     texts = dict(zip(queries.column("query_id").to_pylist(), queries.column("text").to_pylist()))
     corpus = dataset.table("corpus")
@@ -241,6 +235,17 @@ def run_train(cfg: PipelineConfig) -> tuple[str, bool]:
             f"phase {name!r}: {len(rows):,} groups of {tcfg.group_size} over {epochs} epoch(s) -> "
             f"{steps} steps x {tcfg.num_workers} workers x {tcfg.per_device_queries} queries"
         )
+    # Inputs checked: only now are the old outputs invalidated. Checkpoints and the loss log live under
+    # ray_results/<fingerprint>, which a rerun with the same settings resumes (a commit that was
+    # interrupted after training included); another setting's are removed.
+    writer = store.begin(folder, "train", fp)
+    staging = writer.local_path(".")
+    results = Path(folder) / "ray_results"
+    for old in results.glob("*") if results.is_dir() else []:
+        if old.name != fp:
+            shutil.rmtree(old, ignore_errors=True)
+    metrics_path = results / fp / "metrics.csv"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
     env = {
         "TORCH_EXTENSIONS_DIR": os.environ.get(
             "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "utilrag" / "torch_extensions")
@@ -261,6 +266,7 @@ def run_train(cfg: PipelineConfig) -> tuple[str, bool]:
             "model_path": model_path,
             "phases": phases,
             "out_dir": str(staging),
+            "metrics_path": str(metrics_path),
         },
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=per_worker
@@ -279,7 +285,9 @@ def run_train(cfg: PipelineConfig) -> tuple[str, bool]:
     result = trainer.fit()
     if result.error:
         raise result.error
-    plot_loss(staging / "metrics.csv", staging / "loss.png")
+    if metrics_path.is_file():
+        shutil.copy(metrics_path, staging / "metrics.csv")
+        plot_loss(staging / "metrics.csv", staging / "loss.png")
     wall = time.time() - t0
     writer.commit(
         config=tcfg.model_dump(),

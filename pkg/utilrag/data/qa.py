@@ -1,0 +1,629 @@
+"""Question-answering sets for RAG evaluation: the published formats -> a ``qa`` and a ``corpus`` table.
+
+Pure functions (no Ray). Every record becomes a row or a reject ``{file, line, reason, raw}`` — nothing
+is dropped silently; what is kept but worth knowing (unanswerable questions, title clashes) is counted
+in ``QAData.stats``. ``line`` is 1-based: the line number for JSONL/CSV/TSV, the record's ordinal for
+whole-file JSON (the question's for SQuAD, the list item's for HotpotQA, the row's for MS MARCO).
+
+Files are read through pyarrow filesystems (local paths, s3://, gs://); gzip is recognised by its
+magic bytes, so ``.gz`` (or a misnamed compressed file) reads like the plain one.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import gzip
+import io
+import json
+import os
+import re
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import IO, Any, TypedDict
+
+import pyarrow as pa
+
+from utilrag import store
+from utilrag.data.formats import RAW_CHARS
+from utilrag.data.tables import SCHEMAS
+from utilrag.errors import UtilragError
+
+QA_SCHEMA = SCHEMAS["qa"]  # gold_doc_ids is empty where the set names no gold passage
+CORPUS_SCHEMA = SCHEMAS["corpus"]
+
+GZIP_MAGIC = b"\x1f\x8b"
+SNIFF_BYTES = 1 << 16
+MSMARCO_NO_ANSWER = "No Answer Present."
+DPR_PASSAGES_HEADER = ["id", "text", "title"]
+
+
+class QADataError(UtilragError):
+    """A QA file that cannot be read at all (missing, not the format, malformed JSON)."""
+
+
+@dataclass
+class QAData:
+    qa: pa.Table  # QA_SCHEMA
+    corpus: pa.Table  # CORPUS_SCHEMA; empty for answer-only sets (NQ-open, DPR qa files)
+    rejects: list[dict] = field(default_factory=list)  # {file, line, reason, raw}
+    stats: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. MS MARCO's well_formed answers
+    format: str = ""
+
+    def answers(self) -> dict[str, list[str]]:
+        """query_id -> gold answers, in file order (what the metrics take)."""
+        return dict(zip(self.qa.column("query_id").to_pylist(), self.qa.column("answers").to_pylist()))
+
+
+class _RowError(ValueError):
+    """A record that cannot become a row; the message is the reject reason."""
+
+
+class _Rows:
+    """Collects rows column-wise and converts them in chunks, so a 21M-passage TSV never sits in
+    memory as Python objects all at once."""
+
+    CHUNK = 100_000
+
+    def __init__(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        self.columns: list[list] = [[] for _ in schema.names]
+        self.batches: list[pa.RecordBatch] = []
+        self.count = 0
+
+    def add(self, *values: Any) -> None:
+        for column, value in zip(self.columns, values, strict=True):
+            column.append(value)
+        self.count += 1
+        if len(self.columns[0]) >= self.CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.columns[0]:
+            self.batches.append(pa.RecordBatch.from_arrays(self.columns, schema=self.schema))
+            self.columns = [[] for _ in self.schema.names]
+
+    def table(self) -> pa.Table:
+        self._flush()
+        return pa.Table.from_batches(self.batches, schema=self.schema)
+
+
+class _Rejects(list[dict]):
+    def __init__(self, file: str) -> None:
+        super().__init__()
+        self.file = file
+
+    def add(self, line: int, reason: str, raw: Any) -> None:
+        if not isinstance(raw, str):
+            try:
+                raw = json.dumps(raw, ensure_ascii=False)
+            except (TypeError, ValueError):
+                raw = repr(raw)
+        self.append(dict(file=self.file, line=line, reason=reason, raw=raw[:RAW_CHARS]))
+
+
+def _finish(fmt: str, qa: _Rows, corpus: _Rows, rejects: _Rejects, stats: Counter, **extra: Any) -> QAData:
+    stats.update(questions=qa.count, corpus=corpus.count, rejects=len(rejects))
+    return QAData(qa.table(), corpus.table(), list(rejects), dict(stats), extra, fmt)
+
+
+def doc_id_of(text: str) -> str:
+    """Ids are whitespace-free everywhere in the repo (the TREC formats split on it)."""
+    return re.sub(r"\s", "_", text)
+
+
+# --------------------------------------------------------------------------- reading files
+@contextmanager
+def open_binary(location: str) -> Iterator[IO[bytes]]:
+    """The file's content as a binary stream, gunzipped when it starts with the gzip magic."""
+    fs, path = store.filesystem(location)
+    try:
+        # compression=None: pyarrow would otherwise guess from the extension; we go by the bytes.
+        raw = io.BufferedReader(fs.open_input_stream(path, compression=None), buffer_size=1 << 20)
+    except OSError as e:
+        raise QADataError(f"{location}: cannot open ({e})") from None
+    try:
+        # GzipFile does not close the stream it wraps, hence the finally.
+        yield gzip.GzipFile(fileobj=raw) if raw.peek(2)[:2] == GZIP_MAGIC else raw  # type: ignore[misc]
+    finally:
+        raw.close()
+
+
+def read_bytes(location: str) -> bytes:
+    with open_binary(location) as f:
+        try:
+            return f.read()
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise QADataError(f"{location}: truncated or corrupt gzip ({e})") from None
+
+
+def _read_json(location: str) -> Any:
+    try:
+        text = read_bytes(location).decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise QADataError(f"{location}: not UTF-8 (byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise QADataError(
+            f"{location}: malformed JSON: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})"
+        ) from None
+
+
+def _lines(location: str, rejects: _Rejects) -> Iterator[tuple[int, str]]:
+    """(line number, text without the line end); undecodable and blank lines become rejects."""
+    line_no = 0
+    with open_binary(location) as f:
+        try:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    text = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    rejects.add(line_no, f"invalid UTF-8 at byte {e.start}", raw.decode("utf-8", "replace"))
+                    continue
+                if not text.strip():
+                    rejects.add(line_no, "empty line", text)
+                    continue
+                yield line_no, text
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            rejects.add(line_no + 1, f"truncated or corrupt gzip after line {line_no}: {e}", "")
+
+
+# --------------------------------------------------------------------------- field checks
+def _id(value: Any, what: str) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise _RowError(f"missing or empty {what}")
+    return value
+
+
+def _question(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _RowError("missing or empty question text")
+    return value
+
+
+def _strings(value: Any, what: str, nonempty: bool = True) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _RowError(f"{what} is not a list of strings")
+    if nonempty and not value:
+        raise _RowError(f"{what} is an empty list")
+    return value
+
+
+def _json_object(text: str) -> dict:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _RowError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise _RowError("JSON line is not an object")
+    return obj
+
+
+def _tsv(text: str) -> list[str]:
+    # DPR writes and reads these files with csv (tab-delimited, "-quoted fields with "" escapes).
+    return next(csv.reader([text], delimiter="\t"))
+
+
+# --------------------------------------------------------------------------- SQuAD
+def _squad_answers(q: dict) -> list[str]:
+    answers = q.get("answers", [])
+    ok = isinstance(answers, list) and all(isinstance(a, dict) and isinstance(a.get("text"), str) for a in answers)
+    if not ok:
+        raise _RowError("answers is not a list of {'text': string} objects")
+    return [a["text"] for a in answers]
+
+
+def read_squad(location: str) -> QAData:
+    """SQuAD v1.1 / v2.0 JSON. Corpus: the paragraphs (doc_id ``title#index``); gold: the question's paragraph."""
+    obj = _read_json(location)
+    if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
+        raise QADataError(f"{location}: not SQuAD JSON (expected an object with a 'data' list of articles)")
+    qa, corpus, rejects, stats = _Rows(QA_SCHEMA), _Rows(CORPUS_SCHEMA), _Rejects(location), Counter[str]()
+    seen_questions: set[str] = set()
+    seen_docs: set[str] = set()
+    ordinal = 0  # questions seen so far: the reject's "line"
+    for a_i, article in enumerate(obj["data"], start=1):
+        if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
+            rejects.add(ordinal + 1, f"article {a_i} is not an object with a 'paragraphs' list", article)
+            continue
+        title = article.get("title")
+        bad_title = None if isinstance(title, str) and title.strip() else f"article {a_i} has no title"
+        for p_i, para in enumerate(article["paragraphs"]):
+            if not isinstance(para, dict) or not isinstance(para.get("qas"), list):
+                rejects.add(ordinal + 1, f"article {a_i} paragraph {p_i} is not an object with a 'qas' list", para)
+                continue
+            # A paragraph that cannot be a corpus row takes its questions with it, each rejected by ordinal.
+            problem = bad_title
+            context = para.get("context")
+            doc_id = doc_id_of(f"{title}#{p_i}")
+            if problem is None and (not isinstance(context, str) or not context.strip()):
+                problem = f"article {a_i} paragraph {p_i} has an empty or missing context"
+            if problem is None and doc_id in seen_docs:
+                problem = f"duplicate doc id {doc_id!r} (two articles titled {title!r})"
+            if problem is None:
+                corpus.add(doc_id, title, context)
+                seen_docs.add(doc_id)
+            elif not para["qas"]:
+                rejects.add(ordinal + 1, problem, para)
+            for q in para["qas"]:
+                ordinal += 1
+                try:
+                    if problem:
+                        raise _RowError(problem)
+                    if not isinstance(q, dict):
+                        raise _RowError("question is not an object")
+                    qid = _id(q.get("id"), "question id")
+                    question = _question(q.get("question"))
+                    answers = _squad_answers(q)
+                    if q.get("is_impossible") is True:
+                        stats["unanswerable"] += 1  # SQuAD v2: kept, scored as "no answer"
+                    elif not answers:
+                        raise _RowError("no answers (and not marked is_impossible)")
+                    if qid in seen_questions:
+                        raise _RowError(f"duplicate question id {qid!r}")
+                except _RowError as e:
+                    rejects.add(ordinal, str(e), q)
+                    continue
+                seen_questions.add(qid)
+                stats["answers"] += len(answers)
+                qa.add(qid, question, answers, [doc_id])
+    return _finish("squad", qa, corpus, rejects, stats)
+
+
+# --------------------------------------------------------------------------- NQ-open
+def read_nq_open(location: str) -> QAData:
+    """NQ-open JSONL ``{"question", "answer": [...]}``; query_id ``nq-<line>`` unless the line has an "id"."""
+    qa, corpus, rejects, stats = _Rows(QA_SCHEMA), _Rows(CORPUS_SCHEMA), _Rejects(location), Counter[str]()
+    seen: set[str] = set()
+    for line_no, text in _lines(location, rejects):
+        try:
+            obj = _json_object(text)
+            qid = _id(obj["id"], "id") if "id" in obj else f"nq-{line_no}"
+            question = _question(obj.get("question"))
+            answers = _strings(obj.get("answer"), "answer")
+            if qid in seen:
+                raise _RowError(f"duplicate id {qid!r}")
+        except _RowError as e:
+            rejects.add(line_no, str(e), text)
+            continue
+        seen.add(qid)
+        stats["answers"] += len(answers)
+        qa.add(qid, question, answers, [])
+    return _finish("nq-open", qa, corpus, rejects, stats)
+
+
+# --------------------------------------------------------------------------- DPR
+def read_dpr_qa(location: str) -> QAData:
+    """DPR's ``*.qa.csv``: ``question<TAB>['answer', ...]`` (a Python literal); query_id ``dpr-<line>``."""
+    qa, corpus, rejects, stats = _Rows(QA_SCHEMA), _Rows(CORPUS_SCHEMA), _Rejects(location), Counter[str]()
+    for line_no, text in _lines(location, rejects):
+        try:
+            cols = _tsv(text)
+            if len(cols) != 2:
+                raise _RowError(f"expected 2 tab-separated columns (question, answers), found {len(cols)}")
+            question = _question(cols[0])
+            try:
+                value = ast.literal_eval(cols[1].strip())
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                raise _RowError("answers are not a Python literal list") from None
+            answers = _strings(value, "answers")
+        except _RowError as e:
+            rejects.add(line_no, str(e), text)
+            continue
+        stats["answers"] += len(answers)
+        qa.add(f"dpr-{line_no}", question, answers, [])
+    return _finish("dpr-qa", qa, corpus, rejects, stats)
+
+
+def read_dpr_passages(location: str) -> QAData:
+    """DPR's ``psgs_w100.tsv`` (header ``id<TAB>text<TAB>title``) as a corpus; no questions."""
+    qa, corpus, rejects, stats = _Rows(QA_SCHEMA), _Rows(CORPUS_SCHEMA), _Rejects(location), Counter[str]()
+    seen: set[str] = set()
+    for line_no, text in _lines(location, rejects):
+        try:
+            cols = _tsv(text)
+            if line_no == 1 and cols == DPR_PASSAGES_HEADER:
+                continue  # the header, and only it
+            if len(cols) != 3:
+                raise _RowError(f"expected 3 tab-separated columns (id, text, title), found {len(cols)}")
+            doc_id = _id(cols[0], "passage id")
+            if any(c.isspace() for c in doc_id):
+                raise _RowError(f"passage id {doc_id!r} contains whitespace")
+            if not cols[1].strip():
+                raise _RowError("empty passage text")
+            if doc_id in seen:
+                raise _RowError(f"duplicate passage id {doc_id!r}")
+        except _RowError as e:
+            rejects.add(line_no, str(e), text)
+            continue
+        seen.add(doc_id)
+        corpus.add(doc_id, cols[2], cols[1])
+    return _finish("dpr-passages", qa, corpus, rejects, stats)
+
+
+# --------------------------------------------------------------------------- HotpotQA
+def _hotpot_context(value: Any) -> list[tuple[str, str]]:
+    if not isinstance(value, list) or not all(
+        isinstance(p, list)
+        and len(p) == 2
+        and isinstance(p[0], str)
+        and isinstance(p[1], list)
+        and all(isinstance(s, str) for s in p[1])
+        for p in value
+    ):
+        raise _RowError("context is not a list of [title, [sentences]] pairs")
+    return [(p[0], "".join(p[1])) for p in value]
+
+
+def _hotpot_supporting(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(
+        isinstance(f, list) and len(f) == 2 and isinstance(f[0], str) and isinstance(f[1], int) for f in value
+    ):
+        raise _RowError("supporting_facts is not a list of [title, sentence index] pairs")
+    return list(dict.fromkeys(doc_id_of(f[0]) for f in value))  # distinct, in order
+
+
+def read_hotpotqa(location: str) -> QAData:
+    """HotpotQA JSON (distractor or fullwiki). Corpus: the context paragraphs, one per title (doc_id =
+    the title); gold: the supporting facts' titles."""
+    items = _read_json(location)
+    if not isinstance(items, list):
+        raise QADataError(f"{location}: not HotpotQA JSON (expected a list of question objects)")
+    qa, corpus, rejects, stats = _Rows(QA_SCHEMA), _Rows(CORPUS_SCHEMA), _Rejects(location), Counter[str]()
+    seen: set[str] = set()
+    texts: dict[str, str] = {}
+    golds: list[str] = []
+    for ordinal, item in enumerate(items, start=1):
+        try:
+            if not isinstance(item, dict):
+                raise _RowError("item is not an object")
+            qid = _id(item.get("_id"), "_id")
+            question = _question(item.get("question"))
+            answer = item.get("answer")
+            if answer is not None and not isinstance(answer, str):
+                raise _RowError("answer is not a string")
+            context = _hotpot_context(item.get("context"))
+            gold = _hotpot_supporting(item.get("supporting_facts"))
+            if qid in seen:
+                raise _RowError(f"duplicate _id {qid!r}")
+        except _RowError as e:
+            rejects.add(ordinal, str(e), item)
+            continue
+        seen.add(qid)
+        if answer is None:
+            stats["no_answer"] += 1  # the test sets publish no answers
+        for title, text in context:
+            doc_id = doc_id_of(title)
+            if not text.strip():
+                stats["empty_paragraphs"] += 1
+            elif doc_id not in texts:
+                texts[doc_id] = text
+                corpus.add(doc_id, title, text)
+            elif texts[doc_id] != text:
+                stats["title_conflicts"] += 1  # same title, other text: the first one stays
+        golds.extend(gold)
+        qa.add(qid, question, [answer] if answer is not None else [], gold)
+    # fullwiki contexts are retrieved paragraphs: a supporting title need not be among them.
+    stats["gold_not_in_corpus"] = sum(g not in texts for g in golds)
+    return _finish("hotpotqa", qa, corpus, rejects, stats)
+
+
+# --------------------------------------------------------------------------- MS MARCO QnA
+def _marco_answers(value: Any) -> list[str]:
+    answers = [a for a in _strings(value, "answers", nonempty=False) if a != MSMARCO_NO_ANSWER]
+    return answers
+
+
+def _marco_well_formed(value: Any) -> list[str]:
+    if value is None or value == "[]":  # the published file writes "no well-formed answer" as the string "[]"
+        return []
+    return _strings(value, "wellFormedAnswers", nonempty=False)
+
+
+def _marco_passages(value: Any) -> list[dict]:
+    if not isinstance(value, list) or not all(
+        isinstance(p, dict) and isinstance(p.get("passage_text"), str) for p in value
+    ):
+        raise _RowError("passages is not a list of objects with a 'passage_text' string")
+    return value
+
+
+def read_msmarco_qna(location: str) -> QAData:
+    """MS MARCO QnA v2.1 JSON (column-oriented). Corpus: every passage (doc_id ``<query_id>-<index>``);
+    gold: the passages with is_selected == 1; well-formed answers in ``extra["well_formed"]``."""
+    obj = _read_json(location)
+    columns = ("query", "query_id", "answers", "passages")
+    if not isinstance(obj, dict) or not all(isinstance(obj.get(c), dict) for c in columns):
+        raise QADataError(f"{location}: not MS MARCO QnA v2.1 JSON (expected an object with {', '.join(columns)})")
+    well_formed_col = obj.get("wellFormedAnswers")
+    if not isinstance(well_formed_col, dict):
+        well_formed_col = {}
+    qa, corpus, rejects, stats = _Rows(QA_SCHEMA), _Rows(CORPUS_SCHEMA), _Rejects(location), Counter[str]()
+    seen: set[str] = set()
+    well_formed: dict[str, list[str]] = {}
+    keys = list(obj["query"])
+    for ordinal, key in enumerate(keys, start=1):
+        row = {c: obj[c].get(key) for c in (*columns, "wellFormedAnswers") if c in obj}
+        try:
+            missing = [c for c in columns if key not in obj[c]]
+            if missing:
+                raise _RowError(f"row {key!r} has no {', '.join(missing)}")
+            qid = _id(row["query_id"], "query_id")
+            question = _question(row["query"])
+            answers = _marco_answers(row["answers"])
+            wf = _marco_well_formed(well_formed_col.get(key))
+            passages = _marco_passages(row["passages"])
+            if qid in seen:
+                raise _RowError(f"duplicate query_id {qid!r}")
+        except _RowError as e:
+            rejects.add(ordinal, str(e), row)
+            continue
+        seen.add(qid)
+        if not answers:
+            stats["no_answer"] += 1  # "No Answer Present." (or an empty list): kept with answers=[]
+        if wf:
+            well_formed[qid] = wf
+        gold = []
+        for p_i, passage in enumerate(passages):
+            doc_id = doc_id_of(f"{qid}-{p_i}")
+            if not passage["passage_text"].strip():
+                stats["empty_passages"] += 1
+                continue
+            corpus.add(doc_id, "", passage["passage_text"])
+            if passage.get("is_selected") == 1:
+                gold.append(doc_id)
+        qa.add(qid, question, answers, gold)
+    # rows present in another column but not in "query" would otherwise vanish unseen
+    known = set(keys)
+    orphans = sorted({k for c in columns[1:] for k in obj[c] if k not in known})
+    for key in orphans:
+        rejects.add(len(keys) + 1, f"row {key!r} has no query", {c: obj[c].get(key) for c in columns})
+    stats["well_formed"] = len(well_formed)
+    return _finish("msmarco-qna", qa, corpus, rejects, stats, well_formed=well_formed)
+
+
+# --------------------------------------------------------------------------- detection and dispatch
+READERS: dict[str, Callable[[str], QAData]] = {
+    "squad": read_squad,
+    "nq-open": read_nq_open,
+    "dpr-qa": read_dpr_qa,
+    "dpr-passages": read_dpr_passages,
+    "hotpotqa": read_hotpotqa,
+    "msmarco-qna": read_msmarco_qna,
+}
+EXPECTED = "SQuAD v1.1/v2.0 JSON, NQ-open JSONL, DPR qa.csv or psgs_w100.tsv, HotpotQA JSON or MS MARCO QnA v2.1 JSON"
+_MARCO_HEAD = re.compile(r'\{\s*"(answers|passages|query|query_id|query_type|wellFormedAnswers)"\s*:\s*\{\s*"0"')
+_SQUAD_HEAD = re.compile(r'\{\s*"(data|version)"\s*:')
+
+
+def _head(location: str) -> str:
+    with open_binary(location) as f:
+        try:
+            head = f.read(SNIFF_BYTES)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise QADataError(f"{location}: truncated or corrupt gzip ({e})") from None
+    return head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
+
+
+def detect_format(location: str) -> str:
+    """One of READERS' names, from the file's first bytes (decompressed); QADataError if none fits."""
+    head = _head(location)
+    if _MARCO_HEAD.match(head):
+        return "msmarco-qna"
+    if _SQUAD_HEAD.match(head) and '"paragraphs"' in head:
+        return "squad"
+    if head.startswith("[") and ('"supporting_facts"' in head or '"_id"' in head):
+        return "hotpotqa"
+    first = head.split("\n", 1)[0].rstrip("\r")
+    if first.startswith("{"):
+        try:
+            obj = json.loads(first)
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict) and "question" in obj and "answer" in obj:
+            return "nq-open"
+    elif "\t" in first:
+        cols = _tsv(first)
+        if cols == DPR_PASSAGES_HEADER:
+            return "dpr-passages"
+        if len(cols) == 2 and cols[1].lstrip().startswith("["):
+            return "dpr-qa"
+    raise QADataError(f"{location}: unrecognised QA format; expected {EXPECTED}")
+
+
+def read_qa(location: str, format: str = "auto") -> QAData:
+    """Read any supported QA file (format ``auto`` detects it)."""
+    fmt = detect_format(location) if format == "auto" else format
+    if fmt not in READERS:
+        raise QADataError(f"{location}: unknown QA format {format!r}; expected auto or one of {', '.join(READERS)}")
+    return READERS[fmt](location)
+
+
+# --------------------------------------------------------------------------- registered sets
+class RegisteredQA(TypedDict):
+    urls: list[str]  # the official public download(s)
+    file: str  # the published file name, looked for as is and gzip-compressed (or uncompressed)
+    format: str
+
+
+REGISTERED_QA: dict[str, RegisteredQA] = {
+    "squad-v1.1-dev": {
+        "urls": ["https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json"],
+        "file": "dev-v1.1.json",
+        "format": "squad",
+    },
+    "squad-v2.0-dev": {
+        "urls": ["https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v2.0.json"],
+        "file": "dev-v2.0.json",
+        "format": "squad",
+    },
+    "nq-open-dev": {
+        "urls": [
+            "https://raw.githubusercontent.com/google-research-datasets/natural-questions/master/nq_open/NQ-open.dev.jsonl"
+        ],
+        "file": "NQ-open.dev.jsonl",
+        "format": "nq-open",
+    },
+    "hotpotqa-dev-distractor": {
+        "urls": ["http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_distractor_v1.json"],
+        "file": "hotpot_dev_distractor_v1.json",
+        "format": "hotpotqa",
+    },
+    "hotpotqa-dev-fullwiki": {
+        "urls": ["http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_fullwiki_v1.json"],
+        "file": "hotpot_dev_fullwiki_v1.json",
+        "format": "hotpotqa",
+    },
+    "msmarco-qna-v2.1-dev": {
+        "urls": ["https://msmarco.z22.web.core.windows.net/msmarco/dev_v2.1.json.gz"],
+        "file": "dev_v2.1.json.gz",
+        "format": "msmarco-qna",
+    },
+    "dpr-nq-dev": {
+        "urls": ["https://dl.fbaipublicfiles.com/dpr/data/retriever/nq-dev.qa.csv"],
+        "file": "nq-dev.qa.csv",
+        "format": "dpr-qa",
+    },
+    "dpr-wiki-passages": {
+        "urls": ["https://dl.fbaipublicfiles.com/dpr/wikipedia_split/psgs_w100.tsv.gz"],
+        "file": "psgs_w100.tsv.gz",
+        "format": "dpr-passages",
+    },
+}
+
+
+def _file_names(published: str) -> list[str]:
+    base = published[: -len(".gz")] if published.endswith(".gz") else published
+    return [published, base if published.endswith(".gz") else f"{base}.gz"]
+
+
+def resolve_qa(name_or_path: str | os.PathLike, data_root: str | os.PathLike | None) -> str:
+    """The local file of a registered set under ``<data_root>/<name>/``, or an existing path as given."""
+    name_or_path = str(name_or_path)
+    entry = REGISTERED_QA.get(name_or_path)
+    if entry is None:
+        if store.exists(name_or_path):
+            return name_or_path
+        raise QADataError(
+            f"{name_or_path}: neither an existing file nor a registered QA set ({', '.join(REGISTERED_QA)})"
+        )
+    if not data_root:
+        raise QADataError(f"{name_or_path}: a registered QA set needs a data root folder to look in")
+    folder = store.join(str(data_root), name_or_path)
+    for name in _file_names(entry["file"]):
+        candidate = store.join(folder, name)
+        if store.exists(candidate):
+            return candidate
+    raise QADataError(
+        f"{name_or_path}: {folder} has no {' or '.join(_file_names(entry['file']))}; "
+        f"download it from {' and '.join(entry['urls'])}"
+    )
