@@ -58,9 +58,9 @@ def prepare_pools(out: Path):
 
 
 def target_inputs(cfg, acfg, max_queries=None):
+    from utilrag import store
     from utilrag.annotate.stages import load_inputs
     from utilrag.config import AnnotateTarget
-    from utilrag import store
     from utilrag.data.dataset import open_dataset
     from utilrag.data.tables import read_table
 

