@@ -23,7 +23,7 @@ def test_shipped_configs_validate():
     paper = load_config(PAPER)
     assert paper.annotate.model == "Qwen/Qwen2.5-32B-Instruct-GPTQ-Int8"
     assert paper.pools[0].size == 31 and paper.annotate.window == 16
-    assert paper.annotate.engine.tensor_parallel_size == 2 and paper.annotate.scale.replicas == (1, 16)
+    assert paper.annotate.engine.tensor_parallel_size == 1 and paper.annotate.scale.replicas == (1, 16)
     assert paper.train.loss == "summarg" and paper.train.lr == 3e-5
 
 

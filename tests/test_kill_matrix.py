@@ -125,6 +125,10 @@ def _digest(folder: str, names: list[str]) -> str:
     """The content of a committed stage's table outputs (row order included)."""
     manifest = read_manifest(folder)
     assert manifest and manifest["status"] == "complete", manifest
+    return _digest_unchecked(folder, names)
+
+
+def _digest_unchecked(folder: str, names: list[str]) -> str:
     h = hashlib.sha256()
     for name in names:
         path = Path(folder, name)
@@ -210,23 +214,23 @@ def test_kill_matrix_index_and_train(cli):
         check_other=False,
     )
 
-    # train: killed after fitting with another seed, its model moved in place but not committed.
+    # train (each fit costs a Ray Train start, so the cases share fits):
+    # 1. killed after training but before its commit, then rerun with the same settings: it resumes from
+    #    the final checkpoint (no step trained again), keeps the loss log, and commits;
     train_dir = store.train("k")
-    ok = cli("train", "train.seed=0")
-    assert ok.returncode == 0, ok.stderr[-3000:]
-    clean = _digest(train_dir, ["model/model.safetensors"])
-    cli("train", "train.seed=1", kill="train@manifest")  # the other seed's model is in place, not committed
-    refused = cli("index", "index.model=" + str(Path(train_dir) / "model"))
-    assert refused.returncode == 2 and "manifest status is 'running'" in refused.stderr, refused.stderr
-    again = cli("train", "train.seed=0")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert _digest(train_dir, ["model/model.safetensors"]) == clean
-    assert "reusing" in cli("train", "train.seed=0", "train.max_failures=3").stdout  # run control only
-    # Killed after training but before its commit, then rerun with the same settings: it resumes from
-    # the final checkpoint (no step trained again), keeps the loss log, and commits.
     cli("train", "train.seed=1", kill="train@commit")
     resumed = cli("train", "train.seed=1")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "step 2/2" not in resumed.stdout + resumed.stderr and read_manifest(train_dir)["status"] == "complete"
     assert (Path(train_dir) / "loss.png").stat().st_size > 1000
-    assert _digest(train_dir, ["model/model.safetensors"]) != clean
+    seed1 = _digest(train_dir, ["model/model.safetensors"])
+    assert "reusing" in cli("train", "train.seed=1", "train.max_failures=3").stdout  # run control only
+    # 2. killed with another seed after its model moved in place (not committed): the index refuses the
+    #    model meanwhile, and a rerun with the first seed trains afresh to the same weights.
+    cli("train", "train.seed=0", kill="train@manifest")
+    refused = cli("index", "index.model=" + str(Path(train_dir) / "model"))
+    assert refused.returncode == 2 and "manifest status is 'running'" in refused.stderr, refused.stderr
+    assert _digest_unchecked(train_dir, ["model/model.safetensors"]) != seed1  # seed 0's model sits there
+    again = cli("train", "train.seed=1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _digest(train_dir, ["model/model.safetensors"]) == seed1

@@ -57,7 +57,7 @@ def test_rag_end_to_end_on_squad(rag_cfg, capsys):
     run_bm25(rag_cfg, rag_cfg.bm25[0])
     run(rag_cfg)
     printed = capsys.readouterr().out
-    assert "| retriever | k | recall@k | answer recall@k | EM | F1 | n |" in printed
+    assert "| retriever | k | recall@k | answer recall@k | EM | F1 | ROUGE-L | BLEU-4 | n |" in printed
 
     report = store.require(Store(rag_cfg.output_dir).rag("squad-v1.1-dev", "report"), "report")
     results = json.loads(Path(report.path("results.json")).read_text())

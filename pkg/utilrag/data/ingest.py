@@ -228,7 +228,7 @@ def ingest_qa(ds: DatasetConfig, data_root: Path, out: str, icfg: IngestConfig) 
     """A question-answering file (SQuAD, NQ-open, DPR, HotpotQA, MS MARCO QnA) as an ingested dataset:
     its corpus (when it has passages), queries, qrels (the gold passages, split "dev") and qa table
     (answers), with rejects — so BM25, the index and evaluation run on it like on any other dataset."""
-    path = resolve_qa(ds.path or ds.name, data_root)
+    path = resolve_qa(ds.path or ds.name, data_root, allow_download=icfg.download)
     fp = fingerprint(
         {"file": path, "stamp": store.file_stamp(path), "layout": "qa", "reject_threshold": icfg.reject_threshold}
     )

@@ -606,8 +606,31 @@ def _file_names(published: str) -> list[str]:
     return [published, base if published.endswith(".gz") else f"{base}.gz"]
 
 
-def resolve_qa(name_or_path: str | os.PathLike, data_root: str | os.PathLike | None) -> str:
-    """The local file of a registered set under ``<data_root>/<name>/``, or an existing path as given."""
+def _download(url: str, target: str) -> str:
+    """One official file, written aside and renamed into place (a cut download never looks complete)."""
+    import shutil
+    import urllib.error
+    import urllib.request
+
+    from utilrag.logs import get_logger
+
+    get_logger("ingest").info(f"download {url}")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    partial = target + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, open(partial, "wb") as out:
+            shutil.copyfileobj(resp, out, 1 << 20)
+    except (urllib.error.URLError, OSError) as e:
+        raise QADataError(f"download of {url} failed ({e}); put the file at {target}") from None
+    os.replace(partial, target)
+    return target
+
+
+def resolve_qa(
+    name_or_path: str | os.PathLike, data_root: str | os.PathLike | None, allow_download: bool = False
+) -> str:
+    """The local file of a registered set under ``<data_root>/<name>/`` (fetched from its official URL
+    when missing and allowed), or an existing path as given."""
     name_or_path = str(name_or_path)
     entry = REGISTERED_QA.get(name_or_path)
     if entry is None:
@@ -623,6 +646,8 @@ def resolve_qa(name_or_path: str | os.PathLike, data_root: str | os.PathLike | N
         candidate = store.join(folder, name)
         if store.exists(candidate):
             return candidate
+    if allow_download and not store.is_remote(folder):
+        return _download(entry["urls"][0], os.path.join(folder, entry["urls"][0].rsplit("/", 1)[-1]))
     raise QADataError(
         f"{name_or_path}: {folder} has no {' or '.join(_file_names(entry['file']))}; "
         f"download it from {' and '.join(entry['urls'])}"

@@ -32,7 +32,7 @@ from utilrag.evaluate import load_run
 from utilrag.evaluate.significance import paired_tests
 from utilrag.logs import get_logger
 from utilrag.rag.prompts import RAG_PROMPT_VERSION, generator_messages
-from utilrag.rag.qa_metrics import answer_recall, exact_match_score, f1_score
+from utilrag.rag.qa_metrics import answer_recall, exact_match_score, f1_score, marco_evaluate
 from utilrag.stages import StageResult
 from utilrag.store import Store
 
@@ -156,15 +156,21 @@ def _percent(records: list[dict], key: str) -> float | None:
     return 100 * sum(values) / len(values) if values else None
 
 
-def summarise(records: list[dict], rows: list[dict]) -> list[dict]:
+def summarise(records: list[dict], rows: list[dict], answers: dict[str, list[str]]) -> list[dict]:
+    """One line per row: means in percent, and ROUGE-L / BLEU-4 as MS MARCO QnA scores them (the
+    paper's MS MARCO QA metrics; corpus-level, over the questions that have an answer)."""
     table = []
     for row in rows:
         mine = [r for r in records if r["label"] == row["label"] and r["k"] == row["k"]]
+        refs = {r["query_id"]: answers[r["query_id"]] or [] for r in mine}
+        marco = marco_evaluate(refs, {r["query_id"]: r["prediction"] for r in mine}) if any(refs.values()) else None
         table.append(
             {
                 "retriever": row["label"],
                 "k": row["k"],
                 **{name: _percent(mine, key) for name, key in MEANS.items()},
+                "rouge_l": 100 * marco["rouge_l"] if marco else None,
+                "bleu_4": 100 * marco["bleu_4"] if marco else None,
                 "n": len(mine),
             }
         )
@@ -176,13 +182,13 @@ def format_results(table: list[dict]) -> str:
         return "–" if v is None else f"{v:.1f}"
 
     lines = [
-        "| retriever | k | recall@k | answer recall@k | EM | F1 | n |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| retriever | k | recall@k | answer recall@k | EM | F1 | ROUGE-L | BLEU-4 | n |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table:
         lines.append(
             f"| {r['retriever']} | {r['k']} | {cell(r['recall@k'])} | {cell(r['answer_recall@k'])} | "
-            f"{cell(r['exact_match'])} | {cell(r['f1'])} | {r['n']} |"
+            f"{cell(r['exact_match'])} | {cell(r['f1'])} | {cell(r['rouge_l'])} | {cell(r['bleu_4'])} | {r['n']} |"
         )
     return "\n".join(lines)
 
@@ -265,7 +271,8 @@ def run(cfg: PipelineConfig) -> StageResult:
     generated, summary = run_stage("answer", requests, generate_dir, fp, acfg, model_path, f"rag {rcfg.dataset}")
 
     records = score(questions, rows, generated, passages)
-    table = summarise(records, rows)
+    answers = dict(zip(questions.column("query_id").to_pylist(), questions.column("answers").to_pylist()))
+    table = summarise(records, rows, answers)
     tests = significance(records, rows, rcfg)
     text = format_results(table)
     if tests:
