@@ -97,7 +97,7 @@ def _columns(line: str, sep: str | None, allowed: tuple[int, ...]) -> list[str]:
     return cols
 
 
-def _json(line: str) -> dict:
+def json_object(line: str) -> dict:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -165,7 +165,7 @@ def trec_run(line: str, ctx) -> list[dict]:
 
 
 def beir_corpus(line: str, ctx) -> list[dict]:
-    obj = _json(line)
+    obj = json_object(line)
     title = obj.get("title") or ""
     return [
         dict(
@@ -177,12 +177,12 @@ def beir_corpus(line: str, ctx) -> list[dict]:
 
 
 def beir_queries(line: str, ctx) -> list[dict]:
-    obj = _json(line)
+    obj = json_object(line)
     return [dict(query_id=_id(obj.get("_id"), "_id"), text=_nonempty(_text(obj.get("text"), "text"), "text"))]
 
 
 def _tevatron(line: str) -> tuple[dict, list[tuple[dict, int]]]:
-    obj = _json(line)
+    obj = json_object(line)
     for key in ("query_id", "query", "positive_passages", "negative_passages"):
         if key not in obj:
             raise RowError(f"missing key {key!r}")

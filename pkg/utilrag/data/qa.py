@@ -28,7 +28,7 @@ from typing import IO, Any, TypedDict
 import pyarrow as pa
 
 from utilrag import store
-from utilrag.data.formats import RAW_CHARS
+from utilrag.data.formats import RAW_CHARS, RowError, json_object
 from utilrag.data.tables import SCHEMAS
 from utilrag.errors import UtilragError
 
@@ -57,10 +57,6 @@ class QAData:
     def answers(self) -> dict[str, list[str]]:
         """query_id -> gold answers, in file order (what the metrics take)."""
         return dict(zip(self.qa.column("query_id").to_pylist(), self.qa.column("answers").to_pylist()))
-
-
-class _RowError(ValueError):
-    """A record that cannot become a row; the message is the reject reason."""
 
 
 class _Rows:
@@ -178,32 +174,22 @@ def _id(value: Any, what: str) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str) or not value.strip():
-        raise _RowError(f"missing or empty {what}")
+        raise RowError(f"missing or empty {what}")
     return value
 
 
 def _question(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise _RowError("missing or empty question text")
+        raise RowError("missing or empty question text")
     return value
 
 
 def _strings(value: Any, what: str, nonempty: bool = True) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _RowError(f"{what} is not a list of strings")
+        raise RowError(f"{what} is not a list of strings")
     if nonempty and not value:
-        raise _RowError(f"{what} is an empty list")
+        raise RowError(f"{what} is an empty list")
     return value
-
-
-def _json_object(text: str) -> dict:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _RowError(f"malformed JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise _RowError("JSON line is not an object")
-    return obj
 
 
 def _tsv(text: str) -> list[str]:
@@ -216,7 +202,7 @@ def _squad_answers(q: dict) -> list[str]:
     answers = q.get("answers", [])
     ok = isinstance(answers, list) and all(isinstance(a, dict) and isinstance(a.get("text"), str) for a in answers)
     if not ok:
-        raise _RowError("answers is not a list of {'text': string} objects")
+        raise RowError("answers is not a list of {'text': string} objects")
     return [a["text"] for a in answers]
 
 
@@ -256,19 +242,19 @@ def read_squad(location: str) -> QAData:
                 ordinal += 1
                 try:
                     if problem:
-                        raise _RowError(problem)
+                        raise RowError(problem)
                     if not isinstance(q, dict):
-                        raise _RowError("question is not an object")
+                        raise RowError("question is not an object")
                     qid = _id(q.get("id"), "question id")
                     question = _question(q.get("question"))
                     answers = _squad_answers(q)
                     if q.get("is_impossible") is True:
                         stats["unanswerable"] += 1  # SQuAD v2: kept, scored as "no answer"
                     elif not answers:
-                        raise _RowError("no answers (and not marked is_impossible)")
+                        raise RowError("no answers (and not marked is_impossible)")
                     if qid in seen_questions:
-                        raise _RowError(f"duplicate question id {qid!r}")
-                except _RowError as e:
+                        raise RowError(f"duplicate question id {qid!r}")
+                except RowError as e:
                     rejects.add(ordinal, str(e), q)
                     continue
                 seen_questions.add(qid)
@@ -284,13 +270,13 @@ def read_nq_open(location: str) -> QAData:
     seen: set[str] = set()
     for line_no, text in _lines(location, rejects):
         try:
-            obj = _json_object(text)
+            obj = json_object(text)
             qid = _id(obj["id"], "id") if "id" in obj else f"nq-{line_no}"
             question = _question(obj.get("question"))
             answers = _strings(obj.get("answer"), "answer")
             if qid in seen:
-                raise _RowError(f"duplicate id {qid!r}")
-        except _RowError as e:
+                raise RowError(f"duplicate id {qid!r}")
+        except RowError as e:
             rejects.add(line_no, str(e), text)
             continue
         seen.add(qid)
@@ -307,14 +293,14 @@ def read_dpr_qa(location: str) -> QAData:
         try:
             cols = _tsv(text)
             if len(cols) != 2:
-                raise _RowError(f"expected 2 tab-separated columns (question, answers), found {len(cols)}")
+                raise RowError(f"expected 2 tab-separated columns (question, answers), found {len(cols)}")
             question = _question(cols[0])
             try:
                 value = ast.literal_eval(cols[1].strip())
             except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-                raise _RowError("answers are not a Python literal list") from None
+                raise RowError("answers are not a Python literal list") from None
             answers = _strings(value, "answers")
-        except _RowError as e:
+        except RowError as e:
             rejects.add(line_no, str(e), text)
             continue
         stats["answers"] += len(answers)
@@ -332,15 +318,15 @@ def read_dpr_passages(location: str) -> QAData:
             if line_no == 1 and cols == DPR_PASSAGES_HEADER:
                 continue  # the header, and only it
             if len(cols) != 3:
-                raise _RowError(f"expected 3 tab-separated columns (id, text, title), found {len(cols)}")
+                raise RowError(f"expected 3 tab-separated columns (id, text, title), found {len(cols)}")
             doc_id = _id(cols[0], "passage id")
             if any(c.isspace() for c in doc_id):
-                raise _RowError(f"passage id {doc_id!r} contains whitespace")
+                raise RowError(f"passage id {doc_id!r} contains whitespace")
             if not cols[1].strip():
-                raise _RowError("empty passage text")
+                raise RowError("empty passage text")
             if doc_id in seen:
-                raise _RowError(f"duplicate passage id {doc_id!r}")
-        except _RowError as e:
+                raise RowError(f"duplicate passage id {doc_id!r}")
+        except RowError as e:
             rejects.add(line_no, str(e), text)
             continue
         seen.add(doc_id)
@@ -358,7 +344,7 @@ def _hotpot_context(value: Any) -> list[tuple[str, str]]:
         and all(isinstance(s, str) for s in p[1])
         for p in value
     ):
-        raise _RowError("context is not a list of [title, [sentences]] pairs")
+        raise RowError("context is not a list of [title, [sentences]] pairs")
     return [(p[0], "".join(p[1])) for p in value]
 
 
@@ -368,7 +354,7 @@ def _hotpot_supporting(value: Any) -> list[str]:
     if not isinstance(value, list) or not all(
         isinstance(f, list) and len(f) == 2 and isinstance(f[0], str) and isinstance(f[1], int) for f in value
     ):
-        raise _RowError("supporting_facts is not a list of [title, sentence index] pairs")
+        raise RowError("supporting_facts is not a list of [title, sentence index] pairs")
     return list(dict.fromkeys(doc_id_of(f[0]) for f in value))  # distinct, in order
 
 
@@ -385,17 +371,17 @@ def read_hotpotqa(location: str) -> QAData:
     for ordinal, item in enumerate(items, start=1):
         try:
             if not isinstance(item, dict):
-                raise _RowError("item is not an object")
+                raise RowError("item is not an object")
             qid = _id(item.get("_id"), "_id")
             question = _question(item.get("question"))
             answer = item.get("answer")
             if answer is not None and not isinstance(answer, str):
-                raise _RowError("answer is not a string")
+                raise RowError("answer is not a string")
             context = _hotpot_context(item.get("context"))
             gold = _hotpot_supporting(item.get("supporting_facts"))
             if qid in seen:
-                raise _RowError(f"duplicate _id {qid!r}")
-        except _RowError as e:
+                raise RowError(f"duplicate _id {qid!r}")
+        except RowError as e:
             rejects.add(ordinal, str(e), item)
             continue
         seen.add(qid)
@@ -433,7 +419,7 @@ def _marco_passages(value: Any) -> list[dict]:
     if not isinstance(value, list) or not all(
         isinstance(p, dict) and isinstance(p.get("passage_text"), str) for p in value
     ):
-        raise _RowError("passages is not a list of objects with a 'passage_text' string")
+        raise RowError("passages is not a list of objects with a 'passage_text' string")
     return value
 
 
@@ -456,15 +442,15 @@ def read_msmarco_qna(location: str) -> QAData:
         try:
             missing = [c for c in columns if key not in obj[c]]
             if missing:
-                raise _RowError(f"row {key!r} has no {', '.join(missing)}")
+                raise RowError(f"row {key!r} has no {', '.join(missing)}")
             qid = _id(row["query_id"], "query_id")
             question = _question(row["query"])
             answers = _marco_answers(row["answers"])
             wf = _marco_well_formed(well_formed_col.get(key))
             passages = _marco_passages(row["passages"])
             if qid in seen:
-                raise _RowError(f"duplicate query_id {qid!r}")
-        except _RowError as e:
+                raise RowError(f"duplicate query_id {qid!r}")
+        except RowError as e:
             rejects.add(ordinal, str(e), row)
             continue
         seen.add(qid)

@@ -18,7 +18,7 @@ from utilrag.data.formats import parse_file
 from utilrag.data.tables import SCHEMAS, read_table
 from utilrag.errors import UtilragError
 from utilrag.evaluate.metrics import DEFAULT_METRICS, MetricError, evaluate
-from utilrag.evaluate.significance import paired_tests
+from utilrag.evaluate.significance import format_paired_tests, paired_tests
 from utilrag.stages import StageResult
 from utilrag.store import Store
 
@@ -100,19 +100,7 @@ def significance(cfg: PipelineConfig, rows: list[dict], per_query_rows: list[dic
 
 
 def format_tests(tests: list[dict], baseline: str) -> str:
-    lines = [
-        f"Paired tests against {baseline!r} (two-sided; * p < 0.05 in both):",
-        "",
-        "| run | dataset | metric | Δ | t-test p | randomisation p |",
-        "|---|---|---|---:|---:|---:|",
-    ]
-    for t in tests:
-        star = " *" if max(t["t_p"], t["rand_p"]) < 0.05 else ""
-        lines.append(
-            f"| {t['label']} | {t['dataset']} | {t['metric']} | {t['delta']:+.4f}{star} | "
-            f"{t['t_p']:.4f} | {t['rand_p']:.4f} |"
-        )
-    return "\n".join(lines)
+    return format_paired_tests(tests, baseline, [("run", "label"), ("dataset", "dataset"), ("metric", "metric")])
 
 
 def plot_metrics(rows: list[dict], metrics: list[str], path: Path) -> None:

@@ -27,3 +27,23 @@ def paired_tests(
         random_state=seed,
     )
     return {"queries": len(queries), "delta": float(diff.mean()), "t_p": t_p, "rand_p": float(rand.pvalue)}
+
+
+def format_paired_tests(
+    tests: list[dict], baseline: str, columns: list[tuple[str, str]], delta_scale: float = 1.0
+) -> str:
+    """A Markdown table of paired tests: the identifying ``columns`` (header, key), then Δ (scaled;
+    * when both tests give p < 0.05) and both p values."""
+    lines = [
+        f"Paired tests against {baseline!r} (two-sided; * p < 0.05 in both):",
+        "",
+        "| " + " | ".join(h for h, _ in columns) + " | Δ | t-test p | randomisation p |",
+        "|" + "---|" * len(columns) + "---:|---:|---:|",
+    ]
+    decimals = 4 if delta_scale == 1.0 else 1
+    for t in tests:
+        star = " *" if max(t["t_p"], t["rand_p"]) < 0.05 else ""
+        cells = [str(t[key]) for _, key in columns]
+        delta = f"{delta_scale * t['delta']:+.{decimals}f}{star}"
+        lines.append("| " + " | ".join(cells) + f" | {delta} | {t['t_p']:.4f} | {t['rand_p']:.4f} |")
+    return "\n".join(lines)

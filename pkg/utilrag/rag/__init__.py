@@ -29,7 +29,7 @@ from utilrag.data.dataset import Dataset, open_dataset
 from utilrag.data.tables import fingerprint
 from utilrag.errors import UtilragError
 from utilrag.evaluate import load_run
-from utilrag.evaluate.significance import paired_tests
+from utilrag.evaluate.significance import format_paired_tests, paired_tests
 from utilrag.logs import get_logger
 from utilrag.rag.prompts import RAG_PROMPT_VERSION, generator_messages
 from utilrag.rag.qa_metrics import answer_recall, exact_match_score, f1_score, marco_evaluate
@@ -296,16 +296,5 @@ def run(cfg: PipelineConfig) -> StageResult:
 
 
 def format_significance(tests: list[dict], baseline: str) -> str:
-    lines = [
-        f"Paired tests against {baseline!r} (two-sided; * p < 0.05 in both):",
-        "",
-        "| retriever | k | metric | Δ | t-test p | randomisation p |",
-        "|---|---:|---|---:|---:|---:|",
-    ]
-    for t in tests:
-        star = " *" if max(t["t_p"], t["rand_p"]) < 0.05 else ""
-        lines.append(
-            f"| {t['retriever']} | {t['k']} | {t['metric']} | {100 * t['delta']:+.1f}{star} | "
-            f"{t['t_p']:.4f} | {t['rand_p']:.4f} |"
-        )
-    return "\n".join(lines)
+    columns = [("retriever", "retriever"), ("k", "k"), ("metric", "metric")]
+    return format_paired_tests(tests, baseline, columns, delta_scale=100)
