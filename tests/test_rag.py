@@ -100,6 +100,10 @@ def test_rag_end_to_end_on_squad(rag_cfg, capsys):
         assert r["f1"] == pytest.approx(max(f1_score(r["prediction"], g) for g in answers[r["query_id"]]))
         assert r["exact_match"] == max(float(exact_match_score(r["prediction"], g)) for g in answers[r["query_id"]])
 
+    generations = pq.read_table(Path(Store(rag_cfg.output_dir).rag("squad-v1.1-dev", "generate")) / "answer.parquet")
+    assert set(generations.column("prompt_version").to_pylist()) == {"rag-1"}
+    assert generations.num_rows == 4 * 6 and set(generations.column("finish_reason").to_pylist()) <= {"stop", "length"}
+
     # A rerun reuses the generations (exactly-once parts, same fingerprint) and gives the same table.
     run(rag_cfg)
     again = capsys.readouterr().out

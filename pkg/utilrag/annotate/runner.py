@@ -65,9 +65,17 @@ def stage_sampling(stage: str, acfg: AnnotateConfig) -> dict:
 
 
 def run_stage(
-    stage: str, requests: pa.Table, folder: Path, fingerprint: str, acfg: AnnotateConfig, model_path: str, label: str
+    stage: str,
+    requests: pa.Table,
+    folder: Path,
+    fingerprint: str,
+    acfg: AnnotateConfig,
+    model_path: str,
+    label: str,
+    prompt_version: str = PROMPT_VERSION,
 ) -> tuple[pa.Table, dict]:
-    """Run (or resume, or reuse) ``stage`` over ``requests``; returns the stage table and its summary."""
+    """Run (or resume, or reuse) ``stage`` over ``requests``; returns the stage table and its summary.
+    ``prompt_version`` is recorded on every row (the RAG stage passes its own)."""
     folder = Path(folder)
     final = folder / f"{stage}.parquet"
     parts = folder / f"{stage}.parts"
@@ -101,7 +109,9 @@ def run_stage(
         )
     new_rows, dropped, engine_s = 0, 0, None
     if todo.num_rows:
-        new_rows, dropped, engine_s = _generate(stage, todo, parts, done, acfg, model_path, label, len(expected))
+        new_rows, dropped, engine_s = _generate(
+            stage, todo, parts, done, acfg, model_path, label, len(expected), prompt_version
+        )
 
     table = read_parts(parts)
     counts = Counter(table.column("key").to_pylist())
@@ -131,7 +141,15 @@ def run_stage(
 
 
 def _generate(
-    stage, todo: pa.Table, parts: Path, done: set[str], acfg: AnnotateConfig, model_path: str, label: str, total: int
+    stage,
+    todo: pa.Table,
+    parts: Path,
+    done: set[str],
+    acfg: AnnotateConfig,
+    model_path: str,
+    label: str,
+    total: int,
+    prompt_version: str,
 ) -> tuple[int, int, float | None]:
     """Generate the missing rows; returns (new rows, dropped rows, engine seconds since the first replica was ready)."""
     import ray
@@ -141,7 +159,7 @@ def _generate(
     sampling = stage_sampling(stage, acfg)
     meta = {
         "model": acfg.model,
-        "prompt_version": PROMPT_VERSION,
+        "prompt_version": prompt_version,
         "constrained": bool(acfg.sampling.constrained),
         "sampling": json.dumps({k: v for k, v in sampling.items() if k != "regex"}, sort_keys=True),
     }

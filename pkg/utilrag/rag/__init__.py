@@ -268,7 +268,9 @@ def run(cfg: PipelineConfig) -> StageResult:
     from utilrag.raycluster import connect
 
     connect(cfg.ray)
-    generated, summary = run_stage("answer", requests, generate_dir, fp, acfg, model_path, f"rag {rcfg.dataset}")
+    generated, summary = run_stage(
+        "answer", requests, generate_dir, fp, acfg, model_path, f"rag {rcfg.dataset}", RAG_PROMPT_VERSION
+    )
 
     records = score(questions, rows, generated, passages)
     answers = dict(zip(questions.column("query_id").to_pylist(), questions.column("answers").to_pylist()))
