@@ -163,13 +163,17 @@ def _input_fingerprint(resolved: registry.ResolvedDataset, icfg: IngestConfig) -
     )
 
 
+def _reused(name: str, out: str, fp: str, old: store.Committed, threshold: int) -> IngestResult:
+    tables = {t: TableReport(rows=n, rejected=old["rejected"].get(t, 0)) for t, n in old["rows"].items()}
+    log.info(f"{name}: inputs unchanged (fingerprint {fp}), reusing {out}")
+    return IngestResult(name, out, True, tables, threshold)
+
+
 def ingest_dataset(resolved: registry.ResolvedDataset, out: str, icfg: IngestConfig) -> IngestResult:
     fp = _input_fingerprint(resolved, icfg)
     old = store.reusable(out, fp)
     if old is not None:
-        tables = {t: TableReport(rows=n, rejected=old["rejected"].get(t, 0)) for t, n in old["rows"].items()}
-        log.info(f"{resolved.name}: inputs unchanged (fingerprint {fp}), reusing {out}")
-        return IngestResult(resolved.name, out, True, tables, resolved.relevance_threshold)
+        return _reused(resolved.name, out, fp, old, resolved.relevance_threshold)
 
     started = time.time()
     writer = store.begin(out, "ingest", fp, dataset=resolved.name)
@@ -234,9 +238,7 @@ def ingest_qa(ds: DatasetConfig, data_root: Path, out: str, icfg: IngestConfig) 
     )
     old = store.reusable(out, fp)
     if old is not None:
-        kept = {t: TableReport(rows=n, rejected=old["rejected"].get(t, 0)) for t, n in old["rows"].items()}
-        log.info(f"{ds.name}: inputs unchanged (fingerprint {fp}), reusing {out}")
-        return IngestResult(ds.name, out, True, kept, 1)
+        return _reused(ds.name, out, fp, old, 1)
     t0 = time.time()
     writer = store.begin(out, "ingest", fp, dataset=ds.name)
     data = read_qa(path)

@@ -13,6 +13,7 @@ import pyarrow as pa
 from utilrag import store
 from utilrag.config import IndexConfig, IndexTarget, PipelineConfig
 from utilrag.data.dataset import Dataset, DatasetInputError, open_dataset
+from utilrag.data.formats import list_files
 from utilrag.data.lexical import write_trec_run
 from utilrag.data.tables import SCHEMAS, fingerprint, write_table
 from utilrag.encoder_spec import ModelError, model_identity
@@ -72,10 +73,9 @@ def query_settings(icfg: IndexConfig) -> dict:
     }
 
 
-def encode_queries(dataset: Dataset, target: IndexTarget, icfg: IndexConfig, out: str) -> tuple[list[str], np.ndarray]:
-    qids, texts = dataset.split_queries(target.split)
-    if not qids:
-        raise DatasetInputError(f"{target.dataset}/{target.split}: no queries to search")
+def encode_queries(
+    qids: list[str], texts: list[str], target: IndexTarget, icfg: IndexConfig, out: str
+) -> tuple[list[str], np.ndarray]:
     spec, query_model, _ = resolve_encoder(icfg)
     table = pa.table({"id": qids, "text": [spec.query_prefix + t for t in texts]})
     encode_table(
@@ -164,7 +164,7 @@ def build_or_load_index(cfg: PipelineConfig, dataset: str, icfg: IndexConfig, em
         return index
     writer = store.begin(folder, "index/faiss", fp, dataset=dataset)
     parts = embeddings.path("parts")
-    files = [store.join(parts, f) for f in sorted(p for p in _names(parts) if p.endswith(".parquet"))]
+    files = [f for f in list_files(parts) if f.endswith(".parquet")]
     stats = index.build(
         files, icfg.index_type, icfg.nlist, icfg.pq_m, icfg.hnsw_m, expected_dim=embeddings["encode"]["dim"]
     )
@@ -174,15 +174,6 @@ def build_or_load_index(cfg: PipelineConfig, dataset: str, icfg: IndexConfig, em
     for s in stats:
         log.info(f"{dataset}: shard {s['shard']}: {s['vectors']:,} vectors x {s['dim']}, {s['bytes'] / 2**20:.1f} MiB")
     return index
-
-
-def _names(folder: str) -> list[str]:
-    import posixpath
-
-    import pyarrow.fs as pafs
-
-    fs, path = store.filesystem(folder)
-    return [posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(path))]
 
 
 def target_label(target: IndexTarget) -> str:
@@ -220,10 +211,11 @@ def run_index(cfg: PipelineConfig) -> list[tuple[str, bool]]:
                 log.info(f"{name}/{target.split or 'all'}: run {label!r} unchanged, reusing {out}")
                 written.append((out, True))
                 continue
-            if not dataset.split_queries(target.split)[0]:  # before begin: a mistake keeps the old run
+            qids, texts = dataset.split_queries(target.split)
+            if not qids:  # before begin: a mistake keeps the old run
                 raise DatasetInputError(f"{name}/{target.split}: no queries to search")
             writer = store.begin(out, "index/search", fp, dataset=name)
-            qids, queries = encode_queries(dataset, target, icfg, writer.path("query_embeddings"))
+            qids, queries = encode_queries(qids, texts, target, icfg, writer.path("query_embeddings"))
             planned.append((target, label, writer, qids, queries))
         index = None
         try:
