@@ -78,11 +78,6 @@ def exists(location: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def is_dir(location: str) -> bool:
-    fs, path = filesystem(location)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
-
-
 def remove(location: str) -> None:
     """Delete a file or a folder (missing is fine)."""
     fs, path = filesystem(location)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from utilrag import store
 from utilrag.data.tables import parse_schema
 
 RAW_CHARS = 300  # how much of a bad line is kept in the rejects table
@@ -27,15 +28,10 @@ class RowError(ValueError):
 
 
 # --------------------------------------------------------------------------- filesystems
-def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), uri
-
-
 def list_files(uri: str) -> list[str]:
     """Files directly inside a folder (local or URI), as full paths/URIs, sorted."""
-    fs, path = filesystem_and_path(uri)
+    uri = store.normalize(uri)
+    fs, path = store.filesystem(uri)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
@@ -43,13 +39,8 @@ def list_files(uri: str) -> list[str]:
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File)
 
 
-def exists(uri: str) -> bool:
-    fs, path = filesystem_and_path(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
 def open_lines(uri: str) -> Iterator[bytes]:
-    fs, path = filesystem_and_path(uri)
+    fs, path = store.filesystem(uri)
     stream = fs.open_input_stream(path, compression=None)
     raw = io.BufferedReader(stream, buffer_size=1 << 20)
     handle = gzip.GzipFile(fileobj=raw) if uri.endswith(".gz") else raw

@@ -20,7 +20,7 @@ import pyarrow as pa
 from utilrag import store
 from utilrag.config import DatasetConfig, IngestConfig, PipelineConfig, resolve_data_root
 from utilrag.data import registry
-from utilrag.data.formats import filesystem_and_path, parse_file
+from utilrag.data.formats import parse_file
 from utilrag.data.qa import REGISTERED_QA, read_qa, resolve_qa
 from utilrag.data.tables import REJECTS_SCHEMA, SCHEMAS, ParquetParts, fingerprint, write_table
 from utilrag.errors import UtilragError
@@ -150,7 +150,7 @@ def _category(reason: str) -> str:
 def _input_fingerprint(resolved: registry.ResolvedDataset, icfg: IngestConfig) -> str:
     stats = []
     for job in resolved.jobs:
-        fs, path = filesystem_and_path(job.uri)
+        fs, path = store.filesystem(job.uri)
         info = fs.get_file_info(path)
         stats.append((job.uri, job.table, job.parser, info.size, str(info.mtime)))
     return fingerprint(

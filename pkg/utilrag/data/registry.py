@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utilrag.config import DatasetConfig
-from utilrag.data.formats import exists, list_files
+from utilrag.data.formats import list_files
 from utilrag.errors import UtilragError
 from utilrag.logs import get_logger
+from utilrag.store import exists
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 MSMARCO_TAR = "https://msmarco.z22.web.core.windows.net/msmarcoranking/collectionandqueries.tar.gz"
