@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 # The stamp changes with the lock file and pyproject, so a second `make` installs nothing.
 STAMP := $(VENV)/.installed-$(shell cat $(LOCK) pyproject.toml | md5sum | cut -c1-12)
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean check-gpu-env
 install: $(STAMP)
 
 $(STAMP): $(LOCK) pyproject.toml
@@ -40,6 +40,17 @@ lint: install
 test: lint
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
+
+# requirements/gpu.lock, installed into a fresh venv as cluster/Dockerfile installs it (no GPU needed),
+# then the imports (torch, vllm, faiss, ray, deepspeed, utilrag), vLLM's compiled extensions and the
+# requirements (pip check, extras too). Several GB of CUDA wheels, 5-20 minutes: not in `make test`.
+# GPU_ENV_PIP_CACHE=<dir> keeps the wheels for a rerun; GPU_ENV_DELETE=1 removes the venv at the end.
+GPU_ENV_VENV ?= /tmp/utilrag-gpu-env
+GPU_ENV_PIP_CACHE ?=
+GPU_ENV_DELETE ?= 0
+check-gpu-env:
+	$(PYTHON) scripts/check_gpu_env.py --venv '$(GPU_ENV_VENV)' $(if $(GPU_ENV_PIP_CACHE),--pip-cache '$(GPU_ENV_PIP_CACHE)') \
+	  $(if $(filter 1,$(GPU_ENV_DELETE)),--delete)
 
 clean:
 	rm -rf outputs .pytest_cache
