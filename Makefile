@@ -44,7 +44,8 @@ test: lint
 # requirements/gpu.lock, installed into a fresh venv as cluster/Dockerfile installs it (no GPU needed),
 # then the imports (torch, vllm, faiss, ray, deepspeed, utilrag), vLLM's compiled extensions and the
 # requirements (pip check, extras too). Several GB of CUDA wheels, 5-20 minutes: not in `make test`.
-# GPU_ENV_PIP_CACHE=<dir> keeps the wheels for a rerun; GPU_ENV_DELETE=1 removes the venv at the end.
+# GPU_ENV_PIP_CACHE=<dir>: pip's cache there (built wheels; downloads if the index allows caching);
+# GPU_ENV_DELETE=1 removes the venv at the end.
 GPU_ENV_VENV ?= /tmp/utilrag-gpu-env
 GPU_ENV_PIP_CACHE ?=
 GPU_ENV_DELETE ?= 0

@@ -267,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--venv", type=Path, default=Path("/tmp/utilrag-gpu-env"), help="made afresh")
     parser.add_argument("--lock", type=Path, default=LOCK)
-    parser.add_argument("--pip-cache", type=Path, help="keep the wheels here for a rerun (default: --no-cache-dir)")
+    parser.add_argument(
+        "--pip-cache",
+        type=Path,
+        help="pip --cache-dir instead of the Dockerfile's --no-cache-dir: keeps built wheels (deepspeed is an "
+        "sdist) and downloads where the index allows HTTP caching",
+    )
     parser.add_argument("--delete", action="store_true", help="remove the venv at the end")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)  # the checks, in the venv
     args = parser.parse_args(argv)
