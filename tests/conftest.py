@@ -102,10 +102,20 @@ def stop_cluster(temp_dir: str) -> None:
         p.kill()
 
 
-def start_ray_head(dashboard: bool = False) -> tuple[str, int, int, dict]:
+def start_ray_head(
+    dashboard: bool = False,
+    *,
+    num_cpus: int = 2,
+    extra_args: tuple[str, ...] = (),
+    extra_env: dict[str, str] | None = None,
+    gcs_port: int | None = None,
+    new_session: bool = False,
+) -> tuple[str, int, int, dict]:
     """`ray start --head` on 127.0.0.1 with every port its own (the session's Ray holds the
     defaults); returns (temp_dir, gcs port, dashboard port, env for clients). Stop it with
-    stop_cluster(temp_dir), never `ray stop`."""
+    stop_cluster(temp_dir), never `ray stop`. extra_args / extra_env go to `ray start` (and so to
+    the head's processes); gcs_port: a port chosen beforehand (free_port()); new_session: the head's
+    processes in their own session and process group (see stop_cluster_group)."""
     bin_dir = str(Path(sys.executable).parent)
     env = {
         **os.environ,
@@ -115,7 +125,7 @@ def start_ray_head(dashboard: bool = False) -> tuple[str, int, int, dict]:
     }
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
-    gcs, dash = free_port(), free_port()
+    gcs, dash = gcs_port or free_port(), free_port()
     own_ports = [
         f"--{flag}={free_port()}"
         for flag in (
@@ -142,18 +152,40 @@ def start_ray_head(dashboard: bool = False) -> tuple[str, int, int, dict]:
             str(gcs),
             *dashboard_args,
             "--num-cpus",
-            "2",
+            str(num_cpus),
             "--temp-dir",
             temp_dir,
             "--disable-usage-stats",
             *own_ports,
+            *extra_args,
         ],
-        env=env,
+        env={**env, **(extra_env or {})},
         capture_output=True,
         text=True,
         timeout=180,
+        start_new_session=new_session,
     )
     if start.returncode != 0:
         stop_cluster(temp_dir)
         raise RuntimeError(start.stderr[-2000:])
     return temp_dir, gcs, dash, env
+
+
+def stop_cluster_group(temp_dir: str) -> None:
+    """stop_cluster(temp_dir), then SIGKILL what is left in the process groups of that cluster's
+    processes: for a head started with new_session=True, also the processes whose command line does
+    not name the temp dir (vLLM's engine-core subprocesses, the nodes an autoscaler started).
+    Never this test's own process group."""
+    groups = set()
+    for p in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in part for part in (p.info["cmdline"] or [])):
+            try:
+                groups.add(os.getpgid(p.pid))
+            except ProcessLookupError:
+                pass
+    stop_cluster(temp_dir)
+    for group in groups - {os.getpgrp()}:
+        try:
+            os.killpg(group, 9)
+        except ProcessLookupError:
+            pass

@@ -148,7 +148,7 @@ def actor_resources(acfg: AnnotateConfig) -> dict:
         # A crashed replica is restarted and its batch retried (each batch is one block, so a
         # retried batch yields its rows once).
         "max_restarts": acfg.scale.actor_restarts,
-        "max_task_retries": acfg.scale.actor_restarts,
+        "max_task_retries": -1,  # until it is back: a lost node's "unavailable" errors would use up a count
     }
     engine = acfg.engine
     if engine.accelerator_type:

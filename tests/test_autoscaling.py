@@ -1,0 +1,311 @@
+"""Autoscaling and node loss on this machine, with Ray's fake_multinode provider: the autoscaler of a
+`RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=tests/data/fake-multinode.yaml` head (the node
+types of cluster/aws-autoscaler.yaml at toy size) starts each worker "node" as another raylet here.
+
+One cluster, one `ray job submit` of the pipeline (ingest, pools, RelSel over 8 DL19 queries with the
+tiny random model on replicas that ask for use_gpu=true and accelerator_type=A100-80G). What it proves:
+
+1. on demand: the head has no CPU and no GPU, and no worker node runs before the job. The job's CPU
+   work launches a cpu-ingest node; the replica launches a gpu-a100-80g-x8 node. GPU-type nodes launched
+   in all: exactly 2 (one, and one replacement after the loss below), so CPU work never woke one.
+2. placement: the replica actors ran only on GPU-type nodes (Ray gave them CUDA_VISIBLE_DEVICES; vLLM-CPU
+   runs on the CPU regardless).
+3. node loss: once the first part of the stage is written, every process of the replica's node is
+   SIGKILLed (a lost machine, not a clean drain). Once Ray has marked it dead, the autoscaler removes it
+   from the provider (seen here: as "idle", within seconds) and launches a replacement; the replica is
+   restarted there with its batches retried, and the job succeeds with exactly one row per (query,
+   stage, window), with no duplicate in the parts. Until Ray marks the node dead (5 s here, 15 s with
+   Ray's defaults) every retry of the lost batches fails at once ("actor unavailable"): with a retry
+   count (max_task_retries=actor_restarts, as engine.py had it) the job failed here; the replicas now
+   retry until the actor is back or out of restarts.
+4. scale-down: after the job, the idle nodes are removed (idle timeout 6 s) and only the head is left.
+
+The head runs in its own process group and is stopped by it (stop_cluster_group), never by `ray stop`
+(which would kill every Ray process on the machine, other people's too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import free_port, start_ray_head, stop_cluster_group
+from utilrag.annotate.engine import AnnotateError
+from utilrag.config import REPO_ROOT
+
+FAKE_CLUSTER = Path(__file__).parent / "data" / "fake-multinode.yaml"
+GPU_TYPE, CPU_TYPE, ACCELERATOR = "gpu-a100-80g-x8", "cpu-ingest", "A100-80G"
+QUERIES, WINDOWS = 8, 2  # 31-passage pools in windows of 16: 16 + 15
+EXPECTED = QUERIES * WINDOWS
+# How fast the cluster notices a lost node: GCS health checks every second, dead after 5 misses (Ray's
+# default: every 3 s); the autoscaler removes a node it has not heard of for 10 s (default 30 s).
+SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
+AUTOSCALER_ENV = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "10"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    from utilrag.annotate.tiny import make_tiny_llm
+
+    try:
+        return str(make_tiny_llm(tmp_path_factory.mktemp("tiny-llm")))
+    except AnnotateError as e:  # the Qwen tokenizer package is missing
+        pytest.skip(str(e))
+
+
+def _pipeline_config(path: Path, shared: Path, out: Path, model: str) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "data_root": str(shared),
+                "output_dir": str(out),
+                "ingest": {"datasets": [{"name": "trec-dl-2019"}]},
+                "pools": [{"dataset": "trec-dl-2019", "split": "default", "run": "bm25", "size": 31}],
+                "annotate": {
+                    "model": model,
+                    "targets": [{"dataset": "trec-dl-2019", "split": "default", "max_queries": QUERIES}],
+                    "stages": ["relsel"],
+                    "passage_words": 20,
+                    "sampling": {"max_tokens": 32},
+                    "engine": {
+                        "dtype": "float32",
+                        "max_model_len": 2048,
+                        "enforce_eager": True,
+                        "use_gpu": True,  # one (fake) GPU per replica
+                        "accelerator_type": ACCELERATOR,
+                    },
+                    "scale": {"replicas": [1, 1], "batch_size": 2, "actor_restarts": 3, "progress_every_s": 1},
+                },
+            }
+        )
+    )
+    return path
+
+
+def _get(obj, name):
+    return obj[name] if isinstance(obj, dict) else getattr(obj, name)
+
+
+def _nodes(address: str) -> list:
+    from ray.util.state import list_nodes
+
+    return list_nodes(address=address, detail=True, limit=1000, raise_on_missing_output=False)
+
+
+def _replicas(address: str) -> list:
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=address, detail=True, limit=10000, raise_on_missing_output=False)
+    return [a for a in actors if "LLMPredictor" in (_get(a, "class_name") or "")]
+
+
+def _node_type(node, config: dict) -> str:
+    """The node type whose resources the node has (the fake provider does not label the type)."""
+    total = _get(node, "resources_total") or {}
+    own = {k: v for k, v in total.items() if k in ("CPU", "GPU") or k.startswith("accelerator_type:")}
+    for name, spec in config["available_node_types"].items():
+        if own == {k: v for k, v in spec["resources"].items() if v}:
+            return name
+    return f"unknown {own}"
+
+
+def _cluster_processes(temp_dir: str) -> list:
+    return [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in c for c in (p.info["cmdline"] or []))]
+
+
+def _kill_node(temp_dir: str, node_id: str) -> list[str]:
+    """SIGKILL every process of one fake node of this cluster at once: those that carry the node's id in
+    RAY_OVERRIDE_NODE_ID_FOR_TESTING (set by the fake provider: its raylet, agents, workers) and all
+    their descendants (vLLM's subprocesses, if any). Returns their names."""
+    roots = []
+    for p in psutil.process_iter(["cmdline"]):
+        if not any(temp_dir in part for part in (p.info["cmdline"] or [])):
+            continue
+        try:
+            if p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
+                roots.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    victims = {p.pid: p for p in roots}
+    for p in roots:
+        try:
+            victims.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    names = []
+    for p in victims.values():
+        try:
+            names.append(p.name())
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    return names
+
+
+@pytest.mark.slow
+def test_gpu_nodes_on_demand_node_loss_exactly_once_and_scale_down(shared_datasets, tiny_model, tmp_path):
+    config = yaml.safe_load(FAKE_CLUSTER.read_text())
+    gcs = free_port()
+    config["provider"]["gcs_address"] = f"127.0.0.1:{gcs}"  # the fake nodes join this head, not 6379
+    autoscaling = tmp_path / "autoscaling.yaml"
+    autoscaling.write_text(yaml.safe_dump(config))
+    temp_dir, gcs, dash, env = start_ray_head(
+        dashboard=True,
+        num_cpus=0,
+        extra_args=(
+            "--num-gpus=0",
+            f"--autoscaling-config={autoscaling}",
+            f"--system-config={json.dumps(SYSTEM_CONFIG, separators=(',', ':'))}",
+        ),
+        extra_env=AUTOSCALER_ENV,
+        gcs_port=gcs,
+        new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    ray = os.path.join(str(Path(sys.executable).parent), "ray")
+    out = tmp_path / "out"
+    stage_dir = out / "annotate" / "trec-dl-2019-default"
+    parts = stage_dir / "relsel.parts"
+    sid = f"autoscaling-{os.getpid()}"
+    t: dict[str, float] = {}
+    events: list[tuple[float, str]] = []  # (when, "<node type> <node id> ALIVE|DEAD")
+    try:
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        nodes = _nodes(address)
+        assert [_get(n, "is_head_node") for n in nodes] == [True]  # nothing runs before the job
+        head = _get(nodes[0], "node_id")
+        pipeline = _pipeline_config(tmp_path / "pipeline.yaml", shared_datasets, out, tiny_model)
+        # VLLM_CPU_KVCACHE_SPACE: a GPU replica does not set it, and vLLM-CPU would take most of the RAM.
+        # VLLM_ENABLE_V1_MULTIPROCESSING=0: the engine inside the replica's process (no engine-core and
+        # worker processes that import torch and vLLM again): each engine start here is ~30 s shorter.
+        vllm_env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        runtime_env = {"env_vars": {**vllm_env, "PYTHONUNBUFFERED": "1"}}
+        command = [
+            *(ray, "job", "submit", "--address", address, "--no-wait", "--submission-id", sid),
+            *("--working-dir", str(REPO_ROOT), "--runtime-env-json", json.dumps(runtime_env)),
+            *("--", "python", "jobs/submit.py", "pipeline", "--config", str(pipeline)),
+        ]
+        for _ in range(20):  # the head's job agent comes up a few seconds after `ray start` returns
+            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+            if "No available agent" not in submit.stderr + submit.stdout:
+                break
+            time.sleep(2)
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-2000:]
+        t["submitted"] = time.time()
+        client = JobSubmissionClient(address)
+
+        # Watch the cluster until the job ends; kill the replica's node once the first part is written.
+        seen: dict[str, object] = {}  # node id -> its latest state record
+        replica_nodes: set[str] = set()
+        killed, done_before, killed_processes = None, 0, []
+        deadline = time.time() + 480
+        while True:
+            status = client.get_job_status(sid)
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) or time.time() > deadline:
+                break
+            for n in _nodes(address):
+                if _get(n, "node_id") not in seen or _get(seen[_get(n, "node_id")], "state") != _get(n, "state"):
+                    events.append(
+                        (time.time(), f"{_node_type(n, config)} {_get(n, 'node_id')[-5:]} {_get(n, 'state')}")
+                    )
+                seen[_get(n, "node_id")] = n
+                if _get(n, "state") == "ALIVE" and (_get(n, "resources_total") or {}).get("GPU"):
+                    t.setdefault("gpu_node_alive", time.time())
+                    if killed and _get(n, "node_id") != killed:
+                        t.setdefault("replacement_alive", time.time())
+            if killed and _get(seen[killed], "state") == "DEAD":
+                t.setdefault("killed_node_dead", time.time())
+            alive = [a for a in _replicas(address) if _get(a, "state") == "ALIVE"]
+            replica_nodes.update(_get(a, "node_id") for a in alive)
+            if alive:
+                t.setdefault("replica_alive", time.time())
+            files = list(parts.glob("part-*.parquet")) if parts.is_dir() else []
+            if files:
+                t.setdefault("first_part", time.time())
+            if files and killed is None and alive:
+                killed = _get(alive[0], "node_id")
+                killed_processes = _kill_node(temp_dir, killed)
+                t["killed"] = time.time()
+                done_before = sum(pq.read_metadata(f).num_rows for f in parts.glob("part-*.parquet"))
+            time.sleep(0.2)
+        t["job_done"] = time.time()
+        logs = client.get_job_logs(sid)
+        assert status == JobStatus.SUCCEEDED, f"{status}: {logs[-5000:]}"
+
+        # 3. node loss: the kill landed mid-stage, and the stage still has exactly one row per request.
+        assert killed is not None and "raylet" in killed_processes, (killed_processes, logs[-3000:])
+        assert 0 < done_before < EXPECTED, f"the node was killed after {done_before} of {EXPECTED} rows"
+        table = pq.read_table(stage_dir / "relsel.parquet")
+        keys = Counter(zip(table.column("query_id").to_pylist(), table.column("window").to_pylist()))
+        assert table.num_rows == EXPECTED and len(keys) == EXPECTED and max(keys.values()) == 1
+        assert len(set(table.column("query_id").to_pylist())) == QUERIES
+        part_rows = sum(pq.read_metadata(f).num_rows for f in parts.glob("part-*.parquet"))
+        assert part_rows == EXPECTED  # no duplicate left behind in the parts either
+        assert f"{EXPECTED} rows ({EXPECTED} new, 0 resumed)" in logs  # one run, no rerun needed
+        labels = pq.read_table(stage_dir / "labels.parquet")
+        assert labels.num_rows == 2 * QUERIES * 31  # human + relsel over every pool passage
+
+        # 4. scale-down: only the head is left once the idle timeout has passed.
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            nodes = _nodes(address)
+            if [_get(n, "node_id") for n in nodes if _get(n, "state") == "ALIVE"] == [head]:
+                t["head_only"] = time.time()
+                break
+            time.sleep(0.5)
+        assert "head_only" in t, [(_node_type(n, config), _get(n, "state")) for n in nodes]
+
+        # 1. on demand, 2. placement: the nodes ever launched, by type, and where the replicas ran.
+        workers = {_get(n, "node_id"): n for n in nodes if not _get(n, "is_head_node")}
+        by_type = Counter(_node_type(n, config) for n in workers.values())
+        gpu_nodes = {i for i, n in workers.items() if _node_type(n, config) == GPU_TYPE}
+        assert by_type[GPU_TYPE] == 2, by_type  # the first, and the replacement of the killed one
+        assert by_type[CPU_TYPE] >= 1 and set(by_type) == {GPU_TYPE, CPU_TYPE}, by_type
+        for i in gpu_nodes:
+            total, labels_ = _get(workers[i], "resources_total"), _get(workers[i], "labels")
+            assert total["GPU"] == 1 and total[f"accelerator_type:{ACCELERATOR}"] == 1, total
+            assert labels_.get("ray.io/accelerator-type") == ACCELERATOR, labels_  # the node type's label
+        replicas = _replicas(address)
+        replica_nodes.update(_get(a, "node_id") for a in replicas)
+        assert killed in gpu_nodes and replica_nodes == gpu_nodes, (replica_nodes, gpu_nodes)
+        assert sum(_get(a, "num_restarts") or 0 for a in replicas) >= 1  # restarted, not a fresh pool
+        assert all(_get(n, "state") == "DEAD" for n in workers.values())
+
+        # The autoscaler's own account (monitor.log): launches by type, the lost node, the idle ones.
+        monitor = (Path(temp_dir) / "session_latest" / "logs" / "monitor.log").read_text(errors="replace")
+        launched = Counter(re.findall(r"Launching 1 nodes, type (\S+)\.", monitor))
+        assert launched[GPU_TYPE] == 2, launched
+        removed = dict(re.findall(r"Terminating the node with id (\S+) and ip \S+ \((.+?)\)", monitor))
+        assert killed in removed and all(removed.get(i) == "idle" for i in set(workers) - {killed}), removed
+        print(
+            f"killed after {done_before}/{EXPECTED} rows: {dict(Counter(killed_processes))}; removed as "
+            f"{removed[killed]!r}; worker nodes launched {dict(by_type)}"
+        )
+    finally:
+        if "submitted" in t:  # what happened when, for the record (pytest -s) and for a failure's diagnosis
+            timeline = sorted([*t.items(), *((what, when) for when, what in events)], key=lambda kv: kv[1])
+            print("timeline (s from submit): " + ", ".join(f"{k} +{v - t['submitted']:.1f}" for k, v in timeline))
+        for log in Path(temp_dir).glob("session_latest/logs/*"):  # kept beside the test's outputs
+            if log.name.startswith(("monitor", "job-driver")):
+                (tmp_path / "ray-logs").mkdir(exist_ok=True)
+                shutil.copy(log, tmp_path / "ray-logs" / log.name)
+        stop_cluster_group(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    deadline = time.time() + 10
+    while time.time() < deadline and _cluster_processes(temp_dir):
+        time.sleep(0.2)
+    assert not _cluster_processes(temp_dir)
