@@ -156,3 +156,13 @@ def test_readme_reference_is_generated():
     assert text.count(start) == 1 and text.count(end) == 1
     section = text.split(start, 1)[1].split(end, 1)[0]
     assert section.strip() == config_reference().strip(), "stale: run python scripts/gen_config_reference.py"
+
+
+def test_a_data_root_uri_stays_a_uri(monkeypatch, tmp_path):
+    from utilrag.config import resolve_data_root
+
+    assert resolve_data_root("s3://bucket/datasets/") == "s3://bucket/datasets"
+    assert resolve_data_root("gs://bucket/d") == "gs://bucket/d"
+    assert resolve_data_root(f"file://{tmp_path}") == str(tmp_path)
+    monkeypatch.setenv("UTILRAG_DATA_ROOT", "s3://other/root")
+    assert resolve_data_root(None) == "s3://other/root"

@@ -628,17 +628,19 @@ def config_json_schema() -> dict[str, Any]:
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def resolve_data_root(configured: str | None) -> Path:
+def resolve_data_root(configured: str | None) -> str:
     """Where registered datasets live: config, then $UTILRAG_DATA_ROOT, then the shared
-    datasets beside a checkout, then ~/.cache/utilrag/datasets."""
-    if configured:
-        return Path(os.path.expanduser(configured)).resolve()
-    if os.environ.get("UTILRAG_DATA_ROOT"):
-        return Path(os.path.expanduser(os.environ["UTILRAG_DATA_ROOT"])).resolve()
+    datasets beside a checkout, then ~/.cache/utilrag/datasets. A URI (s3://, gs://) stays a URI."""
+    given = configured or os.environ.get("UTILRAG_DATA_ROOT")
+    if given:
+        if "://" in given and not given.startswith("file://"):
+            return given.rstrip("/")
+        given = given[len("file://") :] if given.startswith("file://") else given
+        return str(Path(os.path.expanduser(given)).resolve())
     shared = REPO_ROOT.parent / "shared" / "datasets"
     if shared.is_dir():
-        return shared
-    return Path.home() / ".cache" / "utilrag" / "datasets"
+        return str(shared)
+    return str(Path.home() / ".cache" / "utilrag" / "datasets")
 
 
 def cache_dir() -> Path:

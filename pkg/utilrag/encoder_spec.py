@@ -30,7 +30,19 @@ class ModelError(UtilragError):
 
 
 def resolve_model(name: str) -> str:
-    """A local folder, a packaged model's folder, or the hub name itself (downloaded when online)."""
+    """A local folder, a packaged model's folder, a model trained here on object storage
+    (``s3://…/train/<name>/model``: copied to the local cache once per committed version), or the
+    hub name itself (downloaded when online)."""
+    if "://" in name and not name.startswith("file://"):
+        from utilrag import store
+
+        location = store.normalize(name)
+        run_folder, leaf = location.rsplit("/", 1)
+        committed = store.require(run_folder, f"model {name}")
+        if not committed.has(leaf):
+            raise ModelError(f"model {name!r}: its run at {run_folder} committed no {leaf!r}")
+        return committed.local(leaf)
+    name = name[len("file://") :] if name.startswith("file://") else name
     if Path(name).expanduser().is_dir():
         folder = Path(name).expanduser().resolve()
         trained_here = (folder.parent / "manifest.json").is_file() and folder.name == "model"

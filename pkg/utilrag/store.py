@@ -17,11 +17,13 @@ fingerprint matches and whose declared outputs all exist.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -86,6 +88,34 @@ def remove(location: str) -> None:
         fs.delete_dir(path)
     elif kind == pafs.FileType.File:
         fs.delete_file(path)
+
+
+def list_names(location: str) -> list[str]:
+    """The names directly inside a folder (local or URI), sorted; none if it does not exist."""
+    fs, path = filesystem(location)
+    return sorted(posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+
+
+def upload_dir(local_dir: str | os.PathLike, location: str) -> None:
+    """Copy a local folder's contents to a folder (a URI, or another local path)."""
+    fs, path = filesystem(location)
+    if not is_remote(location):
+        shutil.copytree(local_dir, path, dirs_exist_ok=True)
+        return
+    pafs.copy_files(
+        str(Path(local_dir).absolute()),
+        path,
+        source_filesystem=pafs.LocalFileSystem(),
+        destination_filesystem=fs,
+    )
+
+
+def download_dir(location: str, local_dir: str | os.PathLike) -> None:
+    fs, path = filesystem(location)
+    os.makedirs(local_dir, exist_ok=True)
+    pafs.copy_files(
+        path, str(Path(local_dir).absolute()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+    )
 
 
 def file_stamp(location: str) -> str:
@@ -178,6 +208,32 @@ class Committed:
     def path(self, name: str) -> str:
         return join(self.base, name)
 
+    def local(self, name: str) -> str:
+        """A local path of one output, for readers that need files (FAISS, Hugging Face): the output
+        itself, or for object storage a copy in the cache. Versions never change once committed, so a
+        copy made once for this version stays valid."""
+        if not is_remote(self.folder):
+            return self.path(name)
+        from utilrag.config import cache_dir
+
+        key = hashlib.sha256(f"{self.base}@{self.manifest.get('written_at')}".encode()).hexdigest()[:16]
+        root = cache_dir() / "remote" / key
+        if not (root / ".complete").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            fs, path = filesystem(self.path(name))
+            if fs.get_file_info(path).type == pafs.FileType.Directory:
+                download_dir(self.path(name), root / name)
+            else:
+                root.mkdir(parents=True, exist_ok=True)
+                pafs.copy_files(
+                    path, str(root / name), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+                )
+            # the manifest beside the copy: a trained model's identity is its run's fingerprint
+            copy = {k: v for k, v in self.manifest.items() if k != "prefix"}
+            (root / MANIFEST).write_text(json.dumps({**copy, "outputs": [name], "copied_from": self.folder}, indent=2))
+            (root / ".complete").write_text(name)
+        return str(root / name)
+
     def has(self, name: str) -> bool:
         return name in self.manifest.get("outputs", [])
 
@@ -236,19 +292,28 @@ class StageWriter:
     prefix: str | None
     previous: list[str] = field(default_factory=list)
     committed: Committed | None = None
+    scratch: str | None = None  # object storage: local files to upload into the staging prefix at commit
 
     def path(self, name: str) -> str:
         return join(self.staging, name)
 
     def local_path(self, name: str) -> Path:
-        """For writers that need a local file (FAISS, matplotlib, Hugging Face save)."""
+        """For writers that need a local file (matplotlib, pq.write_table of a report): inside the
+        staging folder locally; on object storage in a local scratch folder uploaded at commit."""
         if is_remote(self.staging):
-            raise UtilragError(f"{self.stage}: writing {name} to {self.staging} needs a local path")
-        path = Path(self.path(name))
+            if self.scratch is None:
+                self.scratch = tempfile.mkdtemp(prefix=f"utilrag-{slug(self.stage)}-")
+            path = Path(self.scratch, name)
+        else:
+            path = Path(self.path(name))
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
     def commit(self, status: str = "complete", **fields) -> Committed:
+        if self.scratch is not None:
+            upload_dir(self.scratch, self.staging)
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
         _fault(self.stage, "commit")  # outputs staged, nothing moved
         fs, staging = filesystem(self.staging)
         infos = fs.get_file_info(pafs.FileSelector(staging, allow_not_found=True))

@@ -10,7 +10,6 @@ Outputs under output_dir/annotate/<dataset>-<split>[-<output_name>]/:
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,11 +38,8 @@ def annotate_config(cfg: PipelineConfig) -> AnnotateConfig:
     return cfg.annotate
 
 
-def target_dir(cfg: PipelineConfig, target: AnnotateTarget) -> Path:
-    folder = Store(cfg.output_dir).annotate(target.dataset, target.split, annotate_config(cfg).output_name)
-    if store.is_remote(folder):
-        raise AnnotateError(f"annotate: output_dir {cfg.output_dir} must be a local or shared path for now")
-    return Path(folder)
+def target_dir(cfg: PipelineConfig, target: AnnotateTarget) -> str:
+    return Store(cfg.output_dir).annotate(target.dataset, target.split, annotate_config(cfg).output_name)
 
 
 def run(cfg: PipelineConfig) -> StageResult:
@@ -52,7 +48,7 @@ def run(cfg: PipelineConfig) -> StageResult:
     return StageResult("annotate", [str(p) for p in run_annotate(cfg)], wall_s=time.time() - t0)
 
 
-def run_annotate(cfg: PipelineConfig) -> list[Path]:
+def run_annotate(cfg: PipelineConfig) -> list[str]:
     acfg = cfg.annotate
     if acfg is None or not acfg.targets:
         raise AnnotateError("the config has no annotate section with targets (annotate.targets: [{dataset, split}])")
@@ -64,7 +60,7 @@ def run_annotate(cfg: PipelineConfig) -> list[Path]:
     return [annotate_target(cfg, target, model_path) for target in acfg.targets]
 
 
-def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str) -> Path:
+def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str) -> str:
     acfg = annotate_config(cfg)
     label = f"{target.dataset}/{target.split}"
     pools_done = store.require(Store(cfg.output_dir).pools(target.dataset, target.split), f"annotate: pools of {label}")
@@ -74,7 +70,7 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
     out = target_dir(cfg, target)
     t0 = time.time()
     pools = read_table(pools_done.path("pools.parquet"))
-    inputs = load_inputs(pools, dataset.table("queries"), Path(dataset.committed.path("corpus")), target, acfg)
+    inputs = load_inputs(pools, dataset.table("queries"), dataset.committed.path("corpus"), target, acfg)
     base = {
         "pools": pools_done["input_fingerprint"],
         "target": target.model_dump(),
@@ -94,7 +90,7 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
     )
     log.info(
         f"{label}: {len(inputs.pools):,} queries to annotate, {len(inputs.rejects):,} rejects "
-        f"({out / 'rejects.parquet'}), {len(inputs.cut):,} passages cut to {acfg.passage_words} words"
+        f"({store.join(out, 'rejects.parquet')}), {len(inputs.cut):,} passages cut to {acfg.passage_words} words"
     )
     wanted = [s for s in STAGE_ORDER if s in acfg.stages]
     done: dict[str, pa.Table] = {}
@@ -135,11 +131,13 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
     )
     writer.commit(rows={"labels": labels.num_rows}, summaries=summaries, wall_time_s=round(time.time() - t0, 2))
     print(text, flush=True)
-    log.info(f"{label}: labels {labels.num_rows:,} rows -> {out / 'labels.parquet'} ({time.time() - t0:.0f}s)")
+    log.info(
+        f"{label}: labels {labels.num_rows:,} rows -> {store.join(out, 'labels.parquet')} ({time.time() - t0:.0f}s)"
+    )
     return out
 
 
-def check_stage_order(out: Path, base: dict, acfg: AnnotateConfig) -> None:
+def check_stage_order(out: str, base: dict, acfg: AnnotateConfig) -> None:
     """Every stage asked for has its input stage asked for too, or finished before with the same inputs."""
     fingerprints: dict[str, str] = {}
     available = set()
@@ -153,7 +151,7 @@ def check_stage_order(out: Path, base: dict, acfg: AnnotateConfig) -> None:
                     f"{need!r} to annotate.stages"
                 )
         else:
-            meta = read_manifest(out / f"{stage}.meta")
+            meta = read_manifest(store.join(out, f"{stage}.meta"))
             if not (meta and meta.get("status") == "complete" and meta.get("fingerprint") == fp):
                 continue
         fingerprints[stage] = fp
@@ -176,15 +174,11 @@ def _stage_fingerprint(stage: str, base: dict, upstream: dict[str, str], acfg: A
     return fingerprint(parts)
 
 
-def _finished(out: Path, stage: str, fp: str):
-    meta = read_manifest(out / f"{stage}.meta")
-    if (
-        meta
-        and meta.get("status") == "complete"
-        and meta.get("fingerprint") == fp
-        and (out / f"{stage}.parquet").is_file()
-    ):
-        return pq.read_table(out / f"{stage}.parquet"), meta["summary"]
+def _finished(out: str, stage: str, fp: str):
+    meta = read_manifest(store.join(out, f"{stage}.meta"))
+    final = store.join(out, f"{stage}.parquet")
+    if meta and meta.get("status") == "complete" and meta.get("fingerprint") == fp and store.exists(final):
+        return read_table(final), meta["summary"]
     return None
 
 
@@ -203,7 +197,7 @@ def print_reports(cfg: PipelineConfig) -> None:
     for target in acfg.targets:
         out = target_dir(cfg, target)
         committed = store.require(out, f"annotate-report: the annotation of {target.dataset}/{target.split}")
-        labels = pq.read_table(committed.path("labels.parquet"))
+        labels = read_table(committed.path("labels.parquet"))
         summaries = committed.get("summaries", {})
         rows = agreement(labels, summaries)  # printed only: the committed report files stay as written
         print(render_markdown(f"{target.dataset}/{target.split}", rows, graded_kappa(labels), acfg.model), flush=True)

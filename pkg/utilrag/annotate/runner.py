@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import posixpath
+import tempfile
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from utilrag import store
 from utilrag.annotate.engine import AnnotateError, LLMPredictor, actor_resources, engine_kwargs, sampling_kwargs
 from utilrag.annotate.prompts import PROMPT_VERSION
 from utilrag.annotate.stages import STAGE_SCHEMA, parse_output, stage_regex
 from utilrag.config import AnnotateConfig
+from utilrag.data.tables import read_table
 from utilrag.logs import get_logger
 from utilrag.store import read_manifest, write_manifest
 
@@ -34,20 +36,33 @@ PART_SCHEMA = pa.schema([("key", pa.string()), *STAGE_SCHEMA])
 log = get_logger("annotate")
 
 
-def read_parts(parts: Path) -> pa.Table:
-    files = sorted(parts.glob("part-*.parquet"))
+def read_parts(parts: str) -> pa.Table:
+    files = [n for n in store.list_names(parts) if n.startswith("part-") and n.endswith(".parquet")]
     if not files:
         return PART_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(f, schema=PART_SCHEMA) for f in files])
+    fs, folder = store.filesystem(parts)
+    return pa.concat_tables(
+        [pq.read_table(posixpath.join(folder, f), schema=PART_SCHEMA, filesystem=fs) for f in files]
+    )
 
 
-def write_part(parts: Path, table: pa.Table) -> Path:
-    """All of a part or none of it: write aside, then rename into place."""
-    name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
-    tmp = parts / f".tmp-{name}"
+def write_atomic(table: pa.Table, location: str) -> None:
+    """All of a file or none of it: locally written aside and renamed into place; on object storage
+    one upload, which becomes visible only when complete."""
+    fs, path = store.filesystem(location)
+    if store.is_remote(location):
+        pq.write_table(table, path, filesystem=fs)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
     pq.write_table(table, tmp)
-    os.replace(tmp, parts / name)
-    return parts / name
+    os.replace(tmp, path)
+
+
+def write_part(parts: str, table: pa.Table) -> str:
+    name = store.join(parts, f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet")
+    write_atomic(table, name)
+    return name
 
 
 def engine_failure(stage: str, err: Exception) -> AnnotateError:
@@ -67,7 +82,7 @@ def stage_sampling(stage: str, acfg: AnnotateConfig) -> dict:
 def run_stage(
     stage: str,
     requests: pa.Table,
-    folder: Path,
+    folder: str | os.PathLike,
     fingerprint: str,
     acfg: AnnotateConfig,
     model_path: str,
@@ -75,22 +90,24 @@ def run_stage(
     prompt_version: str = PROMPT_VERSION,
 ) -> tuple[pa.Table, dict]:
     """Run (or resume, or reuse) ``stage`` over ``requests``; returns the stage table and its summary.
-    ``prompt_version`` is recorded on every row (the RAG stage passes its own)."""
-    folder = Path(folder)
-    final = folder / f"{stage}.parquet"
-    parts = folder / f"{stage}.parts"
-    old = read_manifest(folder / f"{stage}.meta") or {}
-    if old.get("fingerprint") == fingerprint and old.get("status") == "complete" and final.is_file():
+    ``folder`` is a local path or a URI. ``prompt_version`` is recorded on every row (the RAG stage
+    passes its own)."""
+    folder = store.normalize(folder)
+    final = store.join(folder, f"{stage}.parquet")
+    parts = store.join(folder, f"{stage}.parts")
+    meta = store.join(folder, f"{stage}.meta")
+    old = read_manifest(meta) or {}
+    if old.get("fingerprint") == fingerprint and old.get("status") == "complete" and store.exists(final):
         log.info(f"{label} {stage}: unchanged, reusing {final}")
-        return pq.read_table(final), old["summary"]
-    if old.get("fingerprint") not in (None, fingerprint) and parts.exists():
+        return read_table(final), old["summary"]
+    if old.get("fingerprint") not in (None, fingerprint) and store.exists(parts):
         log.info(f"{label} {stage}: inputs or settings changed; discarding {parts}")
-        shutil.rmtree(parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    for stale in parts.glob(".tmp-*"):  # a part being written when the last run was killed
-        stale.unlink()
+        store.remove(parts)
+    for stale in store.list_names(parts):  # a part being written when the last run was killed
+        if stale.startswith(".tmp-"):
+            store.remove(store.join(parts, stale))
     write_manifest(
-        folder / f"{stage}.meta",
+        meta,
         stage=stage,
         fingerprint=fingerprint,
         status="running",
@@ -124,12 +141,10 @@ def run_stage(
             f"rows in {parts}; rerun to finish the missing ones"
         )
     table = table.sort_by([("query_id", "ascending"), ("window", "ascending")]).drop_columns(["key"])
-    tmp = final.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, final)
+    write_atomic(table, final)
     summary = summarise(stage, table, time.time() - t0, new_rows, dropped, engine_s)
     write_manifest(
-        folder / f"{stage}.meta",
+        meta,
         stage=stage,
         fingerprint=fingerprint,
         status="complete",
@@ -143,7 +158,7 @@ def run_stage(
 def _generate(
     stage,
     todo: pa.Table,
-    parts: Path,
+    parts: str,
     done: set[str],
     acfg: AnnotateConfig,
     model_path: str,
@@ -167,7 +182,9 @@ def _generate(
     if os.environ.get("UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES"):
         fail = {
             "after_batches": int(os.environ["UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES"]),
-            "marker": str(parts.parent / f".{stage}.crashed"),
+            "marker": os.path.join(
+                os.path.dirname(parts) if not store.is_remote(parts) else tempfile.gettempdir(), f".{stage}.crashed"
+            ),
         }
     # One block per actor call: a batch lost with its replica is retried whole, never half-delivered.
     size = acfg.scale.batch_size

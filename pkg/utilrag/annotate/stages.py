@@ -106,7 +106,10 @@ def load_inputs(
         qids = sorted(random.Random(f"annotate:{target.dataset}:{target.split}").sample(qids, target.max_queries))
     texts = dict(zip(queries.column("query_id").to_pylist(), queries.column("text").to_pylist()))
     wanted = {d for q in qids for _, d, _, _ in by_query[q]}
-    corpus = pads.dataset(str(corpus_path), format="parquet").to_table(
+    from utilrag import store
+
+    fs, path = store.filesystem(str(corpus_path))
+    corpus = pads.dataset(path, format="parquet", filesystem=fs).to_table(
         filter=pc.field("doc_id").isin(pa.array(sorted(wanted), pa.string()))
     )
     passages, cut = {}, set()

@@ -12,7 +12,7 @@ import io
 import json
 import math
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -39,7 +39,7 @@ def list_files(uri: str) -> list[str]:
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File)
 
 
-def open_lines(uri: str) -> Iterator[bytes]:
+def open_lines(uri: str) -> Generator[bytes, None, None]:
     fs, path = store.filesystem(uri)
     stream = fs.open_input_stream(path, compression=None)
     raw = io.BufferedReader(stream, buffer_size=1 << 20)

@@ -12,7 +12,6 @@ import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -228,7 +227,7 @@ def ingest_dataset(resolved: registry.ResolvedDataset, out: str, icfg: IngestCon
 QA_SPLIT = "dev"  # the qrels split of a QA set's gold passages
 
 
-def ingest_qa(ds: DatasetConfig, data_root: Path, out: str, icfg: IngestConfig) -> IngestResult:
+def ingest_qa(ds: DatasetConfig, data_root: str, out: str, icfg: IngestConfig) -> IngestResult:
     """A question-answering file (SQuAD, NQ-open, DPR, HotpotQA, MS MARCO QnA) as an ingested dataset:
     its corpus (when it has passages), queries, qrels (the gold passages, split "dev") and qa table
     (answers), with rejects — so BM25, the index and evaluation run on it like on any other dataset."""

@@ -13,6 +13,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utilrag import store
 from utilrag.config import DatasetConfig
 from utilrag.data.formats import list_files
 from utilrag.errors import UtilragError
@@ -152,7 +153,7 @@ def _jobs_for(root: str, layout: str, files: list[str]) -> list[FileJob]:
     return jobs
 
 
-def offline_message(name: str, folder: Path) -> str:
+def offline_message(name: str, folder: str) -> str:
     reg = REGISTRY.get(name)
     needs = reg.needs if reg else "a BEIR, MS MARCO or Tevatron layout"
     urls = ", ".join(u for u, _ in reg.downloads) if reg else "(not a registered name)"
@@ -175,7 +176,7 @@ def download(name: str, folder: Path) -> None:
                 with urllib.request.urlopen(url, timeout=60) as resp, open(local, "wb") as out:
                     shutil.copyfileobj(resp, out, 1 << 20)
             except (urllib.error.URLError, OSError) as e:
-                raise DatasetError(offline_message(name, folder) + f" (download failed: {e})") from None
+                raise DatasetError(offline_message(name, str(folder)) + f" (download failed: {e})") from None
             if target:
                 shutil.move(str(local), folder / target)
             elif local.suffix == ".zip":
@@ -190,7 +191,7 @@ def download(name: str, folder: Path) -> None:
                     t.extractall(folder, filter="data")
 
 
-def resolve(ds: DatasetConfig, data_root: Path, allow_download: bool = True) -> ResolvedDataset:
+def resolve(ds: DatasetConfig, data_root: str, allow_download: bool = True) -> ResolvedDataset:
     """Find a dataset's files and plan how each is parsed."""
     reg = REGISTRY.get(ds.name)
     if ds.path:
@@ -200,10 +201,10 @@ def resolve(ds: DatasetConfig, data_root: Path, allow_download: bool = True) -> 
             f"dataset {ds.name!r}: not a registered name ({', '.join(sorted(REGISTRY))}) and no path given"
         )
     else:
-        root = str(data_root / ds.name)
+        root = store.join(data_root, ds.name)
         if not exists(root) or not list_files(root):
-            if not allow_download:
-                raise DatasetError(offline_message(ds.name, Path(root)))
+            if not allow_download or store.is_remote(root):  # downloads go to local folders only
+                raise DatasetError(offline_message(ds.name, root))
             download(ds.name, Path(root))
     if not exists(root):
         raise DatasetError(f"dataset {ds.name!r}: path not found: {root}")
@@ -214,7 +215,7 @@ def resolve(ds: DatasetConfig, data_root: Path, allow_download: bool = True) -> 
     if not any(j.table == "corpus" for j in jobs) or not any(j.table == "queries" for j in jobs):
         raise DatasetError(
             f"dataset {ds.name!r} at {root}: no corpus or queries file for layout {layout!r}; "
-            + offline_message(ds.name, Path(root)).split(". ", 1)[1]
+            + offline_message(ds.name, root).split(". ", 1)[1]
         )
     threshold = (
         ds.relevance_threshold if ds.relevance_threshold is not None else (reg.relevance_threshold if reg else 1)

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import posixpath
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from utilrag import store
 from utilrag.config import PipelineConfig, RunToEvaluate
 from utilrag.data.dataset import Dataset, open_dataset
-from utilrag.data.formats import parse_file
+from utilrag.data.formats import open_lines, parse_file
 from utilrag.data.tables import SCHEMAS, read_table
 from utilrag.errors import UtilragError
 from utilrag.evaluate.metrics import DEFAULT_METRICS, MetricError, evaluate
@@ -33,17 +35,20 @@ __all__ = ["run_evaluation", "evaluate", "read_trec_file", "format_table", "DEFA
 def read_trec_file(path: str, table: str) -> pa.Table:
     """A qrels (TREC 4-column or BEIR tsv) or TREC run file, streamed: the first bad line is an
     error as soon as its batch is read (nothing else of a bad file is kept)."""
-    if Path(path).is_dir():
+    kind = _file_type(path)
+    if kind == pafs.FileType.Directory:
         raise MetricError(f"{path}: is a directory, not a {'run' if table == 'runs' else 'qrels'} file")
-    if not Path(path).is_file():
+    if kind != pafs.FileType.File:
         raise MetricError(f"{path}: file not found")
     parser = "trec_run" if table == "runs" else "trec_qrels"
     if table == "qrels":
-        with open(path, "rb") as f:
-            if f.readline().lower().startswith(b"query-id"):
-                parser = "beir_qrels"
+        lines = open_lines(path)
+        if next(lines, b"").lower().startswith(b"query-id"):
+            parser = "beir_qrels"
+        lines.close()
+    stem = posixpath.splitext(posixpath.basename(path))[0]
     parts = []
-    for batch in parse_file(path, table, parser, {"split": "default", "run": Path(path).stem}, batch_rows=50_000):
+    for batch in parse_file(path, table, parser, {"split": "default", "run": stem}, batch_rows=50_000):
         if batch.column("_reason").null_count < batch.num_rows:
             bad = batch.filter(pc.invert(pc.is_null(batch.column("_reason")))).slice(0, 1).to_pylist()[0]
             raise MetricError(f"{bad['_file']}:{bad['_line']}: {bad['_reason']}")
@@ -51,9 +56,14 @@ def read_trec_file(path: str, table: str) -> pa.Table:
     return pa.concat_tables(parts) if parts else SCHEMAS[table].empty_table()
 
 
+def _file_type(location: str) -> pafs.FileType:
+    fs, path = store.filesystem(location)
+    return fs.get_file_info(path).type
+
+
 def load_run(cfg: PipelineConfig, dataset: Dataset, spec: RunToEvaluate) -> pa.Table:
-    """A run by file path, by ingested run name, a dense run's label, or "bm25s" (the BM25 stage)."""
-    if Path(spec.run).is_file():
+    """A run by file path or URI, by ingested run name, a dense run's label, or "bm25s" (the BM25 stage)."""
+    if _file_type(spec.run) == pafs.FileType.File:
         return read_trec_file(spec.run, "runs")
     if spec.run in dataset.run_names():
         return dataset.run(spec.run)

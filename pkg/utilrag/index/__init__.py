@@ -168,7 +168,7 @@ def build_or_load_index(cfg: PipelineConfig, dataset: str, icfg: IndexConfig, em
     stats = index.build(
         files, icfg.index_type, icfg.nlist, icfg.pq_m, icfg.hnsw_m, expected_dim=embeddings["encode"]["dim"]
     )
-    index.save(str(writer.local_path("shards")))
+    index.save(writer.path("shards"))
     writer.commit(config=settings, shards=stats, wall_time_s=round(time.time() - t0, 2))
     index.saved_to = writer.committed.path("shards") if writer.committed else index.saved_to
     for s in stats:

@@ -11,7 +11,7 @@ the GPU first, so IVF training and adding run there."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import posixpath
 from typing import Any
 
 import numpy as np
@@ -138,11 +138,16 @@ def scan_embedding_files(files: list[str], expected_dim: int | None, where: str)
     """Rows per file and the common dimension, from Parquet metadata only (nothing is loaded)."""
     import pyarrow.parquet as pq
 
+    from utilrag import store
+
     rows, dim = [], None
     for f in files:
-        if not Path(f).is_file():
+        if not store.exists(f):
             raise ShardError(f"{where}: embedding file missing: {f}")
-        kind = pq.read_schema(f).field("embedding").type
+        fs, path = store.filesystem(f)
+        with fs.open_input_file(path) as handle:
+            metadata = pq.read_metadata(handle)
+        kind = metadata.schema.to_arrow_schema().field("embedding").type
         d = getattr(kind, "list_size", None)
         if d is None:
             raise ShardError(f"{where}: {f}: the embedding column is {kind}, not a fixed-size list")
@@ -150,7 +155,7 @@ def scan_embedding_files(files: list[str], expected_dim: int | None, where: str)
             raise ShardError(f"{where}: embeddings have dimension {d}, expected {expected_dim} ({f})")
         if dim is not None and d != dim:
             raise ShardError(f"{where}: embeddings have dimension {d} in {f} but {dim} in {files[0]}")
-        rows.append(pq.read_metadata(f).num_rows)
+        rows.append(metadata.num_rows)
         dim = d
     return rows, dim
 
@@ -175,9 +180,13 @@ class FaissShard:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        from utilrag import store
+
         ids: list[str] = []
         vectors, filled = np.empty((rows, self.dim), dtype=np.float32), 0
-        with pq.ParquetFile(path, memory_map=True, pre_buffer=False) as reader:
+        fs, local = store.filesystem(path)
+        source = local if not store.is_remote(path) else fs.open_input_file(local)
+        with pq.ParquetFile(source, memory_map=not store.is_remote(path), pre_buffer=False) as reader:
             for batch in reader.iter_batches(
                 batch_size=READ_BATCH_ROWS, columns=["id", "embedding"], use_threads=False
             ):
@@ -309,27 +318,41 @@ class FaissShard:
         return scores, rows
 
     def save(self, folder: str) -> str:
+        """Write the shard's index and id map to a folder or URI (each file one write, from this actor:
+        on a cluster the actor's node writes straight to shared or object storage)."""
         import faiss
 
-        folder_path = Path(folder)
-        folder_path.mkdir(parents=True, exist_ok=True)
+        from utilrag import store
+
         if hasattr(self.index, "to_faiss"):  # the torch fallback
             index = self.index.to_faiss()
         else:
             index = faiss.index_gpu_to_cpu(self.index) if self.use_gpu else self.index
-        faiss.write_index(index, str(folder_path / f"shard-{self.shard_id:03d}.faiss"))
-        (folder_path / f"shard-{self.shard_id:03d}.ids.json").write_text(json.dumps(self.ids))
-        return str(folder_path)
+        fs, path = store.filesystem(folder)
+        if not store.is_remote(folder):
+            fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(posixpath.join(path, f"shard-{self.shard_id:03d}.faiss")) as f:
+            f.write(faiss.serialize_index(index).tobytes())
+        with fs.open_output_stream(posixpath.join(path, f"shard-{self.shard_id:03d}.ids.json")) as f:
+            f.write(json.dumps(self.ids).encode())
+        return folder
 
     def load(self, folder: str) -> dict:
         import faiss
+        import pyarrow.fs as pafs
 
-        path = Path(folder) / f"shard-{self.shard_id:03d}.faiss"
-        ids_path = path.with_suffix("").with_suffix(".ids.json")
-        if not path.is_file() or not ids_path.is_file():
-            raise ShardError(f"shard {self.shard_id}: missing shard file {path if not path.is_file() else ids_path}")
-        index = faiss.read_index(str(path))
-        self.ids = json.loads(ids_path.read_text())
+        from utilrag import store
+
+        fs, root = store.filesystem(folder)
+        path = posixpath.join(root, f"shard-{self.shard_id:03d}.faiss")
+        ids_path = posixpath.join(root, f"shard-{self.shard_id:03d}.ids.json")
+        for p in (path, ids_path):
+            if fs.get_file_info(p).type != pafs.FileType.File:
+                raise ShardError(f"shard {self.shard_id}: missing shard file {p}")
+        with fs.open_input_file(path) as f:
+            index = faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
+        with fs.open_input_file(ids_path) as f:
+            self.ids = json.loads(f.read())
         if index.ntotal != len(self.ids):
             raise ShardError(
                 f"shard {self.shard_id}: {path} holds {index.ntotal} vectors but its id map {len(self.ids)}"

@@ -255,8 +255,7 @@ def run(cfg: PipelineConfig) -> StageResult:
         model=rcfg.model, passage_words=rcfg.passage_words, sampling=rcfg.sampling, engine=rcfg.engine, scale=rcfg.scale
     )
     layout = Store(cfg.output_dir)
-    generate_dir = Path(layout.rag(rcfg.dataset, "generate"))
-    generate_dir.mkdir(parents=True, exist_ok=True)
+    generate_dir = layout.rag(rcfg.dataset, "generate")
     fp = fingerprint(
         {
             "dataset": dataset.fingerprint,
@@ -293,7 +292,7 @@ def run(cfg: PipelineConfig) -> StageResult:
     writer.commit(results=table, generation=summary, wall_time_s=round(time.time() - t0, 2))
     print(text, flush=True)
     return StageResult(
-        "rag", [writer.folder, str(generate_dir)], {"generations": requests.num_rows}, wall_s=time.time() - t0
+        "rag", [writer.folder, generate_dir], {"generations": requests.num_rows}, wall_s=time.time() - t0
     )
 
 

@@ -8,9 +8,9 @@ N steps through ``ray.train.report``, resume from the latest checkpoint after a 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
-import shutil
 import signal
 import tempfile
 import time
@@ -75,7 +75,7 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as d:
             resume = json.loads(Path(d, "state.json").read_text())
     phases = config["phases"]
-    metrics_path = Path(config["metrics_path"])
+    metrics_log = MetricsLog(config["metrics_path"]) if rank == 0 else None
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank and every attempt
     # One engine for every phase (see train/engine.py); built with the first phase's schedule.
     model, engine = setup_model_and_engine(tcfg, config["model_path"], phases[0]["steps"])
@@ -118,13 +118,8 @@ def train_loop_per_worker(config: dict) -> None:
                 * (done - start)
                 / max(time.time() - t0, 1e-9),
             }
-            if rank == 0:
-                write_header = not metrics_path.exists()
-                with open(metrics_path, "a", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=list(metrics))
-                    if write_header:
-                        writer.writeheader()
-                    writer.writerow(metrics)
+            if metrics_log is not None:
+                metrics_log.add(metrics)
                 if done % 10 == 0 or done == phase["steps"]:
                     log.info(
                         f"{phase['name']} step {done}/{phase['steps']} loss {loss:.4f} "
@@ -133,6 +128,8 @@ def train_loop_per_worker(config: dict) -> None:
             last = done == phase["steps"]
             save = clock.due(done) or last
             next_state = {"phase": phase_index + 1, "step": 0} if last else {"phase": phase_index, "step": done}
+            if save and metrics_log is not None:
+                metrics_log.flush()  # the loss log is as durable as the checkpoint it goes with
             report_metrics_and_save_checkpoint(engine, metrics, next_state, save)
             if save:
                 clock.saved()
@@ -142,14 +139,44 @@ def train_loop_per_worker(config: dict) -> None:
             engine.load_checkpoint(d, tag="ckpt")
     from transformers import AutoTokenizer
 
-    save_hf_model(
-        engine,
-        model,
-        Path(config["out_dir"]) / "model",
-        AutoTokenizer.from_pretrained(config["model_path"]),
-        rank,
-        encoder_spec(tcfg),
-    )
+    from utilrag import store as storage
+
+    if metrics_log is not None:
+        metrics_log.flush()
+    # Rank 0 may run on any node: it saves locally, then copies to the stage's staging location
+    # (shared storage, or the object-store prefix the driver commits).
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_model(
+            engine, model, Path(tmp), AutoTokenizer.from_pretrained(config["model_path"]), rank, encoder_spec(tcfg)
+        )
+        if rank == 0:
+            storage.upload_dir(tmp, storage.join(config["out_dir"], "model"))
+
+
+class MetricsLog:
+    """Rank 0's loss log: rows kept in memory and written whole (one PUT on object storage, which
+    cannot append) at every checkpoint; a restarted run continues the rows already written."""
+
+    def __init__(self, location: str):
+        from utilrag import store as storage
+
+        self.location = location
+        text = storage.read_text(location)
+        self.rows: list[dict] = list(csv.DictReader(io.StringIO(text))) if text else []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def flush(self) -> None:
+        from utilrag import store as storage
+
+        if not self.rows:
+            return
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(self.rows[-1]))
+        writer.writeheader()
+        writer.writerows(self.rows)
+        storage.write_text(self.location, out.getvalue())
 
 
 # --------------------------------------------------------------------------- driver side
@@ -199,8 +226,6 @@ def run_train(cfg: PipelineConfig) -> tuple[str, bool]:
     tcfg = cfg.train
     t0 = time.time()
     folder = Store(cfg.output_dir).train(tcfg.name)
-    if store.is_remote(folder):
-        raise store.UtilragError(f"train: output_dir {cfg.output_dir} must be a local or shared path for now")
     model_path = resolve_model(tcfg.model)
     dataset = open_dataset(cfg, tcfg.dataset)
     fp = fingerprint(
@@ -239,13 +264,11 @@ def run_train(cfg: PipelineConfig) -> tuple[str, bool]:
     # ray_results/<fingerprint>, which a rerun with the same settings resumes (a commit that was
     # interrupted after training included); another setting's are removed.
     writer = store.begin(folder, "train", fp)
-    staging = writer.local_path(".")
-    results = Path(folder) / "ray_results"
-    for old in results.glob("*") if results.is_dir() else []:
-        if old.name != fp:
-            shutil.rmtree(old, ignore_errors=True)
-    metrics_path = results / fp / "metrics.csv"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    results = store.join(folder, "ray_results")  # Ray Train's storage_path: a local/shared path or a URI
+    for old in store.list_names(results):
+        if old != fp:
+            store.remove(store.join(results, old))
+    metrics_path = store.join(results, fp, "metrics.csv")
     env = {
         "TORCH_EXTENSIONS_DIR": os.environ.get(
             "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "utilrag" / "torch_extensions")
@@ -265,15 +288,15 @@ def run_train(cfg: PipelineConfig) -> tuple[str, bool]:
             "train": tcfg.model_dump(),
             "model_path": model_path,
             "phases": phases,
-            "out_dir": str(staging),
-            "metrics_path": str(metrics_path),
+            "out_dir": writer.path("."),
+            "metrics_path": metrics_path,
         },
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=per_worker
         ),
         run_config=RunConfig(
             name=fp,
-            storage_path=str(results),
+            storage_path=results,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=tcfg.max_failures),
             worker_runtime_env={"env_vars": env},  # type: ignore[call-arg]  # Ray Train v2 RunConfig
@@ -285,9 +308,10 @@ def run_train(cfg: PipelineConfig) -> tuple[str, bool]:
     result = trainer.fit()
     if result.error:
         raise result.error
-    if metrics_path.is_file():
-        shutil.copy(metrics_path, staging / "metrics.csv")
-        plot_loss(staging / "metrics.csv", staging / "loss.png")
+    metrics_text = store.read_text(metrics_path)
+    if metrics_text:
+        writer.local_path("metrics.csv").write_text(metrics_text)
+        plot_loss(writer.local_path("metrics.csv"), writer.local_path("loss.png"))
     wall = time.time() - t0
     writer.commit(
         config=tcfg.model_dump(),

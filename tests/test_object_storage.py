@@ -1,0 +1,216 @@
+"""Every stage on object storage: a real S3-compatible server (moto's standalone server) on
+127.0.0.1, `output_dir: s3://…` and the dataset read from the bucket too.
+
+One pipeline run (ingest -> pools -> BM25 -> train -> index of the trained model -> evaluate) in
+which a training worker dies (Ray Train restores it from the checkpoint on S3) and the driver is
+SIGKILLed after training, before the commit; a rerun resumes from the final S3 checkpoint and
+finishes; a third run reuses every stage. A fake secret key in the environment appears in no output.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.fs as pafs
+import pytest
+import requests
+import yaml
+
+from conftest import free_port, start_ray_head, stop_cluster
+from utilrag.config import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "utilrag-test"
+SECRET = f"fake-secret-{uuid.uuid4().hex}"  # must never appear in any output
+
+
+@pytest.fixture(scope="module")
+def s3_env(tmp_path_factory):
+    """moto_server in its own process group; the S3 settings every client (and Ray worker) reads."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            requests.get(endpoint, timeout=1)
+            break
+        except requests.ConnectionError:
+            if time.time() > deadline or server.poll() is not None:
+                raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}") from None
+            time.sleep(0.2)
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "utilrag-test-key",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True).create_dir(BUCKET)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def ray_head_with_s3(s3_env):
+    temp_dir, gcs, _, env = start_ray_head()  # started with the S3 settings: its workers inherit them
+    yield f"127.0.0.1:{gcs}", env
+    stop_cluster(temp_dir)
+
+
+def _fs() -> pafs.S3FileSystem:
+    return pafs.FileSystem.from_uri(f"s3://{BUCKET}")[0]  # type: ignore[return-value]
+
+
+def _objects(prefix: str, max_bytes: int = 4 << 20) -> dict[str, bytes]:
+    """Every object under the prefix; the content of those up to max_bytes (manifests, tables, logs,
+    plots), b"" for larger ones (weights and optimizer states, read back by the stages themselves)."""
+    fs = _fs()
+    infos = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
+    found = {}
+    for info in infos:
+        if info.type == pafs.FileType.File:
+            content = b""
+            if info.size <= max_bytes:
+                with fs.open_input_stream(info.path) as f:
+                    content = f.read()
+            found[info.path[len(BUCKET) + 1 :]] = content
+    return found
+
+
+def _upload(local: Path, key: str) -> None:
+    with _fs().open_output_stream(f"{BUCKET}/{key}") as f:
+        f.write(local.read_bytes())
+
+
+def _all_reused(log: str, stage: str) -> bool:
+    """The pipeline's line for the stage says every output was reused."""
+    found = re.search(rf"\[pipeline\] {stage}: (\d+) output\(s\), (\d+) reused", log)
+    assert found, (stage, log[-3000:])
+    return found.group(1) == found.group(2)
+
+
+def test_pipeline_on_s3_with_training_resumed_from_s3_checkpoints(ray_head_with_s3, tiny_dataset, tmp_path):
+    address, env = ray_head_with_s3
+    for name in ("collection.tsv", "queries.train.tsv", "qrels.train.tsv"):
+        _upload(tiny_dataset / name, f"data/tiny/{name}")
+    root = f"s3://{BUCKET}/run"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": root,
+                "ray": {"address": address},
+                "ingest": {"datasets": [{"name": "tiny", "path": f"s3://{BUCKET}/data/tiny", "layout": "msmarco"}]},
+                "pools": [{"dataset": "tiny", "split": "train", "size": 8}],
+                "bm25": [{"dataset": "tiny", "split": "train", "k": 20}],
+                "train": {
+                    "name": "s3",
+                    "dataset": "tiny",
+                    "split": "train",
+                    "pooling": "mean",
+                    "query_max_len": 8,
+                    "passage_max_len": 16,
+                    "group_size": 4,
+                    "per_device_queries": 2,
+                    "num_workers": 2,
+                    "epochs": 1,
+                    "max_steps": 4,
+                    "checkpoint_every": 2,
+                    "max_failures": 1,
+                },
+                "index": {
+                    "model": f"{root}/train/s3/model",
+                    "batch_size": 64,
+                    "shards": 2,
+                    "rows_per_file": 64,  # 120 passages: two embedding files, one per shard
+                    "k": 10,
+                    "targets": [{"dataset": "tiny", "split": "train"}],
+                },
+                "evaluate": {
+                    "metrics": ["nDCG@10", "R@10"],
+                    "runs": [
+                        {"dataset": "tiny", "split": "train", "run": "bm25s"},
+                        {"dataset": "tiny", "split": "train", "run": "dense"},
+                    ],
+                },
+            }
+        )
+    )
+    cache = tmp_path / "cache"
+    outputs: list[str] = []
+
+    def pipeline(**faults: str) -> subprocess.CompletedProcess:
+        run_env = {**env, "PYTHONPATH": str(REPO_ROOT / "pkg"), "UTILRAG_CACHE": str(cache), **faults}
+        proc = subprocess.run(
+            [sys.executable, "-m", "utilrag.cli", "pipeline", "--config", str(config)],
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        outputs.append(proc.stdout + proc.stderr)
+        return proc
+
+    # 1. A training worker dies at step 3 (restored from the step-2 checkpoint on S3), and the driver
+    #    is killed once training is over, before the train stage commits.
+    first = pipeline(UTILRAG_FAULT_TRAIN_KILL_AT_STEP="0:3", UTILRAG_FAULT_KILL="train@commit")
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    checkpoints = [k for k in _objects("run/train/s3/ray_results") if "/checkpoint_" in k]
+    assert checkpoints, "no checkpoint on S3"
+    # 2. The rerun reuses ingest/pools/BM25, resumes training from the final checkpoint on S3 (no
+    #    step trained again), commits, indexes the trained model read back from S3, evaluates.
+    second = pipeline()
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    for stage in ("ingest", "pools", "bm25"):
+        assert _all_reused(log, stage)
+    assert "step 4/4" not in log  # resumed from the last checkpoint, nothing retrained
+    objects = _objects("run")
+    train_manifest = yaml.safe_load(objects["run/train/s3/manifest.json"])
+    assert train_manifest["status"] == "complete"
+    prefix = f"run/train/s3/{train_manifest['prefix']}"
+    assert f"{prefix}/model/model.safetensors" in objects and f"{prefix}/model/encoder_spec.json" in objects
+    assert len(objects[f"{prefix}/loss.png"]) > 1000
+    metrics = pd.read_csv(pd.io.common.BytesIO(objects[f"{prefix}/metrics.csv"]))
+    assert sorted(set(metrics["global_step"])) == [1, 2, 3, 4] and metrics["loss"].notna().all()
+    assert not [k for k in objects if ".staging" in k]  # object stores: versioned prefixes, no staging
+    evaluate = yaml.safe_load(objects["run/evaluate/manifest.json"])
+    scores = {r["label"]: r["nDCG@10"] for r in evaluate["results"]}
+    assert set(scores) == {"bm25s", "dense"} and all(0 < s <= 1 for s in scores.values())
+    faiss = [k for k in objects if k.endswith(".faiss")]
+    assert len(faiss) == 2 and all(k.startswith("run/index/tiny/") for k in faiss)
+    # 3. Nothing changed: every stage is reused (evaluation is always recomputed: it is cheap).
+    third = pipeline()
+    assert third.returncode == 0, third.stderr[-3000:]
+    log = third.stdout + third.stderr
+    for stage in ("ingest", "pools", "bm25", "train", "index"):
+        assert _all_reused(log, stage)
+    assert _objects("run/evaluate")["run/evaluate/manifest.json"] != objects["run/evaluate/manifest.json"]
+    # The secret key was in every process's environment; it is in no output, log, table, manifest or plot.
+    everything = [o.encode() for o in outputs] + list(_objects("").values())
+    everything += [p.read_bytes() for p in cache.rglob("*") if p.is_file()]
+    assert not [b for b in everything if SECRET.encode() in b]
