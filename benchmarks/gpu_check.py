@@ -305,7 +305,7 @@ def reference_two_phases(s, model_path, tcfg, phase_data: list[list[dict]]):
     import torch
 
     from utilrag.train.engine import WarmupLinearDecay
-    from utilrag.train.loss import LOSSES, contrastive_scores
+    from utilrag.train.loss import contrastive_scores, loss_for
     from utilrag.train.modeling import BiEncoder
 
     device = "cpu" if s["cpu"] else "cuda"
@@ -325,7 +325,7 @@ def reference_two_phases(s, model_path, tcfg, phase_data: list[list[dict]]):
                 b["p_mask"].reshape(bq * g, p_len).to(device),
             )
             scores, mask = contrastive_scores(q.float(), p.float(), b["positives"].to(device), tcfg.temperature)
-            loss = LOSSES[tcfg.loss](scores, mask)
+            loss = loss_for(tcfg.loss, tcfg.positives)(scores, mask)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

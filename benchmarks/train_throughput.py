@@ -53,7 +53,7 @@ def profiled_steps(engine, tcfg, batches) -> dict:
     import torch
     import torch.distributed as dist
 
-    from utilrag.train.loss import LOSSES, contrastive_scores
+    from utilrag.train.loss import contrastive_scores, loss_for
 
     times = {"forward_s": 0.0, "backward_s": 0.0, "step_s": 0.0}
     for i, batch in enumerate(batches):
@@ -63,7 +63,7 @@ def profiled_steps(engine, tcfg, batches) -> dict:
             batch["q_ids"], batch["q_mask"], batch["p_ids"].reshape(b * g, p_len), batch["p_mask"].reshape(b * g, p_len)
         )
         scores, mask = contrastive_scores(q.float(), p.float(), batch["positives"].bool(), tcfg.temperature)
-        loss = LOSSES[tcfg.loss](scores, mask)
+        loss = loss_for(tcfg.loss, tcfg.positives)(scores, mask)
         t1 = time.perf_counter()
         engine.backward(loss)
         t2 = time.perf_counter()

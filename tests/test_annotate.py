@@ -21,7 +21,7 @@ import yaml
 from utilrag.annotate import prompts
 from utilrag.annotate.engine import AnnotateError, check_model, resolve_llm
 from utilrag.annotate.parsing import parse_grade, parse_ids, top_percent
-from utilrag.annotate.report import agreement, cohen_kappa, graded_kappa
+from utilrag.annotate.report import agreement, agreement_by_position, cohen_kappa, graded_kappa
 from utilrag.annotate.stages import (
     STAGE_SCHEMA,
     TargetInputs,
@@ -162,11 +162,12 @@ def test_labels_with_the_papers_options():
             ]
         ),
         "utilsel": _stage_table([{"query_id": "q1", "window": 0, "doc_ids": ["a", "b"], "selected": ["b"]}]),
-        # two ranking windows: [c, a] ranked, b left out; [d] ranked
+        # two ranking windows: [c, a] ranked, b left out; [d] ranked; q2's ranking did not parse
         "utilrank": _stage_table(
             [
                 {"query_id": "q1", "window": 0, "doc_ids": ["a", "b", "c"], "selected": ["c", "a"]},
                 {"query_id": "q1", "window": 1, "doc_ids": ["d"], "selected": ["d"]},
+                {"query_id": "q2", "window": 0, "doc_ids": ["e", "f", "g"], "selected": []},
             ]
         ),
         "graded": _stage_table(
@@ -176,7 +177,8 @@ def test_labels_with_the_papers_options():
             ]
         ),
     }
-    assert merged_ranking(done["utilrank"]) == {"q1": ["c", "d", "a", "b"]}
+    # only what the model ranked counts: b (left out) ranks nowhere, q2 (unparsed) has no order
+    assert merged_ranking(done["utilrank"]) == {"q1": ["c", "d", "a"], "q2": []}
     labels = build_labels(inputs, done, pools, AnnotateConfig(model="m", utilrank_top_percent=50))
     positives: dict = {}
     for r in labels.to_pylist():
@@ -185,11 +187,12 @@ def test_labels_with_the_papers_options():
             positives[(r["query_id"], r["source"])].add(r["doc_id"])
     assert positives[("q1", "relsel")] == {"a", "b"} and positives[("q2", "relsel")] == {"e"}
     assert positives[("q1", "utilsel")] == {"b"} and positives[("q2", "utilsel")] == set()
-    assert positives[("q1", "utilrank")] == {"c", "d"}  # top 50% of 4
+    assert positives[("q1", "utilrank")] == {"c", "d"}  # top 50% of the pool of 4, among the ranked
+    assert positives[("q2", "utilrank")] == set()  # an unparsed ranking yields no positive
     assert positives[("q2", "graded")] == {"e"} and ("q1", "graded") not in positives
     assert labels.num_rows == 7 + 7 + 7 + 7 + 3  # human, relsel, utilsel, utilrank over both pools; graded q2
     ranks = {r["doc_id"]: r["rank"] for r in labels.to_pylist() if r["source"] == "utilrank"}
-    assert ranks["c"] == 1 and ranks["b"] == 4 and ranks["e"] is None
+    assert ranks["c"] == 1 and ranks["a"] == 3 and ranks["b"] is None and ranks["e"] is None
     # Inclusion: the human positive is always a positive; Exclusion: it is not in the LLM labels at all
     inclusion = build_labels(inputs, done, pools, AnnotateConfig(model="m", human_positive="inclusion"))
     utilsel_q2 = {
@@ -209,6 +212,10 @@ def test_labels_with_the_papers_options():
     assert rows["graded"]["queries"] == 1 and rows["graded"]["recall"] == 0.0
     kappa = graded_kappa(labels)  # judged pool docs with both grades: (q2,f) 2 vs 1
     assert kappa["pairs"] == 1 and kappa["exact_agreement"] == 0.0
+    # By shown position: human positives a (shown 1st, relsel chose it) and f (2nd, not chosen)
+    by_position = {(r["source"], r["shown_at"]): r for r in agreement_by_position(labels, pools)}
+    assert by_position[("relsel", "1")]["recall"] == 1.0 and by_position[("relsel", "2-5")]["recall"] == 0.0
+    assert by_position[("relsel", "1")]["human_positives"] == 1 and ("relsel", "6-10") not in by_position
 
 
 def test_cohen_kappa_by_hand():

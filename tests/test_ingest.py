@@ -189,6 +189,18 @@ def test_tevatron_pools_are_read_as_given(ray_local, tmp_path, make_config):
     assert read_table(out / "qrels").to_pylist()[0] == {"query_id": "q1", "doc_id": "1", "grade": 1, "split": "train"}
     assert {r["reason"] for r in _rejects(out)} == {"missing key 'positive_passages'"}
     assert read_manifest(out)["notes"]["corpus"] == {"identical duplicate merged": 1}
+    # The pools stage shuffles the given pools per query and records the seed.
+    from utilrag.data import run_pools
+    from utilrag.store import Store
+
+    cfg = make_config(
+        {**cfg.model_dump(include={"ingest"}), "pools": [{"dataset": "tev", "split": "train", "seed": 3}]}
+    )
+    folder, _ = run_pools(cfg, cfg.pools[0])
+    assert read_manifest(folder)["shuffle"]["seed"] == 3
+    shuffled = read_table(Store(cfg.output_dir).pools("tev", "train") + "/pools.parquet").to_pylist()
+    q1 = [p["doc_id"] for p in sorted((p for p in shuffled if p["query_id"] == "q1"), key=lambda p: p["position"])]
+    assert sorted(q1) == ["1", "5", "6", "7"] and q1 != ["1", "5", "6", "7"]
 
 
 def test_missing_dataset_offline_says_which_files_go_where(tmp_path, make_config):

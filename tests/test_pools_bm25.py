@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from utilrag.data import ingest, run_pools
-from utilrag.data.pools import build_pools
+from utilrag.data.pools import build_pools, shuffle_given_pools
 from utilrag.evaluate import run_evaluation
 from utilrag.index.bm25 import run_bm25
 
@@ -117,3 +117,44 @@ def test_bm25s_on_scifact_and_the_evaluation_table(ray_local, real_cfg, capsys):
     evaluate_dir = real_cfg.output_dir + "/evaluate"
     for name in ("metrics.csv", "metrics.md", "metrics.png", "per_query.parquet", "manifest.json"):
         assert Path(evaluate_dir, name).is_file(), name
+
+
+def test_given_pools_are_shuffled_so_the_human_positive_is_shown_anywhere():
+    """Tevatron pools list the positive first; after the pools stage it is at a uniform position."""
+    from collections import Counter
+
+    from utilrag.data.tables import SCHEMAS
+
+    queries, size = 3100, 31
+    rows = [
+        {
+            "query_id": f"q{q}",
+            "doc_id": f"d{q}-{i}",
+            "position": i,
+            "source": "human" if i == 0 else "tevatron",
+            "human_grade": 1 if i == 0 else None,
+        }
+        for q in range(queries)
+        for i in range(size)
+    ]
+    given = pa.Table.from_pylist(rows)
+    shuffled, stats = shuffle_given_pools(given.cast(SCHEMAS["pools"]), seed=0)
+    assert stats == {"queries": queries, "given": True, "shuffled_with_seed": 0}
+    assert shuffled.num_rows == queries * size
+    at = Counter(r["position"] for r in shuffled.to_pylist() if r["source"] == "human")
+    # uniform over the 31 positions: chi-square with 30 degrees of freedom, p = 0.001 at 59.7
+    expected = queries / size
+    chi2 = sum((at.get(i, 0) - expected) ** 2 / expected for i in range(size))
+    assert chi2 < 59.7, at
+    again, _ = shuffle_given_pools(given.cast(SCHEMAS["pools"]), seed=0)
+    assert again.equals(shuffled)  # seeded: the same order every run
+    other, _ = shuffle_given_pools(given.cast(SCHEMAS["pools"]), seed=1)
+    assert not other.equals(shuffled)
+    subset, _ = shuffle_given_pools(given.cast(SCHEMAS["pools"]), seed=0, max_queries=10)
+    mine = {r["query_id"]: [] for r in subset.to_pylist()}
+    for r in subset.to_pylist():
+        mine[r["query_id"]].append(r["doc_id"])
+    full = {}
+    for r in shuffled.to_pylist():
+        full.setdefault(r["query_id"], []).append(r["doc_id"])
+    assert len(mine) == 10 and all(mine[q] == full[q] for q in mine)  # per-query order stable under subsetting

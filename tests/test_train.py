@@ -28,6 +28,50 @@ def test_groups_pos_all_and_pos_one():
     assert first[:2] == second[:2] == ["a", "b"]  # Pos-all keeps both positives in every epoch
 
 
+def test_positive_sampling_modes_and_exclusion():
+    positives = {"q1": {"a", "b", "c"}}
+    pools = {"q1": ["a", "b", "c", "h", "n1", "n2", "n3", "n4"]}
+    kw = dict(group_size=3, epochs=40, seed=0, query_ids=["q1"])
+
+    def firsts(mode):
+        return [r["doc_ids"][0] for r in make_groups(positives, pools, mode=mode, **kw)]
+
+    assert set(firsts("one")) == {"a"}  # Pos-one: the same (first) positive every epoch
+    assert set(firsts("rand1")) == {"a", "b", "c"}  # Rand1: drawn anew each epoch
+    avg = make_groups(positives, pools, mode="avg", **kw)
+    assert all(sum(r["positives"]) == 2 for r in avg)  # every positive that fits (group_size - 1)
+    # Exclusion: the human positive h is neither a positive nor a negative
+    rows = make_groups(positives, pools, mode="one", not_negative={"q1": {"h"}}, **kw)
+    assert not [r for r in rows if "h" in r["doc_ids"]]
+    assert [r for r in make_groups(positives, pools, mode="one", **kw) if "h" in r["doc_ids"]]
+
+
+def test_single_positive_losses_refuse_several_positives():
+    from utilrag.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"loss 'single' trains on one positive .* set train.positives: one"):
+        TrainConfig(loss="single", positives="all")
+    with pytest.raises(ValueError, match=r"set train.positives: rand1"):
+        TrainConfig(loss="rand1", positives="avg")
+    with pytest.raises(ValueError, match=r"set train.loss: joint"):
+        TrainConfig(loss="summarg", positives="avg")
+    TrainConfig(loss="single", positives="one")
+    TrainConfig(loss="joint", positives="avg")
+
+
+def test_pos_avg_weighs_every_query_alike():
+    import torch
+
+    from utilrag.train.loss import joint_avg_loss, joint_loss, loss_for
+
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    mask = torch.tensor([[True, True, False, False]])
+    log_p = scores - torch.logsumexp(scores, dim=1, keepdim=True)
+    assert torch.isclose(joint_loss(scores, mask), -(log_p[0, 0] + log_p[0, 1]))
+    assert torch.isclose(joint_avg_loss(scores, mask), -(log_p[0, 0] + log_p[0, 1]) / 2)
+    assert loss_for("joint", "avg") is joint_avg_loss and loss_for("joint", "all") is joint_loss
+
+
 def _config(make_config, root, **train):
     return make_config(
         {
@@ -60,6 +104,10 @@ def _config(make_config, root, **train):
 def test_curriculum_phases_from_a_labels_table(ray_local, make_config, tiny_dataset, tmp_path):
     from utilrag.data import ingest
 
+    human = {}
+    for line in (tiny_dataset / "qrels.train.tsv").read_text().splitlines():
+        q, _, d, _ = line.split()
+        human.setdefault(q, set()).add(d)
     labels = pa.table(
         {
             "query_id": ["q0", "q1", "q1"],
@@ -79,12 +127,16 @@ def test_curriculum_phases_from_a_labels_table(ray_local, make_config, tiny_data
     )
     ingest(cfg)
     phases = phase_positives(cfg, cfg.train)
-    assert [(name, epochs, mode) for name, _, epochs, mode in phases] == [
+    assert [(p.name, p.epochs, p.mode) for p in phases] == [
         ("utilsel", 1, "all"),
         ("curriculum-human", 1, "one"),
     ]
-    assert phases[0][1] == {"q0": {"5"}, "q1": {"6"}}
-    assert len(phases[1][1]) == 6  # 25% of the 24 queries, seeded
+    assert phases[0].positives == {"q0": {"5"}, "q1": {"6"}}
+    # Exclusion: the labels leave q0's and q1's human positives out: they are never negatives
+    labelled = {"q0": {"5"}, "q1": {"6", "7"}}
+    expected = {q: human[q] - labelled[q] for q in labelled if human[q] - labelled[q]}
+    assert expected and phases[0].not_negative == expected
+    assert len(phases[1].positives) == 6  # 25% of the 24 queries, seeded
 
 
 @pytest.mark.slow

@@ -348,7 +348,11 @@ class TrainConfig(Strict):
         "summarg", description="SingleLH / Rand1LH / JointLH / SumMargLH (docs/method.md §4)"
     )
     group_size: int = Field(16, ge=2, description="passages per query in a group (m + 1)")
-    positives: Literal["all", "one", "rand1"] = Field("all", description="Pos-all / Pos-one / one sampled per epoch")
+    positives: Literal["all", "one", "rand1", "avg"] = Field(
+        "all",
+        description="positive sampling: all (Pos-all), one (the first positive, every epoch: Pos-one), rand1 "
+        "(one drawn each epoch), avg (Pos-avg: every positive, JointLH averaged over them; loss: joint)",
+    )
     human_mix_percent: float | None = Field(
         None, ge=0, le=100, description="union the LLM labels with the human labels of X% of queries; null: none"
     )
@@ -382,6 +386,22 @@ class TrainConfig(Strict):
     )
     max_steps: int | None = Field(None, description="cap on the steps of each phase; null: whole epochs")
     name: str = Field("run", description="the run folder: output_dir/train/<name>/")
+
+    @model_validator(mode="after")
+    def _loss_fits_the_positives(self) -> TrainConfig:
+        """SingleLH / Rand1LH score one positive per group: with several, the extra ones would silently
+        count as negatives. Pos-avg averages JointLH's per-positive terms."""
+        if self.loss in ("single", "rand1") and self.positives in ("all", "avg"):
+            want = "one" if self.loss == "single" else "rand1"
+            raise ValueError(
+                f"loss {self.loss!r} trains on one positive per group, but positives={self.positives!r} puts "
+                f"several in it (the extra ones would count as negatives): set train.positives: {want}"
+            )
+        if self.positives == "avg" and self.loss != "joint":
+            raise ValueError(
+                f"positives 'avg' averages JointLH over the positives: set train.loss: joint, not {self.loss!r}"
+            )
+        return self
 
 
 class RagRetriever(Strict):

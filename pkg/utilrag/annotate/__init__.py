@@ -17,7 +17,13 @@ import pyarrow.parquet as pq
 from utilrag import store
 from utilrag.annotate.engine import AnnotateError, check_model, resolve_llm
 from utilrag.annotate.prompts import PROMPT_VERSION
-from utilrag.annotate.report import agreement, graded_kappa, render_markdown, write_report
+from utilrag.annotate.report import (
+    agreement,
+    agreement_by_position,
+    graded_kappa,
+    render_markdown,
+    write_report,
+)
 from utilrag.annotate.runner import run_stage
 from utilrag.annotate.stages import NEEDS, REJECTS_SCHEMA, STAGE_ORDER, build_labels, build_requests, load_inputs
 from utilrag.config import AnnotateConfig, AnnotateTarget, PipelineConfig
@@ -120,7 +126,7 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
     all_pools = _pool_docs(pools)
     labels = build_labels(inputs, done, all_pools, acfg)
     pq.write_table(labels, staging / "labels.parquet")
-    text = write_report(staging, label, labels, summaries, acfg.model)
+    text = write_report(staging, label, labels, summaries, acfg.model, all_pools)
     # The labels' identity (what training fingerprints): the stage results they were built from and
     # the settings that turn those into labels.
     writer.fingerprint = fingerprint(
@@ -200,4 +206,7 @@ def print_reports(cfg: PipelineConfig) -> None:
         labels = read_table(committed.path("labels.parquet"))
         summaries = committed.get("summaries", {})
         rows = agreement(labels, summaries)  # printed only: the committed report files stay as written
-        print(render_markdown(f"{target.dataset}/{target.split}", rows, graded_kappa(labels), acfg.model), flush=True)
+        pools = store.require(Store(cfg.output_dir).pools(target.dataset, target.split), "annotate-report: pools")
+        by_position = agreement_by_position(labels, _pool_docs(read_table(pools.path("pools.parquet"))))
+        label = f"{target.dataset}/{target.split}"
+        print(render_markdown(label, rows, graded_kappa(labels), acfg.model, by_position), flush=True)

@@ -70,6 +70,41 @@ def agreement(labels: pa.Table, summaries: dict[str, dict]) -> list[dict]:
     return rows
 
 
+POSITION_BUCKETS = ((1, 1), (2, 5), (6, 10), (11, 20), (21, 10**6))
+
+
+def agreement_by_position(labels: pa.Table, pool_order: dict[str, list[str]]) -> list[dict]:
+    """Recall of the human positives by where they were shown (1-based position in the shuffled
+    pool): an annotator biased to the first passages selects them more often there."""
+    cols = {c: labels.column(c).to_pylist() for c in ["query_id", "doc_id", "source", "positive"]}
+    shown = {(q, d): i + 1 for q, docs in pool_order.items() for i, d in enumerate(docs)}
+    human: set[tuple[str, str]] = set()
+    chosen: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    labelled: dict[str, set[str]] = defaultdict(set)
+    for q, d, source, positive in zip(cols["query_id"], cols["doc_id"], cols["source"], cols["positive"]):
+        labelled[source].add(q)
+        if positive and source == "human":
+            human.add((q, d))
+        elif positive:
+            chosen[source].add((q, d))
+    rows = []
+    for source in (s for s in LLM_SOURCES if s in labelled):
+        for low, high in POSITION_BUCKETS:
+            here = [k for k in human if k[0] in labelled[source] and low <= shown.get(k, 0) <= high]
+            if not here:
+                continue
+            hits = sum(k in chosen[source] for k in here)
+            rows.append(
+                {
+                    "source": source,
+                    "shown_at": str(low) if low == high else (f"{low}-{high}" if high < 10**6 else f"{low}+"),
+                    "human_positives": len(here),
+                    "recall": round(hits / len(here), 4),
+                }
+            )
+    return rows
+
+
 def graded_kappa(labels: pa.Table) -> dict | None:
     """The judge's 0-3 grades against the qrels grades, on pool passages that have both."""
     cols = {c: labels.column(c).to_pylist() for c in ["query_id", "doc_id", "source", "grade"]}
@@ -105,7 +140,9 @@ def _fmt(x, pct=False):
     return f"{x:.1%}" if pct else (f"{x:,.2f}" if isinstance(x, float) else f"{x:,}")
 
 
-def render_markdown(label: str, rows: list[dict], kappa: dict | None, model: str) -> str:
+def render_markdown(
+    label: str, rows: list[dict], kappa: dict | None, model: str, by_position: list[dict] | None = None
+) -> str:
     lines = [
         f"Agreement with human labels: {label} ({model})",
         "",
@@ -120,6 +157,18 @@ def render_markdown(label: str, rows: list[dict], kappa: dict | None, model: str
             f"{_fmt(r['parse_failure_rate'], True)} | {_fmt(r['prompt_tokens_per_query'])} | "
             f"{_fmt(r['prefix_cache_hit_rate'], True)} |"
         )
+    if by_position:
+        lines += [
+            "",
+            "Recall of the human positives by the position they were shown at (pools are shuffled per query):",
+            "",
+            "| stage | shown at | human positives | recall |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['source']} | {r['shown_at']} | {r['human_positives']} | {_fmt(r['recall'], True)} |"
+            for r in by_position
+        ]
     if kappa:
         lines += [
             "",
@@ -130,15 +179,28 @@ def render_markdown(label: str, rows: list[dict], kappa: dict | None, model: str
     return "\n".join(lines)
 
 
-def write_report(folder: Path, label: str, labels: pa.Table, summaries: dict[str, dict], model: str) -> str:
+def write_report(
+    folder: Path,
+    label: str,
+    labels: pa.Table,
+    summaries: dict[str, dict],
+    model: str,
+    pool_order: dict[str, list[str]] | None = None,
+) -> str:
     rows = agreement(labels, summaries)
     kappa = graded_kappa(labels)
-    text = render_markdown(label, rows, kappa, model)
+    by_position = agreement_by_position(labels, pool_order) if pool_order else []
+    text = render_markdown(label, rows, kappa, model, by_position)
     folder = Path(folder)
     (folder / "report.md").write_text(text + "\n")
-    (folder / "report.json").write_text(
-        json.dumps({"agreement": rows, "graded_kappa": kappa, "stages": summaries, "model": model}, indent=2) + "\n"
-    )
+    report = {
+        "agreement": rows,
+        "agreement_by_shown_position": by_position,
+        "graded_kappa": kappa,
+        "stages": summaries,
+        "model": model,
+    }
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if rows:
         _plot(folder / "agreement.png", label, rows)
     return text

@@ -253,16 +253,17 @@ def answers_by_query(table: pa.Table) -> dict[str, str]:
 
 
 def merged_ranking(table: pa.Table) -> dict[str, list[str]]:
-    """Query -> its UtilRank order. Within a window: the ranked ids, then the ones the model left
-    out in their shown order (RankGPT's convention). Windows are interleaved rank by rank."""
+    """Query -> its UtilRank order: only the ids the model ranked (as the reference code does; a
+    passage it left out, or a window whose ranking did not parse, ranks nowhere). Windows are
+    interleaved rank by rank. A query with nothing ranked maps to an empty list."""
     per_query: dict[str, list[tuple[int, list[str]]]] = defaultdict(list)
-    for q, w, ids, sel in zip(*(table.column(c).to_pylist() for c in ["query_id", "window", "doc_ids", "selected"])):
-        sel = sel or []
-        per_query[q].append((w, sel + [d for d in ids if d not in set(sel)]))
+    for q, w, sel in zip(*(table.column(c).to_pylist() for c in ["query_id", "window", "selected"])):
+        per_query[q].append((w, list(sel or [])))
     merged = {}
     for q, wins in per_query.items():
         orders = [order for _, order in sorted(wins)]
-        merged[q] = [order[i] for i in range(max(map(len, orders))) for order in orders if i < len(order)]
+        longest = max(map(len, orders), default=0)
+        merged[q] = [order[i] for i in range(longest) for order in orders if i < len(order)]
     return merged
 
 
@@ -291,7 +292,9 @@ def build_labels(
         llm_sets["utilrank"] = {}
         for q, order in merged_ranking(done["utilrank"]).items():
             ranks[q] = {d: i + 1 for i, d in enumerate(order)}
-            llm_sets["utilrank"][q] = set(order[: top_percent(len(order), acfg.utilrank_top_percent)])
+            # the top k% of the pool, among the passages the model ranked; none ranked: no positive
+            k = top_percent(len(all_pools.get(q, order)), acfg.utilrank_top_percent) if order else 0
+            llm_sets["utilrank"][q] = set(order[:k])
     grades: dict[str, dict[str, int]] = defaultdict(dict)
     if "graded" in done:
         g = done["graded"]

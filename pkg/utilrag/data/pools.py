@@ -1,5 +1,6 @@
 """Candidate pools for annotation: per training query its human positives plus hard negatives
-from a run (BM25 when none is given), cut to the pool size and shuffled with a seed."""
+from a run (BM25 when none is given), cut to the pool size, or the dataset's own pools (Tevatron);
+either way shuffled per query with a seed."""
 
 from __future__ import annotations
 
@@ -77,20 +78,44 @@ def build_pools(
     return pa.table(rows, schema=SCHEMAS["pools"]), stats
 
 
+def shuffle_given_pools(pools: pa.Table, seed: int, max_queries: int | None = None) -> tuple[pa.Table, dict]:
+    """Pools that came with the dataset (Tevatron: positives first), each shuffled by the same
+    per-query seeded RNG as built pools, so that the human positive is not always shown first (an
+    annotator's position bias would otherwise inflate every agreement figure and label)."""
+    by_query: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for i, (q, position) in enumerate(zip(pools.column("query_id").to_pylist(), pools.column("position").to_pylist())):
+        by_query[q].append((position, i))
+    qids = sorted(by_query)
+    if max_queries is not None and max_queries < len(qids):
+        qids = sorted(random.Random(seed).sample(qids, max_queries))
+    take: list[int] = []
+    positions: list[int] = []
+    for q in qids:
+        rows = [i for _, i in sorted(by_query[q])]
+        random.Random(f"{seed}:{q}").shuffle(rows)
+        take += rows
+        positions += range(len(rows))
+    shuffled = pools.take(pa.array(take, pa.int64())).set_column(
+        pools.schema.get_field_index("position"), "position", pa.array(positions, pa.int32())
+    )
+    return shuffled.cast(SCHEMAS["pools"]), {"queries": len(qids), "given": True, "shuffled_with_seed": seed}
+
+
 def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> tuple[str, bool]:
     """The pools of one dataset/split: output_dir/pools/<dataset>-<split>/pools.parquet.
     Returns the folder and whether it was reused."""
     dataset = open_dataset(cfg, pcfg.dataset)
     out = Store(cfg.output_dir).pools(pcfg.dataset, pcfg.split)
-    fp = fingerprint({"input": dataset.fingerprint, "config": pcfg.model_dump(), "positives": "with-text"})
+    fp = fingerprint(
+        {"input": dataset.fingerprint, "config": pcfg.model_dump(), "positives": "with-text", "given": "shuffled"}
+    )
     if store.reusable(out, fp) is not None:
         log.info(f"{pcfg.dataset}/{pcfg.split}: unchanged, reusing {out}")
         return out, True
     t0 = time.time()
     writer = store.begin(out, "pools", fp)
-    if dataset.has("pools"):  # Tevatron pools are taken as given
-        pools = dataset.table("pools")
-        stats = {"queries": len(set(pools.column("query_id").to_pylist())), "taken_as_given": True}
+    if dataset.has("pools"):  # Tevatron: the dataset's own pools, shuffled per query
+        pools, stats = shuffle_given_pools(dataset.table("pools"), pcfg.seed, pcfg.max_queries)
     else:
         qrels = dataset.qrels(pcfg.split)
         qids, texts = dataset.split_queries(pcfg.split)
@@ -119,6 +144,8 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> tuple[str, bool]:
         )
     write_table(pools, writer.path("pools.parquet"))
     writer.commit(
+        # every pool is shuffled by random.Random(f"{seed}:{query_id}"): the order shown to the annotator
+        shuffle={"seed": pcfg.seed, "rng": "random.Random(f'{seed}:{query_id}')"},
         config=pcfg.model_dump(),
         rows={"pools": pools.num_rows},
         stats=stats,

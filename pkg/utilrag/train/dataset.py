@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import random
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,13 +48,17 @@ def labels_location(cfg: PipelineConfig, tcfg: TrainConfig) -> tuple[str, Commit
     return committed.path("labels.parquet"), committed
 
 
-def llm_positives(cfg: PipelineConfig, tcfg: TrainConfig) -> dict[str, set[str]]:
+def llm_labels(cfg: PipelineConfig, tcfg: TrainConfig) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """The source's positives per query, and the passages it labelled at all (positive or not)."""
     labels = read_table(labels_location(cfg, tcfg)[0])
-    labels = labels.filter(pc.and_(pc.equal(labels.column("source"), tcfg.labels), labels.column("positive")))
+    labels = labels.filter(pc.equal(labels.column("source"), tcfg.labels))
     positives: dict[str, set[str]] = defaultdict(set)
-    for q, d in zip(labels.column("query_id").to_pylist(), labels.column("doc_id").to_pylist()):
-        positives[q].add(d)
-    return positives
+    labelled: dict[str, set[str]] = defaultdict(set)
+    for q, d, positive in zip(*(labels.column(c).to_pylist() for c in ["query_id", "doc_id", "positive"])):
+        labelled[q].add(d)
+        if positive:
+            positives[q].add(d)
+    return positives, labelled
 
 
 def pools_by_query(cfg: PipelineConfig, tcfg: TrainConfig) -> dict[str, list[str]]:
@@ -70,22 +75,35 @@ def seeded_percent(query_ids: list[str], percent: float, seed: int) -> set[str]:
     return set(random.Random(f"{seed}:human").sample(sorted(query_ids), n))
 
 
-def phase_positives(cfg: PipelineConfig, tcfg: TrainConfig) -> list[tuple[str, dict[str, set[str]], int, str]]:
-    """The training phases: (name, positives per query, epochs, positive sampling).
+@dataclass
+class Phase:
+    """One training phase: positives per query, and the passages never used as negatives."""
 
+    name: str
+    positives: dict[str, set[str]]
+    epochs: int
+    mode: str  # positive sampling: all / one / rand1 / avg
+    not_negative: dict[str, set[str]] = field(default_factory=dict)
+
+
+def phase_positives(cfg: PipelineConfig, tcfg: TrainConfig) -> list[Phase]:
+    """The training phases.
+
+    LLM labels: a human positive the labels leave out (Exclusion) is neither positive nor negative.
     Curriculum: phase 1 on the LLM labels, phase 2 on the human labels of a seeded X% of the
     queries with Pos-one (the optimizer and lr are reset between phases)."""
     human = human_positives(cfg, tcfg)
     if tcfg.labels == "human":
-        return [("human", human, tcfg.epochs, tcfg.positives)]
-    llm = llm_positives(cfg, tcfg)
+        return [Phase("human", human, tcfg.epochs, tcfg.positives)]
+    llm, labelled = llm_labels(cfg, tcfg)
+    excluded = {q: human[q] - labelled[q] for q in labelled if human.get(q, set()) - labelled[q]}
     if tcfg.human_mix_percent:
         for q in seeded_percent(list(human), tcfg.human_mix_percent, tcfg.seed):
             llm[q] = llm.get(q, set()) | human[q]
-    phases: list[tuple[str, dict[str, set[str]], int, str]] = [(tcfg.labels, llm, tcfg.epochs, tcfg.positives)]
+    phases = [Phase(tcfg.labels, llm, tcfg.epochs, tcfg.positives, excluded)]
     if tcfg.curriculum_human_percent:
         chosen = seeded_percent(list(human), tcfg.curriculum_human_percent, tcfg.seed)
-        phases.append(("curriculum-human", {q: human[q] for q in chosen}, tcfg.curriculum_epochs, "one"))
+        phases.append(Phase("curriculum-human", {q: human[q] for q in chosen}, tcfg.curriculum_epochs, "one"))
     return phases
 
 
@@ -97,8 +115,13 @@ def make_groups(
     epochs: int,
     seed: int,
     query_ids: list[str],
+    not_negative: dict[str, set[str]] | None = None,
 ) -> list[dict]:
-    """One row per (epoch, query with a positive): group_size doc ids and a positive mask."""
+    """One row per (epoch, query with a positive): group_size doc ids and a positive mask.
+
+    Positive sampling (docs/method.md §4): ``all`` and ``avg`` put every positive in the group (up
+    to group_size - 1; the loss sums or averages over them), ``one`` always the same (first) one,
+    ``rand1`` one drawn anew each epoch. Negatives: the rest of the pool, less ``not_negative``."""
     rows = []
     for epoch in range(epochs):
         order = list(query_ids)
@@ -108,9 +131,12 @@ def make_groups(
             if not pos:
                 continue  # a query without a positive carries no signal for these losses
             rng = random.Random(f"{seed}:{q}:{epoch}")
-            negs = [d for d in pools.get(q, []) if d not in positives[q]]
-            if mode == "all":
+            skip = positives[q] | (not_negative or {}).get(q, set())
+            negs = [d for d in pools.get(q, []) if d not in skip]
+            if mode in ("all", "avg"):
                 chosen = rng.sample(pos, min(len(pos), group_size - 1))
+            elif mode == "one":
+                chosen = [pos[0]]
             else:
                 chosen = [rng.choice(pos)]
             need = group_size - len(chosen)

@@ -105,7 +105,7 @@ def reset_optimizer_state(engine) -> None:
 
 
 def train_step(engine, batch, tcfg: TrainConfig) -> float:
-    from utilrag.train.loss import LOSSES, contrastive_scores
+    from utilrag.train.loss import contrastive_scores, loss_for
 
     b, g, p_len = batch["p_ids"].shape
     device = engine.device
@@ -116,7 +116,7 @@ def train_step(engine, batch, tcfg: TrainConfig) -> float:
         batch["p_mask"].reshape(b * g, p_len).to(device),
     )
     scores, mask = contrastive_scores(q.float(), p.float(), batch["positives"].bool().to(device), tcfg.temperature)
-    loss = LOSSES[tcfg.loss](scores, mask)
+    loss = loss_for(tcfg.loss, tcfg.positives)(scores, mask)
     engine.backward(loss)
     engine.step()
     return float(loss.detach())

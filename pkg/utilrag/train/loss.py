@@ -52,6 +52,17 @@ def joint_loss(scores: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tenso
     return -(log_probs * positive_mask).sum(dim=1).mean()
 
 
+def joint_avg_loss(scores: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tensor:
+    """Pos-avg with JointLH: -mean_{d+} log P(d+|q), so a query with many positives weighs as much
+    as one with a single positive."""
+    keep = _rows_with_positive(positive_mask)
+    if not keep.any():
+        return scores.sum() * 0.0
+    scores, positive_mask = scores[keep], positive_mask[keep]
+    log_probs = scores - torch.logsumexp(scores, dim=1, keepdim=True)
+    return -((log_probs * positive_mask).sum(dim=1) / positive_mask.sum(dim=1)).mean()
+
+
 def single_loss(scores: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tensor:
     """SingleLH / Rand1LH (InfoNCE): -log P(d+|q) for the first marked positive of each query
     (Rand1LH: the data pipeline marks one positive, sampled per epoch)."""
@@ -64,6 +75,12 @@ def single_loss(scores: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tens
 
 
 LOSSES = {"summarg": summarg_loss, "joint": joint_loss, "single": single_loss, "rand1": single_loss}
+
+
+def loss_for(loss: str, positives: str):
+    """The loss function of a (loss, positive sampling) pair; the config refuses the pairs that do
+    not go together."""
+    return joint_avg_loss if (loss, positives) == ("joint", "avg") else LOSSES[loss]
 
 
 def contrastive_scores(q: torch.Tensor, p: torch.Tensor, positives: torch.Tensor, temperature: float):

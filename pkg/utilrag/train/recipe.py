@@ -250,8 +250,11 @@ def run_train(cfg: PipelineConfig) -> tuple[str, bool]:
     if tcfg.max_queries is not None and tcfg.max_queries < len(query_ids):
         query_ids = sorted(seeded_percent(query_ids, 100 * tcfg.max_queries / len(query_ids), tcfg.seed))
     datasets, phases, offset = {}, [], 0
-    for name, positives, epochs, mode in phase_positives(cfg, tcfg):
-        rows = make_groups(positives, pools, tcfg.group_size, mode, epochs, tcfg.seed, query_ids)
+    for phase in phase_positives(cfg, tcfg):
+        name, epochs, mode = phase.name, phase.epochs, phase.mode
+        rows = make_groups(
+            phase.positives, pools, tcfg.group_size, mode, epochs, tcfg.seed, query_ids, phase.not_negative
+        )
         phase_sets, steps = worker_datasets(rows, texts, docs, tcfg, model_path)
         datasets.update({k.replace("train", name, 1): v for k, v in phase_sets.items()})
         phases.append({"name": name, "steps": steps, "offset": offset, "groups": len(rows), "positive_sampling": mode})
