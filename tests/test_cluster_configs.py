@@ -421,7 +421,8 @@ def test_launcher_node_types_promise_only_what_the_machines_have(path):
 def test_every_stage_of_the_paper_config_fits(cluster):
     cfg = load_config(PAPER)
     requests = stage_requests(cfg)
-    assert {r.what for r in requests} == {"annotate replica", "train worker"}  # what this config runs
+    # what this config runs: annotation, training, and the trained model's encoders and GPU shards
+    assert {r.what for r in requests} == {"annotate replica", "train worker", "index encoder", "index shard"}
     (replica,) = [r for r in requests if r.what == "annotate replica"]
     assert replica.resources == {"CPU": 1, "GPU": 1} and replica.accelerator == "A100-80G"
     assert fit_problems(cfg, CLUSTERS[cluster]()) == []

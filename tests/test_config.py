@@ -166,3 +166,16 @@ def test_a_data_root_uri_stays_a_uri(monkeypatch, tmp_path):
     assert resolve_data_root(f"file://{tmp_path}") == str(tmp_path)
     monkeypatch.setenv("UTILRAG_DATA_ROOT", "s3://other/root")
     assert resolve_data_root(None) == "s3://other/root"
+
+
+def test_the_paper_config_indexes_and_evaluates_the_model_it_trains():
+    """The trained retriever is indexed from train/<name>/model, encoded by the spec saved beside it
+    (no pooling or length overrides in the index section), and evaluated against BM25."""
+    from utilrag.store import Store
+
+    cfg = load_config(REPO_ROOT / "jobs" / "configs" / "msmarco-qwen32b.yaml")
+    assert cfg.index.model == Store(cfg.output_dir).train(cfg.train.name) + "/model"
+    overrides = cfg.index.model_dump(include={"pooling", "normalize", "query_max_len", "passage_max_len"})
+    assert set(overrides.values()) == {None}
+    labels = {t.label for t in cfg.index.targets}
+    assert labels & {r.run for r in cfg.evaluate.runs} and cfg.evaluate.baseline == "bm25s"

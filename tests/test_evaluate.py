@@ -99,3 +99,74 @@ def test_bad_run_file_names_file_and_line(tmp_path, shared_datasets):
         "Bogus@3",
     )
     assert proc.returncode == 2 and "unknown metric 'Bogus@3'" in proc.stderr
+
+
+def test_arguana_and_quora_self_hits_are_dropped_as_beir_does(tmp_path, make_config):
+    """ArguAna's queries are corpus documents: retrieved as their own top hit, BEIR's evaluation
+    drops them (ignore_identical_ids). A registered arguana does; the same files under another name
+    do not, unless asked."""
+    from utilrag.data import ingest
+    from utilrag.evaluate import run_evaluation
+
+    root = tmp_path / "beir"
+    docs = [{"_id": d, "title": "", "text": f"argument {d}"} for d in ("a1", "a2", "a3", "a4")]
+    write_lines(root / "corpus.jsonl", [json.dumps(d) for d in docs])
+    write_lines(root / "queries.jsonl", [json.dumps({"_id": q, "text": f"argument {q}"}) for q in ("a1", "a2")])
+    write_lines(root / "qrels" / "test.tsv", ["query-id\tcorpus-id\tscore", "a1\ta3\t1", "a2\ta4\t1"])
+    # each query's own document first, then its relevant counter-argument
+    run = write_lines(tmp_path / "run.trec", ["a1 Q0 a1 1 9 r", "a1 Q0 a3 2 8 r", "a2 Q0 a2 1 9 r", "a2 Q0 a4 2 8 r"])
+    scores = {}
+    for name, flag in (("arguana", None), ("other", None), ("other-asked", True)):
+        cfg = make_config(
+            {
+                "ingest": {"datasets": [{"name": name, "path": str(root), "ignore_identical_ids": flag}]},
+                "evaluate": {"metrics": ["MRR@10"], "runs": [{"dataset": name, "split": "test", "run": str(run)}]},
+            }
+        )
+        ingest(cfg)
+        scores[name] = run_evaluation(cfg)[0]["MRR@10"]
+    assert scores == {"arguana": 1.0, "other": 0.5, "other-asked": 1.0}
+
+
+def test_cqadupstack_is_its_forums_scored_apart_and_averaged(tmp_path, make_config):
+    """A config entry naming cqadupstack stands for its 12 forums; each is scored on its own corpus and
+    the table adds their mean (BEIR's CQADupStack figure), saying when forums are missing."""
+    from utilrag.config import CQADUPSTACK_FORUMS
+    from utilrag.data import ingest
+    from utilrag.evaluate import run_evaluation
+
+    cfg = make_config(
+        {
+            "ingest": {"datasets": [{"name": "cqadupstack", "path": str(tmp_path / "cqa")}]},
+            "bm25": [{"dataset": "cqadupstack", "split": "test"}],
+            "evaluate": {"runs": [{"dataset": "cqadupstack", "split": "test", "run": "bm25s"}]},
+        }
+    )
+    names = [f"cqadupstack-{f}" for f in CQADUPSTACK_FORUMS]
+    assert [d.name for d in cfg.ingest.datasets] == names
+    assert cfg.ingest.datasets[3].path == str(tmp_path / "cqa" / "gis")
+    assert [b.dataset for b in cfg.bm25] == names and [r.dataset for r in cfg.evaluate.runs] == names
+
+    runs = []
+    for forum, hit in (("android", True), ("gis", False)):  # two forums here: MRR 1.0 and 0.5
+        root = tmp_path / "cqa" / forum
+        write_lines(root / "corpus.jsonl", [json.dumps({"_id": d, "title": "", "text": d}) for d in ("d1", "d2")])
+        write_lines(root / "queries.jsonl", [json.dumps({"_id": "q1", "text": "q"})])
+        write_lines(root / "qrels" / "test.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t1"])
+        order = ("d1", "d2") if hit else ("d2", "d1")
+        run = write_lines(tmp_path / f"{forum}.trec", [f"q1 Q0 {d} {i} {9 - i} r" for i, d in enumerate(order, 1)])
+        runs.append({"dataset": f"cqadupstack-{forum}", "split": "test", "run": str(run), "label": "r"})
+    cfg = make_config(
+        {
+            "ingest": {
+                "datasets": [
+                    {"name": f"cqadupstack-{f}", "path": str(tmp_path / "cqa" / f)} for f in ("android", "gis")
+                ]
+            },
+            "evaluate": {"metrics": ["MRR@10"], "runs": runs},
+        }
+    )
+    ingest(cfg)
+    rows = {r["dataset"]: r for r in run_evaluation(cfg)}
+    mean = rows["cqadupstack (2 of 12 forums)"]
+    assert mean["MRR@10"] == 0.75 and mean["queries"] == 2 and mean["label"] == "r"

@@ -252,3 +252,22 @@ def test_lost_data_is_always_in_the_summary_and_rejects_keep_the_line_as_read(ra
     assert [(r["reason"].split(" ")[0:3], r["raw"]) for r in unknown] == [
         (["unknown", "query", "id"], "q9   0  21   1")
     ]
+
+
+def test_registry_has_the_papers_evaluation_sets(tmp_path, make_config):
+    """TREC DL 2020 by name (official NIST qrels and topics) and the paper's 14 BEIR sets, with
+    CQADupStack as its 12 forums and ArguAna / Quora marked for self-hit removal."""
+    from utilrag.data import DatasetError
+    from utilrag.data.registry import BEIR_NAMES, REGISTRY
+
+    assert len(BEIR_NAMES) == 14 and "msmarco" not in BEIR_NAMES
+    dl20 = REGISTRY["trec-dl-2020"]
+    assert dl20.relevance_threshold == 2 and [t for _, t in dl20.downloads] == ["", "qrels.txt", "queries.tsv.gz"]
+    assert "2020qrels-pass.txt" in dl20.downloads[1][0] and "test2020-queries" in dl20.downloads[2][0]
+    assert {n for n, r in REGISTRY.items() if r.ignore_identical_ids} == {"arguana", "quora"}
+    assert sum(n.startswith("cqadupstack-") for n in REGISTRY) == 12
+    cfg = make_config(
+        {"data_root": str(tmp_path), "ingest": {"download": False, "datasets": [{"name": "trec-dl-2020"}]}}
+    )
+    with pytest.raises(DatasetError, match=r"'trec-dl-2020' is not at .*2020qrels-pass\.txt"):
+        ingest(cfg)

@@ -26,6 +26,29 @@ class ConfigError(UtilragError):
     """A user mistake in a config file or override (printed as one line, exit 2)."""
 
 
+# Datasets evaluated as a group: CQADupStack is 12 StackExchange forums, each retrieved and scored
+# on its own, reported as their mean (as BEIR does). A config entry naming the group stands for all.
+CQADUPSTACK_FORUMS = (
+    "android",
+    "english",
+    "gaming",
+    "gis",
+    "mathematica",
+    "physics",
+    "programmers",
+    "stats",
+    "tex",
+    "unix",
+    "webmasters",
+    "wordpress",
+)
+DATASET_GROUPS: dict[str, tuple[str, ...]] = {"cqadupstack": tuple(f"cqadupstack-{f}" for f in CQADUPSTACK_FORUMS)}
+
+
+def group_of(dataset: str) -> str | None:
+    return next((g for g, members in DATASET_GROUPS.items() if dataset in members), None)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -66,6 +89,11 @@ class DatasetConfig(Strict):
         description="qrels naming documents outside the corpus: reject them, or keep them (a partial corpus "
         "such as the DL19 candidate pool, where judged-but-unretrieved passages still count for nDCG); "
         "null: the registry's",
+    )
+    ignore_identical_ids: bool | None = Field(
+        None,
+        description="evaluation drops a retrieved document whose id is the query's (BEIR does this for ArguAna "
+        "and Quora, whose queries are corpus documents); null: the registry's",
     )
 
 
@@ -451,6 +479,39 @@ class PipelineConfig(Strict):
     annotate: AnnotateConfig | None = Field(None, description="the LLM annotation stage; null: none")
     train: TrainConfig = Field(TrainConfig(), description="retriever training")
     rag: RagConfig | None = Field(None, description="the RAG evaluation; null: none")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_dataset_groups(cls, data: Any) -> Any:
+        """An entry naming a dataset group (cqadupstack) becomes one entry per member."""
+        if not isinstance(data, dict):
+            return data
+
+        def expand(entries, key="dataset"):
+            if not isinstance(entries, list):
+                return entries
+            out = []
+            for e in entries:
+                group = e.get(key) if isinstance(e, dict) else None
+                if group in DATASET_GROUPS:
+                    for member in DATASET_GROUPS[group]:
+                        item = {**e, key: member}
+                        if key == "name" and e.get("path"):
+                            item["path"] = e["path"].rstrip("/") + "/" + member.split("-", 1)[1]
+                        out.append(item)
+                else:
+                    out.append(e)
+            return out
+
+        data = dict(data)
+        if isinstance(data.get("ingest"), dict):
+            data["ingest"] = {**data["ingest"], "datasets": expand(data["ingest"].get("datasets"), "name")}
+        for section in ("pools", "bm25"):
+            data[section] = expand(data.get(section))
+        for section, key in (("index", "targets"), ("evaluate", "runs")):
+            if isinstance(data.get(section), dict) and key in data[section]:
+                data[section] = {**data[section], key: expand(data[section][key])}
+        return {k: v for k, v in data.items() if v is not None or k not in ("pools", "bm25")}
 
     @model_validator(mode="after")
     def _one_writer_per_folder(self) -> PipelineConfig:

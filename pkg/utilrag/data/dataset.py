@@ -29,6 +29,11 @@ class Dataset:
     def relevance_threshold(self) -> int:
         return int(self.committed["relevance_threshold"])
 
+    @property
+    def ignore_identical_ids(self) -> bool:
+        """Evaluation drops a retrieved document whose id is the query's (BEIR: ArguAna, Quora)."""
+        return bool(self.committed.get("ignore_identical_ids", False))
+
     def has(self, table: str) -> bool:
         return self.committed.has(table)
 

@@ -157,6 +157,7 @@ def _input_fingerprint(resolved: registry.ResolvedDataset, icfg: IngestConfig) -
             "files": stats,
             "threshold": resolved.relevance_threshold,
             "unknown_qrels_docs": resolved.unknown_qrels_docs,
+            "ignore_identical_ids": resolved.ignore_identical_ids,
             "reject_threshold": icfg.reject_threshold,
         }
     )
@@ -208,6 +209,7 @@ def ingest_dataset(resolved: registry.ResolvedDataset, out: str, icfg: IngestCon
         source=resolved.root,
         layout=resolved.layout,
         relevance_threshold=resolved.relevance_threshold,
+        ignore_identical_ids=resolved.ignore_identical_ids,
         rows={t: r.rows for t, r in reports.items()},
         rejected={t: r.rejected for t, r in reports.items()},
         notes={t: dict(r.notes) for t, r in reports.items() if r.notes},

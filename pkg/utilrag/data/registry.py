@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utilrag import store
-from utilrag.config import DatasetConfig
+from utilrag.config import CQADUPSTACK_FORUMS, DatasetConfig
 from utilrag.data.formats import list_files
 from utilrag.errors import UtilragError
 from utilrag.logs import get_logger
@@ -24,7 +24,10 @@ BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{
 MSMARCO_TAR = "https://msmarco.z22.web.core.windows.net/msmarcoranking/collectionandqueries.tar.gz"
 DL19_QRELS = "https://trec.nist.gov/data/deep/2019qrels-pass.txt"
 DL19_QUERIES = "https://msmarco.z22.web.core.windows.net/msmarcoranking/msmarco-test2019-queries.tsv.gz"
+DL20_QRELS = "https://trec.nist.gov/data/deep/2020qrels-pass.txt"
+DL20_QUERIES = "https://msmarco.z22.web.core.windows.net/msmarcoranking/msmarco-test2020-queries.tsv.gz"
 
+# The paper's 14 BEIR sets (BEIR's msmarco is the training collection, so it is not among them).
 BEIR_NAMES = [
     "arguana",
     "climate-fever",
@@ -33,7 +36,6 @@ BEIR_NAMES = [
     "fever",
     "fiqa",
     "hotpotqa",
-    "msmarco",
     "nfcorpus",
     "nq",
     "quora",
@@ -57,6 +59,10 @@ class Registered:
     unknown_qrels_docs: str = "reject"
     downloads: list[tuple[str, str]] = field(default_factory=list)  # (url, file name or "" to unpack)
     needs: str = ""  # the files a complete copy holds, for the offline message
+    # BEIR's evaluation drops a retrieved document whose id is the query's (ArguAna, Quora: the
+    # query is itself a corpus document and would otherwise be its own top hit).
+    ignore_identical_ids: bool = False
+    folder: str | None = None  # under data_root; null: the name (CQADupStack forums share one download)
 
 
 REGISTRY: dict[str, Registered] = {
@@ -65,6 +71,7 @@ REGISTRY: dict[str, Registered] = {
             "beir",
             downloads=[(BEIR_URL.format(name=name), "")],
             needs="corpus.jsonl, queries.jsonl, qrels/<split>.tsv (BEIR layout)",
+            ignore_identical_ids=name in ("arguana", "quora"),
         )
         for name in BEIR_NAMES
     },
@@ -80,6 +87,23 @@ REGISTRY: dict[str, Registered] = {
         relevance_threshold=2,
         unknown_qrels_docs="keep",
         downloads=[(MSMARCO_TAR, ""), (DL19_QRELS, "qrels.txt"), (DL19_QUERIES, "queries.tsv.gz")],
+        needs="collection.tsv[.gz], queries.tsv (qid<TAB>text), qrels.txt (TREC qrels), optional runs/*.trec",
+    ),
+    # BEIR's cqadupstack.zip holds one BEIR dataset per forum: cqadupstack/<forum>/corpus.jsonl, …
+    **{
+        f"cqadupstack-{forum}": Registered(
+            "beir",
+            downloads=[(BEIR_URL.format(name="cqadupstack"), "")],
+            needs="cqadupstack/<forum>/{corpus.jsonl, queries.jsonl, qrels/test.tsv} (BEIR's cqadupstack.zip)",
+            folder=f"cqadupstack/{forum}",
+        )
+        for forum in CQADUPSTACK_FORUMS
+    },
+    "trec-dl-2020": Registered(
+        "msmarco",
+        relevance_threshold=2,
+        unknown_qrels_docs="keep",
+        downloads=[(MSMARCO_TAR, ""), (DL20_QRELS, "qrels.txt"), (DL20_QUERIES, "queries.tsv.gz")],
         needs="collection.tsv[.gz], queries.tsv (qid<TAB>text), qrels.txt (TREC qrels), optional runs/*.trec",
     ),
 }
@@ -103,6 +127,7 @@ class ResolvedDataset:
     relevance_threshold: int
     unknown_qrels_docs: str
     jobs: list[FileJob]
+    ignore_identical_ids: bool = False
 
 
 def _match(files: list[str], pattern: str) -> list[str]:
@@ -182,7 +207,7 @@ def download(name: str, folder: Path) -> None:
             elif local.suffix == ".zip":
                 with zipfile.ZipFile(local) as z:
                     z.extractall(tmp)
-                inner = Path(tmp) / name  # BEIR zips hold one folder named like the dataset
+                inner = Path(tmp) / local.stem  # BEIR zips hold one folder named like the zip
                 for item in (inner if inner.is_dir() else Path(tmp)).iterdir():
                     if item != local:
                         shutil.move(str(item), folder / item.name)
@@ -201,11 +226,12 @@ def resolve(ds: DatasetConfig, data_root: str, allow_download: bool = True) -> R
             f"dataset {ds.name!r}: not a registered name ({', '.join(sorted(REGISTRY))}) and no path given"
         )
     else:
-        root = store.join(data_root, ds.name)
+        root = store.join(data_root, reg.folder or ds.name)
         if not exists(root) or not list_files(root):
             if not allow_download or store.is_remote(root):  # downloads go to local folders only
                 raise DatasetError(offline_message(ds.name, root))
-            download(ds.name, Path(root))
+            # a forum of CQADupStack: the one zip unpacks every forum under data_root/cqadupstack
+            download(ds.name, Path(store.join(data_root, reg.folder.split("/")[0])) if reg.folder else Path(root))
     if not exists(root):
         raise DatasetError(f"dataset {ds.name!r}: path not found: {root}")
     single_file = not list_files(root) and exists(root)
@@ -221,4 +247,7 @@ def resolve(ds: DatasetConfig, data_root: str, allow_download: bool = True) -> R
         ds.relevance_threshold if ds.relevance_threshold is not None else (reg.relevance_threshold if reg else 1)
     )
     unknown = ds.unknown_qrels_docs or (reg.unknown_qrels_docs if reg else "reject")
-    return ResolvedDataset(ds.name, root, layout, threshold, unknown, jobs)
+    identical = (
+        ds.ignore_identical_ids if ds.ignore_identical_ids is not None else bool(reg and reg.ignore_identical_ids)
+    )
+    return ResolvedDataset(ds.name, root, layout, threshold, unknown, jobs, identical)

@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from utilrag import store
-from utilrag.config import PipelineConfig, RunToEvaluate
+from utilrag.config import DATASET_GROUPS, PipelineConfig, RunToEvaluate
 from utilrag.data.dataset import Dataset, open_dataset
 from utilrag.data.formats import open_lines, parse_file
 from utilrag.data.tables import SCHEMAS, read_table
@@ -78,6 +78,26 @@ def load_run(cfg: PipelineConfig, dataset: Dataset, spec: RunToEvaluate) -> pa.T
         f"run {spec.run!r}: not a file, not 'bm25s' (the BM25 stage), not a dense run at {dense}, "
         f"and not an ingested run of {spec.dataset!r} (ingested: {dataset.run_names()})"
     )
+
+
+def group_means(rows: list[dict], metrics: list[str]) -> list[dict]:
+    """Per run label, the mean over a dataset group's members (CQADupStack: its 12 forums, each
+    retrieved and scored on its own, as BEIR reports it). A group with members missing says so."""
+    means = []
+    for group, members in DATASET_GROUPS.items():
+        for label in dict.fromkeys(r["label"] for r in rows if r["dataset"] in members):
+            found = [r for r in rows if r["label"] == label and r["dataset"] in members]
+            name = group if len(found) == len(members) else f"{group} ({len(found)} of {len(members)} forums)"
+            means.append(
+                {
+                    "label": label,
+                    "dataset": name,
+                    "split": "mean",
+                    "queries": sum(r["queries"] for r in found),
+                    **{m: sum(r[m] for r in found) / len(found) for m in metrics},
+                }
+            )
+    return means
 
 
 def format_table(rows: list[dict], metrics: list[str]) -> str:
@@ -146,6 +166,8 @@ def run_evaluation(cfg: PipelineConfig, runs: list[RunToEvaluate] | None = None)
         dataset = open_dataset(cfg, spec.dataset)
         qrels = dataset.qrels(spec.split)
         run = load_run(cfg, dataset, spec)
+        if dataset.ignore_identical_ids:  # as BEIR's evaluation: a query is not its own hit
+            run = run.filter(pc.not_equal(run.column("query_id"), run.column("doc_id")))
         means, per_query = evaluate(qrels, run, metrics, dataset.relevance_threshold)
         label = spec.label or spec.run
         rows.append(
@@ -156,8 +178,9 @@ def run_evaluation(cfg: PipelineConfig, runs: list[RunToEvaluate] | None = None)
                 per_query_rows.append(
                     {"label": label, "dataset": spec.dataset, "query_id": qid, "metric": m, "value": v}
                 )
-    table = format_table(rows, metrics)
     tests = significance(cfg, rows, per_query_rows) if cfg.evaluate.baseline else []
+    rows += group_means(rows, metrics)
+    table = format_table(rows, metrics)
     # Always recomputed (cheap); written by the commit protocol so that a report never reads half of it.
     writer = store.begin(Store(cfg.output_dir).evaluate(), "evaluate", None)
     out = writer.local_path(".")
