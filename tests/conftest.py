@@ -189,3 +189,16 @@ def stop_cluster_group(temp_dir: str) -> None:
             os.killpg(group, 9)
         except ProcessLookupError:
             pass
+
+
+def ray_job_submit(command: list[str], env: dict, tries: int = 10, pause_s: float = 2.0, timeout: int = 600):
+    """`ray job submit …`, retried while the head's job agent is still coming up (it starts a few
+    seconds after `ray start` returns)."""
+    import time
+
+    for _ in range(tries):
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+        if "No available agent" not in proc.stderr + proc.stdout:
+            break
+        time.sleep(pause_s)
+    return proc

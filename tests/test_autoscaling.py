@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -42,7 +41,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import free_port, start_ray_head, stop_cluster_group
+from conftest import free_port, ray_job_submit, start_ray_head, stop_cluster_group
 from utilrag.annotate.engine import AnnotateError
 from utilrag.config import REPO_ROOT
 
@@ -199,11 +198,7 @@ def test_gpu_nodes_on_demand_node_loss_exactly_once_and_scale_down(shared_datase
             *("--working-dir", str(REPO_ROOT), "--runtime-env-json", json.dumps(runtime_env)),
             *("--", "python", "jobs/submit.py", "pipeline", "--config", str(pipeline)),
         ]
-        for _ in range(20):  # the head's job agent comes up a few seconds after `ray start` returns
-            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
-            if "No available agent" not in submit.stderr + submit.stdout:
-                break
-            time.sleep(2)
+        submit = ray_job_submit(command, env, tries=20, timeout=120)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-2000:]
         t["submitted"] = time.time()
         client = JobSubmissionClient(address)

@@ -3,7 +3,6 @@ and the cluster this test started stopped again (only its own processes: other t
 
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import start_ray_head, stop_cluster
+from conftest import ray_job_submit, start_ray_head, stop_cluster
 from utilrag.config import REPO_ROOT
 from utilrag.data.tables import read_table
 from utilrag.store import read_manifest
@@ -40,11 +39,7 @@ def test_ray_job_submit_ingest(shared_datasets, tmp_path):
             f"output_dir={out}",
             f"data_root={shared_datasets}",
         ]
-        for _ in range(10):  # the head's job agent comes up a few seconds after `ray start` returns
-            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
-            if "No available agent" not in submit.stderr + submit.stdout:
-                break
-            time.sleep(3)
+        submit = ray_job_submit(command, env, pause_s=3)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-2000:]
         assert "succeeded" in submit.stdout + submit.stderr
         assert read_table(out / "ingest" / "scifact" / "corpus").num_rows == 5183

@@ -65,6 +65,18 @@ class Registered:
     folder: str | None = None  # under data_root; null: the name (CQADupStack forums share one download)
 
 
+def _trec_dl(qrels_url: str, queries_url: str) -> Registered:
+    """A TREC Deep Learning passage track year: NIST's graded qrels (relevant from grade 2) and
+    topics over the MS MARCO collection."""
+    return Registered(
+        "msmarco",
+        relevance_threshold=2,
+        unknown_qrels_docs="keep",
+        downloads=[(MSMARCO_TAR, ""), (qrels_url, "qrels.txt"), (queries_url, "queries.tsv.gz")],
+        needs="collection.tsv[.gz], queries.tsv (qid<TAB>text), qrels.txt (TREC qrels), optional runs/*.trec",
+    )
+
+
 REGISTRY: dict[str, Registered] = {
     **{
         name: Registered(
@@ -82,13 +94,7 @@ REGISTRY: dict[str, Registered] = {
     ),
     # The local copy holds the 43 judged queries and only the passages of four public runs'
     # top-100, so judged passages outside the pool are kept in qrels (they still count in nDCG's ideal).
-    "trec-dl-2019": Registered(
-        "msmarco",
-        relevance_threshold=2,
-        unknown_qrels_docs="keep",
-        downloads=[(MSMARCO_TAR, ""), (DL19_QRELS, "qrels.txt"), (DL19_QUERIES, "queries.tsv.gz")],
-        needs="collection.tsv[.gz], queries.tsv (qid<TAB>text), qrels.txt (TREC qrels), optional runs/*.trec",
-    ),
+    "trec-dl-2019": _trec_dl(DL19_QRELS, DL19_QUERIES),
     # BEIR's cqadupstack.zip holds one BEIR dataset per forum: cqadupstack/<forum>/corpus.jsonl, …
     **{
         f"cqadupstack-{forum}": Registered(
@@ -99,13 +105,7 @@ REGISTRY: dict[str, Registered] = {
         )
         for forum in CQADUPSTACK_FORUMS
     },
-    "trec-dl-2020": Registered(
-        "msmarco",
-        relevance_threshold=2,
-        unknown_qrels_docs="keep",
-        downloads=[(MSMARCO_TAR, ""), (DL20_QRELS, "qrels.txt"), (DL20_QUERIES, "queries.tsv.gz")],
-        needs="collection.tsv[.gz], queries.tsv (qid<TAB>text), qrels.txt (TREC qrels), optional runs/*.trec",
-    ),
+    "trec-dl-2020": _trec_dl(DL20_QRELS, DL20_QUERIES),
 }
 
 
