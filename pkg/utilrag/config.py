@@ -463,6 +463,25 @@ class RagConfig(Strict):
     scale: AnnotateScale = Field(AnnotateScale(), description="the actor pool")
 
 
+class ReportConfig(Strict):
+    """The report stage (output_dir/report/): settings of its GPU-hour estimate."""
+
+    gpu_tokens_per_s: float = Field(
+        2500.0,
+        gt=0,
+        description="ASSUMED annotation throughput of one GPU (prompt + output tokens/s) for the report's GPU-hour "
+        "estimate at MS MARCO scale; the default is a placeholder for throughput_of, not a measurement: replace it "
+        "with one",
+    )
+    throughput_of: str = Field(
+        "Qwen2.5-32B-Instruct-GPTQ-Int8 with vLLM on one A100-80G",
+        description="the model and GPU that gpu_tokens_per_s is for (printed beside the estimate)",
+    )
+    scale_queries: int = Field(
+        491_007, gt=0, description="queries of the GPU-hour estimate (MS MARCO passage train: 491,007)"
+    )
+
+
 class PipelineConfig(Strict):
     data_root: str | None = Field(
         None,
@@ -479,6 +498,7 @@ class PipelineConfig(Strict):
     annotate: AnnotateConfig | None = Field(None, description="the LLM annotation stage; null: none")
     train: TrainConfig = Field(TrainConfig(), description="retriever training")
     rag: RagConfig | None = Field(None, description="the RAG evaluation; null: none")
+    report: ReportConfig = Field(ReportConfig(), description="the report stage (report.md / .html / .json)")
 
     @model_validator(mode="before")
     @classmethod

@@ -11,8 +11,9 @@ from utilrag.stages import STAGES, StageResult, get_stage
 
 log = get_logger("pipeline")
 
-# `utilrag run`: the baselines (BM25, public runs, the packaged encoder) without the LLM and training.
-BASELINE_STAGES = ("ingest", "pools", "bm25", "index", "evaluate")
+# `utilrag run`: the baselines (BM25, public runs, the packaged encoder) without the LLM and training,
+# and the report of what the run directory holds.
+BASELINE_STAGES = ("ingest", "pools", "bm25", "index", "evaluate", "report")
 
 
 def configured(cfg: PipelineConfig, name: str) -> bool:
@@ -31,6 +32,8 @@ def configured(cfg: PipelineConfig, name: str) -> bool:
         return bool(cfg.evaluate.runs)
     if name == "rag":
         return cfg.rag is not None
+    if name == "report":  # the last stage: whenever any stage beyond ingest is asked for
+        return any(configured(cfg, s.name) for s in STAGES if s.name not in ("ingest", "report"))
     return False
 
 

@@ -97,6 +97,23 @@ STAGES: tuple[Stage, ...] = (
         reads=("ingest/<qa dataset>", "bm25/<dataset>-<split>", "dense/<dataset>-<split>/<label>"),
         writes=("rag/<dataset>/generate", "rag/<dataset>/report"),
     ),
+    Stage(
+        "report",
+        "the run directory's outputs as one report (report.md, self-contained report.html, report.json)",
+        "utilrag.report",
+        reads=(
+            "ingest/<dataset>",
+            "pools/<dataset>-<split>",
+            "bm25/<dataset>-<split>",
+            "annotate/<dataset>-<split>",
+            "train/<name>",
+            "index/<dataset>/<model>",
+            "dense/<dataset>-<split>/<label>",
+            "evaluate",
+            "rag/<dataset>/report",
+        ),
+        writes=("report",),
+    ),
 )
 
 BY_NAME = {s.name: s for s in STAGES}

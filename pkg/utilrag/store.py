@@ -433,3 +433,6 @@ class Store:
 
     def rag(self, dataset: str, part: str) -> str:
         return self._at("rag", dataset, part)
+
+    def report(self) -> str:
+        return self._at("report")
