@@ -29,6 +29,7 @@ from utilrag.annotate.stages import (
     build_requests,
     load_inputs,
     merged_ranking,
+    shown_positions,
     windows,
 )
 from utilrag.annotate.tiny import make_tiny_llm, qwen_tokenizer_dir
@@ -187,7 +188,7 @@ def test_labels_with_the_papers_options():
             positives[(r["query_id"], r["source"])].add(r["doc_id"])
     assert positives[("q1", "relsel")] == {"a", "b"} and positives[("q2", "relsel")] == {"e"}
     assert positives[("q1", "utilsel")] == {"b"} and positives[("q2", "utilsel")] == set()
-    assert positives[("q1", "utilrank")] == {"c", "d"}  # top 50% of the pool of 4, among the ranked
+    assert positives[("q1", "utilrank")] == {"c", "d"}  # top 50% of the 4 shown, among the ranked
     assert positives[("q2", "utilrank")] == set()  # an unparsed ranking yields no positive
     assert positives[("q2", "graded")] == {"e"} and ("q1", "graded") not in positives
     assert labels.num_rows == 7 + 7 + 7 + 7 + 3  # human, relsel, utilsel, utilrank over both pools; graded q2
@@ -213,9 +214,13 @@ def test_labels_with_the_papers_options():
     kappa = graded_kappa(labels)  # judged pool docs with both grades: (q2,f) 2 vs 1
     assert kappa["pairs"] == 1 and kappa["exact_agreement"] == 0.0
     # By shown position: human positives a (shown 1st, relsel chose it) and f (2nd, not chosen)
-    by_position = {(r["source"], r["shown_at"]): r for r in agreement_by_position(labels, pools)}
+    shown = shown_positions(done["relsel"])  # [n] in the RelSel windows
+    assert shown[("q1", "a")] == 1 and shown[("q2", "f")] == 2
+    by_position = {(r["source"], r["shown_at"]): r for r in agreement_by_position(labels, shown)}
     assert by_position[("relsel", "1")]["recall"] == 1.0 and by_position[("relsel", "2-5")]["recall"] == 0.0
     assert by_position[("relsel", "1")]["human_positives"] == 1 and ("relsel", "6-10") not in by_position
+    # Exclusion: the LLM stages label no human positive, so there is nothing to show by position
+    assert not [r for r in agreement_by_position(exclusion, shown) if r["source"] == "relsel"]
 
 
 def test_cohen_kappa_by_hand():

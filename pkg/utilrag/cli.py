@@ -126,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     except UtilragError as e:  # every stage's user-facing errors: one line, exit 2
         print(f"utilrag: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # Object storage refusing (no such bucket, no credentials, access denied) is the user's to fix:
+        # pyarrow's message names the bucket and the reason. Other I/O errors keep their traceback.
+        if not any(word in str(e) for word in ("AWS Error", "S3", "GCS", "google")):
+            raise
+        print(f"utilrag: error: object storage: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C: the stages clean up in their finally blocks; no traceback
         print("utilrag: interrupted", file=sys.stderr)
         return 130

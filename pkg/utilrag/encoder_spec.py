@@ -33,15 +33,14 @@ def resolve_model(name: str) -> str:
     """A local folder, a packaged model's folder, a model trained here on object storage
     (``s3://…/train/<name>/model``: copied to the local cache once per committed version), or the
     hub name itself (downloaded when online)."""
-    if "://" in name and not name.startswith("file://"):
-        from utilrag import store
-
-        location = store.normalize(name)
+    if _is_uri(name):
+        location, tower = _split_tower(name)
         run_folder, leaf = location.rsplit("/", 1)
-        committed = store.require(run_folder, f"model {name}")
+        committed = _trained_run(name, run_folder)
         if not committed.has(leaf):
             raise ModelError(f"model {name!r}: its run at {run_folder} committed no {leaf!r}")
-        return committed.local(leaf)
+        local = committed.local(leaf)  # this node's copy
+        return str(Path(local) / tower) if tower else local
     name = name[len("file://") :] if name.startswith("file://") else name
     if Path(name).expanduser().is_dir():
         folder = Path(name).expanduser().resolve()
@@ -64,16 +63,55 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def _is_uri(name: str) -> bool:
+    return "://" in name and not name.startswith("file://")
+
+
+def _split_tower(name: str) -> tuple[str, str]:
+    """A trained model's URI and, for its separate passage tower, "passage"."""
+    from utilrag import store
+
+    location = store.normalize(name)
+    if location.endswith("/passage"):
+        return location[: -len("/passage")], "passage"
+    return location, ""
+
+
+def _trained_run(name: str, run_folder: str):
+    from utilrag import store
+
+    if store.read_manifest(run_folder) is None:
+        raise ModelError(
+            f"model {name!r}: object storage holds models trained by utilrag only (train/<name>/model, "
+            f"with its manifest at {run_folder}); copy another model to a local folder or name it on the hub"
+        )
+    return store.require(run_folder, f"model {name}")
+
+
+def model_reference(name: str) -> str:
+    """What to hand to workers on other nodes: a trained model's URI (each node makes its own
+    copy), else the resolved folder or hub name (the same on every node: a package, shared storage)."""
+    if _is_uri(name):
+        resolve_model(name)  # check it here, once, with one clear line
+        return _split_tower(name)[0] + ("/passage" if _split_tower(name)[1] else "")
+    return resolve_model(name)
+
+
 def model_identity(path: str) -> str:
-    """What a fingerprint should say about a resolved model: a model trained here by its training
-    run's fingerprint (retraining under the same name changes it); another local folder by the sizes
-    and times of its files; a hub name by itself."""
+    """What a fingerprint should say about a model: one trained here by its run's location and
+    fingerprint (retraining under the same name changes it; where the copy sits does not); another
+    local folder by the sizes and times of its files; a hub name by itself."""
+    if _is_uri(path):
+        location, tower = _split_tower(path)
+        run_folder = location.rsplit("/", 1)[0]
+        return f"{path}@{_trained_run(path, run_folder)['input_fingerprint']}"
     folder = Path(path)
     if not folder.is_dir():
         return path
     if folder.name == "model" and (folder.parent / "manifest.json").is_file():
         manifest = json.loads((folder.parent / "manifest.json").read_text())
-        return f"{path}@{manifest.get('input_fingerprint')}"
+        where = f"{manifest['copied_from']}/model" if manifest.get("copied_from") else path
+        return f"{where}@{manifest.get('input_fingerprint')}"
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     return f"{path}@" + ",".join(f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
@@ -123,7 +161,7 @@ def read_spec(model_dir: str | Path) -> EncoderSpec | None:
 
 
 def tower_dirs(model_dir: str, spec: EncoderSpec | None) -> tuple[str, str]:
-    """(query tower, passage tower) folders of a model."""
+    """(query tower, passage tower) folders (or URIs) of a model."""
     if spec is not None and not spec.shared:
-        return model_dir, str(Path(model_dir) / "passage")
+        return model_dir, (f"{model_dir}/passage" if _is_uri(model_dir) else str(Path(model_dir) / "passage"))
     return model_dir, model_dir

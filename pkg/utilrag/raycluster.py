@@ -20,6 +20,17 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
 
 
+# Where object storage is, not who may read it: forwarded to the workers (an S3-compatible endpoint
+# set only in the submitting shell would otherwise send them to AWS). Credentials are never
+# forwarded (a runtime env is visible in the dashboard): workers take theirs from their nodes.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def forwarded_env() -> dict:
+    found = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    return {"env_vars": found} if found else {}
+
+
 def connect(cfg: RayConfig) -> None:
     import ray
 
@@ -30,7 +41,7 @@ def connect(cfg: RayConfig) -> None:
         # Ship this copy of the library to the workers, so a cluster runs the code that was
         # submitted (it is merged with the job's runtime env, e.g. its working_dir and pip list).
         package = str(Path(__file__).resolve().parent)
-        ray.init(address=address, log_to_driver=True, runtime_env={"py_modules": [package]})
+        ray.init(address=address, log_to_driver=True, runtime_env={"py_modules": [package], **forwarded_env()})
     else:
         ray.init(
             num_cpus=cfg.num_cpus,

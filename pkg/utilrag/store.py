@@ -56,7 +56,8 @@ def normalize(location: str | os.PathLike) -> str:
     if text.startswith("file://"):
         return text[len("file://") :] or "/"
     if "://" in text:
-        return text.rstrip("/")
+        stripped = text.rstrip("/")
+        return stripped if "://" in stripped else text  # a bare "s3://" stays one (and is refused)
     return str(Path(os.path.expanduser(text)).absolute())
 
 
@@ -65,10 +66,20 @@ def is_remote(location: str) -> bool:
 
 
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of a location; a location it cannot open is one line, not a traceback."""
     location = normalize(location)
-    if is_remote(location):
+    if not is_remote(location):
+        return pafs.LocalFileSystem(), location
+    scheme, _, rest = location.partition("://")
+    if "?" in location or not rest:
+        raise UtilragError(
+            f"{location}: give object storage as scheme://bucket/path, without a query string "
+            "(an S3-compatible endpoint goes in $AWS_ENDPOINT_URL)"
+        )
+    try:
         return pafs.FileSystem.from_uri(location)
-    return pafs.LocalFileSystem(), location
+    except (ValueError, OSError) as e:  # ArrowInvalid is a ValueError: an unknown scheme, bad URI
+        raise UtilragError(f"{location}: cannot open it ({e}); object storage is s3:// or gs://") from None
 
 
 def join(location: str, *parts: str) -> str:
@@ -210,28 +221,33 @@ class Committed:
 
     def local(self, name: str) -> str:
         """A local path of one output, for readers that need files (FAISS, Hugging Face): the output
-        itself, or for object storage a copy in the cache. Versions never change once committed, so a
-        copy made once for this version stays valid."""
+        itself, or for object storage a copy in this node's cache. A committed version never changes,
+        so a copy made once stays valid; it is downloaded aside and renamed into place, so two
+        processes copying at once each see a whole copy."""
         if not is_remote(self.folder):
             return self.path(name)
         from utilrag.config import cache_dir
 
-        key = hashlib.sha256(f"{self.base}@{self.manifest.get('written_at')}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{self.path(name)}@{self.manifest.get('written_at')}".encode()).hexdigest()[:16]
         root = cache_dir() / "remote" / key
-        if not (root / ".complete").is_file():
-            shutil.rmtree(root, ignore_errors=True)
+        if not root.is_dir():
+            tmp = root.with_name(f"{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
             fs, path = filesystem(self.path(name))
             if fs.get_file_info(path).type == pafs.FileType.Directory:
-                download_dir(self.path(name), root / name)
+                download_dir(self.path(name), tmp / name)
             else:
-                root.mkdir(parents=True, exist_ok=True)
+                tmp.mkdir(parents=True)
                 pafs.copy_files(
-                    path, str(root / name), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+                    path, str(tmp / name), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
                 )
-            # the manifest beside the copy: a trained model's identity is its run's fingerprint
+            # the manifest beside the copy: a trained model's identity is its run's URI and fingerprint
             copy = {k: v for k, v in self.manifest.items() if k != "prefix"}
-            (root / MANIFEST).write_text(json.dumps({**copy, "outputs": [name], "copied_from": self.folder}, indent=2))
-            (root / ".complete").write_text(name)
+            copy.update(outputs=[name], copied_from=self.folder)
+            (tmp / MANIFEST).write_text(json.dumps(copy, indent=2))
+            try:
+                os.rename(tmp, root)
+            except OSError:  # another process finished first: its copy is as good
+                shutil.rmtree(tmp, ignore_errors=True)
         return str(root / name)
 
     def has(self, name: str) -> bool:

@@ -25,7 +25,15 @@ from utilrag.annotate.report import (
     write_report,
 )
 from utilrag.annotate.runner import run_stage
-from utilrag.annotate.stages import NEEDS, REJECTS_SCHEMA, STAGE_ORDER, build_labels, build_requests, load_inputs
+from utilrag.annotate.stages import (
+    NEEDS,
+    REJECTS_SCHEMA,
+    STAGE_ORDER,
+    build_labels,
+    build_requests,
+    load_inputs,
+    shown_positions,
+)
 from utilrag.config import AnnotateConfig, AnnotateTarget, PipelineConfig
 from utilrag.data.dataset import open_dataset
 from utilrag.data.tables import fingerprint, read_table
@@ -126,7 +134,8 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
     all_pools = _pool_docs(pools)
     labels = build_labels(inputs, done, all_pools, acfg)
     pq.write_table(labels, staging / "labels.parquet")
-    text = write_report(staging, label, labels, summaries, acfg.model, all_pools)
+    shown = shown_positions(done["relsel"]) if "relsel" in done else None
+    text = write_report(staging, label, labels, summaries, acfg.model, shown)
     # The labels' identity (what training fingerprints): the stage results they were built from and
     # the settings that turn those into labels.
     writer.fingerprint = fingerprint(
@@ -206,7 +215,7 @@ def print_reports(cfg: PipelineConfig) -> None:
         labels = read_table(committed.path("labels.parquet"))
         summaries = committed.get("summaries", {})
         rows = agreement(labels, summaries)  # printed only: the committed report files stay as written
-        pools = store.require(Store(cfg.output_dir).pools(target.dataset, target.split), "annotate-report: pools")
-        by_position = agreement_by_position(labels, _pool_docs(read_table(pools.path("pools.parquet"))))
+        relsel = store.join(out, "relsel.parquet")
+        by_position = agreement_by_position(labels, shown_positions(read_table(relsel))) if store.exists(relsel) else []
         label = f"{target.dataset}/{target.split}"
         print(render_markdown(label, rows, graded_kappa(labels), acfg.model, by_position), flush=True)

@@ -73,16 +73,16 @@ def agreement(labels: pa.Table, summaries: dict[str, dict]) -> list[dict]:
 POSITION_BUCKETS = ((1, 1), (2, 5), (6, 10), (11, 20), (21, 10**6))
 
 
-def agreement_by_position(labels: pa.Table, pool_order: dict[str, list[str]]) -> list[dict]:
-    """Recall of the human positives by where they were shown (1-based position in the shuffled
-    pool): an annotator biased to the first passages selects them more often there."""
+def agreement_by_position(labels: pa.Table, shown: dict[tuple[str, str], int]) -> list[dict]:
+    """Recall of the human positives by the position [n] they were shown at in their RelSel window
+    (``shown``: (query, doc) -> n): an annotator biased to the first passages selects them more often
+    there. Only human positives the source labelled count (under Exclusion it labels none)."""
     cols = {c: labels.column(c).to_pylist() for c in ["query_id", "doc_id", "source", "positive"]}
-    shown = {(q, d): i + 1 for q, docs in pool_order.items() for i, d in enumerate(docs)}
     human: set[tuple[str, str]] = set()
     chosen: dict[str, set[tuple[str, str]]] = defaultdict(set)
-    labelled: dict[str, set[str]] = defaultdict(set)
+    labelled: dict[str, set[tuple[str, str]]] = defaultdict(set)
     for q, d, source, positive in zip(cols["query_id"], cols["doc_id"], cols["source"], cols["positive"]):
-        labelled[source].add(q)
+        labelled[source].add((q, d))
         if positive and source == "human":
             human.add((q, d))
         elif positive:
@@ -90,7 +90,7 @@ def agreement_by_position(labels: pa.Table, pool_order: dict[str, list[str]]) ->
     rows = []
     for source in (s for s in LLM_SOURCES if s in labelled):
         for low, high in POSITION_BUCKETS:
-            here = [k for k in human if k[0] in labelled[source] and low <= shown.get(k, 0) <= high]
+            here = [k for k in human & labelled[source] if low <= shown.get(k, 0) <= high]
             if not here:
                 continue
             hits = sum(k in chosen[source] for k in here)
@@ -160,7 +160,8 @@ def render_markdown(
     if by_position:
         lines += [
             "",
-            "Recall of the human positives by the position they were shown at (pools are shuffled per query):",
+            "Recall of the human positives by the position [n] they were shown at in their RelSel window "
+            "(pools are shuffled per query):",
             "",
             "| stage | shown at | human positives | recall |",
             "|---|---|---|---|",
@@ -185,11 +186,11 @@ def write_report(
     labels: pa.Table,
     summaries: dict[str, dict],
     model: str,
-    pool_order: dict[str, list[str]] | None = None,
+    shown: dict[tuple[str, str], int] | None = None,
 ) -> str:
     rows = agreement(labels, summaries)
     kappa = graded_kappa(labels)
-    by_position = agreement_by_position(labels, pool_order) if pool_order else []
+    by_position = agreement_by_position(labels, shown) if shown else []
     text = render_markdown(label, rows, kappa, model, by_position)
     folder = Path(folder)
     (folder / "report.md").write_text(text + "\n")

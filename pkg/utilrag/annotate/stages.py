@@ -252,6 +252,15 @@ def answers_by_query(table: pa.Table) -> dict[str, str]:
     return {q: a for q, a in zip(table.column("query_id").to_pylist(), table.column("answer").to_pylist()) if a}
 
 
+def shown_positions(table: pa.Table) -> dict[tuple[str, str], int]:
+    """(query, doc) -> the [n] it was shown as in its window of a stage's requests."""
+    return {
+        (q, d): i + 1
+        for q, ids in zip(table.column("query_id").to_pylist(), table.column("doc_ids").to_pylist())
+        for i, d in enumerate(ids or [])
+    }
+
+
 def merged_ranking(table: pa.Table) -> dict[str, list[str]]:
     """Query -> its UtilRank order: only the ids the model ranked (as the reference code does; a
     passage it left out, or a window whose ranking did not parse, ranks nowhere). Windows are
@@ -290,10 +299,13 @@ def build_labels(
     ranks: dict[str, dict[str, int]] = {}
     if "utilrank" in done:
         llm_sets["utilrank"] = {}
+        shown: dict[str, int] = defaultdict(int)  # passages UtilRank was asked to rank (the RelSel set)
+        for q, ids in zip(*(done["utilrank"].column(c).to_pylist() for c in ["query_id", "doc_ids"])):
+            shown[q] += len(ids or [])
         for q, order in merged_ranking(done["utilrank"]).items():
             ranks[q] = {d: i + 1 for i, d in enumerate(order)}
-            # the top k% of the pool, among the passages the model ranked; none ranked: no positive
-            k = top_percent(len(all_pools.get(q, order)), acfg.utilrank_top_percent) if order else 0
+            # the top k% of what it was shown, among the passages it ranked; none ranked: no positive
+            k = top_percent(shown[q], acfg.utilrank_top_percent) if order else 0
             llm_sets["utilrank"][q] = set(order[:k])
     grades: dict[str, dict[str, int]] = defaultdict(dict)
     if "graded" in done:

@@ -157,7 +157,8 @@ def _input_fingerprint(resolved: registry.ResolvedDataset, icfg: IngestConfig) -
             "files": stats,
             "threshold": resolved.relevance_threshold,
             "unknown_qrels_docs": resolved.unknown_qrels_docs,
-            "ignore_identical_ids": resolved.ignore_identical_ids,
+            # only where it applies: the fingerprints of every other dataset stay as they were
+            **({"ignore_identical_ids": True} if resolved.ignore_identical_ids else {}),
             "reject_threshold": icfg.reject_threshold,
         }
     )

@@ -106,9 +106,8 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> tuple[str, bool]:
     Returns the folder and whether it was reused."""
     dataset = open_dataset(cfg, pcfg.dataset)
     out = Store(cfg.output_dir).pools(pcfg.dataset, pcfg.split)
-    fp = fingerprint(
-        {"input": dataset.fingerprint, "config": pcfg.model_dump(), "positives": "with-text", "given": "shuffled"}
-    )
+    given = {"given": "shuffled"} if dataset.has("pools") else {}  # built pools' fingerprints unchanged
+    fp = fingerprint({"input": dataset.fingerprint, "config": pcfg.model_dump(), "positives": "with-text", **given})
     if store.reusable(out, fp) is not None:
         log.info(f"{pcfg.dataset}/{pcfg.split}: unchanged, reusing {out}")
         return out, True

@@ -11,7 +11,15 @@ import numpy as np
 import pyarrow as pa
 
 from utilrag.config import IndexConfig
-from utilrag.encoder_spec import EncoderSpec, ModelError, pool, read_spec, resolve_model, tower_dirs
+from utilrag.encoder_spec import (
+    EncoderSpec,
+    ModelError,
+    model_reference,
+    pool,
+    read_spec,
+    resolve_model,
+    tower_dirs,
+)
 from utilrag.logs import Progress, get_logger
 
 log = get_logger("index")
@@ -90,14 +98,15 @@ class EncodeBatch:
 
 def resolve_encoder(icfg: IndexConfig) -> tuple[EncoderSpec, str, str]:
     """How to encode with icfg.model: its saved encoder spec (a model trained here), else the
-    defaults, with every setting given in the index config on top; and its (query, passage) towers."""
-    path = resolve_model(icfg.model)
+    defaults, with every setting given in the index config on top; and its (query, passage) towers
+    as references the encoder actors resolve on their own nodes (a trained model's URI, or a folder)."""
+    path = resolve_model(icfg.model)  # local (this node's copy of a URI): read the spec
     saved = read_spec(path) if Path(path).is_dir() else None
     given = {k: v for k, v in icfg.model_dump(include=SPEC_FIELDS).items() if v is not None}
     spec = (saved or EncoderSpec()).model_copy(update=given)
-    query_dir, passage_dir = tower_dirs(path, spec)
-    if not Path(passage_dir).is_dir() and passage_dir != path:
-        raise ModelError(f"model {icfg.model!r}: its encoder spec says separate towers, but {passage_dir} is missing")
+    if not spec.shared and not Path(path, "passage").is_dir():
+        raise ModelError(f"model {icfg.model!r}: its encoder spec says separate towers, but {path}/passage is missing")
+    query_dir, passage_dir = tower_dirs(model_reference(icfg.model), spec)
     return spec, query_dir, passage_dir
 
 

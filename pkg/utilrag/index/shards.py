@@ -329,10 +329,13 @@ class FaissShard:
         else:
             index = faiss.index_gpu_to_cpu(self.index) if self.use_gpu else self.index
         fs, path = store.filesystem(folder)
+        target = posixpath.join(path, f"shard-{self.shard_id:03d}.faiss")
         if not store.is_remote(folder):
             fs.create_dir(path, recursive=True)
-        with fs.open_output_stream(posixpath.join(path, f"shard-{self.shard_id:03d}.faiss")) as f:
-            f.write(faiss.serialize_index(index).tobytes())
+            faiss.write_index(index, target)  # streamed to the file: no copy of the index in memory
+        else:
+            with fs.open_output_stream(target) as f:  # streamed through the upload
+                faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))  # type: ignore[attr-defined]
         with fs.open_output_stream(posixpath.join(path, f"shard-{self.shard_id:03d}.ids.json")) as f:
             f.write(json.dumps(self.ids).encode())
         return folder
@@ -349,8 +352,11 @@ class FaissShard:
         for p in (path, ids_path):
             if fs.get_file_info(p).type != pafs.FileType.File:
                 raise ShardError(f"shard {self.shard_id}: missing shard file {p}")
-        with fs.open_input_file(path) as f:
-            index = faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
+        if not store.is_remote(folder):
+            index = faiss.read_index(path)
+        else:
+            with fs.open_input_stream(path) as f:
+                index = faiss.read_index(faiss.PyCallbackIOReader(f.read))  # type: ignore[attr-defined]
         with fs.open_input_file(ids_path) as f:
             self.ids = json.loads(f.read())
         if index.ntotal != len(self.ids):

@@ -120,7 +120,7 @@ def make_groups(
     """One row per (epoch, query with a positive): group_size doc ids and a positive mask.
 
     Positive sampling (docs/method.md §4): ``all`` and ``avg`` put every positive in the group (up
-    to group_size - 1; the loss sums or averages over them), ``one`` always the same (first) one,
+    to group_size - 1; the loss sums or averages over them), ``one`` always the same one (drawn once),
     ``rand1`` one drawn anew each epoch. Negatives: the rest of the pool, less ``not_negative``."""
     rows = []
     for epoch in range(epochs):
@@ -135,8 +135,8 @@ def make_groups(
             negs = [d for d in pools.get(q, []) if d not in skip]
             if mode in ("all", "avg"):
                 chosen = rng.sample(pos, min(len(pos), group_size - 1))
-            elif mode == "one":
-                chosen = [pos[0]]
+            elif mode == "one":  # one positive per query, drawn once (seeded), the same every epoch
+                chosen = [random.Random(f"{seed}:{q}:one").choice(pos)]
             else:
                 chosen = [rng.choice(pos)]
             need = group_size - len(chosen)
@@ -161,7 +161,9 @@ def make_groups(
 def _tokenizer(model_path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_path)
+    from utilrag.encoder_spec import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(model_path))  # a URI: this node's copy
 
 
 def tokenize_batch(batch: dict, model_path: str, query_max_len: int, passage_max_len: int) -> dict:

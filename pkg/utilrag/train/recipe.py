@@ -20,6 +20,8 @@ from utilrag import store
 from utilrag.config import PipelineConfig, TrainConfig
 from utilrag.data.dataset import open_dataset
 from utilrag.data.tables import fingerprint
+from utilrag.encoder_spec import model_identity, model_reference, resolve_model
+from utilrag.errors import UtilragError
 from utilrag.logs import get_logger
 from utilrag.stages import StageResult
 from utilrag.store import Store
@@ -75,10 +77,11 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as d:
             resume = json.loads(Path(d, "state.json").read_text())
     phases = config["phases"]
-    metrics_log = MetricsLog(config["metrics_path"]) if rank == 0 else None
+    model_path = resolve_model(config["model_path"])  # a trained model's URI: this node's copy
+    metrics_log = MetricsLog(config["metrics_path"], phases, resume) if rank == 0 else None
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank and every attempt
     # One engine for every phase (see train/engine.py); built with the first phase's schedule.
-    model, engine = setup_model_and_engine(tcfg, config["model_path"], phases[0]["steps"])
+    model, engine = setup_model_and_engine(tcfg, model_path, phases[0]["steps"])
     clock = CheckpointClock(tcfg.checkpoint_every_s, tcfg.checkpoint_every, engine.device)
     for phase_index, phase in enumerate(phases):
         if phase_index < resume["phase"]:
@@ -143,26 +146,30 @@ def train_loop_per_worker(config: dict) -> None:
 
     if metrics_log is not None:
         metrics_log.flush()
-    # Rank 0 may run on any node: it saves locally, then copies to the stage's staging location
-    # (shared storage, or the object-store prefix the driver commits).
-    with tempfile.TemporaryDirectory() as tmp:
-        save_hf_model(
-            engine, model, Path(tmp), AutoTokenizer.from_pretrained(config["model_path"]), rank, encoder_spec(tcfg)
-        )
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    target = config["model_dir"]  # the staging location: shared storage, or the object-store prefix
+    if not storage.is_remote(target):
+        save_hf_model(engine, model, Path(target), tokenizer, rank, encoder_spec(tcfg))
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # object storage: save locally, then upload
+        save_hf_model(engine, model, Path(tmp), tokenizer, rank, encoder_spec(tcfg))
         if rank == 0:
-            storage.upload_dir(tmp, storage.join(config["out_dir"], "model"))
+            storage.upload_dir(tmp, target)
 
 
 class MetricsLog:
     """Rank 0's loss log: rows kept in memory and written whole (one PUT on object storage, which
     cannot append) at every checkpoint; a restarted run continues the rows already written."""
 
-    def __init__(self, location: str):
+    def __init__(self, location: str, phases: list[dict], resume: dict):
         from utilrag import store as storage
 
         self.location = location
         text = storage.read_text(location)
-        self.rows: list[dict] = list(csv.DictReader(io.StringIO(text))) if text else []
+        rows = list(csv.DictReader(io.StringIO(text))) if text else []
+        # Steps after the checkpoint being resumed were logged by the attempt that died: trained again now.
+        done = phases[resume["phase"]]["offset"] + resume["step"] if resume["phase"] < len(phases) else None
+        self.rows: list[dict] = [r for r in rows if done is None or int(r["global_step"]) <= done]
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
@@ -218,7 +225,6 @@ def run_train(cfg: PipelineConfig) -> tuple[str, bool]:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from utilrag.encoder_spec import model_identity, resolve_model
     from utilrag.raycluster import connect
     from utilrag.train.dataset import make_groups, phase_positives, pools_by_query, seeded_percent, worker_datasets
 
@@ -226,7 +232,8 @@ def run_train(cfg: PipelineConfig) -> tuple[str, bool]:
     tcfg = cfg.train
     t0 = time.time()
     folder = Store(cfg.output_dir).train(tcfg.name)
-    model_path = resolve_model(tcfg.model)
+    model_path = resolve_model(tcfg.model)  # this node's (the driver's) copy
+    model_ref = model_reference(tcfg.model)  # what the workers resolve on their own nodes
     dataset = open_dataset(cfg, tcfg.dataset)
     fp = fingerprint(
         {
@@ -255,7 +262,7 @@ def run_train(cfg: PipelineConfig) -> tuple[str, bool]:
         rows = make_groups(
             phase.positives, pools, tcfg.group_size, mode, epochs, tcfg.seed, query_ids, phase.not_negative
         )
-        phase_sets, steps = worker_datasets(rows, texts, docs, tcfg, model_path)
+        phase_sets, steps = worker_datasets(rows, texts, docs, tcfg, model_ref)
         datasets.update({k.replace("train", name, 1): v for k, v in phase_sets.items()})
         phases.append({"name": name, "steps": steps, "offset": offset, "groups": len(rows), "positive_sampling": mode})
         offset += steps
@@ -289,9 +296,9 @@ def run_train(cfg: PipelineConfig) -> tuple[str, bool]:
         train_loop_per_worker,
         train_loop_config={
             "train": tcfg.model_dump(),
-            "model_path": model_path,
+            "model_path": model_ref,
             "phases": phases,
-            "out_dir": writer.path("."),
+            "model_dir": writer.path("model"),
             "metrics_path": metrics_path,
         },
         scaling_config=ScalingConfig(
@@ -315,6 +322,11 @@ def run_train(cfg: PipelineConfig) -> tuple[str, bool]:
     if metrics_text:
         writer.local_path("metrics.csv").write_text(metrics_text)
         plot_loss(writer.local_path("metrics.csv"), writer.local_path("loss.png"))
+    if not store.exists(writer.path("model")):
+        raise UtilragError(
+            f"train: the trained model did not reach {writer.path('model')}: rank 0 ran on another node, so "
+            "output_dir must be shared storage (mounted on every node) or an object-store URI"
+        )
     wall = time.time() - t0
     writer.commit(
         config=tcfg.model_dump(),
