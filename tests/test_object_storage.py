@@ -1,10 +1,10 @@
 """Every stage on object storage: a real S3-compatible server (moto's standalone server) on
 127.0.0.1, `output_dir: s3://…` and the dataset read from the bucket too.
 
-One pipeline run (ingest -> pools -> BM25 -> train -> index of the trained model -> evaluate) in
-which a training worker dies (Ray Train restores it from the checkpoint on S3) and the driver is
-SIGKILLed after training, before the commit; a rerun resumes from the final S3 checkpoint and
-finishes; a third run reuses every stage. A fake secret key in the environment appears in no output.
+One pipeline run (ingest -> pools -> BM25 -> train -> index of the trained model -> evaluate ->
+report) in which the driver is SIGKILLed after training, before the train commit; a rerun resumes
+from the final checkpoint on S3 (Ray Train restores the run from its storage_path) and finishes; a
+third run reuses every stage. A fake secret key in the environment appears in no output.
 """
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ def test_pipeline_on_s3_with_training_resumed_from_s3_checkpoints(ray_head_with_
                     "query_max_len": 8,
                     "passage_max_len": 16,
                     "group_size": 4,
-                    "per_device_queries": 2,
-                    "num_workers": 2,
+                    "per_device_queries": 4,
+                    "num_workers": 1,
                     "epochs": 1,
                     "max_steps": 4,
                     "checkpoint_every": 2,
@@ -175,9 +175,8 @@ def test_pipeline_on_s3_with_training_resumed_from_s3_checkpoints(ray_head_with_
         outputs.append(proc.stdout + proc.stderr)
         return proc
 
-    # 1. A training worker dies at step 3 (restored from the step-2 checkpoint on S3), and the driver
-    #    is killed once training is over, before the train stage commits.
-    first = pipeline(UTILRAG_FAULT_TRAIN_KILL_AT_STEP="0:3", UTILRAG_FAULT_KILL="train@commit")
+    # 1. The driver is killed once training is over, before the train stage commits.
+    first = pipeline(UTILRAG_FAULT_KILL="train@commit")
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     checkpoints = [k for k in _objects("run/train/s3/ray_results") if "/checkpoint_" in k]
     assert checkpoints, "no checkpoint on S3"

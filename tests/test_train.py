@@ -36,7 +36,7 @@ def test_positive_sampling_modes_and_exclusion():
     def firsts(mode):
         return [r["doc_ids"][0] for r in make_groups(positives, pools, mode=mode, **kw)]
 
-    assert set(firsts("one")) == {"a"}  # Pos-one: the same (first) positive every epoch
+    assert len(set(firsts("one"))) == 1  # Pos-one: the same positive (drawn once) every epoch
     assert set(firsts("rand1")) == {"a", "b", "c"}  # Rand1: drawn anew each epoch
     avg = make_groups(positives, pools, mode="avg", **kw)
     assert all(sum(r["positives"]) == 2 for r in avg)  # every positive that fits (group_size - 1)
@@ -144,9 +144,8 @@ def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(
     ray_local, make_config, tiny_dataset, tmp_path, monkeypatch
 ):
     """A two-phase curriculum (LLM labels, then human labels of 50% of the queries) on one engine;
-    rank 1 SIGKILLs itself in phase 2 — at its first step (resume from the end of phase 1: fresh
-    AdamW state and schedule) and mid-phase (resume inside phase 2's own schedule). Both resumed
-    runs end with the uninterrupted run's weights."""
+    rank 1 SIGKILLs itself at phase 2's first step (resume from the end of phase 1: fresh AdamW state
+    and schedule); the resumed run ends with the uninterrupted run's weights."""
     import pandas as pd
     import torch
     from transformers import AutoModel
@@ -188,7 +187,10 @@ def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(
     base = AutoModel.from_pretrained(resolve_model("sentence-transformers/all-MiniLM-L6-v2"))
     moved = max(float((pa_ - pb).abs().max()) for pa_, pb in zip(a.parameters(), base.parameters()))
     assert moved > 1e-4  # training changed the weights
-    for name, kill_at in (("killed-phase2-start", "1:0"), ("killed-phase2-middle", "1:2")):
+    # (Resuming mid-phase restores AdamW moments and the schedule: benchmarks/gpu_check.py's checkpoint
+    # check, run by test_gpu_check, compares those step by step; here the phase boundary, where the
+    # restart must begin phase 2 afresh from phase 1's final state.)
+    for name, kill_at in (("killed-phase2-start", "1:0"),):
         cfg.train.name = name
         monkeypatch.setenv("UTILRAG_FAULT_TRAIN_KILL_AT_STEP", kill_at)  # rank 1 SIGKILLs itself once
         killed = Path(run_train(cfg)[0]) / "model"
