@@ -194,7 +194,11 @@ def run_evaluation(cfg: PipelineConfig, runs: list[RunToEvaluate] | None = None)
         pq.write_table(pa.Table.from_pylist(per_query_rows), out / "per_query.parquet")
         plot_metrics(rows, metrics, out / "metrics.png")
     writer.commit(
-        runs=[r.model_dump() for r in runs], metrics=metrics, results=rows, wall_time_s=round(time.time() - t0, 2)
+        runs=[r.model_dump() for r in runs],
+        metrics=metrics,
+        baseline=cfg.evaluate.baseline,
+        results=rows,
+        wall_time_s=round(time.time() - t0, 2),
     )
     print(table, flush=True)
     return rows

@@ -243,7 +243,7 @@ def retrieval(cfg: PipelineConfig, root: str, found: list[Found]) -> tuple[list[
     metrics = c.get("metrics") or [
         k for k in (rows[0] if rows else {}) if k not in ("label", "dataset", "split", "queries")
     ]
-    baseline = cfg.evaluate.baseline
+    baseline = c.get("baseline", cfg.evaluate.baseline)  # what evaluate tested against, when it says
     tests: dict[tuple, dict] = {}
     if c.has("significance.parquet"):
         fs, path = store.filesystem(c.path("significance.parquet"))  # one file (core code: no data.tables)
