@@ -64,6 +64,19 @@ WORDS = (
 ).split()
 
 
+# A training section small enough for tests on the tiny dataset (one worker, a few steps).
+TINY_TRAIN = {
+    "dataset": "tiny",
+    "split": "train",
+    "query_max_len": 8,
+    "passage_max_len": 16,
+    "group_size": 4,
+    "per_device_queries": 4,
+    "num_workers": 1,
+    "epochs": 1,
+}
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path):
     """24 queries, 120 passages, 1-2 positives each: an MS MARCO layout small enough to train on here."""

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import start_ray_head, stop_cluster
+from conftest import TINY_TRAIN, start_ray_head, stop_cluster
 from utilrag.config import REPO_ROOT
 from utilrag.store import Store, read_manifest
 
@@ -80,18 +80,7 @@ def cli(ray_head, tiny_root, tmp_path_factory):
                     "passage_max_len": 32,
                     "targets": [{"dataset": "tiny", "split": "train"}],
                 },
-                "train": {
-                    "dataset": "tiny",
-                    "split": "train",
-                    "query_max_len": 8,
-                    "passage_max_len": 16,
-                    "group_size": 4,
-                    "per_device_queries": 4,
-                    "num_workers": 1,
-                    "epochs": 1,
-                    "max_steps": 2,
-                    "name": "k",
-                },
+                "train": {**TINY_TRAIN, "max_steps": 2, "name": "k"},
                 "evaluate": {"metrics": ["nDCG@10"], "runs": [{"dataset": "tiny", "split": "train", "run": "bm25s"}]},
             }
         )

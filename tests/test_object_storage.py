@@ -24,7 +24,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import free_port, start_ray_head, stop_cluster
+from conftest import TINY_TRAIN, free_port, start_ray_head, stop_cluster
 from utilrag.config import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -128,16 +128,9 @@ def test_pipeline_on_s3_with_training_resumed_from_s3_checkpoints(ray_head_with_
                 "pools": [{"dataset": "tiny", "split": "train", "size": 8}],
                 "bm25": [{"dataset": "tiny", "split": "train", "k": 20}],
                 "train": {
+                    **TINY_TRAIN,
                     "name": "s3",
-                    "dataset": "tiny",
-                    "split": "train",
                     "pooling": "mean",
-                    "query_max_len": 8,
-                    "passage_max_len": 16,
-                    "group_size": 4,
-                    "per_device_queries": 4,
-                    "num_workers": 1,
-                    "epochs": 1,
                     "max_steps": 4,
                     "checkpoint_every": 2,
                     "max_failures": 1,
