@@ -93,7 +93,8 @@ def model_reference(name: str) -> str:
     copy), else the resolved folder or hub name (the same on every node: a package, shared storage)."""
     if _is_uri(name):
         resolve_model(name)  # check it here, once, with one clear line
-        return _split_tower(name)[0] + ("/passage" if _split_tower(name)[1] else "")
+        location, tower = _split_tower(name)
+        return f"{location}/{tower}" if tower else location
     return resolve_model(name)
 
 

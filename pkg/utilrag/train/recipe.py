@@ -142,19 +142,17 @@ def train_loop_per_worker(config: dict) -> None:
             engine.load_checkpoint(d, tag="ckpt")
     from transformers import AutoTokenizer
 
-    from utilrag import store as storage
-
     if metrics_log is not None:
         metrics_log.flush()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     target = config["model_dir"]  # the staging location: shared storage, or the object-store prefix
-    if not storage.is_remote(target):
+    if not store.is_remote(target):
         save_hf_model(engine, model, Path(target), tokenizer, rank, encoder_spec(tcfg))
         return
     with tempfile.TemporaryDirectory() as tmp:  # object storage: save locally, then upload
         save_hf_model(engine, model, Path(tmp), tokenizer, rank, encoder_spec(tcfg))
         if rank == 0:
-            storage.upload_dir(tmp, target)
+            store.upload_dir(tmp, target)
 
 
 class MetricsLog:
@@ -162,10 +160,8 @@ class MetricsLog:
     cannot append) at every checkpoint; a restarted run continues the rows already written."""
 
     def __init__(self, location: str, phases: list[dict], resume: dict):
-        from utilrag import store as storage
-
         self.location = location
-        text = storage.read_text(location)
+        text = store.read_text(location)
         rows = list(csv.DictReader(io.StringIO(text))) if text else []
         # Steps after the checkpoint being resumed were logged by the attempt that died: trained again now.
         done = phases[resume["phase"]]["offset"] + resume["step"] if resume["phase"] < len(phases) else None
@@ -175,15 +171,13 @@ class MetricsLog:
         self.rows.append(row)
 
     def flush(self) -> None:
-        from utilrag import store as storage
-
         if not self.rows:
             return
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=list(self.rows[-1]))
         writer.writeheader()
         writer.writerows(self.rows)
-        storage.write_text(self.location, out.getvalue())
+        store.write_text(self.location, out.getvalue())
 
 
 # --------------------------------------------------------------------------- driver side
