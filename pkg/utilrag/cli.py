@@ -14,7 +14,7 @@ from utilrag.stages import STAGES
 
 JOBS = {
     "pipeline": "every configured stage in order (--from STAGE, --only STAGE ...), reusing unchanged outputs",
-    "run": "the baseline job: ingest, pools, BM25, dense index, evaluation (no LLM, no training)",
+    "run": "the main job: every configured stage in order (make run), reusing unchanged outputs",
     "annotate-report": "print the agreement report of finished annotations",
 }
 
@@ -104,9 +104,9 @@ def _dispatch(args) -> None:
 
         run_pipeline(cfg, only=args.only, start=args.start)
     elif args.command == "run":
-        from utilrag.pipeline import BASELINE_STAGES, run_pipeline
+        from utilrag.pipeline import run_pipeline
 
-        run_pipeline(cfg, among=BASELINE_STAGES)
+        run_pipeline(cfg)
     elif args.command == "annotate-report":
         from utilrag.annotate import print_reports
 

@@ -137,6 +137,14 @@ class IndexTarget(Strict):
         None, description="an ingested run (e.g. DL19's bm25 top-100): score only its candidates; null: full retrieval"
     )
     label: str | None = Field(None, description='the run\'s name; null: "dense" (or "dense-rerank-<run>")')
+    model: str | None = Field(
+        None,
+        description='the encoder of this search; null: index.model. "train:<name>" is the retriever the train '
+        "stage fitted as <name> (set for each train setting by index.trained_targets)",
+    )
+
+
+TRAINED_MODEL = "train:"  # IndexTarget.model prefix: a retriever fitted by the train stage in this run
 
 
 class IndexConfig(Strict):
@@ -202,6 +210,11 @@ class IndexConfig(Strict):
     search_retries: int = Field(0, ge=0, description="restart a dead shard from the saved index and retry")
     k: int = Field(1000, gt=0, description="results per query")
     targets: list[IndexTarget] = Field([], description="the searches to run, one run each")
+    trained_targets: list[IndexTarget] = Field(
+        [],
+        description="searches run with every retriever the train stage fits (one per train setting): each becomes "
+        "a target with model train:<setting> labelled <setting> (or <setting>-<label>)",
+    )
 
     @field_validator("max_encoders")
     @classmethod
@@ -223,6 +236,11 @@ class RunToEvaluate(Strict):
     split: str | None = Field(None, description="qrels split; null: all of the dataset's qrels")
     run: str = Field(description='a TREC run file, an ingested run, "bm25s" (the BM25 stage) or a dense run\'s label')
     label: str | None = Field(None, description="the run's name in the tables; null: `run`")
+    setting: str | None = Field(
+        None,
+        description="the train setting whose retriever made this run (tested against evaluate.settings_baseline); "
+        "set by evaluate.trained",
+    )
 
 
 class EvaluateConfig(Strict):
@@ -233,6 +251,14 @@ class EvaluateConfig(Strict):
     runs: list[RunToEvaluate] = Field([], description="the runs to evaluate")
     baseline: str | None = Field(
         None, description="label of the run the others (same dataset) are tested against; null: no tests"
+    )
+    trained: bool = Field(
+        True, description="also evaluate every run of index.trained_targets (each train setting's retriever)"
+    )
+    settings_baseline: str | None = Field(
+        "human",
+        description="the train setting the other settings' runs are tested against (the paper: human labels); "
+        "null: evaluate.baseline",
     )
     permutations: int = Field(10_000, ge=100, description="randomisation test samples")
 
@@ -349,6 +375,27 @@ class AnnotateConfig(Strict):
         }
 
 
+class TrainSetting(Strict):
+    """One retriever of a comparison: the train section's keys, with these ones changed."""
+
+    name: str = Field(description="the run folder (output_dir/train/<name>/) and the label of its dense runs")
+    labels: Literal["human", "relsel", "utilsel", "utilrank", "graded"] | None = Field(
+        None, description="the positives; null: train.labels"
+    )
+    labels_path: str | None = Field(None, description="labels table; null: train.labels_path")
+    loss: Literal["single", "rand1", "joint", "summarg"] | None = Field(None, description="null: train.loss")
+    positives: Literal["all", "one", "rand1", "avg"] | None = Field(None, description="null: train.positives")
+    human_mix_percent: float | None = Field(
+        None, ge=0, le=100, description="union with the human labels of X% of queries; null: train.human_mix_percent"
+    )
+    curriculum_human_percent: float | None = Field(
+        None, ge=0, le=100, description="curriculum stage 2 on X% human labels; null: train.curriculum_human_percent"
+    )
+    curriculum_epochs: int | None = Field(None, ge=1, description="null: train.curriculum_epochs")
+    epochs: int | None = Field(None, ge=1, description="null: train.epochs")
+    seed: int | None = Field(None, description="null: train.seed")
+
+
 class TrainConfig(Strict):
     """The retriever training stage (Ray Train + DeepSpeed; docs/method.md §3-4)."""
 
@@ -413,7 +460,35 @@ class TrainConfig(Strict):
         None, description="a seeded subset of the training queries (small local runs); null: all"
     )
     max_steps: int | None = Field(None, description="cap on the steps of each phase; null: whole epochs")
-    name: str = Field("run", description="the run folder: output_dir/train/<name>/")
+    name: str = Field("run", description="the run folder: output_dir/train/<name>/ (without settings)")
+    settings: list[TrainSetting] = Field(
+        [],
+        description="one retriever per entry (label settings: human, relsel, utilsel, utilrank, curriculum …), "
+        "each this section with the entry's keys changed; empty: one retriever, `name`",
+    )
+
+    def runs(self) -> list[TrainConfig]:
+        """The retrievers to fit: one per setting (the section's keys with the setting's changed), or this one."""
+        if not self.settings:
+            return [self]
+        return [self._with(s) for s in self.settings]
+
+    def _with(self, setting: TrainSetting) -> TrainConfig:
+        base = self.model_dump(exclude={"settings"})
+        return TrainConfig.model_validate({**base, **setting.model_dump(exclude_none=True)})  # null: the section's
+
+    @model_validator(mode="after")
+    def _settings_are_runs(self) -> TrainConfig:
+        names = [s.name for s in self.settings]
+        if len(set(names)) != len(names):
+            raise ValueError(f"settings: two entries are named {next(n for n in names if names.count(n) > 1)!r}")
+        for setting in self.settings:
+            try:
+                self._with(setting)
+            except ValidationError as e:
+                reason = e.errors()[0]["msg"].removeprefix("Value error, ")
+                raise ValueError(f"setting {setting.name!r}: {reason}") from None
+        return self
 
     @model_validator(mode="after")
     def _loss_fits_the_positives(self) -> TrainConfig:
@@ -464,7 +539,11 @@ class RagConfig(Strict):
 
 
 class ReportConfig(Strict):
-    """The report stage (output_dir/report/): settings of its GPU-hour estimate."""
+    """The report stage (output_dir/report/): its notes and the settings of its GPU-hour estimate."""
+
+    notes: list[str] = Field(
+        [], description="lines printed at the top of the report (a local run's caps, what it leaves out)"
+    )
 
     gpu_tokens_per_s: float = Field(
         2500.0,
@@ -532,6 +611,28 @@ class PipelineConfig(Strict):
             if isinstance(data.get(section), dict) and key in data[section]:
                 data[section] = {**data[section], key: expand(data[section][key])}
         return {k: v for k, v in data.items() if v is not None or k not in ("pools", "bm25")}
+
+    @model_validator(mode="after")
+    def _trained_runs(self) -> PipelineConfig:
+        """Each train setting's retriever searches index.trained_targets, and evaluate scores those runs
+        (added here, so the stages, the fingerprints and the report's config all see them written out)."""
+        if not self.index.trained_targets:
+            return self
+        if "train" not in self.model_fields_set:
+            raise ValueError("index.trained_targets: there is no train section to take the retrievers from")
+        targets, runs = list(self.index.targets), list(self.evaluate.runs)
+        for run in self.train.runs():
+            for target in self.index.trained_targets:
+                plain = target.label is None and target.rerank is None
+                label = run.name if plain else f"{run.name}-{target.label or f'rerank-{target.rerank}'}"
+                added = target.model_copy(update={"label": label, "model": f"{TRAINED_MODEL}{run.name}"})
+                if added not in targets:
+                    targets.append(added)
+                scored = RunToEvaluate(dataset=target.dataset, split=target.split, run=label, setting=run.name)
+                if self.evaluate.trained and scored not in runs:
+                    runs.append(scored)
+        self.index.targets, self.evaluate.runs = targets, runs
+        return self
 
     @model_validator(mode="after")
     def _one_writer_per_folder(self) -> PipelineConfig:
@@ -604,7 +705,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     elif first["type"] == "missing":
         reason = "required key is missing"
     else:
-        reason = first["msg"]
+        reason = first["msg"].removeprefix("Value error, ")
         if "input" in first and not isinstance(first["input"], (dict, list)):
             reason += f" (got {first['input']!r})"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""

@@ -11,10 +11,6 @@ from utilrag.stages import STAGES, StageResult, get_stage
 
 log = get_logger("pipeline")
 
-# `utilrag run`: the baselines (BM25, public runs, the packaged encoder) without the LLM and training,
-# and the report of what the run directory holds.
-BASELINE_STAGES = ("ingest", "pools", "bm25", "index", "evaluate", "report")
-
 
 def configured(cfg: PipelineConfig, name: str) -> bool:
     """Whether the config asks for a stage: ingest always; the others when their section has work."""

@@ -111,26 +111,47 @@ def format_table(rows: list[dict], metrics: list[str]) -> str:
     return "\n".join(lines)
 
 
-def significance(cfg: PipelineConfig, rows: list[dict], per_query_rows: list[dict]) -> list[dict]:
-    """Each run against the baseline run of the same dataset: paired t-test and randomisation test."""
+def reference(cfg: PipelineConfig, spec: RunToEvaluate) -> str | None:
+    """The label a run is tested against: a train setting's run against the same search by the
+    settings baseline (the human-label retriever), any other run against evaluate.baseline."""
+    ecfg = cfg.evaluate
+    if spec.setting is not None and ecfg.settings_baseline is not None:
+        label = spec.label or spec.run
+        return ecfg.settings_baseline + label[len(spec.setting) :]  # e.g. utilsel-rerank-bm25 -> human-rerank-bm25
+    return ecfg.baseline
+
+
+def significance(
+    cfg: PipelineConfig, runs: list[RunToEvaluate], rows: list[dict], per_query_rows: list[dict]
+) -> list[dict]:
+    """Each run against its reference run (``reference``) on the same dataset: paired t-test and
+    randomisation test."""
     values: dict[tuple, dict[str, float]] = {}
     for r in per_query_rows:
         values.setdefault((r["dataset"], r["label"], r["metric"]), {})[r["query_id"]] = r["value"]
     tests = []
-    for row in rows:
-        if row["label"] == cfg.evaluate.baseline:
+    for spec, row in zip(runs, rows):
+        base_label = reference(cfg, spec)
+        if base_label is None or row["label"] == base_label:
             continue
         for metric in cfg.evaluate.metrics:
-            base = values.get((row["dataset"], cfg.evaluate.baseline, metric))
+            base = values.get((row["dataset"], base_label, metric))
             if base is None:
                 continue
             result = paired_tests(base, values[(row["dataset"], row["label"], metric)], cfg.evaluate.permutations)
-            tests.append({"dataset": row["dataset"], "label": row["label"], "metric": metric, **result})
+            tests.append(
+                {"dataset": row["dataset"], "label": row["label"], "metric": metric, "baseline": base_label, **result}
+            )
     return tests
 
 
-def format_tests(tests: list[dict], baseline: str) -> str:
-    return format_paired_tests(tests, baseline, [("run", "label"), ("dataset", "dataset"), ("metric", "metric")])
+def format_tests(tests: list[dict]) -> str:
+    """One table per reference run."""
+    columns = [("run", "label"), ("dataset", "dataset"), ("metric", "metric")]
+    return "\n\n".join(
+        format_paired_tests([t for t in tests if t["baseline"] == base], base, columns)
+        for base in dict.fromkeys(t["baseline"] for t in tests)
+    )
 
 
 def plot_metrics(rows: list[dict], metrics: list[str], path: Path) -> None:
@@ -178,14 +199,14 @@ def run_evaluation(cfg: PipelineConfig, runs: list[RunToEvaluate] | None = None)
                 per_query_rows.append(
                     {"label": label, "dataset": spec.dataset, "query_id": qid, "metric": m, "value": v}
                 )
-    tests = significance(cfg, rows, per_query_rows) if cfg.evaluate.baseline else []
+    tests = significance(cfg, runs, rows, per_query_rows)
     rows += group_means(rows, metrics)
     table = format_table(rows, metrics)
     # Always recomputed (cheap); written by the commit protocol so that a report never reads half of it.
     writer = store.begin(Store(cfg.output_dir).evaluate(), "evaluate", None)
     out = writer.local_path(".")
     if tests:
-        table += "\n\n" + format_tests(tests, cfg.evaluate.baseline or "")
+        table += "\n\n" + format_tests(tests)
         pq.write_table(pa.Table.from_pylist(tests), out / "significance.parquet")
     (out / "metrics.md").write_text(table + "\n")
     (out / "metrics.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -197,6 +218,8 @@ def run_evaluation(cfg: PipelineConfig, runs: list[RunToEvaluate] | None = None)
         runs=[r.model_dump() for r in runs],
         metrics=metrics,
         baseline=cfg.evaluate.baseline,
+        settings_baseline=cfg.evaluate.settings_baseline if any(r.setting for r in runs) else None,
+        settings={r.label or r.run: r.setting for r in runs if r.setting},
         results=rows,
         wall_time_s=round(time.time() - t0, 2),
     )

@@ -11,13 +11,13 @@ import numpy as np
 import pyarrow as pa
 
 from utilrag import store
-from utilrag.config import IndexConfig, IndexTarget, PipelineConfig
+from utilrag.config import TRAINED_MODEL, IndexConfig, IndexTarget, PipelineConfig
 from utilrag.data.dataset import Dataset, DatasetInputError, open_dataset
 from utilrag.data.formats import list_files
 from utilrag.data.lexical import write_trec_run
 from utilrag.data.tables import SCHEMAS, fingerprint, write_table
 from utilrag.encoder_spec import ModelError, model_identity
-from utilrag.index.encode import encode_table, read_embeddings, resolve_encoder, texts_for
+from utilrag.index.encode import SPEC_FIELDS, encode_table, read_embeddings, resolve_encoder, texts_for
 from utilrag.index.shards import ShardedIndex, ShardError
 from utilrag.logs import get_logger
 from utilrag.stages import StageResult
@@ -192,18 +192,32 @@ def target_fingerprint(icfg: IndexConfig, target: IndexTarget, embeddings: Commi
     )
 
 
+def with_model(cfg: PipelineConfig, model: str | None) -> IndexConfig:
+    """The index settings for one target's encoder: index.model (null), another model, or a retriever
+    the train stage fitted (train:<name>), encoded as it was trained: its saved encoder spec, not the
+    index section's pooling and lengths (those are for index.model)."""
+    icfg = cfg.index
+    if model is None:
+        return icfg
+    if model.startswith(TRAINED_MODEL):
+        trained = store.join(Store(cfg.output_dir).train(model[len(TRAINED_MODEL) :]), "model")
+        return icfg.model_copy(update={"model": trained, **dict.fromkeys(SPEC_FIELDS)})
+    return icfg.model_copy(update={"model": model})
+
+
 def run_index(cfg: PipelineConfig) -> list[tuple[str, bool]]:
-    """Per dataset: encode the corpus and the queries of every target whose run changed (Ray Data
-    actor pool), then build or load the sharded index, search, and write one dense run per target
-    under dense/<dataset>-<split>/<label>/. Shard actors start only after the encoders are done,
-    and a dataset's shards are released before the next dataset's encoders need the CPUs."""
-    icfg, written = cfg.index, []
-    for name in dict.fromkeys(t.dataset for t in icfg.targets):
+    """Per dataset and encoder: encode the corpus and the queries of every target whose run changed
+    (Ray Data actor pool), then build or load the sharded index, search, and write one dense run per
+    target under dense/<dataset>-<split>/<label>/. Shard actors start only after the encoders are done,
+    and one index's shards are released before the next one's encoders need the CPUs."""
+    written = []
+    for name, model in dict.fromkeys((t.dataset, t.model) for t in cfg.index.targets):
+        icfg = with_model(cfg, model)
         dataset = open_dataset(cfg, name)
         embeddings, reused = encode_corpus(cfg, dataset, icfg)
         written.append((embeddings.folder, reused))
         planned = []
-        for target in (t for t in icfg.targets if t.dataset == name):
+        for target in (t for t in cfg.index.targets if t.dataset == name and t.model == model):
             label = target_label(target)
             out = Store(cfg.output_dir).dense_run(name, target.split, label)
             fp = target_fingerprint(icfg, target, embeddings)

@@ -211,6 +211,8 @@ def header(cfg: PipelineConfig, root: str, found: list[Found], now: str) -> tupl
                 "warn",
             )
         )
+    for note in cfg.report.notes:
+        blocks.append(Para(note, "warn"))
     incomplete = [f for f in found if f.committed is None]
     for f in incomplete:
         blocks.append(Para(f"left out, not complete: {f.why}", "warn"))
@@ -222,6 +224,7 @@ def header(cfg: PipelineConfig, root: str, found: list[Found], now: str) -> tupl
         "generated_at": now,
         "code_version": version,
         "output_code_versions": versions,
+        "notes": cfg.report.notes,
         "incomplete": [{"folder": f.rel, "why": f.why} for f in incomplete],
         "config": config,
     }
@@ -233,6 +236,8 @@ def _listing(items: list[str], most: int = 8) -> str:
 
 
 def retrieval(cfg: PipelineConfig, root: str, found: list[Found]) -> tuple[list[Block], dict, str]:
+    """Every run not made by a train setting (the baselines) first, then the label-settings table (one
+    retriever per train setting, marked against the human-label one: the paper's comparison)."""
     blocks: list[Block] = [Heading("Retrieval")]
     done = _committed(found, "evaluate")
     if not done:
@@ -244,48 +249,87 @@ def retrieval(cfg: PipelineConfig, root: str, found: list[Found]) -> tuple[list[
         k for k in (rows[0] if rows else {}) if k not in ("label", "dataset", "split", "queries")
     ]
     baseline = c.get("baseline", cfg.evaluate.baseline)  # what evaluate tested against, when it says
+    settings: dict[str, str] = c.get("settings") or {}  # run label -> the train setting that made it
+    settings_baseline = c.get("settings_baseline")
     tests: dict[tuple, dict] = {}
     if c.has("significance.parquet"):
         fs, path = store.filesystem(c.path("significance.parquet"))  # one file (core code: no data.tables)
         for t in pq.read_table(path, filesystem=fs).to_pylist():
             tests[(t["dataset"], t["label"], t["metric"])] = t
-    table_rows, out_rows = [], []
+    out_rows, trained_cells, other_cells = [], [], []
     for r in rows:
-        marks = {}
+        marks, tested = {}, {}
         for m in metrics:
             t = tests.get((r["dataset"], r["label"], m))
             marks[m] = bool(t and max(t["t_p"], t["rand_p"]) < P_LEVEL)
+            if t:
+                tested[m] = t
+        setting = settings.get(r["label"])
+        reference = next(iter(tested.values()), {}).get("baseline", baseline)
+        is_reference = r["label"] in (baseline, settings_baseline) or (
+            setting is not None and setting == settings_baseline
+        )
         cells = [
-            r["label"] + (" (baseline)" if baseline and r["label"] == baseline else ""),
+            r["label"] + (" (baseline)" if is_reference and not tested else ""),
             r["dataset"],
             str(r.get("split", "")),
             _int(r.get("queries")),
         ]
         cells += [_num(r.get(m)) + (f" {MARK}" if marks[m] else "") for m in metrics]
-        table_rows.append(cells)
-        tested = {m: tests[(r["dataset"], r["label"], m)] for m in metrics if (r["dataset"], r["label"], m) in tests}
-        out_rows.append({**r, "significant": marks, "tests": tested})
-    table = Table(["run", "dataset", "split", "queries", *metrics], table_rows, {3, *range(4, 4 + len(metrics))})
-    blocks += [Para(f"Every evaluated run (from {_at(root, 'evaluate')}), metrics to 4 decimals."), table]
-    if baseline and tests:
-        blocks.append(
+        (trained_cells if setting else other_cells).append(cells)
+        out_rows.append({**r, "setting": setting, "reference": reference, "significant": marks, "tests": tested})
+    head = ["run", "dataset", "split", "queries", *metrics]
+    right = {3, *range(4, 4 + len(metrics))}
+    headline, settings_blocks = "", []
+    if trained_cells:
+        table = Table(head, trained_cells, right)
+        headline = to_markdown([table]).strip()
+        settings_blocks = [
+            Heading("Retrievers by label setting", 3),
             Para(
-                f"{MARK} p < {P_LEVEL} against the baseline run {baseline!r} on the same dataset and metric, in both "
+                "One retriever per train setting (train.settings), each searching the same evaluation sets; "
+                "metrics to 4 decimals."
+            ),
+            table,
+            Para(
+                f"{MARK} p < {P_LEVEL} against the {settings_baseline!r} setting's run of the same search, in both "
                 "the paired t-test and the paired randomisation test (evaluate/significance.parquet).",
                 "muted",
+            ),
+        ]
+    if other_cells:
+        table = Table(head, other_cells, right)
+        headline = headline or to_markdown([table]).strip()
+        blocks += [
+            Heading("Baselines" if trained_cells else "Every evaluated run", 3),
+            Para(f"Runs from {_at(root, 'evaluate')} not made by a train setting; metrics to 4 decimals."),
+            table,
+        ]
+        if baseline and any(not settings.get(t["label"]) for t in tests.values()):
+            blocks.append(
+                Para(
+                    f"{MARK} p < {P_LEVEL} against the baseline run {baseline!r} on the same dataset and metric, in "
+                    "both the paired t-test and the paired randomisation test (evaluate/significance.parquet).",
+                    "muted",
+                )
             )
-        )
-    elif baseline:
-        blocks.append(
-            Para(f"No paired tests: evaluate wrote no significance.parquet (baseline {baseline!r}).", "muted")
-        )
-    else:
-        blocks.append(Para("No paired tests: evaluate.baseline is not set.", "muted"))
+        elif baseline:
+            blocks.append(Para(f"No paired tests of these runs against the baseline {baseline!r}.", "muted"))
+        else:
+            blocks.append(Para("No paired tests: evaluate.baseline is not set.", "muted"))
+    blocks += settings_blocks
     image = _image(c, "metrics.png", "retrieval metrics per run", "evaluate-metrics")
     if image:
         blocks.append(image)
-    data = {"ran": True, "baseline": baseline, "metrics": metrics, "p_level": P_LEVEL, "rows": out_rows}
-    return blocks, data, to_markdown([table]).strip()
+    data = {
+        "ran": True,
+        "baseline": baseline,
+        "settings_baseline": settings_baseline,
+        "metrics": metrics,
+        "p_level": P_LEVEL,
+        "rows": out_rows,
+    }
+    return blocks, data, headline
 
 
 def annotation(root: str, found: list[Found]) -> tuple[list[Block], dict]:

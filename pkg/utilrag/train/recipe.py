@@ -209,11 +209,12 @@ def plot_loss(metrics_csv: Path, png: Path) -> None:
 
 
 # Settings that do not change the trained weights: a rerun that differs only in them reuses the model.
-RUN_CONTROL = {"checkpoint_every_s", "checkpoint_every", "max_failures", "name"}
+RUN_CONTROL = {"checkpoint_every_s", "checkpoint_every", "max_failures", "name", "settings"}
 
 
-def run_train(cfg: PipelineConfig) -> tuple[str, bool]:
-    """output_dir/train/<name>/{model/ (HF + encoder_spec.json), metrics.csv, loss.png, manifest.json};
+def run_train(cfg: PipelineConfig, tcfg: TrainConfig | None = None) -> tuple[str, bool]:
+    """Fit one retriever (``tcfg``: one of ``cfg.train.runs()``; default the train section itself) into
+    output_dir/train/<name>/{model/ (HF + encoder_spec.json), metrics.csv, loss.png, manifest.json};
     returns the folder and whether it was reused. Checkpoints live under ray_results/<fingerprint>,
     so a rerun with the same settings resumes and one with other settings starts afresh."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -223,7 +224,7 @@ def run_train(cfg: PipelineConfig) -> tuple[str, bool]:
     from utilrag.train.dataset import make_groups, phase_positives, pools_by_query, seeded_percent, worker_datasets
 
     connect(cfg.ray)
-    tcfg = cfg.train
+    tcfg = tcfg or cfg.train
     t0 = time.time()
     folder = Store(cfg.output_dir).train(tcfg.name)
     model_path = resolve_model(tcfg.model)  # this node's (the driver's) copy
@@ -349,7 +350,12 @@ def input_fingerprints(cfg: PipelineConfig, tcfg: TrainConfig) -> dict:
 
 
 def run(cfg: PipelineConfig) -> StageResult:
-    """The training stage."""
+    """The training stage: one retriever per train setting (or the one the section describes)."""
     t0 = time.time()
-    folder, reused = run_train(cfg)
-    return StageResult("train", [folder], reused=int(reused), wall_s=time.time() - t0)
+    runs = cfg.train.runs()
+    done = []
+    for i, tcfg in enumerate(runs, 1):
+        if len(runs) > 1:
+            log.info(f"setting {i}/{len(runs)}: {tcfg.name} (labels {tcfg.labels})")
+        done.append(run_train(cfg, tcfg))
+    return StageResult("train", [f for f, _ in done], reused=sum(r for _, r in done), wall_s=time.time() - t0)
