@@ -256,7 +256,9 @@ def retrieval(cfg: PipelineConfig, root: str, found: list[Found]) -> tuple[list[
         fs, path = store.filesystem(c.path("significance.parquet"))  # one file (core code: no data.tables)
         for t in pq.read_table(path, filesystem=fs).to_pylist():
             tests[(t["dataset"], t["label"], t["metric"])] = t
-    out_rows, trained_cells, other_cells = [], [], []
+    out_rows: list[dict] = []
+    trained_cells: list[list[str]] = []
+    other_cells: list[list[str]] = []
     for r in rows:
         marks, tested = {}, {}
         for m in metrics:
@@ -280,7 +282,8 @@ def retrieval(cfg: PipelineConfig, root: str, found: list[Found]) -> tuple[list[
         out_rows.append({**r, "setting": setting, "reference": reference, "significant": marks, "tests": tested})
     head = ["run", "dataset", "split", "queries", *metrics]
     right = {3, *range(4, 4 + len(metrics))}
-    headline, settings_blocks = "", []
+    headline = ""
+    settings_blocks: list[Block] = []
     if trained_cells:
         table = Table(head, trained_cells, right)
         headline = to_markdown([table]).strip()
