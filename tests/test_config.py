@@ -19,7 +19,8 @@ PAPER = REPO_ROOT / "jobs" / "configs" / "msmarco-qwen32b.yaml"
 
 def test_shipped_configs_validate():
     local = load_config(LOCAL)
-    assert [d.name for d in local.ingest.datasets] == ["scifact", "trec-dl-2019"]
+    assert [d.name for d in local.ingest.datasets] == ["scifact", "trec-dl-2019", "squad-v1.1-dev"]
+    assert [r.name for r in local.train.runs()] == ["human", "relsel", "utilsel", "utilrank", "utilsel-cl20"]
     paper = load_config(PAPER)
     assert paper.annotate.model == "Qwen/Qwen2.5-32B-Instruct-GPTQ-Int8"
     assert paper.pools[0].size == 31 and paper.annotate.window == 16
@@ -33,14 +34,14 @@ def test_overrides_set_nested_keys_and_list_items():
         [
             "output_dir=/tmp/x",
             "ingest.reject_threshold=0.5",
-            "pools.1.size=8",
+            "pools.0.size=8",
             "ray.num_cpus=1",
             "evaluate.metrics=[nDCG@10]",
         ],
     )
     assert cfg.output_dir == "/tmp/x"
     assert cfg.ingest.reject_threshold == 0.5
-    assert cfg.pools[1].size == 8 and cfg.pools[0].size == 31
+    assert cfg.pools[0].size == 8
     assert cfg.ray.num_cpus == 1
     assert cfg.evaluate.metrics == ["nDCG@10"]
 
@@ -51,7 +52,7 @@ def test_overrides_set_nested_keys_and_list_items():
         ("ingest.colour=red", "ingest.colour: unknown key"),
         ("pools.0.size=many", "pools.0.size: Input should be a valid integer"),
         ("pools.0.size=1", "pools.0.size: Input should be greater than or equal to 2"),
-        ("pools.9.size=3", "'pools.9' is not an index of a 2-item list"),
+        ("pools.9.size=3", "'pools.9' is not an index of a 1-item list"),
         ("ingest.reject_threshold", "expected key=value"),
     ],
 )
@@ -179,3 +180,64 @@ def test_the_paper_config_indexes_and_evaluates_the_model_it_trains():
     assert set(overrides.values()) == {None}
     labels = {t.label for t in cfg.index.targets}
     assert labels & {r.run for r in cfg.evaluate.runs} and cfg.evaluate.baseline == "bm25s"
+
+
+def test_train_settings_are_runs_with_their_keys_changed():
+    cfg = load_config(
+        LOCAL,
+        [
+            "train.settings=[{name: human}, {name: util, labels: utilsel, curriculum_human_percent: 20},"
+            " {name: one, loss: single, positives: one}]",
+            "index.trained_targets=[{dataset: scifact, split: test}, {dataset: trec-dl-2019, rerank: bm25}]",
+        ],
+    )
+    human, util, one = cfg.train.runs()
+    assert (human.labels, human.curriculum_human_percent, human.lr) == ("human", None, 2e-5)
+    assert (util.name, util.labels, util.curriculum_human_percent, util.lr) == ("util", "utilsel", 20.0, 2e-5)
+    assert (one.loss, one.positives, one.settings) == ("single", "one", [])
+    # each retriever searches each trained target, and evaluate scores each run, tagged with its setting
+    added = [(t.label, t.model, t.rerank) for t in cfg.index.targets if t.model]
+    assert added == [
+        ("human", "train:human", None), ("human-rerank-bm25", "train:human", "bm25"),
+        ("util", "train:util", None), ("util-rerank-bm25", "train:util", "bm25"),
+        ("one", "train:one", None), ("one-rerank-bm25", "train:one", "bm25"),
+    ]  # fmt: skip
+    scored = [(r.run, r.setting) for r in cfg.evaluate.runs if r.setting]
+    assert scored == [(label, model.split(":")[1]) for label, model, _ in added]
+    # written out once: validating the dumped config adds nothing
+    again = PipelineConfig.model_validate(cfg.model_dump())
+    assert again.index.targets == cfg.index.targets and again.evaluate.runs == cfg.evaluate.runs
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.settings=[{name: a}, {name: a}]"], "two entries are named 'a'"),
+        (["train.settings=[{name: a, loss: single}]"], "setting 'a': loss 'single' trains on one positive"),
+        (["train.settings=[{name: a, colour: red}]"], "train.settings.0.colour: unknown key"),
+    ],
+)
+def test_bad_train_settings_name_the_setting(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(LOCAL, overrides)
+
+
+def test_trained_targets_need_a_train_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ingest: {datasets: [{name: scifact}]}\nindex: {trained_targets: [{dataset: scifact}]}\n")
+    with pytest.raises(ConfigError, match="no train section to take the retrievers from"):
+        load_config(path)
+
+
+def test_each_run_is_tested_against_its_reference():
+    from utilrag.evaluate import reference
+
+    cfg = load_config(
+        LOCAL,
+        ["train.settings=[{name: human}, {name: util, labels: utilsel}]",
+         "index.trained_targets=[{dataset: scifact, split: test}, {dataset: trec-dl-2019, rerank: bm25}]"],
+    )  # fmt: skip
+    refs = {r.run: reference(cfg, r) for r in cfg.evaluate.runs}
+    assert refs["util"] == "human" and refs["util-rerank-bm25"] == "human-rerank-bm25"
+    assert refs["human"] == "human"  # itself: not tested
+    assert refs["minilm"] == refs["tasb"] == "bm25"

@@ -266,3 +266,52 @@ def test_report_is_configured_after_any_stage(make_config):
     )
     assert configured(with_bm25, "report")
     assert select_stages(with_bm25)[-1] == "report"
+
+
+def test_label_settings_table_after_the_baselines(make_config, capsys):
+    """Retrievers of train settings get their own table, marked against the human-label one; the baselines
+    keep theirs (first, marked against evaluate.baseline); the settings table is the printed headline."""
+    cfg = make_config(
+        {
+            "ingest": {"datasets": [{"name": "scifact"}]},
+            "report": {"notes": ["Local caps: 32 claims."]},
+            "evaluate": {"metrics": ["nDCG@10"], "baseline": "bm25s", "settings_baseline": "human",
+                         "runs": [{"dataset": "scifact", "split": "test", "run": "bm25s"}]},
+        }
+    )  # fmt: skip
+    rows = [
+        {"label": "bm25s", "dataset": "scifact", "split": "test", "queries": 300, "nDCG@10": 0.6651},
+        {"label": "human", "dataset": "scifact", "split": "test", "queries": 300, "nDCG@10": 0.6500},
+        {"label": "utilsel", "dataset": "scifact", "split": "test", "queries": 300, "nDCG@10": 0.6100},
+    ]
+    tests = [
+        {"dataset": "scifact", "label": "utilsel", "metric": "nDCG@10", "baseline": "human", "queries": 300,
+         "delta": -0.04, "t_p": 0.001, "rand_p": 0.002},
+    ]  # fmt: skip
+    _commit(
+        Store(cfg.output_dir).evaluate(),
+        "evaluate",
+        {"significance.parquet": lambda p: pq.write_table(pa.Table.from_pylist(tests), p)},
+        metrics=["nDCG@10"],
+        results=rows,
+        baseline="bm25s",
+        settings_baseline="human",
+        settings={"human": "human", "utilsel": "utilsel"},
+    )
+    get_stage("report").runner()(cfg)
+    out = capsys.readouterr().out
+    committed = store.require(Store(cfg.output_dir).report(), "report")
+    md = store.read_text(committed.path("report.md")) or ""
+    assert "Local caps: 32 claims." in md.split("## Retrieval")[0]  # the notes, at the top
+    baselines, settings = md.index("### Baselines"), md.index("### Retrievers by label setting")
+    assert baselines < settings
+    assert "| bm25s (baseline) | scifact | test | 300 | 0.6651 |" in md
+    assert "| human (baseline) | scifact | test | 300 | 0.6500 |" in md  # the settings' reference
+    assert "| utilsel | scifact | test | 300 | 0.6100 † |" in md and md.index("| utilsel |") > settings
+    assert "against the 'human' setting's run" in md
+    headline = out.split("report:")[0]
+    assert "| utilsel | scifact | test | 300 | 0.6100 † |" in headline and "bm25s" not in headline
+    data = json.loads(store.read_text(committed.path("report.json")) or "{}")
+    by_label = {r["label"]: r for r in data["retrieval"]["rows"]}
+    assert by_label["utilsel"]["setting"] == "utilsel" and by_label["utilsel"]["reference"] == "human"
+    assert by_label["bm25s"]["setting"] is None
