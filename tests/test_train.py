@@ -137,6 +137,10 @@ def test_curriculum_phases_from_a_labels_table(ray_local, make_config, tiny_data
     expected = {q: human[q] - labelled[q] for q in labelled if human[q] - labelled[q]}
     assert expected and phases[0].not_negative == expected
     assert len(phases[1].positives) == 6  # 25% of the 24 queries, seeded
+    # of the training queries: a run on 8 of them draws 25% of those 8, all inside them
+    subset = sorted(human)[:8]
+    curriculum = phase_positives(cfg, cfg.train, subset)[1].positives
+    assert len(curriculum) == 2 and set(curriculum) <= set(subset)
 
 
 @pytest.mark.slow

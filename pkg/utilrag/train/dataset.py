@@ -86,23 +86,26 @@ class Phase:
     not_negative: dict[str, set[str]] = field(default_factory=dict)
 
 
-def phase_positives(cfg: PipelineConfig, tcfg: TrainConfig) -> list[Phase]:
+def phase_positives(cfg: PipelineConfig, tcfg: TrainConfig, query_ids: list[str] | None = None) -> list[Phase]:
     """The training phases.
 
     LLM labels: a human positive the labels leave out (Exclusion) is neither positive nor negative.
     Curriculum: phase 1 on the LLM labels, phase 2 on the human labels of a seeded X% of the
-    queries with Pos-one (the optimizer and lr are reset between phases)."""
+    queries with Pos-one (the optimizer and lr are reset between phases). X% (and human_mix_percent's)
+    is of the training queries (``query_ids``: the pooled ones, after max_queries), not of every
+    query the qrels label: a subset run must not draw its human share mostly outside itself."""
     human = human_positives(cfg, tcfg)
+    among = list(human) if query_ids is None else [q for q in query_ids if q in human]
     if tcfg.labels == "human":
         return [Phase("human", human, tcfg.epochs, tcfg.positives)]
     llm, labelled = llm_labels(cfg, tcfg)
     excluded = {q: human[q] - labelled[q] for q in labelled if human.get(q, set()) - labelled[q]}
     if tcfg.human_mix_percent:
-        for q in seeded_percent(list(human), tcfg.human_mix_percent, tcfg.seed):
+        for q in seeded_percent(among, tcfg.human_mix_percent, tcfg.seed):
             llm[q] = llm.get(q, set()) | human[q]
     phases = [Phase(tcfg.labels, llm, tcfg.epochs, tcfg.positives, excluded)]
     if tcfg.curriculum_human_percent:
-        chosen = seeded_percent(list(human), tcfg.curriculum_human_percent, tcfg.seed)
+        chosen = seeded_percent(among, tcfg.curriculum_human_percent, tcfg.seed)
         phases.append(Phase("curriculum-human", {q: human[q] for q in chosen}, tcfg.curriculum_epochs, "one"))
     return phases
 

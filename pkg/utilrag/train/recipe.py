@@ -252,7 +252,7 @@ def run_train(cfg: PipelineConfig, tcfg: TrainConfig | None = None) -> tuple[str
     if tcfg.max_queries is not None and tcfg.max_queries < len(query_ids):
         query_ids = sorted(seeded_percent(query_ids, 100 * tcfg.max_queries / len(query_ids), tcfg.seed))
     datasets, phases, offset = {}, [], 0
-    for phase in phase_positives(cfg, tcfg):
+    for phase in phase_positives(cfg, tcfg, query_ids):
         name, epochs, mode = phase.name, phase.epochs, phase.mode
         rows = make_groups(
             phase.positives, pools, tcfg.group_size, mode, epochs, tcfg.seed, query_ids, phase.not_negative
