@@ -303,6 +303,11 @@ def test_index_stage_end_to_end(ray_local, make_config, dl19_slice, capsys):
     corpus = read_table(cfg_out.parent.parent / "ingest" / "slice" / "corpus").to_pandas().set_index("doc_id")
     bare = Encoder("sentence-transformers/all-MiniLM-L6-v2", max_length=64)(list(corpus.loc[ids[:4], "text"]))
     np.testing.assert_allclose(vectors[:4], bare, atol=1e-5)
+    # index.precision bf16 (autocast): the same directions to 4 decimals
+    half = Encoder("sentence-transformers/all-MiniLM-L6-v2", max_length=64, dtype="bfloat16")(
+        list(corpus.loc[ids[:4], "text"])
+    )
+    assert half.dtype == np.float32 and (np.sum(half * bare, axis=1) > 0.999).all()
     shards = read_manifest(emb_dir.parent / "faiss-flat-2shards")["shards"]
     assert sum(s["vectors"] for s in shards) == len(docs)
     rows = run_evaluation(cfg)

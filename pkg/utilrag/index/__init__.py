@@ -17,7 +17,14 @@ from utilrag.data.formats import list_files
 from utilrag.data.lexical import write_trec_run
 from utilrag.data.tables import SCHEMAS, fingerprint, write_table
 from utilrag.encoder_spec import ModelError, model_identity
-from utilrag.index.encode import SPEC_FIELDS, encode_table, read_embeddings, resolve_encoder, texts_for
+from utilrag.index.encode import (
+    SPEC_FIELDS,
+    compute_dtype,
+    encode_table,
+    read_embeddings,
+    resolve_encoder,
+    texts_for,
+)
 from utilrag.index.shards import ShardedIndex, ShardError
 from utilrag.logs import get_logger
 from utilrag.stages import StageResult
@@ -36,6 +43,7 @@ def encode_corpus(cfg: PipelineConfig, dataset: Dataset, icfg: IndexConfig) -> t
         **icfg.model_dump(include={"model", "embedding_dtype", "rows_per_file", "use_gpu"}),  # GPU encodes in fp16
         **spec.model_dump(include={"pooling", "normalize", "passage_prefix", "passage_max_len"}),
         "passage_model": model_identity(passage_model),
+        **precision_setting(icfg),
     }
     fp = fingerprint({"input": dataset.fingerprint, "encode": settings})
     old = store.reusable(out, fp)
@@ -60,8 +68,15 @@ def encode_corpus(cfg: PipelineConfig, dataset: Dataset, icfg: IndexConfig) -> t
         out_dtype=icfg.embedding_dtype,
         rows_per_file=icfg.rows_per_file,
         what=f"{dataset.name} corpus",
+        dtype=compute_dtype(icfg),
     )
     return writer.commit(encode=stats, config=settings), False
+
+
+def precision_setting(icfg: IndexConfig) -> dict:
+    """In a fingerprint only when it differs from the default arithmetic, so that earlier runs stay reusable."""
+    dtype = compute_dtype(icfg)
+    return {} if dtype == ("float16" if icfg.use_gpu else "float32") else {"compute_dtype": dtype}
 
 
 def query_settings(icfg: IndexConfig) -> dict:
@@ -70,6 +85,7 @@ def query_settings(icfg: IndexConfig) -> dict:
         **spec.model_dump(include={"pooling", "normalize", "query_prefix", "query_max_len"}),
         "model": model_identity(query_model),
         "use_gpu": icfg.use_gpu,
+        **precision_setting(icfg),
     }
 
 
@@ -92,6 +108,7 @@ def encode_queries(
         out_dtype="float32",
         rows_per_file=10**9,
         what=f"{target.dataset}/{target.split or 'all'} queries",
+        dtype=compute_dtype(icfg),
     )
     ids, vectors = read_embeddings(out)
     order = {q: i for i, q in enumerate(ids)}

@@ -47,10 +47,13 @@ class Encoder:
         path = resolve_model(model)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+            weights = torch.float16 if dtype == "float16" else torch.float32
+            self.model = AutoModel.from_pretrained(path, dtype=weights).to(device).eval()
         except OSError as e:
             raise ModelError(f"model {model!r} could not be loaded from {path}: {e}") from None
         self.pooling, self.normalize, self.max_length, self.device = pooling, normalize, max_length, device
+        # bf16: fp32 weights under autocast (reductions such as LayerNorm and softmax stay fp32)
+        self.autocast = dtype == "bfloat16"
         self.dim = self.model.config.hidden_size
 
     def __call__(self, texts: list[str]) -> np.ndarray:
@@ -59,8 +62,8 @@ class Encoder:
         batch = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
-        with torch.inference_mode():
-            hidden = self.model(**batch).last_hidden_state
+        with torch.inference_mode(), torch.autocast(self.device, torch.bfloat16, enabled=self.autocast):
+            hidden = self.model(**batch).last_hidden_state.float()
             pooled = pool(hidden, batch["attention_mask"], self.pooling)  # the training-time function
             if self.normalize:
                 pooled = torch.nn.functional.normalize(pooled, dim=-1)
@@ -79,21 +82,20 @@ class EncodeBatch:
         use_gpu: bool,
         out_dtype: str,
         threads: int | None,
+        dtype: str = "float32",
     ):
-        self.encoder = Encoder(
-            model,
-            pooling,
-            normalize,
-            max_length,
-            "cuda" if use_gpu else "cpu",
-            "float16" if use_gpu else "float32",
-            threads,
-        )
+        self.encoder = Encoder(model, pooling, normalize, max_length, "cuda" if use_gpu else "cpu", dtype, threads)
         self.out_dtype = np.dtype(out_dtype)
 
     def __call__(self, batch: dict) -> dict:
         vectors = self.encoder(list(batch["text"])).astype(self.out_dtype)
         return {"id": batch["id"], "embedding": list(vectors)}
+
+
+def compute_dtype(icfg: IndexConfig) -> str:
+    """The encoder's arithmetic (index.precision): auto is fp16 on a GPU, fp32 on the CPU."""
+    chosen = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(icfg.precision)
+    return chosen or ("float16" if icfg.use_gpu else "float32")
 
 
 def resolve_encoder(icfg: IndexConfig) -> tuple[EncoderSpec, str, str]:
@@ -142,6 +144,7 @@ def encode_table(
     rows_per_file: int,
     what: str,
     max_encoders: int | None = None,
+    dtype: str | None = None,
 ) -> dict:
     """Encode an (id, text) table on a Ray Data actor pool (encoders .. max_encoders actors, autoscaled
     by Ray Data); write Parquet parts of (id, embedding)."""
@@ -173,6 +176,7 @@ def encode_table(
             use_gpu=use_gpu,
             out_dtype=out_dtype,
             threads=threads,
+            dtype=dtype or ("float16" if use_gpu else "float32"),
         ),
     )
     writer, dim, done = None, None, 0
