@@ -137,6 +137,7 @@ class IndexTarget(Strict):
         None, description="an ingested run (e.g. DL19's bm25 top-100): score only its candidates; null: full retrieval"
     )
     label: str | None = Field(None, description='the run\'s name; null: "dense" (or "dense-rerank-<run>")')
+    k: int | None = Field(None, gt=0, description="results per query of this search; null: index.k")
     model: str | None = Field(
         None,
         description='the encoder of this search; null: index.model. "train:<name>" is the retriever the train '

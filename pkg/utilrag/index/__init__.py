@@ -258,7 +258,7 @@ def run_index(cfg: PipelineConfig) -> list[tuple[str, bool]]:
                     if index is None:
                         index = build_or_load_index(cfg, name, icfg, embeddings)
                         index.set_search_params(icfg.nprobe, icfg.ef_search)
-                    run = dense_search_run(index, qids, queries, icfg.k, label)
+                    run = dense_search_run(index, qids, queries, target.k or icfg.k, label)
                 write_table(run, writer.path("run.parquet"))
                 write_trec_run(run, writer.path("run.trec"))
                 writer.commit(
