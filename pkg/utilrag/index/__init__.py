@@ -35,9 +35,12 @@ __all__ = ["run", "run_index", "ModelError", "ShardError"]
 log = get_logger("index")
 
 
-def encode_corpus(cfg: PipelineConfig, dataset: Dataset, icfg: IndexConfig) -> tuple[Committed, bool]:
-    """Corpus embeddings under output_dir/index/<dataset>/<model>/embeddings (reused when unchanged)."""
-    out = Store(cfg.output_dir).embeddings(dataset.name, icfg.model)
+def encode_corpus(
+    cfg: PipelineConfig, dataset: Dataset, icfg: IndexConfig, folder_name: str | None = None
+) -> tuple[Committed, bool]:
+    """Corpus embeddings under output_dir/index/<dataset>/<model>/embeddings (reused when unchanged);
+    ``folder_name`` names <model> (a trained retriever's train:<name>, not its path)."""
+    out = Store(cfg.output_dir).embeddings(dataset.name, folder_name or icfg.model)
     spec, _, passage_model = resolve_encoder(icfg)
     settings = {
         **icfg.model_dump(include={"model", "embedding_dtype", "rows_per_file", "use_gpu"}),  # GPU encodes in fp16
@@ -159,8 +162,10 @@ def search_settings(icfg: IndexConfig) -> dict:
     }
 
 
-def build_or_load_index(cfg: PipelineConfig, dataset: str, icfg: IndexConfig, embeddings: Committed) -> ShardedIndex:
-    folder = Store(cfg.output_dir).faiss(dataset, icfg.model, icfg.index_type, icfg.shards)
+def build_or_load_index(
+    cfg: PipelineConfig, dataset: str, icfg: IndexConfig, embeddings: Committed, folder_name: str | None = None
+) -> ShardedIndex:
+    folder = Store(cfg.output_dir).faiss(dataset, folder_name or icfg.model, icfg.index_type, icfg.shards)
     settings = faiss_settings(icfg)
     fp = fingerprint({"embeddings": embeddings["input_fingerprint"], "index": settings})
     index = ShardedIndex(
@@ -231,7 +236,7 @@ def run_index(cfg: PipelineConfig) -> list[tuple[str, bool]]:
     for name, model in dict.fromkeys((t.dataset, t.model) for t in cfg.index.targets):
         icfg = with_model(cfg, model)
         dataset = open_dataset(cfg, name)
-        embeddings, reused = encode_corpus(cfg, dataset, icfg)
+        embeddings, reused = encode_corpus(cfg, dataset, icfg, model)
         written.append((embeddings.folder, reused))
         planned = []
         for target in (t for t in cfg.index.targets if t.dataset == name and t.model == model):
@@ -256,7 +261,7 @@ def run_index(cfg: PipelineConfig) -> list[tuple[str, bool]]:
                     run = rerank_run(dataset, target, qids, queries, embeddings)
                 else:
                     if index is None:
-                        index = build_or_load_index(cfg, name, icfg, embeddings)
+                        index = build_or_load_index(cfg, name, icfg, embeddings, model)
                         index.set_search_params(icfg.nprobe, icfg.ef_search)
                     run = dense_search_run(index, qids, queries, target.k or icfg.k, label)
                 write_table(run, writer.path("run.parquet"))

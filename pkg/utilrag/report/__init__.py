@@ -143,6 +143,10 @@ def _wall(c: Committed) -> float | None:
     wall = c.get("wall_time_s")
     if wall is None and isinstance(c.get("encode"), dict):  # corpus embeddings record their encode time
         wall = c.get("encode", {}).get("seconds")
+    summaries = c.get("summaries")
+    if isinstance(summaries, dict):  # annotation: a rerun re-commits its labels in seconds over reused stages
+        stages = sum(float(s.get("wall_s") or 0) for s in summaries.values() if isinstance(s, dict))
+        wall = max(wall or 0.0, stages)
     return wall
 
 
