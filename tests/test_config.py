@@ -170,16 +170,20 @@ def test_a_data_root_uri_stays_a_uri(monkeypatch, tmp_path):
 
 
 def test_the_paper_config_indexes_and_evaluates_the_model_it_trains():
-    """The trained retriever is indexed from train/<name>/model, encoded by the spec saved beside it
-    (no pooling or length overrides in the index section), and evaluated against BM25."""
-    from utilrag.store import Store
-
+    """Each label setting's retriever is indexed from train/<name>/model, encoded by the spec saved beside
+    it (no pooling or length overrides in the index section), and evaluated against the human-label one."""
     cfg = load_config(REPO_ROOT / "jobs" / "configs" / "msmarco-qwen32b.yaml")
-    assert cfg.index.model == Store(cfg.output_dir).train(cfg.train.name) + "/model"
+    names = [r.name for r in cfg.train.runs()]
+    assert names == ["human", "relsel", "utilsel", "utilrank", "utilsel-cl20"]
+    assert cfg.train.runs()[-1].curriculum_human_percent == 20 and cfg.train.runs()[0].labels == "human"
     overrides = cfg.index.model_dump(include={"pooling", "normalize", "query_max_len", "passage_max_len"})
     assert set(overrides.values()) == {None}
-    labels = {t.label for t in cfg.index.targets}
-    assert labels & {r.run for r in cfg.evaluate.runs} and cfg.evaluate.baseline == "bm25s"
+    trained = {(t.dataset, t.label): t.model for t in cfg.index.targets}
+    assert trained[("msmarco-passage", "utilsel")] == "train:utilsel"
+    assert trained[("trec-dl-2019", "human-rerank-bm25")] == "train:human"
+    scored = {(r.dataset, r.run) for r in cfg.evaluate.runs if r.setting}
+    assert scored == {(d, label) for d, label in trained}
+    assert cfg.evaluate.baseline == "bm25s" and cfg.evaluate.settings_baseline == "human"
 
 
 def test_train_settings_are_runs_with_their_keys_changed():
