@@ -127,28 +127,24 @@ def test_pipeline_on_s3_with_training_resumed_from_s3_checkpoints(ray_head_with_
                 "ingest": {"datasets": [{"name": "tiny", "path": f"s3://{BUCKET}/data/tiny", "layout": "msmarco"}]},
                 "pools": [{"dataset": "tiny", "split": "train", "size": 8}],
                 "bm25": [{"dataset": "tiny", "split": "train", "k": 20}],
-                "train": {
+                "train": {  # one retriever per label setting: here one, "s3", indexed by index.trained_targets
                     **TINY_TRAIN,
-                    "name": "s3",
+                    "settings": [{"name": "s3", "labels": "human"}],
                     "pooling": "mean",
                     "max_steps": 4,
                     "checkpoint_every": 2,
                     "max_failures": 1,
                 },
                 "index": {
-                    "model": f"{root}/train/s3/model",
                     "batch_size": 64,
                     "shards": 2,
                     "rows_per_file": 64,  # 120 passages: two embedding files, one per shard
                     "k": 10,
-                    "targets": [{"dataset": "tiny", "split": "train"}],
+                    "trained_targets": [{"dataset": "tiny", "split": "train"}],  # model train:s3, read from S3
                 },
-                "evaluate": {
+                "evaluate": {  # + the "s3" retriever's run (evaluate.trained)
                     "metrics": ["nDCG@10", "R@10"],
-                    "runs": [
-                        {"dataset": "tiny", "split": "train", "run": "bm25s"},
-                        {"dataset": "tiny", "split": "train", "run": "dense"},
-                    ],
+                    "runs": [{"dataset": "tiny", "split": "train", "run": "bm25s"}],
                 },
             }
         )
@@ -192,9 +188,9 @@ def test_pipeline_on_s3_with_training_resumed_from_s3_checkpoints(ray_head_with_
     assert not [k for k in objects if ".staging" in k]  # object stores: versioned prefixes, no staging
     evaluate = yaml.safe_load(objects["run/evaluate/manifest.json"])
     scores = {r["label"]: r["nDCG@10"] for r in evaluate["results"]}
-    assert set(scores) == {"bm25s", "dense"} and all(0 < s <= 1 for s in scores.values())
+    assert set(scores) == {"bm25s", "s3"} and all(0 < s <= 1 for s in scores.values())
     faiss = [k for k in objects if k.endswith(".faiss")]
-    assert len(faiss) == 2 and all(k.startswith("run/index/tiny/") for k in faiss)
+    assert len(faiss) == 2 and all(k.startswith("run/index/tiny/train_s3/") for k in faiss)
     # 3. Nothing changed: every stage is reused (evaluation is always recomputed: it is cheap).
     third = pipeline()
     assert third.returncode == 0, third.stderr[-3000:]
