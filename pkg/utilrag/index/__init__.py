@@ -20,6 +20,7 @@ from utilrag.encoder_spec import ModelError, model_identity
 from utilrag.index.encode import (
     SPEC_FIELDS,
     compute_dtype,
+    default_dtype,
     encode_table,
     read_embeddings,
     resolve_encoder,
@@ -79,7 +80,7 @@ def encode_corpus(
 def precision_setting(icfg: IndexConfig) -> dict:
     """In a fingerprint only when it differs from the default arithmetic, so that earlier runs stay reusable."""
     dtype = compute_dtype(icfg)
-    return {} if dtype == ("float16" if icfg.use_gpu else "float32") else {"compute_dtype": dtype}
+    return {} if dtype == default_dtype(icfg.use_gpu) else {"compute_dtype": dtype}
 
 
 def query_settings(icfg: IndexConfig) -> dict:

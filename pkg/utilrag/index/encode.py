@@ -92,10 +92,15 @@ class EncodeBatch:
         return {"id": batch["id"], "embedding": list(vectors)}
 
 
+def default_dtype(use_gpu: bool) -> str:
+    """index.precision auto: fp16 on a GPU, fp32 on the CPU."""
+    return "float16" if use_gpu else "float32"
+
+
 def compute_dtype(icfg: IndexConfig) -> str:
-    """The encoder's arithmetic (index.precision): auto is fp16 on a GPU, fp32 on the CPU."""
+    """The encoder's arithmetic (index.precision)."""
     chosen = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(icfg.precision)
-    return chosen or ("float16" if icfg.use_gpu else "float32")
+    return chosen or default_dtype(icfg.use_gpu)
 
 
 def resolve_encoder(icfg: IndexConfig) -> tuple[EncoderSpec, str, str]:
@@ -176,7 +181,7 @@ def encode_table(
             use_gpu=use_gpu,
             out_dtype=out_dtype,
             threads=threads,
-            dtype=dtype or ("float16" if use_gpu else "float32"),
+            dtype=dtype or default_dtype(use_gpu),
         ),
     )
     writer, dim, done = None, None, 0
