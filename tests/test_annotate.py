@@ -5,6 +5,7 @@ mid-batch, an engine that cannot start."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -308,6 +310,199 @@ def test_cli_reports_a_missing_model_as_one_line(tmp_path, capsys):
     assert main(["annotate", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such folder" in err[0]
+
+
+# --------------------------------------------------------------------------- the streaming chain, no engine
+def _pools_queries_corpus():
+    corpus = pa.table(
+        {
+            "doc_id": list("abcdefgh") + ["e2"],
+            "title": [""] * 9,
+            "text": ["alpha one", "beta two", "gamma " * 40, "delta", "  ", "phi", "gee", "aitch", "e two"],
+        }
+    )
+    rows = [  # (query, doc, position, source, grade)
+        *[("q1", d, i, "human" if d == "a" else "bm25", 3 if d == "a" else None) for i, d in enumerate("abcdz")],
+        *[
+            ("q2", d, i, "human" if d == "f" else "bm25", 2 if d == "f" else (0 if d == "g" else None))
+            for i, d in enumerate("fgh")
+        ],
+        *[("q3", d, i, "bm25", None) for i, d in enumerate("abe")],  # e is empty: 2 left
+        *[("q4", d, i, "bm25", None) for i, d in enumerate("ab")],  # no query text
+        *[("q5", d, i, "bm25", None) for i, d in enumerate(["e", "e2"])],  # 1 passage left
+    ]
+    schema = pa.schema(
+        [
+            ("query_id", pa.string()),
+            ("doc_id", pa.string()),
+            ("position", pa.int32()),
+            ("source", pa.string()),
+            ("human_grade", pa.int32()),
+        ]
+    )
+    pools = pa.Table.from_pylist([dict(zip(schema.names, r)) for r in rows], schema=schema)
+    queries = pa.table({"query_id": ["q1", "q2", "q3", "q4", "q5"], "text": ["one", "two", "three", " ", "five"]})
+    return pools, queries, corpus
+
+
+def _stand_in(stage: str, messages: list[dict]) -> str:
+    """A deterministic fake answer per prompt (not an engine: the chain's bookkeeping is under test)."""
+    import zlib
+
+    h = zlib.crc32(json.dumps(messages).encode())
+    if stage == "answer":
+        return "" if h % 5 == 0 else f"answer {h % 97}"
+    if stage == "graded":
+        return f"##final score: {h % 4}"
+    n = sum(1 for m in messages if m["role"] == "user" and m["content"].startswith("["))
+    picks = [i for i in range(1, n + 1) if (h >> i) % 3 != 0]
+    if stage == "utilrank":
+        return " > ".join(f"[{i}]" for i in picks or [1])
+    return "My selection:[" + ",".join(f"[{i}]" for i in picks) + "]."
+
+
+def _outputs(stages_and_messages) -> dict:
+    raw = [_stand_in(stage, m) for stage, m in stages_and_messages]
+    n = len(raw)
+    return {
+        "raw_output": raw,
+        "prompt_tokens": [len(json.dumps(m)) for _, m in stages_and_messages],
+        "output_tokens": [len(r) for r in raw],
+        "cached_tokens": [0] * n,
+        "finish_reason": ["stop"] * n,
+    }
+
+
+def _old_path(inputs: TargetInputs, acfg: AnnotateConfig, label: str) -> dict[str, pa.Table]:
+    """Today's per-stage path (build_requests -> one answer per request -> parse_output), no engine."""
+    from utilrag.annotate.chain import row_meta
+    from utilrag.annotate.stages import STAGE_ORDER, parse_output
+
+    done: dict[str, pa.Table] = {}
+    for stage in (s for s in STAGE_ORDER if s in acfg.stages):
+        requests, _ = build_requests(stage, inputs, acfg, done, graded_seed=label)
+        messages = [json.loads(m) for m in requests.column("messages").to_pylist()]
+        out = _outputs([(stage, m) for m in messages])
+        rows = []
+        for i, r in enumerate(requests.to_pylist()):
+            rows.append(
+                {
+                    **{k: r[k] for k in ("query_id", "window", "doc_ids", "passages_cut")},
+                    **{k: out[k][i] for k in out},
+                    **parse_output(stage, out["raw_output"][i], r["doc_ids"], "stop"),
+                    **row_meta(stage, acfg),
+                }
+            )
+        done[stage] = pa.Table.from_pylist(rows, schema=STAGE_SCHEMA).sort_by(
+            [("query_id", "ascending"), ("window", "ascending")]
+        )
+    return done
+
+
+def test_inputs_rows_match_todays_load_inputs(tmp_path):
+    from utilrag.annotate.prepare import prepare_local
+
+    pools, queries, corpus = _pools_queries_corpus()
+    pq.write_table(corpus, tmp_path / "corpus.parquet")
+    for human_positive in ("random", "exclusion"):
+        acfg = AnnotateConfig(model="m", passage_words=5, human_positive=human_positive)
+        old = load_inputs(pools, queries, tmp_path, AnnotateTarget(dataset="d", split="s"), acfg)
+        rows = {r["query_id"]: r for r in prepare_local(pools, queries, corpus, acfg).to_pylist()}
+        assert {q for q, r in rows.items() if r["annotate"]} == set(old.pools)
+        for q, shown in old.pools.items():
+            assert rows[q]["doc_ids"] == shown
+            assert rows[q]["passages"] == [old.passages[d] for d in shown]
+            assert rows[q]["cut"] == [d in old.cut for d in shown]
+            assert set(rows[q]["human"]) == old.human[q]
+            assert dict(zip(rows[q]["judged"], rows[q]["judged_grades"])) == old.human_grades[q]
+        new_rejects = sorted((q, x["doc_id"], x["reason"]) for q, r in rows.items() for x in r["rejects"])
+        assert new_rejects == sorted(old.rejects) and len(new_rejects) >= 4
+
+
+@pytest.mark.parametrize("stages", [["relsel"], ["relsel", "answer", "utilsel", "utilrank", "graded"]])
+def test_the_chain_gives_todays_stage_rows_and_labels(stages):
+    """One block through run_block (the replica's waves) == today's stage-by-stage requests, given
+    the same answer per prompt; and the labels cut per part == today's build_labels."""
+    from utilrag.annotate.chain import run_block
+    from utilrag.annotate.job import explode, part_labels
+    from utilrag.annotate.prepare import prepare_local
+    from utilrag.annotate.stages import STAGE_ORDER
+
+    pools, queries, corpus = _pools_queries_corpus()
+    acfg = AnnotateConfig(model="m", window=2, passage_words=5, stages=stages, graded_queries=2)
+    label = "d/s"
+    inputs_table = prepare_local(pools, queries, corpus, acfg)
+    block = inputs_table.filter(inputs_table["annotate"])
+    graded = _graded_ids(block, acfg, label)
+    part = run_block(block, lambda reqs: _outputs([(r.stage, r.messages) for r in reqs]), acfg, graded, "run1")
+    tables = {s: explode(part, s) for s in STAGE_ORDER if s in stages}
+
+    pq_path = None  # today's path reads the corpus from a folder
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        pq_path = Path(folder) / "corpus.parquet"
+        pq.write_table(corpus, pq_path)
+        inputs = load_inputs(pools, queries, folder, AnnotateTarget(dataset="d", split="s"), acfg)
+    old = _old_path(inputs, acfg, label)
+    for stage in stages:
+        assert tables[stage].num_rows and tables[stage].to_pylist() == old[stage].to_pylist(), stage
+    all_pools = {
+        q: [d for d in pools.filter(pc.equal(pools["query_id"], q))["doc_id"].to_pylist()] for q in inputs.pools
+    }
+    old_labels = build_labels(inputs, old, all_pools, acfg)
+    new_labels = part_labels(part, tables, acfg)
+    assert new_labels.sort_by(
+        [("query_id", "ascending"), ("source", "ascending"), ("doc_id", "ascending")]
+    ).to_pylist() == (
+        old_labels.sort_by([("query_id", "ascending"), ("source", "ascending"), ("doc_id", "ascending")]).to_pylist()
+    )
+
+
+def _graded_ids(block: pa.Table, acfg: AnnotateConfig, label: str) -> list[str] | None:
+    import random
+
+    qids = sorted(block["query_id"].to_pylist())
+    if acfg.graded_queries is None or acfg.graded_queries >= len(qids):
+        return None
+    return sorted(random.Random(f"graded:{label}").sample(qids, acfg.graded_queries))
+
+
+def test_a_part_name_depends_only_on_its_queries():
+    from utilrag.annotate.chain import part_name
+
+    assert part_name(["b", "a"]) == part_name(["a", "b"]) != part_name(["a"])
+
+
+def test_buckets_are_stable_and_complete():
+    from utilrag.annotate.prepare import bucket_of, split_by_bucket
+
+    ids = pa.array([f"d{i}" for i in range(1000)])
+    assert bucket_of(ids, 7).tolist() == bucket_of(ids, 7).tolist()
+    parts = dict(split_by_bucket(pa.table({"doc_id": ids}), "doc_id", 7))
+    assert sum(t.num_rows for t in parts.values()) == 1000 and len(parts) == 7
+    assert all(set(bucket_of(t["doc_id"], 7).tolist()) == {k} for k, t in parts.items())
+
+
+def test_resume_plan_keeps_only_the_ids_of_partly_done_files(tmp_path):
+    from utilrag.annotate.chain import CHAIN_SCHEMA
+    from utilrag.annotate.job import keep_todo, resume_plan
+    from utilrag.annotate.prepare import INPUT_SCHEMA
+
+    inputs, parts = tmp_path / "inputs", tmp_path / "chain.parts"
+    inputs.mkdir()
+    parts.mkdir()
+    for j in range(3):
+        rows = [{"query_id": f"q{j}{i}", "part": j, "annotate": i != 3} for i in range(4)]
+        pq.write_table(pa.Table.from_pylist(rows, schema=INPUT_SCHEMA), inputs / f"part-{j:05d}.parquet")
+    done = [{"query_id": q, "part": int(q[1])} for q in ["q00", "q01", "q02", "q10"]]  # file 0 complete, 1 partly
+    pq.write_table(pa.Table.from_pylist(done, schema=CHAIN_SCHEMA), parts / "part-x.parquet")
+    (parts / ".tmp-part-y.parquet").write_bytes(b"half a file")  # ignored
+    files, ids, expected, n_done, _ = resume_plan(str(inputs), str(parts))
+    assert [Path(f).name for f in files] == ["part-00001.parquet", "part-00002.parquet"]
+    assert ids.to_pylist() == ["q10"] and expected == 9 and n_done == 4
+    todo = keep_todo(pq.read_table(inputs / "part-00001.parquet"), ids)
+    assert todo["query_id"].to_pylist() == ["q11", "q12"]
 
 
 # --------------------------------------------------------------------------- real engines

@@ -181,7 +181,7 @@ def run_block(
 ) -> pa.Table:
     """Every asked stage of a block's queries; ``generate`` answers one wave's requests at once."""
     state = BlockState(block.to_pylist(), acfg, graded_ids)
-    meta = {stage: row_meta(stage, acfg) for stage in acfg.stages}
+    meta: dict[str, dict] = {stage: row_meta(stage, acfg) for stage in acfg.stages}
     for n, wave in enumerate(WAVES):
         requests = state.requests(wave)
         if requests:
@@ -214,7 +214,7 @@ class ChainAnnotator:
         self.engine = (engine_factory or VLLMEngine)(model, engine)
         self.acfg, self.parts, self.run = acfg, parts, run
         self.graded_ids = set(graded_ids) if graded_ids is not None else None
-        self.sampling = {}
+        self.sampling: dict[str, Any] = {}
         if not self.engine.error:
             self.sampling = {s: self.engine.sampling_params(stage_sampling(s, acfg)) for s in acfg.stages}
         self.fail = fail or {}
@@ -231,9 +231,9 @@ class ChainAnnotator:
             crash_once(self.fail["mid_block_marker"])
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        from utilrag import store
         from utilrag.annotate.engine import crash_once
         from utilrag.annotate.runner import write_atomic
-        from utilrag import store
 
         self.engine.check()
         self.calls += 1

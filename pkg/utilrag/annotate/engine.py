@@ -208,7 +208,7 @@ class VLLMEngine:
         if self.error:
             raise RuntimeError(f"the vLLM engine did not start: {self.error}")
 
-    def generate(self, messages: list[list[dict]], sampling: list) -> dict[str, list[Any]]:
+    def generate(self, messages: list[Any], sampling: list) -> dict[str, list[Any]]:
         """One ``generate`` call over all ``messages`` (per-request SamplingParams). Prompts longer than
         the context would fail the whole call: they are reported (prompt_too_long), the rest generated."""
         n = len(messages)

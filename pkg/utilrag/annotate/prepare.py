@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import posixpath
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -245,6 +245,11 @@ def _query_bucket(
     return _stats(n)
 
 
+def udf(fn: Callable) -> Any:
+    """A function with keyword arguments as a map_batches UDF (Ray's stubs know only fn(batch))."""
+    return fn
+
+
 def _drain(ds) -> int:
     return sum(int(b["rows"].sum()) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
 
@@ -273,21 +278,25 @@ def prepare_inputs(
     fs_queries, p_queries = store.filesystem(queries_path)
     steps = [
         ray.data.read_parquet(p_corpus, filesystem=fs_corpus, columns=["doc_id", "title", "text"]).map_batches(
-            _bucket_corpus,
+            udf(_bucket_corpus),
             batch_format="pyarrow",
             fn_kwargs=dict(
-                passage_words=acfg.passage_words, key="doc_id", buckets=doc_buckets, folder=store.join(prep, "corpus"), name="b"
+                passage_words=acfg.passage_words,
+                key="doc_id",
+                buckets=doc_buckets,
+                folder=store.join(prep, "corpus"),
+                name="b",
             ),
         ),
         ray.data.read_parquet(p_pools, filesystem=fs_pools, columns=POOL_COLUMNS).map_batches(
-            _bucket_pools,
+            udf(_bucket_pools),
             batch_format="pyarrow",
             fn_kwargs=dict(
                 wanted=wanted, key="doc_id", buckets=doc_buckets, folder=store.join(prep, "pools"), name="b"
             ),
         ),
         ray.data.read_parquet(p_queries, filesystem=fs_queries, columns=["query_id", "text"]).map_batches(
-            _bucket_batch,
+            udf(_bucket_batch),
             batch_format="pyarrow",
             fn_kwargs=dict(key="query_id", buckets=query_buckets, folder=store.join(prep, "queries"), name="c"),
         ),
@@ -296,12 +305,12 @@ def prepare_inputs(
         _drain(step)
     _drain(
         ray.data.range(doc_buckets).map_batches(
-            _join_bucket, batch_size=1, fn_kwargs=dict(prep=prep, queries_buckets=query_buckets)
+            udf(_join_bucket), batch_size=1, fn_kwargs=dict(prep=prep, queries_buckets=query_buckets)
         )
     )
     queries = _drain(
         ray.data.range(query_buckets).map_batches(
-            _query_bucket, batch_size=1, fn_kwargs=dict(prep=prep, inputs=inputs, acfg=acfg)
+            udf(_query_bucket), batch_size=1, fn_kwargs=dict(prep=prep, inputs=inputs, acfg=acfg)
         )
     )
     store.remove(prep)
