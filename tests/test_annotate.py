@@ -574,25 +574,41 @@ def _annotate_config(path: Path, data, model: str, **annotate) -> Path:
     return path
 
 
-def _check_exactly_once(stage_dir: Path, expected: int) -> pa.Table:
-    table = pq.read_table(stage_dir / "relsel.parquet")
+def _check_exactly_once(stage_dir: Path, stage: str, queries: int, expected: int | None = None) -> pa.Table:
+    """One row per (query, window) in the stage table, one row per query in the chain's parts."""
+    table = pq.read_table(stage_dir / f"{stage}.parquet")
     keys = Counter(zip(table.column("query_id").to_pylist(), table.column("window").to_pylist()))
-    assert table.num_rows == expected and max(keys.values()) == 1
-    parts = pa.concat_tables([pq.read_table(p) for p in (stage_dir / "relsel.parts").glob("part-*.parquet")])
-    assert parts.num_rows == expected  # no duplicate left behind in the parts either
+    assert max(keys.values()) == 1 and (expected is None or table.num_rows == expected)
+    parts = pa.concat_tables([pq.read_table(p) for p in (stage_dir / "chain.parts").glob("part-*.parquet")])
+    ids = parts.column("query_id").to_pylist()
+    assert len(ids) == len(set(ids)) == queries  # no duplicate left behind in the parts either
+    rows_in_parts = sum(len(v) for v in parts.column(stage).to_pylist())
+    assert rows_in_parts == table.num_rows
     return table
+
+
+def _run_cli(config: Path, **env) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "utilrag.cli", "annotate", "--config", str(config)]
+    return subprocess.run(
+        command,
+        env={**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1", **env},
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=600,
+    )
 
 
 def test_killed_driver_and_dead_replica_still_give_exactly_once(tmp_path, annotate_data, tiny_llm):
     """Run 1 is SIGKILLed (driver and all it started) after a few parts; run 2 resumes, and one of
-    its replicas dies mid-batch (os._exit) and is restarted by Ray with the batch retried. The
-    stage still ends with exactly one row per (query, window), and only unfinished work was redone.
-    Constrained decoding is on, so every output must also match the selection format."""
+    its replicas dies at the start of a block (os._exit) and is restarted by Ray with the block retried.
+    The stage still ends with exactly one row per (query, window), and only unfinished queries were
+    redone. Constrained decoding is on, so every output must also match the selection format."""
     config = _annotate_config(
         tmp_path / "c.yaml", annotate_data, tiny_llm, output_name="kill", sampling={"constrained": True}
     )
     stage_dir = annotate_data[1] / "annotate" / "trec-dl-2019-default-kill"
-    parts = stage_dir / "relsel.parts"
+    parts = stage_dir / "chain.parts"
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "utilrag.cli", "annotate", "--config", str(config)]
     log = open(tmp_path / "first.log", "wb")  # a file, not a pipe: a full pipe would stall the job
@@ -602,31 +618,23 @@ def test_killed_driver_and_dead_replica_still_give_exactly_once(tmp_path, annota
     deadline = time.time() + 300
     while time.time() < deadline and len(list(parts.glob("part-*.parquet"))) < 2 and first.poll() is None:
         time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started, mid-stage
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started, mid-job
     first.wait()
     log.close()
     before = sorted(parts.glob("part-*.parquet"))
     assert len(before) >= 2, (tmp_path / "first.log").read_text(errors="replace")[-3000:]
-    assert not (stage_dir / "relsel.parquet").exists()  # the stage did not finish
-    done_before = sum(pq.read_metadata(p).num_rows for p in before)
-    expected = 16  # 8 queries x 2 windows (31 -> 16 + 15)
-    assert done_before < expected
+    assert not (stage_dir / "relsel.parquet").exists()  # the job did not finish
+    done_before = sum(pq.read_metadata(p).num_rows for p in before)  # queries (one row each)
+    queries, expected = 8, 16  # 8 queries x 2 windows (31 -> 16 + 15)
+    assert done_before < queries
 
-    second = subprocess.run(
-        command,
-        env={**env, "UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES": "1"},
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=600,
-    )
+    second = _run_cli(config, UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES="1")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert (
-        f"resuming: {done_before} of {expected} requests already done, {expected - done_before} to go" in second.stdout
-    )
-    assert (stage_dir / ".relsel.crashed").exists()  # a replica of run 2 really died in its first batch
-    table = _check_exactly_once(stage_dir, expected)
-    assert f"{expected} rows ({expected - done_before} new, {done_before} resumed)" in second.stdout
+    assert f"resuming: {done_before} of {queries} queries already done, {queries - done_before} to go" in second.stdout
+    assert (stage_dir / ".chain.crashed").exists()  # a replica of run 2 really died in its first block
+    table = _check_exactly_once(stage_dir, "relsel", queries, expected)
+    new = 2 * (queries - done_before)
+    assert f"{expected} rows ({new} new, {expected - new} resumed)" in second.stdout
     assert set(table.column("finish_reason").to_pylist()) <= {"stop", "length"}
     assert min(table.column("prompt_tokens").to_pylist()) > 100
     assert all(o.startswith("My selection:[") for o in table.column("raw_output").to_pylist())
@@ -635,6 +643,51 @@ def test_killed_driver_and_dead_replica_still_give_exactly_once(tmp_path, annota
     assert set(labels.column("source").to_pylist()) == {"human", "relsel"}
     assert labels.num_rows == 2 * 8 * 31
     assert "Agreement with human labels" in second.stdout
+
+    third = _run_cli(config)  # finished: no engine starts, the same tables
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "the chain is complete (8 queries)" in third.stdout
+    assert pq.read_table(stage_dir / "relsel.parquet").equals(table)
+
+
+def test_a_replica_killed_with_its_block_half_done_gives_exactly_once(tmp_path, annotate_data, tiny_llm):
+    """Four stages on one engine per replica; in its second block the replica dies after RelSel and the
+    pseudo-answers ran but before UtilSel / UtilRank (and before its part was written). Ray restarts it
+    and retries the block whole: every stage table holds exactly one row per (query, window), each query
+    is in exactly one part, and each replica process started its engine once."""
+    stages = ["relsel", "answer", "utilsel", "utilrank"]
+    config = _annotate_config(
+        tmp_path / "c.yaml",
+        annotate_data,
+        tiny_llm,
+        output_name="half",
+        stages=stages,
+        sampling={"constrained": True, "answer_max_tokens": 8},
+    )
+    stage_dir = annotate_data[1] / "annotate" / "trec-dl-2019-default-half"
+    run = _run_cli(config, UTILRAG_FAULT_ANNOTATE_FAIL_MID_BLOCK="2")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (stage_dir / ".chain.midblock.crashed").exists()
+    relsel = _check_exactly_once(stage_dir, "relsel", 8, 16)
+    for stage in stages[1:]:
+        _check_exactly_once(stage_dir, stage, 8)
+    answered = {
+        q
+        for q, a in zip(
+            *(pq.read_table(stage_dir / "answer.parquet").column(c).to_pylist() for c in ["query_id", "answer"])
+        )
+        if a
+    }
+    utilsel_queries = set(pq.read_table(stage_dir / "utilsel.parquet").column("query_id").to_pylist())
+    assert utilsel_queries == answered  # UtilSel asked for exactly the queries with a pseudo-answer
+    assert relsel.num_rows == 16
+    labels = pq.read_table(stage_dir / "labels.parquet")
+    assert set(labels.column("source").to_pylist()) == {"human", "relsel", "utilsel", "utilrank"}
+    from utilrag.store import read_manifest
+
+    manifest = read_manifest(stage_dir) or {}
+    assert manifest["engines"]["engine_starts_per_replica"] == 1
+    assert {s: manifest["summaries"][s]["rows"] for s in stages}["relsel"] == 16
 
 
 def test_an_engine_that_cannot_start_fails_the_job_with_its_message(tmp_path, annotate_data, tiny_llm):
