@@ -468,6 +468,70 @@ def _graded_ids(block: pa.Table, acfg: AnnotateConfig, label: str) -> list[str] 
     return sorted(random.Random(f"graded:{label}").sample(qids, acfg.graded_queries))
 
 
+def test_the_bucket_shuffle_gives_the_same_rows_as_one_join(tmp_path):
+    """prepare.py's Ray job, its steps called here one batch at a time (no Ray): corpus, pools and
+    queries into buckets, bucket joins, per-query rows == prepare_local's."""
+    import numpy as np
+
+    from utilrag.annotate import prepare
+
+    pools, queries, corpus = _pools_queries_corpus()
+    acfg = AnnotateConfig(model="m", passage_words=5)
+    prep, inputs = str(tmp_path / "prep"), str(tmp_path / "inputs")
+    docs, qs = 3, 2
+    for half in (corpus.slice(0, 4), corpus.slice(4)):  # two batches of each table
+        prepare._bucket_corpus(half, passage_words=5, key="doc_id", buckets=docs, folder=f"{prep}/corpus", name="b")
+    for half in (pools.slice(0, 9), pools.slice(9)):
+        prepare._bucket_pools(half, wanted=None, key="doc_id", buckets=docs, folder=f"{prep}/pools", name="b")
+    prepare._bucket_batch(queries, key="query_id", buckets=qs, folder=f"{prep}/queries", name="c")
+    prepare._join_bucket({"id": np.arange(docs)}, prep=prep, queries_buckets=qs)
+    prepare._query_bucket({"id": np.arange(qs)}, prep=prep, inputs=inputs, acfg=acfg)
+    got = pa.concat_tables([pq.read_table(f) for f in sorted(Path(inputs).glob("part-*.parquet"))])
+    assert got.num_rows == 5
+    want = prepare.prepare_local(pools, queries, corpus, acfg)
+    by_id = {r["query_id"]: {k: v for k, v in r.items() if k != "part"} for r in want.to_pylist()}
+    assert {r["query_id"]: {k: v for k, v in r.items() if k != "part"} for r in got.to_pylist()} == by_id
+    from utilrag.annotate.job import expected_by_part, write_rejects
+
+    assert sum(expected_by_part(inputs).values()) == 3
+    annotated, rejects, cut = write_rejects(inputs, str(tmp_path / "rejects.parquet"))
+    assert (annotated, rejects, cut) == (3, pq.read_metadata(tmp_path / "rejects.parquet").num_rows, 1)
+
+
+def test_finalize_cuts_stage_tables_labels_and_report_out_of_parts(tmp_path):
+    from utilrag.annotate.chain import part_name, run_block
+    from utilrag.annotate.job import check_parts, finalize
+    from utilrag.annotate.prepare import prepare_local
+    from utilrag.annotate.report import agreement
+
+    pools, queries, corpus = _pools_queries_corpus()
+    stages = ["relsel", "answer", "utilsel", "utilrank"]
+    acfg = AnnotateConfig(model="m", window=2, passage_words=5, stages=stages)
+    table = prepare_local(pools, queries, corpus, acfg)
+    block = table.filter(table["annotate"])
+    parts = tmp_path / "chain.parts"
+    parts.mkdir()
+    generate = lambda reqs: _outputs([(r.stage, r.messages) for r in reqs])  # noqa: E731
+    whole = run_block(block, generate, acfg, None, "old")
+    for rows, run in ((block.slice(0, 2), "old"), (block.slice(2), "new")):  # two blocks, two runs
+        part = run_block(rows, generate, acfg, None, run)
+        pq.write_table(part, parts / part_name(part["query_id"].to_pylist()))
+    assert check_parts(str(parts), 3, "t") == 3
+    with pytest.raises(AnnotateError, match="expected 4"):
+        check_parts(str(parts), 4, "t")
+    tallies, report, label_rows = finalize(str(tmp_path), str(tmp_path / "labels.parquet"), acfg, "new")
+    relsel = pq.read_table(tmp_path / "relsel.parquet")
+    assert relsel.num_rows == tallies["relsel"].counts["rows"] == sum(len(v) for v in whole["relsel"].to_pylist())
+    assert set(relsel.column("query_id").to_pylist()) == {"q1", "q2", "q3"}
+    new_rows = sum(1 for q in relsel.column("query_id").to_pylist() if q == block["query_id"][2].as_py())
+    summary = tallies["relsel"].summary(1.0, None)
+    assert summary["new_rows"] == new_rows and summary["resumed_rows"] == relsel.num_rows - new_rows
+    labels = pq.read_table(tmp_path / "labels.parquet")
+    assert labels.num_rows == label_rows
+    assert report.agreement({}) == agreement(labels, {})
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
 def test_a_part_name_depends_only_on_its_queries():
     from utilrag.annotate.chain import part_name
 
