@@ -236,6 +236,8 @@ class ChainAnnotator:
         from utilrag.annotate.runner import write_atomic
 
         self.engine.check()
+        if batch.num_rows == 0:  # nothing to annotate (every query of the batch was finished before)
+            return self._stats(0, 0, 0)
         self.calls += 1
         if self.fail.get("after_batches") == self.calls:
             crash_once(self.fail["marker"])
@@ -249,8 +251,12 @@ class ChainAnnotator:
             for v in table.column(stage).to_pylist()
             for r in v
         )
+        return self._stats(len(query_ids), rows, tokens)
+
+    def _stats(self, queries: int, rows: int, tokens: int) -> dict[str, np.ndarray]:
+        """One row per block: what the driver counts (never the block's rows themselves)."""
         stats = {
-            "queries": len(query_ids),
+            "queries": queries,
             "rows": rows,
             "tokens": tokens,
             "pid": os.getpid(),
