@@ -12,8 +12,9 @@ plane only; it lives here, in benchmarks/, never in the package).
 
 Figures (last line, one JSON object): per size driver_peak_rss_mib, wall_s, data-plane requests/s,
 object-store spill; driver_rss_ratio = peak RSS at the largest / the smallest size (goal <= 1.2, and
-under 2 GiB). --quick: 2,000 and 10,000 queries (about 5 minutes on 2 cores); default 10,000 and
-50,000; --full: 10,000 and 491,007.
+under 2 GiB); resume_plan: a rerun's driver bookkeeping with 90% of the queries done (491,007 queries
+unless --quick), its RSS growth and the finished ids it keeps. --quick: 2,000 and 10,000 queries
+(about 5 minutes on 2 cores); default 10,000 and 50,000; --full: 10,000 and 491,007.
 """
 
 from __future__ import annotations
@@ -222,6 +223,52 @@ def one_size(queries: int, work: Path, batch_size: int) -> dict:
     }
 
 
+def resume_probe(queries: int, work: Path, per_file: int = 1000, block: int = 256) -> dict:
+    """The rerun's driver-side bookkeeping at ``queries``, without Ray: 90% of the queries done in
+    parts of ``block`` queries; resume_plan reads their (query_id, part) file by file and keeps only
+    the ids inside partly finished input files. Reports its RSS growth and what it keeps."""
+    import psutil
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from utilrag.annotate.chain import CHAIN_SCHEMA
+    from utilrag.annotate.job import resume_plan
+    from utilrag.annotate.prepare import INPUT_SCHEMA
+
+    inputs, parts = work / "inputs", work / "chain.parts"
+    inputs.mkdir(parents=True)
+    parts.mkdir()
+
+    def table(schema, columns: dict) -> pa.Table:
+        n = len(next(iter(columns.values())))
+        return pa.table({k: columns.get(k, [None] * n) for k in schema.names}, schema=schema)
+
+    for j, start in enumerate(range(0, queries, per_file)):
+        ids = [f"q{i}" for i in range(start, min(queries, start + per_file))]
+        pq.write_table(
+            table(INPUT_SCHEMA, {"query_id": ids, "part": [j] * len(ids), "annotate": [True] * len(ids)}),
+            inputs / f"part-{j:05d}.parquet",
+        )
+    done = int(queries * 0.9)
+    for start in range(0, done, block):
+        numbers = range(start, min(done, start + block))
+        columns = {"query_id": [f"q{i}" for i in numbers], "part": [i // per_file for i in numbers]}
+        pq.write_table(table(CHAIN_SCHEMA, columns), parts / f"part-{start:09d}.parquet")
+    process = psutil.Process()
+    before = process.memory_info().rss
+    t0 = time.time()
+    files, kept, expected, n_done, read_bytes = resume_plan(str(inputs), str(parts))
+    return {
+        "queries": queries,
+        "done": n_done,
+        "input_files_to_read": len(files),
+        "done_ids_read_mib": round(read_bytes / 2**20, 2),
+        "done_ids_kept": len(kept),
+        "driver_rss_growth_mib": round((process.memory_info().rss - before) / 2**20, 1),
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
@@ -230,10 +277,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument("--batch-size", type=int, default=256, help="queries per replica call")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child: one size
+    parser.add_argument("--resume", type=int, default=None, help=argparse.SUPPRESS)  # a child: the resume probe
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one is not None:
         print(json.dumps(one_size(args.one, Path(args.work), args.batch_size)))
+        return
+    if args.resume is not None:
+        print(json.dumps(resume_probe(args.resume, Path(args.work))))
         return
     sizes = args.sizes or ([2_000, 10_000] if args.quick else [10_000, 491_007] if args.full else [10_000, 50_000])
     results = []
@@ -247,6 +298,15 @@ def main() -> None:
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"[bench] {n:,} queries: {json.dumps(result)}", flush=True)
             results.append(result)
+    with tempfile.TemporaryDirectory(prefix="annotate-resume-") as work:
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "pkg")}
+        probe_size = 491_007 if args.full or not args.quick else sizes[-1]
+        command = [sys.executable, __file__, "--resume", str(probe_size), "--work", work]
+        proc = subprocess.run(command, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"the resume probe failed:\n{proc.stderr[-3000:]}")
+        resume = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"[bench] resume plan: {json.dumps(resume)}", flush=True)
     small, large = results[0], results[-1]
     ratio = large["driver_peak_rss_mib"] / small["driver_peak_rss_mib"]
     print(
@@ -258,6 +318,7 @@ def main() -> None:
                 "driver_rss_ratio_sizes": [small["queries"], large["queries"]],
                 "goal_driver_rss_ratio_le_1_2": ratio <= 1.2,
                 "goal_driver_rss_under_2_gib": max(r["driver_peak_rss_mib"] for r in results) < 2048,
+                "resume_plan": resume,
             }
         )
     )

@@ -68,11 +68,16 @@ def parquet_files(location: str) -> list[str]:
 
 
 def read_columns(location: str, columns: list[str]) -> pa.Table:
-    """A few columns of every Parquet file of a folder (empty if there is none)."""
-    if not parquet_files(location):
+    """A few columns of every Parquet file of a folder (empty if there is none), file by file: a
+    pyarrow dataset over thousands of parts held ~600 MiB of driver memory for 6 MiB of ids here."""
+    files = parquet_files(location)
+    if not files:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
-    fs, path = store.filesystem(location)
-    return pads.dataset(path, format="parquet", filesystem=fs, ignore_prefixes=[".", "_"]).to_table(columns=columns)
+    tables = []
+    for name in files:
+        fs, path = store.filesystem(name)
+        tables.append(pq.read_table(path, columns=columns, filesystem=fs, use_threads=False))
+    return pa.concat_tables(tables)
 
 
 class ParquetStream:
