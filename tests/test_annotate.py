@@ -532,6 +532,14 @@ def test_finalize_cuts_stage_tables_labels_and_report_out_of_parts(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+def test_a_stage_without_its_input_stage_is_one_clear_error():
+    from utilrag.annotate import check_stage_needs
+
+    check_stage_needs(AnnotateConfig(model="m", stages=["relsel", "answer", "utilrank"]))
+    with pytest.raises(AnnotateError, match="asks for 'utilsel', which needs the 'answer' stage's output"):
+        check_stage_needs(AnnotateConfig(model="m", stages=["relsel", "utilsel"]))
+
+
 def test_a_part_name_depends_only_on_its_queries():
     from utilrag.annotate.chain import part_name
 
