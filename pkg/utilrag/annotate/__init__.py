@@ -117,7 +117,7 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
     )
     tallies, tally, label_rows = job.finalize(out, str(staging / "labels.parquet"), acfg, run)
     wall_s = time.time() - t0
-    summaries = {s: t.summary(wall_s, stats.get("engine_s")) for s, t in tallies.items()}
+    summaries = job.stage_summaries(tallies, wall_s, stats.get("engine_s"))
     for s in stages:
         log.info(f"{label} {s}: {summary_line(summaries[s])}")
     text = write_report(staging, label, tally, summaries, acfg.model)

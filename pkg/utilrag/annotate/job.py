@@ -440,6 +440,19 @@ def finalize(
     return tallies, report, labels.rows
 
 
+def stage_summaries(tallies: dict[str, StageTally], wall_s: float, engine_s: float | None) -> dict[str, dict]:
+    """Per stage summaries. The stages share one engine and one wall time: each stage gets the share of
+    both in proportion to its tokens, so sums over stages (the run report's) stay the chain's times."""
+    tokens = {s: t.counts["prompt_tokens"] + t.counts["output_tokens"] for s, t in tallies.items()}
+    total = sum(tokens.values())
+    out = {}
+    for s, t in tallies.items():
+        share = tokens[s] / total if total else 1 / max(len(tallies), 1)
+        out[s] = t.summary(wall_s * share, engine_s * share if engine_s else None)
+        out[s]["time_share_of_chain"] = round(share, 4)
+    return out
+
+
 def replica_figures(stats: dict) -> dict:
     """engine starts per replica process and the engines' idle share, from the replicas' counters."""
     replicas = stats.get("replicas") or {}
