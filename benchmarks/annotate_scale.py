@@ -3,7 +3,7 @@ stay flat as the number of queries grows?
 
     python benchmarks/annotate_scale.py [--quick | --full] [--sizes 10000 50000]
 
-Per size (each in its own driver process, so its peak RSS is its own): synthetic pools it generates
+Per size (the data made by one process, the job run by another, so the peak RSS is the job's own): synthetic pools
 (31 passages of 56 words per query, a corpus of 18 docs per query, one human positive per query),
 then the real streaming job of utilrag.annotate.job (inputs -> chain of four stages per block ->
 stage tables, labels, rejects, report counts) with the engine replaced by ``StandInEngine``, which
@@ -179,9 +179,8 @@ def one_size(queries: int, work: Path, batch_size: int) -> dict:
     from utilrag.config import AnnotateConfig
     from utilrag.raycluster import quiet_ray_data
 
-    t0 = time.time()
-    paths = synthetic(work / "data", queries)
-    generate_s = time.time() - t0
+    folder = work / "data"
+    paths = {name: str(folder / f"{name}.parquet") for name in ("pools", "queries", "corpus")}
     acfg = AnnotateConfig(
         model="stand-in",
         passage_words=300,
@@ -213,7 +212,6 @@ def one_size(queries: int, work: Path, batch_size: int) -> dict:
         "requests": requests,
         "label_rows": label_rows,
         "driver_peak_rss_mib": round(rss.peak / 2**20, 1),
-        "synthetic_data_s": round(generate_s, 1),
         "prepare_s": round(prepare_s, 1),
         "chain_s": round(chain_s, 1),
         "finalize_s": round(finalize_s, 1),
@@ -277,11 +275,15 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument("--batch-size", type=int, default=256, help="queries per replica call")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child: one size
+    parser.add_argument("--make", type=int, default=None, help=argparse.SUPPRESS)  # a child: the data
     parser.add_argument("--resume", type=int, default=None, help=argparse.SUPPRESS)  # a child: the resume probe
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one is not None:
         print(json.dumps(one_size(args.one, Path(args.work), args.batch_size)))
+        return
+    if args.make is not None:  # its own process: the job's driver peak is not the generator's
+        synthetic(Path(args.work) / "data", args.make)
         return
     if args.resume is not None:
         print(json.dumps(resume_probe(args.resume, Path(args.work))))
@@ -291,6 +293,9 @@ def main() -> None:
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix=f"annotate-scale-{n}-") as work:
             env = {**os.environ, "PYTHONPATH": str(ROOT / "pkg"), "RAY_ADDRESS": ""}
+            make = subprocess.run([sys.executable, __file__, "--make", str(n), "--work", work], env=env)
+            if make.returncode != 0:
+                raise SystemExit(f"size {n}: the synthetic data failed")
             command = [sys.executable, __file__, "--one", str(n), "--work", work, "--batch-size", str(args.batch_size)]
             proc = subprocess.run(command, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
