@@ -540,6 +540,47 @@ def test_a_stage_without_its_input_stage_is_one_clear_error():
         check_stage_needs(AnnotateConfig(model="m", stages=["relsel", "utilsel"]))
 
 
+class _StandInEngine:
+    """An engine stand-in for the replica class (its bookkeeping is under test, not vLLM)."""
+
+    error = None
+    starts = 1
+    busy_s = 0.0
+
+    def __init__(self, model: str, engine: dict):
+        self.ready_at = time.time()
+
+    def sampling_params(self, sampling: dict) -> dict:
+        return sampling
+
+    def check(self) -> None:
+        return None
+
+    def generate(self, messages: list, sampling: list) -> dict:
+        stages = ["relsel" if "relevance judger" in m[0]["content"] else "answer" for m in messages]
+        return _outputs(list(zip(stages, messages)))
+
+
+def test_a_replica_writes_each_block_once_under_its_own_name(tmp_path):
+    """ChainAnnotator (the Ray Data UDF) called directly: one part per block, a retried block rewrites
+    its part, an empty block writes nothing; it returns one stats row per block."""
+    from utilrag.annotate.chain import ChainAnnotator
+    from utilrag.annotate.prepare import prepare_local
+
+    pools, queries, corpus = _pools_queries_corpus()
+    acfg = AnnotateConfig(model="m", window=2, passage_words=5, stages=["relsel", "answer"])
+    table = prepare_local(pools, queries, corpus, acfg)
+    block = table.filter(table["annotate"])
+    replica = ChainAnnotator("m", {}, acfg, str(tmp_path / "parts"), "r1", engine_factory=_StandInEngine)
+    stats = replica(block)
+    assert stats["queries"].tolist() == [3] and stats["engine_starts"].tolist() == [1]
+    replica(block)  # the same block again (a retry): the same part, rewritten
+    replica(block.slice(0, 0))
+    files = list((tmp_path / "parts").glob("*.parquet"))
+    assert len(files) == 1 and pq.read_metadata(files[0]).num_rows == 3
+    assert not list((tmp_path / "parts").glob(".tmp-*"))
+
+
 def test_a_part_name_depends_only_on_its_queries():
     from utilrag.annotate.chain import part_name
 
