@@ -691,13 +691,29 @@ def _check_exactly_once(stage_dir: Path, stage: str, queries: int, expected: int
     """One row per (query, window) in the stage table, one row per query in the chain's parts."""
     table = pq.read_table(stage_dir / f"{stage}.parquet")
     keys = Counter(zip(table.column("query_id").to_pylist(), table.column("window").to_pylist()))
-    assert max(keys.values()) == 1 and (expected is None or table.num_rows == expected)
+    assert max(keys.values(), default=1) == 1 and (expected is None or table.num_rows == expected)
     parts = pa.concat_tables([pq.read_table(p) for p in (stage_dir / "chain.parts").glob("part-*.parquet")])
     ids = parts.column("query_id").to_pylist()
     assert len(ids) == len(set(ids)) == queries  # no duplicate left behind in the parts either
     rows_in_parts = sum(len(v) for v in parts.column(stage).to_pylist())
     assert rows_in_parts == table.num_rows
     return table
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process, its process group and every process under it: the replicas write their own
+    parts, so a replica left running (Ray's processes are not all in the driver's group) would go on
+    finishing blocks after its driver died."""
+    import psutil
+
+    tree = psutil.Process(pid).children(recursive=True)
+    os.killpg(pid, signal.SIGKILL)
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
 
 
 def _run_cli(config: Path, **env) -> subprocess.CompletedProcess:
@@ -731,7 +747,7 @@ def test_killed_driver_and_dead_replica_still_give_exactly_once(tmp_path, annota
     deadline = time.time() + 300
     while time.time() < deadline and len(list(parts.glob("part-*.parquet"))) < 2 and first.poll() is None:
         time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started, mid-job
+    _kill_tree(first.pid)  # the driver and everything it started (Ray's processes too), mid-job
     first.wait()
     log.close()
     before = sorted(parts.glob("part-*.parquet"))
@@ -775,15 +791,16 @@ def test_a_replica_killed_with_its_block_half_done_gives_exactly_once(tmp_path, 
         tiny_llm,
         output_name="half",
         stages=stages,
+        window=31,  # one RelSel window: the random model's favourite id, [22], is then a valid choice
         sampling={"constrained": True, "answer_max_tokens": 8},
     )
     stage_dir = annotate_data[1] / "annotate" / "trec-dl-2019-default-half"
     run = _run_cli(config, UTILRAG_FAULT_ANNOTATE_FAIL_MID_BLOCK="2")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert (stage_dir / ".chain.midblock.crashed").exists()
-    relsel = _check_exactly_once(stage_dir, "relsel", 8, 16)
+    relsel = _check_exactly_once(stage_dir, "relsel", 8, 8)
     for stage in stages[1:]:
-        _check_exactly_once(stage_dir, stage, 8)
+        assert _check_exactly_once(stage_dir, stage, 8).num_rows > 0, stage
     answered = {
         q
         for q, a in zip(
@@ -793,14 +810,14 @@ def test_a_replica_killed_with_its_block_half_done_gives_exactly_once(tmp_path, 
     }
     utilsel_queries = set(pq.read_table(stage_dir / "utilsel.parquet").column("query_id").to_pylist())
     assert utilsel_queries == answered  # UtilSel asked for exactly the queries with a pseudo-answer
-    assert relsel.num_rows == 16
+    assert relsel.num_rows == 8
     labels = pq.read_table(stage_dir / "labels.parquet")
     assert set(labels.column("source").to_pylist()) == {"human", "relsel", "utilsel", "utilrank"}
     from utilrag.store import read_manifest
 
     manifest = read_manifest(stage_dir) or {}
     assert manifest["engines"]["engine_starts_per_replica"] == 1
-    assert {s: manifest["summaries"][s]["rows"] for s in stages}["relsel"] == 16
+    assert manifest["summaries"]["relsel"]["rows"] == 8
 
 
 def test_an_engine_that_cannot_start_fails_the_job_with_its_message(tmp_path, annotate_data, tiny_llm):
