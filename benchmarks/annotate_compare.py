@@ -48,6 +48,7 @@ def config(path: Path, out: Path, model: str, queries: int, name: str, batch_siz
         "graded_queries": 3,
         "output_name": name,
         "passage_words": 20,
+        "window": 31,  # one RelSel window: the tiny random model's favourite id, [22], is a valid choice
         "sampling": {"max_tokens": 8, "answer_max_tokens": 8, "constrained": True},
         "engine": {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "kv_cache_gib": 1},
         "scale": {"batch_size": batch_size, "progress_every_s": 30},
