@@ -799,8 +799,9 @@ def test_a_replica_killed_with_its_block_half_done_gives_exactly_once(tmp_path, 
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert (stage_dir / ".chain.midblock.crashed").exists()
     relsel = _check_exactly_once(stage_dir, "relsel", 8, 8)
-    for stage in stages[1:]:
-        assert _check_exactly_once(stage_dir, stage, 8).num_rows > 0, stage
+    assert _check_exactly_once(stage_dir, "answer", 8).num_rows > 0
+    for stage in stages[2:]:  # the random model's greedy pseudo-answers are empty: possibly no rows here
+        _check_exactly_once(stage_dir, stage, 8)
     answered = {
         q
         for q, a in zip(
