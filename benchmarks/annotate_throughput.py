@@ -14,6 +14,9 @@ Figures (last line, one JSON object):
 - prefix_cache_hit_rate: cached / prompt tokens in the pipeline run.
 - scaling_ratio: generation seconds per query at 1,000 pool rows / at 100 pool rows (goal <= 1.1).
   With --quick this uses a tiny random-weight model (pipeline overhead only, not LLM speed).
+- engine_starts_per_replica (goal 1) and engine_idle_fraction: a four-stage run (RelSel -> answer ->
+  UtilSel / UtilRank) through the streaming chain, from its manifest: vLLM engines started per replica
+  process, and 1 - seconds inside generate / seconds the engine was up (waves drain at their tails).
 - gpu_hours_msmarco: the cost model: tokens per query x 491,007 MS MARCO train queries at the
   per-replica prefill/decode rates x GPUs per replica (the paper: 53 h on 8 A800 = 424). The
   prefill rate is measured: Qwen2.5-32B's architecture in bf16, plain PyTorch + SDPA, on the GPU
@@ -147,6 +150,27 @@ def pipeline_run(cfg, acfg, requests, model_path: str, folder: Path) -> dict:
     return {"summary": summary, "wall_s": wall, "outputs": table.column("raw_output").to_pylist(), "table": table}
 
 
+def four_stage_run(cfg, acfg, model_path: str, queries: int) -> dict:
+    """RelSel -> answer -> UtilSel / UtilRank through the streaming chain: engine starts per replica
+    process (goal 1: one engine for every stage) and the engines' idle share of their lifetime."""
+    from utilrag.annotate import annotate_target
+    from utilrag.config import AnnotateTarget
+    from utilrag.store import read_manifest
+
+    target = AnnotateTarget(dataset="trec-dl-2019", split="default", max_queries=queries)
+    four = acfg.model_copy(
+        update={
+            "stages": ["relsel", "answer", "utilsel", "utilrank"],
+            "targets": [target],
+            "output_name": f"bench-four-{time.time_ns()}",
+        }
+    )
+    t0 = time.time()
+    out = annotate_target(cfg.model_copy(update={"annotate": four}), target, model_path)
+    engines = (read_manifest(out) or {}).get("engines", {})
+    return {**engines, "wall_s": round(time.time() - t0, 1)}
+
+
 def measured_prefill() -> tuple[float, str] | None:
     """Prompt tokens/s per GPU from the newest GPU check that measured the 32B prefill."""
     for path in sorted(RESULTS.glob("gpu_check-*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
@@ -247,6 +271,10 @@ def main() -> None:
             flush=True,
         )
 
+    # 3. one engine per replica over the four stages
+    four = four_stage_run(cfg, scale_cfg, scale_model, max(2, n_queries))
+    print(f"[bench] four-stage chain: {four}", flush=True)
+
     measured = measured_prefill()
     if args.prefill_tok_s is not None:
         prefill_tok_s, prefill_source = args.prefill_tok_s, "given (--prefill-tok-s)"
@@ -284,6 +312,8 @@ def main() -> None:
                 "s_per_query_100_rows": round(per_query[100], 4),
                 "s_per_query_1000_rows": round(per_query[1000], 4),
                 "scaling_ratio": round(per_query[1000] / per_query[100], 3),
+                "engine_starts_per_replica": four.get("engine_starts_per_replica"),
+                "engine_idle_fraction": four.get("engine_idle_fraction"),
                 "cost_model": {
                     "prompt_tokens_per_query": prompt_total,
                     "output_tokens_per_query_assumed": output_total,

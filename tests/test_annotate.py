@@ -5,6 +5,7 @@ mid-batch, an engine that cannot start."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -310,6 +312,312 @@ def test_cli_reports_a_missing_model_as_one_line(tmp_path, capsys):
     assert len(err) == 1 and "no such folder" in err[0]
 
 
+# --------------------------------------------------------------------------- the streaming chain, no engine
+def _pools_queries_corpus():
+    corpus = pa.table(
+        {
+            "doc_id": list("abcdefgh") + ["e2"],
+            "title": [""] * 9,
+            "text": ["alpha one", "beta two", "gamma " * 40, "delta", "  ", "phi", "gee", "aitch", "e two"],
+        }
+    )
+    rows = [  # (query, doc, position, source, grade)
+        *[("q1", d, i, "human" if d == "a" else "bm25", 3 if d == "a" else None) for i, d in enumerate("abcdz")],
+        *[
+            ("q2", d, i, "human" if d == "f" else "bm25", 2 if d == "f" else (0 if d == "g" else None))
+            for i, d in enumerate("fgh")
+        ],
+        *[("q3", d, i, "bm25", None) for i, d in enumerate("abe")],  # e is empty: 2 left
+        *[("q4", d, i, "bm25", None) for i, d in enumerate("ab")],  # no query text
+        *[("q5", d, i, "bm25", None) for i, d in enumerate(["e", "e2"])],  # 1 passage left
+    ]
+    schema = pa.schema(
+        [
+            ("query_id", pa.string()),
+            ("doc_id", pa.string()),
+            ("position", pa.int32()),
+            ("source", pa.string()),
+            ("human_grade", pa.int32()),
+        ]
+    )
+    pools = pa.Table.from_pylist([dict(zip(schema.names, r)) for r in rows], schema=schema)
+    queries = pa.table({"query_id": ["q1", "q2", "q3", "q4", "q5"], "text": ["one", "two", "three", " ", "five"]})
+    return pools, queries, corpus
+
+
+def _stand_in(stage: str, messages: list[dict]) -> str:
+    """A deterministic fake answer per prompt (not an engine: the chain's bookkeeping is under test)."""
+    import zlib
+
+    h = zlib.crc32(json.dumps(messages).encode())
+    if stage == "answer":
+        return "" if h % 5 == 0 else f"answer {h % 97}"
+    if stage == "graded":
+        return f"##final score: {h % 4}"
+    n = sum(1 for m in messages if m["role"] == "user" and m["content"].startswith("["))
+    picks = [i for i in range(1, n + 1) if (h >> i) % 3 != 0]
+    if stage == "utilrank":
+        return " > ".join(f"[{i}]" for i in picks or [1])
+    return "My selection:[" + ",".join(f"[{i}]" for i in picks) + "]."
+
+
+def _outputs(stages_and_messages) -> dict:
+    raw = [_stand_in(stage, m) for stage, m in stages_and_messages]
+    n = len(raw)
+    return {
+        "raw_output": raw,
+        "prompt_tokens": [len(json.dumps(m)) for _, m in stages_and_messages],
+        "output_tokens": [len(r) for r in raw],
+        "cached_tokens": [0] * n,
+        "finish_reason": ["stop"] * n,
+    }
+
+
+def _old_path(inputs: TargetInputs, acfg: AnnotateConfig, label: str) -> dict[str, pa.Table]:
+    """Today's per-stage path (build_requests -> one answer per request -> parse_output), no engine."""
+    from utilrag.annotate.chain import row_meta
+    from utilrag.annotate.stages import STAGE_ORDER, parse_output
+
+    done: dict[str, pa.Table] = {}
+    for stage in (s for s in STAGE_ORDER if s in acfg.stages):
+        requests, _ = build_requests(stage, inputs, acfg, done, graded_seed=label)
+        messages = [json.loads(m) for m in requests.column("messages").to_pylist()]
+        out = _outputs([(stage, m) for m in messages])
+        rows = []
+        for i, r in enumerate(requests.to_pylist()):
+            rows.append(
+                {
+                    **{k: r[k] for k in ("query_id", "window", "doc_ids", "passages_cut")},
+                    **{k: out[k][i] for k in out},
+                    **parse_output(stage, out["raw_output"][i], r["doc_ids"], "stop"),
+                    **row_meta(stage, acfg),
+                }
+            )
+        done[stage] = pa.Table.from_pylist(rows, schema=STAGE_SCHEMA).sort_by(
+            [("query_id", "ascending"), ("window", "ascending")]
+        )
+    return done
+
+
+def test_inputs_rows_match_todays_load_inputs(tmp_path):
+    from utilrag.annotate.prepare import prepare_local
+
+    pools, queries, corpus = _pools_queries_corpus()
+    pq.write_table(corpus, tmp_path / "corpus.parquet")
+    for human_positive in ("random", "exclusion"):
+        acfg = AnnotateConfig(model="m", passage_words=5, human_positive=human_positive)
+        old = load_inputs(pools, queries, tmp_path, AnnotateTarget(dataset="d", split="s"), acfg)
+        rows = {r["query_id"]: r for r in prepare_local(pools, queries, corpus, acfg).to_pylist()}
+        assert {q for q, r in rows.items() if r["annotate"]} == set(old.pools)
+        for q, shown in old.pools.items():
+            assert rows[q]["doc_ids"] == shown
+            assert rows[q]["passages"] == [old.passages[d] for d in shown]
+            assert rows[q]["cut"] == [d in old.cut for d in shown]
+            assert set(rows[q]["human"]) == old.human[q]
+            assert dict(zip(rows[q]["judged"], rows[q]["judged_grades"])) == old.human_grades[q]
+        new_rejects = sorted((q, x["doc_id"], x["reason"]) for q, r in rows.items() for x in r["rejects"])
+        assert new_rejects == sorted(old.rejects) and len(new_rejects) >= 4
+
+
+@pytest.mark.parametrize("stages", [["relsel"], ["relsel", "answer", "utilsel", "utilrank", "graded"]])
+def test_the_chain_gives_todays_stage_rows_and_labels(stages):
+    """One block through run_block (the replica's waves) == today's stage-by-stage requests, given
+    the same answer per prompt; and the labels cut per part == today's build_labels."""
+    from utilrag.annotate.chain import run_block
+    from utilrag.annotate.job import explode, part_labels
+    from utilrag.annotate.prepare import prepare_local
+    from utilrag.annotate.stages import STAGE_ORDER
+
+    pools, queries, corpus = _pools_queries_corpus()
+    acfg = AnnotateConfig(model="m", window=2, passage_words=5, stages=stages, graded_queries=2)
+    label = "d/s"
+    inputs_table = prepare_local(pools, queries, corpus, acfg)
+    block = inputs_table.filter(inputs_table["annotate"])
+    graded = _graded_ids(block, acfg, label)
+    part = run_block(block, lambda reqs: _outputs([(r.stage, r.messages) for r in reqs]), acfg, graded, "run1")
+    tables = {s: explode(part, s) for s in STAGE_ORDER if s in stages}
+
+    pq_path = None  # today's path reads the corpus from a folder
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        pq_path = Path(folder) / "corpus.parquet"
+        pq.write_table(corpus, pq_path)
+        inputs = load_inputs(pools, queries, folder, AnnotateTarget(dataset="d", split="s"), acfg)
+    old = _old_path(inputs, acfg, label)
+    for stage in stages:
+        assert tables[stage].num_rows and tables[stage].to_pylist() == old[stage].to_pylist(), stage
+    all_pools = {
+        q: [d for d in pools.filter(pc.equal(pools["query_id"], q))["doc_id"].to_pylist()] for q in inputs.pools
+    }
+    old_labels = build_labels(inputs, old, all_pools, acfg)
+    new_labels = part_labels(part, tables, acfg)
+    assert new_labels.sort_by(
+        [("query_id", "ascending"), ("source", "ascending"), ("doc_id", "ascending")]
+    ).to_pylist() == (
+        old_labels.sort_by([("query_id", "ascending"), ("source", "ascending"), ("doc_id", "ascending")]).to_pylist()
+    )
+
+
+def _graded_ids(block: pa.Table, acfg: AnnotateConfig, label: str) -> list[str] | None:
+    import random
+
+    qids = sorted(block["query_id"].to_pylist())
+    if acfg.graded_queries is None or acfg.graded_queries >= len(qids):
+        return None
+    return sorted(random.Random(f"graded:{label}").sample(qids, acfg.graded_queries))
+
+
+def test_the_bucket_shuffle_gives_the_same_rows_as_one_join(tmp_path):
+    """prepare.py's Ray job, its steps called here one batch at a time (no Ray): corpus, pools and
+    queries into buckets, bucket joins, per-query rows == prepare_local's."""
+    import numpy as np
+
+    from utilrag.annotate import prepare
+
+    pools, queries, corpus = _pools_queries_corpus()
+    acfg = AnnotateConfig(model="m", passage_words=5)
+    prep, inputs = str(tmp_path / "prep"), str(tmp_path / "inputs")
+    docs, qs = 3, 2
+    for half in (corpus.slice(0, 4), corpus.slice(4)):  # two batches of each table
+        prepare._bucket_corpus(half, passage_words=5, key="doc_id", buckets=docs, folder=f"{prep}/corpus", name="b")
+    for half in (pools.slice(0, 9), pools.slice(9)):
+        prepare._bucket_pools(half, wanted=None, key="doc_id", buckets=docs, folder=f"{prep}/pools", name="b")
+    prepare._bucket_batch(queries, key="query_id", buckets=qs, folder=f"{prep}/queries", name="c")
+    prepare._join_bucket({"id": np.arange(docs)}, prep=prep, queries_buckets=qs)
+    prepare._query_bucket({"id": np.arange(qs)}, prep=prep, inputs=inputs, acfg=acfg)
+    got = pa.concat_tables([pq.read_table(f) for f in sorted(Path(inputs).glob("part-*.parquet"))])
+    assert got.num_rows == 5
+    want = prepare.prepare_local(pools, queries, corpus, acfg)
+    by_id = {r["query_id"]: {k: v for k, v in r.items() if k != "part"} for r in want.to_pylist()}
+    assert {r["query_id"]: {k: v for k, v in r.items() if k != "part"} for r in got.to_pylist()} == by_id
+    from utilrag.annotate.job import expected_by_part, write_rejects
+
+    assert sum(expected_by_part(inputs).values()) == 3
+    annotated, rejects, cut = write_rejects(inputs, str(tmp_path / "rejects.parquet"))
+    assert (annotated, rejects, cut) == (3, pq.read_metadata(tmp_path / "rejects.parquet").num_rows, 1)
+
+
+def test_finalize_cuts_stage_tables_labels_and_report_out_of_parts(tmp_path):
+    from utilrag.annotate.chain import part_name, run_block
+    from utilrag.annotate.job import check_parts, finalize
+    from utilrag.annotate.prepare import prepare_local
+    from utilrag.annotate.report import agreement
+
+    pools, queries, corpus = _pools_queries_corpus()
+    stages = ["relsel", "answer", "utilsel", "utilrank"]
+    acfg = AnnotateConfig(model="m", window=2, passage_words=5, stages=stages)
+    table = prepare_local(pools, queries, corpus, acfg)
+    block = table.filter(table["annotate"])
+    parts = tmp_path / "chain.parts"
+    parts.mkdir()
+    generate = lambda reqs: _outputs([(r.stage, r.messages) for r in reqs])  # noqa: E731
+    whole = run_block(block, generate, acfg, None, "old")
+    for rows, run in ((block.slice(0, 2), "old"), (block.slice(2), "new")):  # two blocks, two runs
+        part = run_block(rows, generate, acfg, None, run)
+        pq.write_table(part, parts / part_name(part["query_id"].to_pylist()))
+    assert check_parts(str(parts), 3, "t") == 3
+    with pytest.raises(AnnotateError, match="expected 4"):
+        check_parts(str(parts), 4, "t")
+    tallies, report, label_rows = finalize(str(tmp_path), str(tmp_path / "labels.parquet"), acfg, "new")
+    relsel = pq.read_table(tmp_path / "relsel.parquet")
+    assert relsel.num_rows == tallies["relsel"].counts["rows"] == sum(len(v) for v in whole["relsel"].to_pylist())
+    assert set(relsel.column("query_id").to_pylist()) == {"q1", "q2", "q3"}
+    new_rows = sum(1 for q in relsel.column("query_id").to_pylist() if q == block["query_id"][2].as_py())
+    summary = tallies["relsel"].summary(1.0, None)
+    assert summary["new_rows"] == new_rows and summary["resumed_rows"] == relsel.num_rows - new_rows
+    labels = pq.read_table(tmp_path / "labels.parquet")
+    assert labels.num_rows == label_rows
+    assert report.agreement({}) == agreement(labels, {})
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_stage_without_its_input_stage_is_one_clear_error():
+    from utilrag.annotate import check_stage_needs
+
+    check_stage_needs(AnnotateConfig(model="m", stages=["relsel", "answer", "utilrank"]))
+    with pytest.raises(AnnotateError, match="asks for 'utilsel', which needs the 'answer' stage's output"):
+        check_stage_needs(AnnotateConfig(model="m", stages=["relsel", "utilsel"]))
+
+
+class _StandInEngine:
+    """An engine stand-in for the replica class (its bookkeeping is under test, not vLLM)."""
+
+    error = None
+    starts = 1
+    busy_s = 0.0
+
+    def __init__(self, model: str, engine: dict):
+        self.ready_at = time.time()
+
+    def sampling_params(self, sampling: dict) -> dict:
+        return sampling
+
+    def check(self) -> None:
+        return None
+
+    def generate(self, messages: list, sampling: list) -> dict:
+        stages = ["relsel" if "relevance judger" in m[0]["content"] else "answer" for m in messages]
+        return _outputs(list(zip(stages, messages)))
+
+
+def test_a_replica_writes_each_block_once_under_its_own_name(tmp_path):
+    """ChainAnnotator (the Ray Data UDF) called directly: one part per block, a retried block rewrites
+    its part, an empty block writes nothing; it returns one stats row per block."""
+    from utilrag.annotate.chain import ChainAnnotator
+    from utilrag.annotate.prepare import prepare_local
+
+    pools, queries, corpus = _pools_queries_corpus()
+    acfg = AnnotateConfig(model="m", window=2, passage_words=5, stages=["relsel", "answer"])
+    table = prepare_local(pools, queries, corpus, acfg)
+    block = table.filter(table["annotate"])
+    replica = ChainAnnotator("m", {}, acfg, str(tmp_path / "parts"), "r1", engine_factory=_StandInEngine)
+    stats = replica(block)
+    assert stats["queries"].tolist() == [3] and stats["engine_starts"].tolist() == [1]
+    replica(block)  # the same block again (a retry): the same part, rewritten
+    replica(block.slice(0, 0))
+    files = list((tmp_path / "parts").glob("*.parquet"))
+    assert len(files) == 1 and pq.read_metadata(files[0]).num_rows == 3
+    assert not list((tmp_path / "parts").glob(".tmp-*"))
+
+
+def test_a_part_name_depends_only_on_its_queries():
+    from utilrag.annotate.chain import part_name
+
+    assert part_name(["b", "a"]) == part_name(["a", "b"]) != part_name(["a"])
+
+
+def test_buckets_are_stable_and_complete():
+    from utilrag.annotate.prepare import bucket_of, split_by_bucket
+
+    ids = pa.array([f"d{i}" for i in range(1000)])
+    assert bucket_of(ids, 7).tolist() == bucket_of(ids, 7).tolist()
+    parts = dict(split_by_bucket(pa.table({"doc_id": ids}), "doc_id", 7))
+    assert sum(t.num_rows for t in parts.values()) == 1000 and len(parts) == 7
+    assert all(set(bucket_of(t["doc_id"], 7).tolist()) == {k} for k, t in parts.items())
+
+
+def test_resume_plan_keeps_only_the_ids_of_partly_done_files(tmp_path):
+    from utilrag.annotate.chain import CHAIN_SCHEMA
+    from utilrag.annotate.job import keep_todo, resume_plan
+    from utilrag.annotate.prepare import INPUT_SCHEMA
+
+    inputs, parts = tmp_path / "inputs", tmp_path / "chain.parts"
+    inputs.mkdir()
+    parts.mkdir()
+    for j in range(3):
+        rows = [{"query_id": f"q{j}{i}", "part": j, "annotate": i != 3} for i in range(4)]
+        pq.write_table(pa.Table.from_pylist(rows, schema=INPUT_SCHEMA), inputs / f"part-{j:05d}.parquet")
+    done = [{"query_id": q, "part": int(q[1])} for q in ["q00", "q01", "q02", "q10"]]  # file 0 complete, 1 partly
+    pq.write_table(pa.Table.from_pylist(done, schema=CHAIN_SCHEMA), parts / "part-x.parquet")
+    (parts / ".tmp-part-y.parquet").write_bytes(b"half a file")  # ignored
+    files, ids, expected, n_done, _ = resume_plan(str(inputs), str(parts))
+    assert [Path(f).name for f in files] == ["part-00001.parquet", "part-00002.parquet"]
+    assert ids.to_pylist() == ["q10"] and expected == 9 and n_done == 4
+    todo = keep_todo(pq.read_table(inputs / "part-00001.parquet"), ids)
+    assert todo["query_id"].to_pylist() == ["q11", "q12"]
+
+
 # --------------------------------------------------------------------------- real engines
 def _qwen_tokenizer_dir() -> str:
     try:
@@ -379,25 +687,57 @@ def _annotate_config(path: Path, data, model: str, **annotate) -> Path:
     return path
 
 
-def _check_exactly_once(stage_dir: Path, expected: int) -> pa.Table:
-    table = pq.read_table(stage_dir / "relsel.parquet")
+def _check_exactly_once(stage_dir: Path, stage: str, queries: int, expected: int | None = None) -> pa.Table:
+    """One row per (query, window) in the stage table, one row per query in the chain's parts."""
+    table = pq.read_table(stage_dir / f"{stage}.parquet")
     keys = Counter(zip(table.column("query_id").to_pylist(), table.column("window").to_pylist()))
-    assert table.num_rows == expected and max(keys.values()) == 1
-    parts = pa.concat_tables([pq.read_table(p) for p in (stage_dir / "relsel.parts").glob("part-*.parquet")])
-    assert parts.num_rows == expected  # no duplicate left behind in the parts either
+    assert max(keys.values(), default=1) == 1 and (expected is None or table.num_rows == expected)
+    parts = pa.concat_tables([pq.read_table(p) for p in (stage_dir / "chain.parts").glob("part-*.parquet")])
+    ids = parts.column("query_id").to_pylist()
+    assert len(ids) == len(set(ids)) == queries  # no duplicate left behind in the parts either
+    rows_in_parts = sum(len(v) for v in parts.column(stage).to_pylist())
+    assert rows_in_parts == table.num_rows
     return table
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process, its process group and every process under it: the replicas write their own
+    parts, so a replica left running (Ray's processes are not all in the driver's group) would go on
+    finishing blocks after its driver died."""
+    import psutil
+
+    tree = psutil.Process(pid).children(recursive=True)
+    os.killpg(pid, signal.SIGKILL)
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
+
+
+def _run_cli(config: Path, **env) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "utilrag.cli", "annotate", "--config", str(config)]
+    return subprocess.run(
+        command,
+        env={**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1", **env},
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=600,
+    )
 
 
 def test_killed_driver_and_dead_replica_still_give_exactly_once(tmp_path, annotate_data, tiny_llm):
     """Run 1 is SIGKILLed (driver and all it started) after a few parts; run 2 resumes, and one of
-    its replicas dies mid-batch (os._exit) and is restarted by Ray with the batch retried. The
-    stage still ends with exactly one row per (query, window), and only unfinished work was redone.
-    Constrained decoding is on, so every output must also match the selection format."""
+    its replicas dies at the start of a block (os._exit) and is restarted by Ray with the block retried.
+    The stage still ends with exactly one row per (query, window), and only unfinished queries were
+    redone. Constrained decoding is on, so every output must also match the selection format."""
     config = _annotate_config(
         tmp_path / "c.yaml", annotate_data, tiny_llm, output_name="kill", sampling={"constrained": True}
     )
     stage_dir = annotate_data[1] / "annotate" / "trec-dl-2019-default-kill"
-    parts = stage_dir / "relsel.parts"
+    parts = stage_dir / "chain.parts"
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "utilrag.cli", "annotate", "--config", str(config)]
     log = open(tmp_path / "first.log", "wb")  # a file, not a pipe: a full pipe would stall the job
@@ -407,31 +747,23 @@ def test_killed_driver_and_dead_replica_still_give_exactly_once(tmp_path, annota
     deadline = time.time() + 300
     while time.time() < deadline and len(list(parts.glob("part-*.parquet"))) < 2 and first.poll() is None:
         time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started, mid-stage
+    _kill_tree(first.pid)  # the driver and everything it started (Ray's processes too), mid-job
     first.wait()
     log.close()
     before = sorted(parts.glob("part-*.parquet"))
     assert len(before) >= 2, (tmp_path / "first.log").read_text(errors="replace")[-3000:]
-    assert not (stage_dir / "relsel.parquet").exists()  # the stage did not finish
-    done_before = sum(pq.read_metadata(p).num_rows for p in before)
-    expected = 16  # 8 queries x 2 windows (31 -> 16 + 15)
-    assert done_before < expected
+    assert not (stage_dir / "relsel.parquet").exists()  # the job did not finish
+    done_before = sum(pq.read_metadata(p).num_rows for p in before)  # queries (one row each)
+    queries, expected = 8, 16  # 8 queries x 2 windows (31 -> 16 + 15)
+    assert done_before < queries
 
-    second = subprocess.run(
-        command,
-        env={**env, "UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES": "1"},
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=600,
-    )
+    second = _run_cli(config, UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES="1")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert (
-        f"resuming: {done_before} of {expected} requests already done, {expected - done_before} to go" in second.stdout
-    )
-    assert (stage_dir / ".relsel.crashed").exists()  # a replica of run 2 really died in its first batch
-    table = _check_exactly_once(stage_dir, expected)
-    assert f"{expected} rows ({expected - done_before} new, {done_before} resumed)" in second.stdout
+    assert f"resuming: {done_before} of {queries} queries already done, {queries - done_before} to go" in second.stdout
+    assert (stage_dir / ".chain.crashed").exists()  # a replica of run 2 really died in its first block
+    table = _check_exactly_once(stage_dir, "relsel", queries, expected)
+    new = 2 * (queries - done_before)
+    assert f"{expected} rows ({new} new, {expected - new} resumed)" in second.stdout
     assert set(table.column("finish_reason").to_pylist()) <= {"stop", "length"}
     assert min(table.column("prompt_tokens").to_pylist()) > 100
     assert all(o.startswith("My selection:[") for o in table.column("raw_output").to_pylist())
@@ -440,6 +772,53 @@ def test_killed_driver_and_dead_replica_still_give_exactly_once(tmp_path, annota
     assert set(labels.column("source").to_pylist()) == {"human", "relsel"}
     assert labels.num_rows == 2 * 8 * 31
     assert "Agreement with human labels" in second.stdout
+
+    third = _run_cli(config)  # finished: no engine starts, the same tables
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "the chain is complete (8 queries)" in third.stdout
+    assert pq.read_table(stage_dir / "relsel.parquet").equals(table)
+
+
+def test_a_replica_killed_with_its_block_half_done_gives_exactly_once(tmp_path, annotate_data, tiny_llm):
+    """Four stages on one engine per replica; in its second block the replica dies after RelSel and the
+    pseudo-answers ran but before UtilSel / UtilRank (and before its part was written). Ray restarts it
+    and retries the block whole: every stage table holds exactly one row per (query, window), each query
+    is in exactly one part, and each replica process started its engine once."""
+    stages = ["relsel", "answer", "utilsel", "utilrank"]
+    config = _annotate_config(
+        tmp_path / "c.yaml",
+        annotate_data,
+        tiny_llm,
+        output_name="half",
+        stages=stages,
+        window=31,  # one RelSel window: the random model's favourite id, [22], is then a valid choice
+        sampling={"constrained": True, "answer_max_tokens": 8},
+    )
+    stage_dir = annotate_data[1] / "annotate" / "trec-dl-2019-default-half"
+    run = _run_cli(config, UTILRAG_FAULT_ANNOTATE_FAIL_MID_BLOCK="2")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (stage_dir / ".chain.midblock.crashed").exists()
+    relsel = _check_exactly_once(stage_dir, "relsel", 8, 8)
+    assert _check_exactly_once(stage_dir, "answer", 8).num_rows > 0
+    for stage in stages[2:]:  # the random model's greedy pseudo-answers are empty: possibly no rows here
+        _check_exactly_once(stage_dir, stage, 8)
+    answered = {
+        q
+        for q, a in zip(
+            *(pq.read_table(stage_dir / "answer.parquet").column(c).to_pylist() for c in ["query_id", "answer"])
+        )
+        if a
+    }
+    utilsel_queries = set(pq.read_table(stage_dir / "utilsel.parquet").column("query_id").to_pylist())
+    assert utilsel_queries == answered  # UtilSel asked for exactly the queries with a pseudo-answer
+    assert relsel.num_rows == 8
+    labels = pq.read_table(stage_dir / "labels.parquet")
+    assert set(labels.column("source").to_pylist()) == {"human", "relsel", "utilsel", "utilrank"}
+    from utilrag.store import read_manifest
+
+    manifest = read_manifest(stage_dir) or {}
+    assert manifest["engines"]["engine_starts_per_replica"] == 1
+    assert manifest["summaries"]["relsel"]["rows"] == 8
 
 
 def test_an_engine_that_cannot_start_fails_the_job_with_its_message(tmp_path, annotate_data, tiny_llm):

@@ -17,7 +17,7 @@ tiny random model on replicas that ask for use_gpu=true and accelerator_type=A10
    stage, window), with no duplicate in the parts. Until Ray marks the node dead (5 s here, 15 s with
    Ray's defaults) every retry of the lost batches fails at once ("actor unavailable"): with a retry
    count (max_task_retries=actor_restarts, as engine.py had it) the job failed here; the replicas now
-   retry until the actor is back or out of restarts.
+   retry until the actor is back (Ray Data's defaults: no limit).
 4. scale-down: after the job, the idle nodes are removed (idle timeout 6 s) and only the head is left.
 
 The head runs in its own process group and is stopped by it (stop_cluster_group), never by `ray stop`
@@ -108,7 +108,7 @@ def _replicas(address: str) -> list:
     from ray.util.state import list_actors
 
     actors = list_actors(address=address, detail=True, limit=10000, raise_on_missing_output=False)
-    return [a for a in actors if "LLMPredictor" in (_get(a, "class_name") or "")]
+    return [a for a in actors if "ChainAnnotator" in (_get(a, "class_name") or "")]
 
 
 def _node_type(node, config: dict) -> str:
@@ -177,7 +177,7 @@ def test_gpu_nodes_on_demand_node_loss_exactly_once_and_scale_down(shared_datase
     ray = os.path.join(str(Path(sys.executable).parent), "ray")
     out = tmp_path / "out"
     stage_dir = out / "annotate" / "trec-dl-2019-default"
-    parts = stage_dir / "relsel.parts"
+    parts = stage_dir / "chain.parts"
     sid = f"autoscaling-{os.getpid()}"
     t: dict[str, float] = {}
     events: list[tuple[float, str]] = []  # (when, "<node type> <node id> ALIVE|DEAD")
@@ -243,13 +243,13 @@ def test_gpu_nodes_on_demand_node_loss_exactly_once_and_scale_down(shared_datase
 
         # 3. node loss: the kill landed mid-stage, and the stage still has exactly one row per request.
         assert killed is not None and "raylet" in killed_processes, (killed_processes, logs[-3000:])
-        assert 0 < done_before < EXPECTED, f"the node was killed after {done_before} of {EXPECTED} rows"
+        assert 0 < done_before < QUERIES, f"the node was killed after {done_before} of {QUERIES} queries"
         table = pq.read_table(stage_dir / "relsel.parquet")
         keys = Counter(zip(table.column("query_id").to_pylist(), table.column("window").to_pylist()))
         assert table.num_rows == EXPECTED and len(keys) == EXPECTED and max(keys.values()) == 1
         assert len(set(table.column("query_id").to_pylist())) == QUERIES
         part_rows = sum(pq.read_metadata(f).num_rows for f in parts.glob("part-*.parquet"))
-        assert part_rows == EXPECTED  # no duplicate left behind in the parts either
+        assert part_rows == QUERIES  # one row per query in the parts: no duplicate left behind
         assert f"{EXPECTED} rows ({EXPECTED} new, 0 resumed)" in logs  # one run, no rerun needed
         labels = pq.read_table(stage_dir / "labels.parquet")
         assert labels.num_rows == 2 * QUERIES * 31  # human + relsel over every pool passage
@@ -287,7 +287,7 @@ def test_gpu_nodes_on_demand_node_loss_exactly_once_and_scale_down(shared_datase
         removed = dict(re.findall(r"Terminating the node with id (\S+) and ip \S+ \((.+?)\)", monitor))
         assert killed in removed and all(removed.get(i) == "idle" for i in set(workers) - {killed}), removed
         print(
-            f"killed after {done_before}/{EXPECTED} rows: {dict(Counter(killed_processes))}; removed as "
+            f"killed after {done_before}/{QUERIES} queries: {dict(Counter(killed_processes))}; removed as "
             f"{removed[killed]!r}; worker nodes launched {dict(by_type)}"
         )
     finally:

@@ -434,7 +434,7 @@ def test_fit_check_refuses_a_replica_larger_than_any_node(cluster):
     too_many = int(max(n.resources.get("GPU", 0) for n in nodes)) * 2
     cfg = load_config(PAPER, [f"annotate.engine.tensor_parallel_size={too_many}"])
     (replica,) = [r for r in stage_requests(cfg) if r.what == "annotate replica"]
-    assert replica.resources["GPU"] == too_many  # a STRICT_PACK group of tp x pp bundles
+    assert replica.resources["GPU"] == too_many  # tp x pp GPUs on one node
     assert any(p.startswith("annotate replica") and "fits no node type" in p for p in fit_problems(cfg, nodes))
 
 
@@ -451,7 +451,7 @@ def test_fit_check_refuses_a_training_gang_larger_than_the_cluster(cluster):
 
 
 def test_tensor_parallel_2_needs_pods_with_2_gpus():
-    """The issue's defect: one GPU per pod, so a TP=2 STRICT_PACK group never fits a KubeRay pod (while the
+    """The issue's defect: one GPU per pod, so a TP=2 replica (2 GPUs on one node) never fits a KubeRay pod (while the
     8-GPU VMs of the launcher configs hold it)."""
     cfg = load_config(PAPER, ["annotate.engine.tensor_parallel_size=2"])
     assert fit_problems(cfg, kuberay_nodes(RAYCLUSTER)) != []

@@ -314,7 +314,7 @@ class AnnotateEngine(Strict):
         0.9, gt=0, le=1, description="share of GPU memory vLLM may take (GPU replicas)"
     )
     use_gpu: bool = Field(
-        False, description="a GPU per engine worker (tp x pp per replica, in a placement group); false: vLLM-CPU"
+        False, description="a GPU per engine worker (tp x pp per replica, on one node); false: vLLM-CPU"
     )
     accelerator_type: str | None = Field(
         None, description="Ray accelerator type of the replicas' nodes (e.g. A100-80G); null: any"
@@ -331,9 +331,17 @@ class AnnotateScale(Strict):
 
     replicas: tuple[int, int] = Field((1, 1), description="autoscaling range of the actor pool: [min, max] replicas")
     batch_size: int = Field(
-        16, ge=1, description="requests per actor call; one Parquet part per call (progress and resume granularity)"
+        16,
+        ge=1,
+        description="annotate: queries per actor call (every stage of them), one Parquet part per call; "
+        "rag: requests per actor call (progress and resume granularity)",
     )
-    actor_restarts: int = Field(3, ge=0, description="a crashed replica is restarted and its batch retried")
+    actor_restarts: int = Field(
+        3,
+        ge=0,
+        description="ignored (kept so old configs load): a crashed replica is restarted without limit, "
+        "Ray Data's default, and its batch retried whole",
+    )
     progress_every_s: float = Field(10.0, gt=0, description="seconds between progress lines")
 
 

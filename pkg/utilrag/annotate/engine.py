@@ -126,7 +126,7 @@ def engine_kwargs(acfg: AnnotateConfig) -> dict:
     if engine.use_gpu:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
     if engine.tensor_parallel_size * engine.pipeline_parallel_size > 1:
-        kwargs["distributed_executor_backend"] = "ray"  # workers inside the replica's placement group
+        kwargs["distributed_executor_backend"] = "mp"  # worker processes on the replica's node, on its GPUs
     return kwargs
 
 
@@ -142,35 +142,19 @@ def engine_env(acfg: AnnotateConfig) -> dict[str, str]:
 
 
 def actor_resources(acfg: AnnotateConfig) -> dict:
-    """map_batches arguments that place one replica: CPUs, a GPU, or a placement group of GPUs."""
-    kwargs = {
-        "runtime_env": {"env_vars": engine_env(acfg)},
-        # A crashed replica is restarted and its batch retried (each batch is one block, so a
-        # retried batch yields its rows once).
-        "max_restarts": acfg.scale.actor_restarts,
-        "max_task_retries": -1,  # until it is back: a lost node's "unavailable" errors would use up a count
-    }
+    """map_batches arguments that place one replica, with Ray Data's named (non-deprecated) arguments
+    only: CPUs, or tp x pp GPUs on one node. Ray Data already restarts a crashed actor and retries its
+    batch without limit (max_restarts / max_task_retries default to -1), so neither is passed."""
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": engine_env(acfg)}}
     engine = acfg.engine
     if engine.accelerator_type:
         kwargs["accelerator_type"] = engine.accelerator_type
     if not engine.use_gpu:
         kwargs["num_cpus"] = engine.cpus_per_replica
         return kwargs
-    gpus = engine.tensor_parallel_size * engine.pipeline_parallel_size
-    if gpus == 1:
-        kwargs["num_gpus"] = 1
-        return kwargs
-
-    def placement():  # one bundle per engine worker, packed on one node; vLLM's workers land in it
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        group = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * gpus, strategy="STRICT_PACK")
-        return {
-            "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
-        }
-
-    kwargs.update(num_gpus=0, ray_remote_args_fn=placement)
+    # tp x pp > 1: the replica holds all its GPUs itself and vLLM's mp backend starts its workers
+    # as local processes (no placement group, so nothing to release when the pool ends).
+    kwargs["num_gpus"] = engine.tensor_parallel_size * engine.pipeline_parallel_size
     return kwargs
 
 
@@ -184,43 +168,54 @@ def sampling_kwargs(acfg: AnnotateConfig, max_tokens: int, regex: str | None) ->
     return kwargs
 
 
-class LLMPredictor:
-    """One engine replica. Input rows: ``messages`` (JSON chat). Output: the raw text and counts.
+def make_sampling_params(sampling: dict):
+    """vLLM SamplingParams from our plain dict (a ``regex`` key becomes structured outputs)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
 
-    Engine start errors are kept and raised on the first batch, so the job fails with vLLM's own
-    message instead of Ray restarting a constructor that can never succeed."""
+    sampling = dict(sampling)
+    regex = sampling.pop("regex", None)
+    if regex:
+        sampling["structured_outputs"] = StructuredOutputsParams(regex=regex)
+    return SamplingParams(**sampling)
 
-    def __init__(self, model: str, engine: dict, sampling: dict, fail: dict | None = None):
+
+class VLLMEngine:
+    """One vLLM engine in this process: chat messages in, raw text and counts out.
+
+    A start error is kept (``error``), not raised: the caller raises it on its first batch, so the job
+    fails with vLLM's own message instead of Ray restarting a constructor that can never succeed."""
+
+    def __init__(self, model: str, engine: dict):
         self.error: str | None = None
+        self.starts = 0
         try:
-            from vllm import LLM, SamplingParams
-            from vllm.sampling_params import StructuredOutputsParams
+            from vllm import LLM
 
-            sampling = dict(sampling)
-            regex = sampling.pop("regex", None)
-            if regex:
-                sampling["structured_outputs"] = StructuredOutputsParams(regex=regex)
-            self.sampling = SamplingParams(**sampling)
             self.llm = LLM(model=model, **engine)
             self.tokenizer = self.llm.get_tokenizer()
             self.max_len = self.llm.llm_engine.model_config.max_model_len
+            self.starts = 1
         except Exception as e:  # noqa: BLE001 -- reported on the first batch, see above
             self.error = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever vLLM raised
         self.ready_at = time.time()
-        self.fail = fail
-        self.batches = 0
+        self.busy_s = 0.0  # seconds inside generate (engine_idle_fraction = 1 - busy / alive)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def sampling_params(self, sampling: dict):
+        return make_sampling_params(sampling)
+
+    def check(self) -> None:
         if self.error:
             raise RuntimeError(f"the vLLM engine did not start: {self.error}")
-        self.batches += 1
-        self._maybe_crash()
-        n = len(batch["messages"])
+
+    def generate(self, messages: list[Any], sampling: list) -> dict[str, list[Any]]:
+        """One ``generate`` call over all ``messages`` (per-request SamplingParams). Prompts longer than
+        the context would fail the whole call: they are reported (prompt_too_long), the rest generated."""
+        n = len(messages)
         prompt_ids: list[list[int]] = []
-        for messages in batch["messages"]:
-            text = self.tokenizer.apply_chat_template(json.loads(messages), tokenize=False, add_generation_prompt=True)
+        for chat in messages:
+            text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
             prompt_ids.append(self.tokenizer.encode(str(text), add_special_tokens=False))
-        # Prompts longer than the context would fail the whole batch: report them, generate the rest.
         fits = [i for i, ids in enumerate(prompt_ids) if len(ids) + 1 < self.max_len]
         out: dict[str, list[Any]] = {
             "raw_output": [""] * n,
@@ -229,29 +224,53 @@ class LLMPredictor:
             "cached_tokens": [0] * n,
             "finish_reason": ["prompt_too_long"] * n,
         }
+        if not fits:
+            return out
         t0 = time.time()
-        if fits:
-            prompts: Any = [{"prompt_token_ids": prompt_ids[i]} for i in fits]  # vLLM TokensPrompt dicts
-            results = self.llm.generate(prompts, self.sampling, use_tqdm=False)
-            for i, result in zip(fits, results):
-                completion = result.outputs[0]
-                out["raw_output"][i] = completion.text
-                out["output_tokens"][i] = len(completion.token_ids)
-                out["cached_tokens"][i] = result.num_cached_tokens or 0
-                out["finish_reason"][i] = completion.finish_reason or "unknown"
+        prompts: Any = [{"prompt_token_ids": prompt_ids[i]} for i in fits]  # vLLM TokensPrompt dicts
+        results = self.llm.generate(prompts, [sampling[i] for i in fits], use_tqdm=False)
+        self.busy_s += time.time() - t0
+        for i, result in zip(fits, results):
+            completion = result.outputs[0]
+            out["raw_output"][i] = completion.text
+            out["output_tokens"][i] = len(completion.token_ids)
+            out["cached_tokens"][i] = result.num_cached_tokens or 0
+            out["finish_reason"][i] = completion.finish_reason or "unknown"
+        return out
+
+
+def crash_once(marker: str | os.PathLike) -> None:
+    """Fault injection for tests: this process dies at once, the first time only (a marker file)."""
+    path = Path(marker)
+    if path.exists():
+        return
+    path.write_text(str(os.getpid()))
+    os._exit(1)
+
+
+class LLMPredictor:
+    """One engine replica for a single stage (the RAG stage's generator). Input rows: ``messages``
+    (JSON chat). Output: the raw text and counts."""
+
+    def __init__(self, model: str, engine: dict, sampling: dict, fail: dict | None = None):
+        self.engine = VLLMEngine(model, engine)
+        self.sampling = make_sampling_params(sampling) if not self.engine.error else None
+        self.error = self.engine.error
+        self.ready_at = self.engine.ready_at
+        self.fail = fail
+        self.batches = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.engine.check()
+        self.batches += 1
+        if self.fail and self.batches == self.fail["after_batches"]:
+            crash_once(self.fail["marker"])
+        n = len(batch["messages"])
+        t0 = time.time()
+        out = self.engine.generate([json.loads(m) for m in batch["messages"]], [self.sampling] * n)
         generate_s = time.time() - t0
         columns = {k: np.asarray(v) for k, v in out.items()}
         columns["key"] = batch["key"]
         columns["actor_ready_at"] = np.full(n, self.ready_at)
         columns["generate_s"] = np.full(n, generate_s)
         return columns
-
-    def _maybe_crash(self) -> None:
-        """Fault injection for tests: die mid-batch once (a marker file makes it once)."""
-        if not self.fail or self.batches != self.fail["after_batches"]:
-            return
-        marker = Path(self.fail["marker"])
-        if marker.exists():
-            return
-        marker.write_text(str(os.getpid()))
-        os._exit(1)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 LLM_SOURCES = ["relsel", "utilsel", "utilrank", "graded"]
+POSITION_BUCKETS = ((1, 1), (2, 5), (6, 10), (11, 20), (21, 10**6))
 
 
 def cohen_kappa(a: list[int], b: list[int], categories: list[int], weights: str | None = None) -> float | None:
@@ -34,100 +35,124 @@ def cohen_kappa(a: list[int], b: list[int], categories: list[int], weights: str 
     return float(1.0 - (w * observed).sum() / denominator)
 
 
+class ReportTally:
+    """The report's counts, added up one labels part at a time (queries never span parts), so the
+    driver holds counters, not the labels table."""
+
+    def __init__(self) -> None:
+        # source -> queries, chosen, correct, relevant, queries_without_positive
+        self.sources: dict[str, Counter] = defaultdict(Counter)
+        self.positions: dict[tuple[str, tuple[int, int]], Counter] = defaultdict(Counter)  # human_positives, hits
+        self.grade_pairs: Counter = Counter()  # (qrels grade, judge grade) -> pairs
+
+    def add(self, labels: pa.Table, shown: dict[tuple[str, str], int] | None = None) -> None:
+        cols = {c: labels.column(c).to_pylist() for c in ["query_id", "doc_id", "source", "positive", "grade"]}
+        positives: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+        labelled: dict[str, set[str]] = defaultdict(set)
+        pairs: dict[str, set[tuple[str, str]]] = defaultdict(set)
+        grades: dict[str, dict[tuple[str, str], int]] = defaultdict(dict)
+        for q, d, source, positive, grade in zip(*cols.values()):
+            labelled[source].add(q)
+            pairs[source].add((q, d))
+            if positive:
+                positives[source][q].add(d)
+            if grade is not None:
+                grades[source][(q, d)] = grade
+        human = positives["human"]
+        for source in (s for s in LLM_SOURCES if s in labelled):
+            tally = self.sources[source]
+            for q in labelled[source]:
+                tally["queries"] += 1
+                tally["chosen"] += len(positives[source][q])
+                tally["correct"] += len(positives[source][q] & human[q])
+                tally["relevant"] += len(human[q])
+                tally["queries_without_positive"] += not positives[source][q]
+            if shown is None:
+                continue
+            human_pairs = {(q, d) for q, docs in human.items() for d in docs} & pairs[source]
+            for low, high in POSITION_BUCKETS:
+                here = [k for k in human_pairs if low <= shown.get(k, 0) <= high]
+                if here:
+                    bucket = self.positions[(source, (low, high))]
+                    bucket["human_positives"] += len(here)
+                    bucket["hits"] += sum(k[1] in positives[source][k[0]] for k in here)
+        for key in set(grades["human"]) & set(grades["graded"]):
+            self.grade_pairs[(grades["human"][key], grades["graded"][key])] += 1
+
+    def agreement(self, summaries: dict[str, dict]) -> list[dict]:
+        rows = []
+        for source in (s for s in LLM_SOURCES if s in self.sources):
+            t = self.sources[source]
+            summary = summaries.get(source, {})
+            rows.append(
+                {
+                    "source": source,
+                    "queries": t["queries"],
+                    "precision": round(t["correct"] / t["chosen"], 4) if t["chosen"] else None,
+                    "recall": round(t["correct"] / t["relevant"], 4) if t["relevant"] else None,
+                    "positives_per_query": round(t["chosen"] / t["queries"], 2) if t["queries"] else 0.0,
+                    "queries_without_positive": t["queries_without_positive"],
+                    "parse_failure_rate": summary.get("parse_failure_rate"),
+                    "prompt_tokens_per_query": summary.get("prompt_tokens_per_query"),
+                    "prefix_cache_hit_rate": summary.get("prefix_cache_hit_rate"),
+                }
+            )
+        return rows
+
+    def by_position(self) -> list[dict]:
+        rows = []
+        for source in LLM_SOURCES:
+            for low, high in POSITION_BUCKETS:
+                bucket = self.positions.get((source, (low, high)))
+                if not bucket:
+                    continue
+                rows.append(
+                    {
+                        "source": source,
+                        "shown_at": str(low) if low == high else (f"{low}-{high}" if high < 10**6 else f"{low}+"),
+                        "human_positives": bucket["human_positives"],
+                        "recall": round(bucket["hits"] / bucket["human_positives"], 4),
+                    }
+                )
+        return rows
+
+    def kappa(self) -> dict | None:
+        """The judge's 0-3 grades against the qrels grades, on pool passages that have both."""
+        if not self.grade_pairs:
+            return None
+        a = [x for (x, _), n in sorted(self.grade_pairs.items()) for _ in range(n)]
+        b = [y for (_, y), n in sorted(self.grade_pairs.items()) for _ in range(n)]
+        categories = sorted(set(a) | set(b) | {0, 1, 2, 3})
+        return {
+            "pairs": len(a),
+            "kappa": _round(cohen_kappa(a, b, categories)),
+            "kappa_linear": _round(cohen_kappa(a, b, categories, "linear")),
+            "exact_agreement": round(sum(x == y for x, y in zip(a, b)) / len(a), 4),
+        }
+
+
+def _tally(labels: pa.Table, shown: dict[tuple[str, str], int] | None = None) -> ReportTally:
+    tally = ReportTally()
+    tally.add(labels, shown)
+    return tally
+
+
 def agreement(labels: pa.Table, summaries: dict[str, dict]) -> list[dict]:
     """Per LLM source: precision / recall of its positives against the human positives (micro,
     over the queries the source labelled), positives per query, parse failures, tokens."""
-    cols = {c: labels.column(c).to_pylist() for c in ["query_id", "doc_id", "source", "positive"]}
-    positives: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-    labelled: dict[str, set[str]] = defaultdict(set)
-    for q, d, source, positive in zip(cols["query_id"], cols["doc_id"], cols["source"], cols["positive"]):
-        labelled[source].add(q)
-        if positive:
-            positives[source][q].add(d)
-    human = positives["human"]
-    rows = []
-    for source in LLM_SOURCES:
-        if source not in labelled:
-            continue
-        queries = labelled[source]
-        chosen = sum(len(positives[source][q]) for q in queries)
-        correct = sum(len(positives[source][q] & human[q]) for q in queries)
-        relevant = sum(len(human[q]) for q in queries)
-        summary = summaries.get(source, {})
-        rows.append(
-            {
-                "source": source,
-                "queries": len(queries),
-                "precision": round(correct / chosen, 4) if chosen else None,
-                "recall": round(correct / relevant, 4) if relevant else None,
-                "positives_per_query": round(chosen / len(queries), 2) if queries else 0.0,
-                "queries_without_positive": sum(1 for q in queries if not positives[source][q]),
-                "parse_failure_rate": summary.get("parse_failure_rate"),
-                "prompt_tokens_per_query": summary.get("prompt_tokens_per_query"),
-                "prefix_cache_hit_rate": summary.get("prefix_cache_hit_rate"),
-            }
-        )
-    return rows
-
-
-POSITION_BUCKETS = ((1, 1), (2, 5), (6, 10), (11, 20), (21, 10**6))
+    return _tally(labels).agreement(summaries)
 
 
 def agreement_by_position(labels: pa.Table, shown: dict[tuple[str, str], int]) -> list[dict]:
     """Recall of the human positives by the position [n] they were shown at in their RelSel window
     (``shown``: (query, doc) -> n): an annotator biased to the first passages selects them more often
     there. Only human positives the source labelled count (under Exclusion it labels none)."""
-    cols = {c: labels.column(c).to_pylist() for c in ["query_id", "doc_id", "source", "positive"]}
-    human: set[tuple[str, str]] = set()
-    chosen: dict[str, set[tuple[str, str]]] = defaultdict(set)
-    labelled: dict[str, set[tuple[str, str]]] = defaultdict(set)
-    for q, d, source, positive in zip(cols["query_id"], cols["doc_id"], cols["source"], cols["positive"]):
-        labelled[source].add((q, d))
-        if positive and source == "human":
-            human.add((q, d))
-        elif positive:
-            chosen[source].add((q, d))
-    rows = []
-    for source in (s for s in LLM_SOURCES if s in labelled):
-        for low, high in POSITION_BUCKETS:
-            here = [k for k in human & labelled[source] if low <= shown.get(k, 0) <= high]
-            if not here:
-                continue
-            hits = sum(k in chosen[source] for k in here)
-            rows.append(
-                {
-                    "source": source,
-                    "shown_at": str(low) if low == high else (f"{low}-{high}" if high < 10**6 else f"{low}+"),
-                    "human_positives": len(here),
-                    "recall": round(hits / len(here), 4),
-                }
-            )
-    return rows
+    return _tally(labels, shown).by_position()
 
 
 def graded_kappa(labels: pa.Table) -> dict | None:
     """The judge's 0-3 grades against the qrels grades, on pool passages that have both."""
-    cols = {c: labels.column(c).to_pylist() for c in ["query_id", "doc_id", "source", "grade"]}
-    human, judge = {}, {}
-    for q, d, source, grade in zip(cols["query_id"], cols["doc_id"], cols["source"], cols["grade"]):
-        if grade is None:
-            continue
-        if source == "human":
-            human[(q, d)] = grade
-        elif source == "graded":
-            judge[(q, d)] = grade
-    both = sorted(set(human) & set(judge))
-    if not both:
-        return None
-    a = [human[k] for k in both]
-    b = [judge[k] for k in both]
-    categories = sorted(set(a) | set(b) | {0, 1, 2, 3})
-    return {
-        "pairs": len(both),
-        "kappa": _round(cohen_kappa(a, b, categories)),
-        "kappa_linear": _round(cohen_kappa(a, b, categories, "linear")),
-        "exact_agreement": round(sum(x == y for x, y in zip(a, b)) / len(both), 4),
-    }
+    return _tally(labels).kappa()
 
 
 def _round(x):
@@ -183,14 +208,16 @@ def render_markdown(
 def write_report(
     folder: Path,
     label: str,
-    labels: pa.Table,
+    labels: pa.Table | ReportTally,
     summaries: dict[str, dict],
     model: str,
     shown: dict[tuple[str, str], int] | None = None,
 ) -> str:
-    rows = agreement(labels, summaries)
-    kappa = graded_kappa(labels)
-    by_position = agreement_by_position(labels, shown) if shown else []
+    """The report files, from a labels table (and shown positions) or a tally already added up."""
+    tally = labels if isinstance(labels, ReportTally) else _tally(labels, shown or None)
+    rows = tally.agreement(summaries)
+    kappa = tally.kappa()
+    by_position = tally.by_position()
     text = render_markdown(label, rows, kappa, model, by_position)
     folder = Path(folder)
     (folder / "report.md").write_text(text + "\n")

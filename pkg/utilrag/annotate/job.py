@@ -1,0 +1,471 @@
+"""The streaming annotation of one target, as the driver runs it: it holds counters, never the queries.
+
+1. ``inputs/``: one row per query, built by Ray Data tasks (prepare.py), redone only when its
+   fingerprint changes (``inputs.meta``).
+2. ``chain.parts/``: one Ray Data pipeline, inputs -> ChainAnnotator replicas (chain.py): every stage of
+   a block of queries on one engine, one atomic part per block. Exactly once: a rerun skips the input
+   files whose queries are all in the parts, drops the finished queries of the partly finished ones
+   (their ids only), and redoes every unfinished query whole; the parts' ids must then be complete and
+   unique. ``chain.meta`` records the fingerprint and completion: a finished chain starts no engine.
+3. The stage tables (``<stage>.parquet``, STAGE_SCHEMA), ``labels.parquet``, ``rejects.parquet`` and the
+   report's counts, cut out of the parts one part at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import random
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from utilrag import store
+from utilrag.annotate.chain import CHAIN_SCHEMA, ChainAnnotator
+from utilrag.annotate.engine import AnnotateError, actor_resources, engine_kwargs
+from utilrag.annotate.prepare import INPUT_SCHEMA, prepare_inputs, udf
+from utilrag.annotate.report import ReportTally
+from utilrag.annotate.runner import engine_failure
+from utilrag.annotate.stages import (
+    LABELS_SCHEMA,
+    REJECTS_SCHEMA,
+    STAGE_ORDER,
+    STAGE_SCHEMA,
+    TargetInputs,
+    build_labels,
+    shown_positions,
+)
+from utilrag.config import AnnotateConfig
+from utilrag.logs import get_logger
+from utilrag.store import read_manifest, write_manifest
+
+log = get_logger("annotate")
+# The reasons a query was not asked, per stage (a chain part records the last one per query).
+SKIPS = {
+    "answer": ("no_relsel_positive",),
+    "utilsel": ("no_relsel_positive", "no_pseudo_answer"),
+    "utilrank": ("no_relsel_positive", "no_pseudo_answer"),
+}
+
+
+# --------------------------------------------------------------------------- small helpers
+def parquet_files(location: str) -> list[str]:
+    """The Parquet files of a folder (not the temporary ones), sorted, as locations."""
+    return sorted(
+        store.join(location, n)
+        for n in store.list_names(location)
+        if n.endswith(".parquet") and not n.startswith((".", "_"))
+    )
+
+
+def read_columns(location: str, columns: list[str]) -> pa.Table:
+    """A few columns of every Parquet file of a folder (empty if there is none), file by file: a
+    pyarrow dataset over thousands of parts held ~600 MiB of driver memory for 6 MiB of ids here."""
+    files = parquet_files(location)
+    if not files:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    tables = []
+    for name in files:
+        fs, path = store.filesystem(name)
+        tables.append(pq.read_table(path, columns=columns, filesystem=fs, use_threads=False))
+    return pa.concat_tables(tables)
+
+
+class ParquetStream:
+    """One Parquet file written a table at a time; in place only when closed (temporary name + rename
+    locally; on object storage the upload becomes visible at close)."""
+
+    def __init__(self, location: str, schema: pa.Schema):
+        fs, path = store.filesystem(location)
+        self.final = path
+        self.local = not store.is_remote(location)
+        self.path = posixpath.join(posixpath.dirname(path), f".tmp-{posixpath.basename(path)}") if self.local else path
+        if self.local:
+            os.makedirs(posixpath.dirname(path), exist_ok=True)
+        self.writer = pq.ParquetWriter(self.path, schema, filesystem=None if self.local else fs)
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.writer.write_table(table)
+            self.rows += table.num_rows
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.local:
+            os.replace(self.path, self.final)
+
+
+def explode(part: pa.Table, stage: str) -> pa.Table:
+    """A chain part's ``stage`` column (a list of rows per query) as STAGE_SCHEMA rows, sorted."""
+    lists = part.column(stage).combine_chunks()
+    flat = pc.list_flatten(lists)
+    query_ids = part.column("query_id").take(pc.list_parent_indices(lists))
+    table = pa.Table.from_arrays([query_ids.combine_chunks(), *flat.flatten()], schema=STAGE_SCHEMA)
+    return table.sort_by([("query_id", "ascending"), ("window", "ascending")])
+
+
+def part_labels(part: pa.Table, stages: dict[str, pa.Table], acfg: AnnotateConfig) -> pa.Table:
+    """labels.parquet's rows for a chain part's queries (build_labels, per part)."""
+    cols = {c: part.column(c).to_pylist() for c in ["query_id", "all_pool", "human", "judged", "judged_grades"]}
+    inputs = TargetInputs(
+        pools={q: pool for q, pool in zip(cols["query_id"], cols["all_pool"])},
+        human={q: set(h) for q, h in zip(cols["query_id"], cols["human"])},
+        human_grades={q: dict(zip(d, g)) for q, d, g in zip(cols["query_id"], cols["judged"], cols["judged_grades"])},
+        queries={},
+        passages={},
+        cut=set(),
+    )
+    return build_labels(inputs, stages, inputs.pools, acfg)
+
+
+class StageTally:
+    """A stage's summary (runner.summarise's keys), added up one part at a time."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.parse_status: Counter = Counter()
+        self.finish_reasons: Counter = Counter()
+        self.skipped: Counter = Counter()
+
+    def add(self, table: pa.Table, run: str, part: pa.Table) -> None:
+        c = self.counts
+        c["rows"] += table.num_rows
+        c["queries"] += pc.count_distinct(table.column("query_id")).as_py() if table.num_rows else 0
+        new_queries = pc.equal(part.column("run"), run)
+        new_ids = pc.filter(part.column("query_id"), new_queries)
+        c["new_rows"] += pc.sum(pc.is_in(table.column("query_id"), new_ids)).as_py() or 0
+        for name in ("invalid_ids", "repeated_ids", "passages_cut", "prompt_tokens", "output_tokens", "cached_tokens"):
+            c[name] += pc.sum(table.column(name)).as_py() or 0
+        self.parse_status.update(table.column("parse_status").to_pylist())
+        self.finish_reasons.update(table.column("finish_reason").to_pylist())
+
+    def summary(self, wall_s: float, engine_s: float | None) -> dict:
+        c = self.counts
+        n, queries = c["rows"], c["queries"]
+        whole = engine_s if c["new_rows"] == n and engine_s else None
+        return {
+            "rows": n,
+            "queries": queries,
+            "new_rows": c["new_rows"],
+            "resumed_rows": n - c["new_rows"],
+            "duplicates_dropped": 0,
+            "parse_status": dict(self.parse_status),
+            "parse_failure_rate": round(1 - self.parse_status.get("ok", 0) / n, 4) if n else 0.0,
+            "finish_reasons": dict(self.finish_reasons),
+            "invalid_ids": c["invalid_ids"],
+            "repeated_ids": c["repeated_ids"],
+            "passages_cut": c["passages_cut"],
+            "prompt_tokens": c["prompt_tokens"],
+            "output_tokens": c["output_tokens"],
+            "prompt_tokens_per_query": round(c["prompt_tokens"] / queries, 1) if queries else 0.0,
+            "prefix_cache_hit_rate": round(c["cached_tokens"] / c["prompt_tokens"], 4) if c["prompt_tokens"] else 0.0,
+            "wall_s": round(wall_s, 1),
+            "generate_s": round(engine_s, 1) if engine_s else None,
+            "tokens_per_s": round((c["prompt_tokens"] + c["output_tokens"]) / whole, 1) if whole else None,
+            "queries_per_s": round(queries / whole, 4) if whole else None,
+            "skipped_queries": dict(self.skipped),
+        }
+
+
+# --------------------------------------------------------------------------- 1. inputs
+def ensure_inputs(
+    out: str, fp: str, paths: dict[str, str], acfg: AnnotateConfig, wanted: list[str] | None, label: str
+) -> dict:
+    """``<out>/inputs`` for fingerprint ``fp`` (built, or reused if already complete)."""
+    meta_path = store.join(out, "inputs.meta")
+    meta = read_manifest(meta_path) or {}
+    if meta.get("status") == "complete" and meta.get("fingerprint") == fp:
+        return meta
+    t0 = time.time()
+    write_manifest(meta_path, fingerprint=fp, status="running")
+    counts = prepare_inputs(paths["pools"], paths["queries"], paths["corpus"], out, acfg, wanted)
+    log.info(f"{label}: inputs of {counts['queries']:,} queries written ({time.time() - t0:.0f}s)")
+    return write_manifest(meta_path, fingerprint=fp, status="complete", **counts)
+
+
+def sample_queries(pools_path: str, k: int | None, seed: str) -> list[str] | None:
+    """annotate.targets[].max_queries: a seeded subset of the pools' queries (small runs only: the ids
+    of all queries are read for it)."""
+    if k is None:
+        return None
+    fs, path = store.filesystem(pools_path)
+    ids = pc.unique(pads.dataset(path, format="parquet", filesystem=fs).to_table(columns=["query_id"])["query_id"])
+    qids = sorted(ids.to_pylist())
+    return sorted(random.Random(seed).sample(qids, k)) if k < len(qids) else None
+
+
+def graded_sample(inputs: str, k: int | None, seed: str) -> list[str] | None:
+    """annotate.graded_queries: the seeded subset of the annotated queries the judge sees; null: all."""
+    if k is None:
+        return None
+    table = read_columns(inputs, ["query_id", "annotate"])
+    qids = sorted(pc.filter(table["query_id"], table["annotate"]).to_pylist())
+    return sorted(random.Random(seed).sample(qids, k)) if k < len(qids) else None
+
+
+# --------------------------------------------------------------------------- 2. the chain
+def expected_by_part(inputs: str) -> dict[int, int]:
+    """Input file number -> its queries to annotate."""
+    table = read_columns(inputs, ["part", "annotate"])
+    counts = table.filter(table["annotate"]).group_by("part").aggregate([("annotate", "count")])
+    return dict(zip(counts["part"].to_pylist(), counts["annotate_count"].to_pylist()))
+
+
+def resume_plan(inputs: str, parts: str) -> tuple[list[str], pa.Array, int, int, int]:
+    """(input files still to read, finished ids inside them, queries expected, done, bytes of the
+    driver's done-structure). Only the ids of partly finished files are kept."""
+    expected = expected_by_part(inputs)
+    done = read_columns(parts, ["query_id", "part"]) if parquet_files(parts) else None
+    done_by_part: dict[int, int] = {}
+    if done is not None and done.num_rows:
+        counts = done.group_by("part").aggregate([("query_id", "count")])
+        done_by_part = dict(zip(counts["part"].to_pylist(), counts["query_id_count"].to_pylist()))
+    files = []
+    partial: list[int] = []
+    for name in parquet_files(inputs):
+        j = int(posixpath.basename(name)[len("part-") : -len(".parquet")])
+        if done_by_part.get(j, 0) >= expected.get(j, 0):
+            continue  # every query of this file is in the parts (or it has none to annotate)
+        files.append(name)
+        if done_by_part.get(j):
+            partial.append(j)
+    ids = pa.array([], pa.string())
+    size = 0
+    if done is not None and partial:
+        ids = pc.filter(done["query_id"], pc.is_in(done["part"], pa.array(partial, pa.int32()))).combine_chunks()
+    if done is not None:
+        size = done.nbytes
+    return files, ids, sum(expected.values()), sum(done_by_part.values()), size
+
+
+def keep_todo(batch: pa.Table, done: pa.Array) -> pa.Table:
+    """The queries of an input batch still to annotate."""
+    keep = batch["annotate"]
+    if len(done):
+        keep = pc.and_(keep, pc.invert(pc.is_in(batch["query_id"], done)))
+    return batch.filter(keep)
+
+
+def check_parts(parts: str, expected: int, label: str) -> int:
+    """Exactly once: as many parts rows as expected queries, each query once."""
+    ids = read_columns(parts, ["query_id"])["query_id"]
+    count, unique = len(ids), pc.count_distinct(ids).as_py() if len(ids) else 0
+    if not count == unique == expected:
+        raise AnnotateError(
+            f"{label}: the chain's parts hold {count:,} rows for {unique:,} queries, expected {expected:,} "
+            f"({parts}); rerun to finish the missing ones"
+        )
+    return count
+
+
+def fault_injection(out: str) -> dict:
+    """Test-only fault injection (environment, never a config): a replica dies once at the start of its
+    Nth block, or once in its Nth block after the first stages ran (half done)."""
+    folder = out if not store.is_remote(out) else tempfile.gettempdir()
+    fail: dict[str, Any] = {}
+    if os.environ.get("UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES"):
+        fail["after_batches"] = int(os.environ["UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES"])
+        fail["marker"] = os.path.join(folder, ".chain.crashed")
+    if os.environ.get("UTILRAG_FAULT_ANNOTATE_FAIL_MID_BLOCK"):
+        fail["mid_block"] = int(os.environ["UTILRAG_FAULT_ANNOTATE_FAIL_MID_BLOCK"])
+        fail["mid_block_marker"] = os.path.join(folder, ".chain.midblock.crashed")
+    return fail
+
+
+def run_chain(
+    out: str,
+    fp: str,
+    acfg: AnnotateConfig,
+    model_path: str,
+    label: str,
+    graded_ids: list[str] | None,
+    run: str,
+    engine_factory: Callable | None = None,
+) -> dict:
+    """Annotate every unfinished query of ``<out>/inputs`` into ``<out>/chain.parts``; returns run stats."""
+    inputs, parts, meta_path = store.join(out, "inputs"), store.join(out, "chain.parts"), store.join(out, "chain.meta")
+    old = read_manifest(meta_path) or {}
+    if old.get("fingerprint") == fp and old.get("status") == "complete" and store.exists(parts):
+        log.info(f"{label}: the chain is complete ({old.get('queries', 0):,} queries), reusing {parts}")
+        return {"engine_s": None, "replicas": {}, "queries": old.get("queries", 0)}
+    if old.get("fingerprint") not in (None, fp) and store.exists(parts):
+        log.info(f"{label}: inputs or settings changed; discarding {parts}")
+        store.remove(parts)
+    for stale in store.list_names(parts):  # a part being written when the last run was killed
+        if stale.startswith(".tmp-"):
+            store.remove(store.join(parts, stale))
+    write_manifest(meta_path, fingerprint=fp, status="running")
+    files, done_ids, expected, done, done_bytes = resume_plan(inputs, parts)
+    if done:
+        log.info(
+            f"{label}: resuming: {done:,} of {expected:,} queries already done, {expected - done:,} to go "
+            f"(driver: {done_bytes / 2**20:.1f} MiB of done ids read, {len(done_ids):,} kept)"
+        )
+    stats: dict = {"engine_s": None, "replicas": {}, "queries": expected}
+    if files and expected > done:
+        stats = _annotate(
+            files, done_ids, parts, acfg, model_path, label, graded_ids, run, expected, done, out, engine_factory
+        )
+        stats["queries"] = expected
+    check_parts(parts, expected, label)
+    write_manifest(meta_path, fingerprint=fp, status="complete", queries=expected)
+    return stats
+
+
+def _annotate(
+    files: list[str],
+    done_ids: pa.Array,
+    parts: str,
+    acfg: AnnotateConfig,
+    model_path: str,
+    label: str,
+    graded_ids: list[str] | None,
+    run: str,
+    expected: int,
+    done: int,
+    out: str,
+    engine_factory: Callable | None,
+) -> dict:
+    import ray
+
+    fs, _ = store.filesystem(files[0])
+    columns = [n for n in INPUT_SCHEMA.names if n != "rejects"]
+    ds = ray.data.read_parquet([store.filesystem(f)[1] for f in files], filesystem=fs, columns=columns)
+    ds = ds.map_batches(udf(keep_todo), batch_format="pyarrow", fn_kwargs={"done": done_ids})
+    ds = ds.map_batches(
+        ChainAnnotator,
+        batch_size=acfg.scale.batch_size,
+        batch_format="pyarrow",
+        fn_constructor_kwargs=dict(
+            model=model_path,
+            engine=engine_kwargs(acfg),
+            acfg=acfg,
+            parts=parts,
+            run=run,
+            graded_ids=graded_ids,
+            fail=fault_injection(out),
+            engine_factory=engine_factory,
+        ),
+        compute=ray.data.ActorPoolStrategy(min_size=acfg.scale.replicas[0], max_size=acfg.scale.replicas[1]),
+        **actor_resources(acfg),
+    )
+    replicas: dict[int, dict] = {}  # pid -> engine starts seen, busy and alive seconds (counters only)
+    queries, rows, tokens = done, 0, 0
+    t0 = last = time.time()
+    first_ready = None
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            queries += int(batch["queries"].sum())
+            rows += int(batch["rows"].sum())
+            tokens += int(batch["tokens"].sum())
+            for pid, ready, busy, alive in zip(batch["pid"], batch["ready_at"], batch["busy_s"], batch["alive_s"]):
+                replica = replicas.setdefault(int(pid), {"starts": set(), "busy_s": 0.0, "alive_s": 0.0})
+                replica["starts"].add(float(ready))
+                replica["busy_s"] = max(replica["busy_s"], float(busy))
+                replica["alive_s"] = max(replica["alive_s"], float(alive))
+                first_ready = float(ready) if first_ready is None else min(first_ready, float(ready))
+            now = time.time()
+            if now - last >= acfg.scale.progress_every_s:
+                last = now
+                rate = tokens / max(now - (first_ready or t0), 1e-9)
+                log.info(f"{label}: queries {queries:,}/{expected:,}, {rows:,} requests, {rate:,.0f} tokens/s")
+    except AnnotateError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- Ray wraps the engine's error; surface the engine's words
+        raise engine_failure("annotate", e) from None
+    for replica in replicas.values():
+        replica["starts"] = len(replica["starts"])
+    return {"engine_s": (time.time() - first_ready) if first_ready else None, "replicas": replicas}
+
+
+# --------------------------------------------------------------------------- 3. tables, labels, report
+def write_rejects(inputs: str, location: str) -> tuple[int, int, int]:
+    """rejects.parquet from the inputs' reject lists; returns (queries to annotate, rejects, passages cut)."""
+    stream = ParquetStream(location, REJECTS_SCHEMA)
+    annotated = cut = 0
+    for name in parquet_files(inputs):
+        fs, path = store.filesystem(name)
+        table = pq.read_table(path, columns=["query_id", "annotate", "cut", "rejects"], filesystem=fs)
+        lists = table["rejects"].combine_chunks()
+        flat = pc.list_flatten(lists)
+        doc_ids, reasons = flat.flatten()
+        stream.write(
+            pa.Table.from_arrays(
+                [table["query_id"].take(pc.list_parent_indices(lists)).combine_chunks(), doc_ids, reasons],
+                schema=REJECTS_SCHEMA,
+            )
+        )
+        annotated += pc.sum(table["annotate"]).as_py() or 0
+        cut += pc.sum(pc.list_flatten(table["cut"])).as_py() or 0
+    stream.close()
+    return annotated, stream.rows, cut
+
+
+def finalize(
+    out: str, labels_path: str, acfg: AnnotateConfig, run: str
+) -> tuple[dict[str, StageTally], ReportTally, int]:
+    """The stage tables and labels from the chain's parts, one part at a time; returns the tallies."""
+    stages: list[str] = [s for s in STAGE_ORDER if s in acfg.stages]
+    streams = {s: ParquetStream(store.join(out, f"{s}.parquet"), STAGE_SCHEMA) for s in stages}
+    labels = ParquetStream(labels_path, LABELS_SCHEMA)
+    tallies = {s: StageTally() for s in stages}
+    report = ReportTally()
+    for name in parquet_files(store.join(out, "chain.parts")):
+        fs, path = store.filesystem(name)
+        part = pq.read_table(path, schema=CHAIN_SCHEMA, filesystem=fs)
+        tables = {s: explode(part, s) for s in stages}
+        skipped = Counter(r for r in part["skipped"].to_pylist() if r)
+        for s in stages:
+            streams[s].write(tables[s])
+            tallies[s].add(tables[s], run, part)
+            for reason, n in skipped.items():
+                if s in SKIPS and reason in SKIPS[s]:
+                    tallies[s].skipped[reason] += n
+        rows = part_labels(part, tables, acfg)
+        labels.write(rows)
+        report.add(rows, shown_positions(tables["relsel"]) if "relsel" in tables else None)
+    for stream in streams.values():
+        stream.close()
+    labels.close()
+    return tallies, report, labels.rows
+
+
+def stage_summaries(tallies: dict[str, StageTally], wall_s: float, engine_s: float | None) -> dict[str, dict]:
+    """Per stage summaries. The stages share one engine and one wall time: each stage gets the share of
+    both in proportion to its tokens, so sums over stages (the run report's) stay the chain's times."""
+    tokens = {s: t.counts["prompt_tokens"] + t.counts["output_tokens"] for s, t in tallies.items()}
+    total = sum(tokens.values())
+    out = {}
+    for s, t in tallies.items():
+        share = tokens[s] / total if total else 1 / max(len(tallies), 1)
+        out[s] = t.summary(wall_s * share, engine_s * share if engine_s else None)
+        out[s]["time_share_of_chain"] = round(share, 4)
+    return out
+
+
+def replica_figures(stats: dict) -> dict:
+    """engine starts per replica process and the engines' idle share, from the replicas' counters."""
+    replicas = stats.get("replicas") or {}
+    if not replicas:
+        return {}
+    alive = sum(r["alive_s"] for r in replicas.values())
+    busy = sum(r["busy_s"] for r in replicas.values())
+    return {
+        "replicas": len(replicas),
+        "engine_starts_per_replica": round(float(np.mean([r["starts"] for r in replicas.values()])), 2),
+        "engine_idle_fraction": round(1 - busy / alive, 4) if alive else None,
+    }
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
