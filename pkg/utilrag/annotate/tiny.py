@@ -17,7 +17,8 @@ def qwen_tokenizer_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
 
 
-def make_tiny_llm(path: Path, seed: int = 0) -> Path:
+def make_tiny_llm(path: Path, seed: int = 0, heads: int = 1) -> Path:
+    """``heads``: attention (and KV) heads; tensor parallel n needs n to divide it."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -28,8 +29,8 @@ def make_tiny_llm(path: Path, seed: int = 0) -> Path:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=1,
-        num_key_value_heads=1,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         head_dim=64,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
