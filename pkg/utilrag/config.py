@@ -311,7 +311,8 @@ class AnnotateEngine(Strict):
     max_num_seqs: int | None = Field(None, ge=1, description="vLLM's most requests in one batch; null: vLLM's")
     async_engine: bool = Field(
         True,
-        description="annotate (rag ignores it): vLLM's AsyncLLM: each query moves to its next stage as soon as its requests finish, and "
+        description="annotate (rag ignores it): vLLM's AsyncLLM: each query moves to its next stage as soon "
+        "as its requests finish, and "
         "several blocks share the engine (scale.blocks_per_replica); false: LLM.generate, one call per "
         "stage wave of a block",
     )
@@ -352,8 +353,8 @@ class AnnotateScale(Strict):
     blocks_per_replica: int = Field(
         2,
         ge=1,
-        description="annotate with engine.async_engine (rag ignores it): blocks of queries in flight on one replica at once "
-        "(the next block's requests fill the engine while the last one's stragglers finish)",
+        description="annotate with engine.async_engine (rag ignores it): blocks of queries in flight on one "
+        "replica at once (the next block's requests fill the engine while the last one's stragglers finish)",
     )
     progress_every_s: float = Field(10.0, gt=0, description="seconds between progress lines")
 

@@ -210,13 +210,26 @@ async def run_block_async(
         for n, wave in enumerate(WAVES):
             requests = state.query_requests(i, wave)
             if requests:
-                outputs = await asyncio.gather(*(generate_one(r) for r in requests))
+                outputs = await all_or_none([generate_one(r) for r in requests])
                 state.record(requests, {k: [o[k] for o in outputs] for k in outputs[0]}, meta)
-            if after_wave:
-                after_wave(n)
+                if after_wave:
+                    after_wave(n)
 
-    await asyncio.gather(*(one_query(i) for i in range(len(state.rows))))
+    await all_or_none([one_query(i) for i in range(len(state.rows))])
     return state.table(run)
+
+
+async def all_or_none(coroutines: list[Awaitable[Any]]) -> list[Any]:
+    """asyncio.gather that cancels the others when one fails: a failed block must not leave its other
+    queries running on the engine (and writing nothing) while Ray retries it."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class ChainAnnotator:
@@ -303,7 +316,7 @@ class ChainAnnotator:
             "tokens": tokens,
             "pid": os.getpid(),
             "ready_at": self.engine.ready_at,
-            "busy_s": self.engine.busy_s,
+            "busy_s": self.engine.busy() if hasattr(self.engine, "busy") else self.engine.busy_s,
             "alive_s": time.time() - self.engine.ready_at,
             "engine_starts": self.engine.starts,
         }
@@ -312,7 +325,7 @@ class ChainAnnotator:
 
 class AsyncChainAnnotator(ChainAnnotator):
     """ChainAnnotator on vLLM's AsyncLLM: ``__call__`` is a coroutine, so Ray Data runs several blocks
-    on one replica at once (``max_concurrent_calls_per_actor``) and each query of a block moves on to
+    on one replica at once (at most ``scale.blocks_per_replica``) and each query of a block moves on to
     its next stage as soon as its own requests are done. The engine is never drained between waves or
     blocks while there is work; a block's part is still written once, when all its queries are done."""
 
@@ -321,15 +334,22 @@ class AsyncChainAnnotator(ChainAnnotator):
 
         kwargs["engine_factory"] = kwargs.get("engine_factory") or AsyncVLLMEngine
         super().__init__(model, engine, acfg, parts, run, **kwargs)
+        self.blocks: asyncio.Semaphore | None = None  # made on Ray Data's event loop, at the first call
 
     async def _generate_one(self, request: Request) -> dict[str, Any]:
         engine: Any = self.engine  # an AsyncVLLMEngine (or a stand-in with generate_one)
         return await engine.generate_one(request.messages, self.sampling[request.stage])
 
     async def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:  # type: ignore[override]
-        call = self._begin(batch)
-        if not call:
-            return self._stats(0, 0, 0)
-        after_wave = self._after_wave(call)
-        table = await run_block_async(batch, self._generate_one, self.acfg, self.graded_ids, self.run, after_wave)
-        return await asyncio.to_thread(self._write, table)
+        # Ray Data may hand this actor more batches at once than blocks_per_replica (its async batch
+        # concurrency, fixed when the driver plans the job, times max_concurrent_calls_per_actor): the
+        # others wait here, before their block starts.
+        if self.blocks is None:
+            self.blocks = asyncio.Semaphore(self.acfg.scale.blocks_per_replica)
+        async with self.blocks:
+            call = self._begin(batch)
+            if not call:
+                return self._stats(0, 0, 0)
+            after_wave = self._after_wave(call)
+            table = await run_block_async(batch, self._generate_one, self.acfg, self.graded_ids, self.run, after_wave)
+            return await asyncio.to_thread(self._write, table)

@@ -283,6 +283,10 @@ class AsyncVLLMEngine:
             self._busy_since = time.time()
         self.in_flight += 1
 
+    def busy(self) -> float:
+        """Seconds with a request in flight so far (the current busy stretch included)."""
+        return self.busy_s + (time.time() - self._busy_since if self.in_flight else 0.0)
+
     def _leave(self) -> None:
         self.in_flight -= 1
         if self.in_flight == 0:
@@ -308,6 +312,7 @@ class AsyncVLLMEngine:
                 final = result
         finally:
             self._leave()
+        out["finish_reason"] = "unknown"  # no output came back (the engine always sends a final one)
         if final is not None:
             completion = final.outputs[0]
             out["raw_output"] = completion.text

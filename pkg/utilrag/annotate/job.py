@@ -342,14 +342,9 @@ def _annotate(
     columns = [n for n in INPUT_SCHEMA.names if n != "rejects"]
     ds = ray.data.read_parquet([store.filesystem(f)[1] for f in files], filesystem=fs).select_columns(columns)
     ds = ds.map_batches(udf(keep_todo), batch_format="pyarrow", fn_kwargs={"done": done_ids})
-    # The async replica runs blocks as coroutines: up to blocks_per_replica of one input file's at once
-    # (Ray Data's async batch concurrency, read from the replica's environment), and the next file's
-    # while the last ones finish (two calls per actor). The sync replica takes one block at a time.
+    # The async replica runs blocks as coroutines (at most scale.blocks_per_replica at once, see
+    # AsyncChainAnnotator), and takes a second task while one ends, so no task boundary drains it.
     concurrent = 2 if acfg.engine.async_engine else None
-    resources = actor_resources(acfg)
-    if acfg.engine.async_engine:
-        env = resources["runtime_env"]["env_vars"]
-        env["RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY"] = str(acfg.scale.blocks_per_replica)
     ds = ds.map_batches(
         AsyncChainAnnotator if acfg.engine.async_engine else ChainAnnotator,
         batch_size=acfg.scale.batch_size,
@@ -369,7 +364,7 @@ def _annotate(
             max_size=acfg.scale.replicas[1],
             max_concurrent_calls_per_actor=concurrent,
         ),
-        **resources,
+        **actor_resources(acfg),
     )
     replicas: dict[int, dict] = {}  # pid -> engine starts seen, busy and alive seconds (counters only)
     queries, rows, tokens = done, 0, 0
