@@ -36,7 +36,7 @@ def old_package(ref: str, folder: Path) -> Path:
     return folder / "pkg"
 
 
-def config(path: Path, out: Path, model: str, queries: int, name: str, batch_size: int) -> Path:
+def config(path: Path, out: Path, model: str, queries: int, name: str, batch_size: int, max_tokens: int) -> Path:
     import yaml
 
     from utilrag.config import REPO_ROOT
@@ -49,7 +49,7 @@ def config(path: Path, out: Path, model: str, queries: int, name: str, batch_siz
         "output_name": name,
         "passage_words": 20,
         "window": 31,  # one RelSel window: the tiny random model's favourite id, [22], is a valid choice
-        "sampling": {"max_tokens": 8, "answer_max_tokens": 8, "constrained": True},
+        "sampling": {"max_tokens": max_tokens, "answer_max_tokens": max_tokens, "constrained": True},
         "engine": {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "kv_cache_gib": 1},
         "scale": {"batch_size": batch_size, "progress_every_s": 30},
     }
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=10)
     parser.add_argument("--model", default=None, help="an HF folder; default: the tests' tiny random model")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=8, help="output tokens per request (every stage)")
     args = parser.parse_args()
 
     import pyarrow.parquet as pq
@@ -115,8 +116,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="annotate-compare-"))
     out = work / "out"
     model = args.model or str(make_tiny_llm(work / "tiny"))
-    old_cfg = config(work / "old.yaml", out, model, args.queries, "old", args.batch_size)
-    new_cfg = config(work / "new.yaml", out, model, args.queries, "new", args.batch_size)
+    old_cfg = config(work / "old.yaml", out, model, args.queries, "old", args.batch_size, args.max_tokens)
+    new_cfg = config(work / "new.yaml", out, model, args.queries, "new", args.batch_size, args.max_tokens)
     cfg = load_config(new_cfg)
     ingest(cfg)
     run_pools(cfg, cfg.pools[0])
