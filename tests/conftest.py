@@ -115,6 +115,21 @@ def stop_cluster(temp_dir: str) -> None:
         p.kill()
 
 
+def own_port_args(*extra: str) -> list[str]:
+    """`ray start` flags giving a node's agents and managers free ports of their own (the session's Ray
+    holds the defaults); ``extra``: more port flags (the head's client server)."""
+    flags = (
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+        "node-manager-port",
+        "object-manager-port",
+        *extra,
+    )
+    return [f"--{flag}={free_port()}" for flag in flags]
+
+
 def start_ray_head(
     dashboard: bool = False,
     *,
@@ -139,18 +154,7 @@ def start_ray_head(
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     gcs, dash = gcs_port or free_port(), free_port()
-    own_ports = [
-        f"--{flag}={free_port()}"
-        for flag in (
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "metrics-export-port",
-            "runtime-env-agent-port",
-            "node-manager-port",
-            "object-manager-port",
-            "ray-client-server-port",
-        )
-    ]
+    own_ports = own_port_args("ray-client-server-port")
     dashboard_args = (
         ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash)] if dashboard else ["--include-dashboard=false"]
     )

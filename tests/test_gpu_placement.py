@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import free_port, start_ray_head, stop_cluster_group
+from conftest import own_port_args, start_ray_head, stop_cluster_group
 from utilrag.annotate.engine import AnnotateError
 
 ACCELERATOR = "H100"
@@ -47,17 +47,6 @@ def tiny_model(tmp_path_factory) -> str:
 def start_gpu_worker(gcs: int, temp_dir: str, tp: int) -> None:
     """A second node joining the head: 1 CPU, 2 fake GPUs labelled H100, in its own session."""
     bin_dir = str(Path(sys.executable).parent)
-    own_ports = [
-        f"--{flag}={free_port()}"
-        for flag in (
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "metrics-export-port",
-            "runtime-env-agent-port",
-            "node-manager-port",
-            "object-manager-port",
-        )
-    ]
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "disabled",
@@ -77,7 +66,7 @@ def start_gpu_worker(gcs: int, temp_dir: str, tp: int) -> None:
             "--num-gpus=2",
             f"--resources={json.dumps({f'accelerator_type:{ACCELERATOR}': 2})}",
             "--disable-usage-stats",
-            *own_ports,
+            *own_port_args(),
         ],
         env=env,
         capture_output=True,

@@ -34,7 +34,7 @@ from utilrag.annotate.chain import CHAIN_SCHEMA, AsyncChainAnnotator, ChainAnnot
 from utilrag.annotate.engine import AnnotateError, actor_resources, engine_kwargs
 from utilrag.annotate.prepare import INPUT_SCHEMA, prepare_inputs, udf
 from utilrag.annotate.report import ReportTally
-from utilrag.annotate.runner import engine_failure
+from utilrag.annotate.runner import clear_parts, engine_failure
 from utilrag.annotate.stages import (
     LABELS_SCHEMA,
     REJECTS_SCHEMA,
@@ -298,12 +298,7 @@ def run_chain(
     if old.get("fingerprint") == fp and old.get("status") == "complete" and store.exists(parts):
         log.info(f"{label}: the chain is complete ({old.get('queries', 0):,} queries), reusing {parts}")
         return {"engine_s": None, "replicas": {}, "queries": old.get("queries", 0)}
-    if old.get("fingerprint") not in (None, fp) and store.exists(parts):
-        log.info(f"{label}: inputs or settings changed; discarding {parts}")
-        store.remove(parts)
-    for stale in store.list_names(parts):  # a part being written when the last run was killed
-        if stale.startswith(".tmp-"):
-            store.remove(store.join(parts, stale))
+    clear_parts(parts, old.get("fingerprint") not in (None, fp), label)
     write_manifest(meta_path, fingerprint=fp, status="running")
     files, done_ids, expected, done, done_bytes = resume_plan(inputs, parts)
     if done:

@@ -46,6 +46,17 @@ def read_parts(parts: str) -> pa.Table:
     )
 
 
+def clear_parts(parts: str, changed: bool, label: str) -> None:
+    """Before a (re)run writes parts: all of them go if what they were made from changed; otherwise only
+    the temporary files of parts being written when the last run was killed."""
+    if changed and store.exists(parts):
+        log.info(f"{label}: inputs or settings changed; discarding {parts}")
+        store.remove(parts)
+    for stale in store.list_names(parts):
+        if stale.startswith(".tmp-"):
+            store.remove(store.join(parts, stale))
+
+
 def write_atomic(table: pa.Table, location: str) -> None:
     """All of a file or none of it: locally written aside and renamed into place; on object storage
     one upload, which becomes visible only when complete."""
@@ -100,12 +111,7 @@ def run_stage(
     if old.get("fingerprint") == fingerprint and old.get("status") == "complete" and store.exists(final):
         log.info(f"{label} {stage}: unchanged, reusing {final}")
         return read_table(final), old["summary"]
-    if old.get("fingerprint") not in (None, fingerprint) and store.exists(parts):
-        log.info(f"{label} {stage}: inputs or settings changed; discarding {parts}")
-        store.remove(parts)
-    for stale in store.list_names(parts):  # a part being written when the last run was killed
-        if stale.startswith(".tmp-"):
-            store.remove(store.join(parts, stale))
+    clear_parts(parts, old.get("fingerprint") not in (None, fingerprint), f"{label} {stage}")
     write_manifest(
         meta,
         stage=stage,
