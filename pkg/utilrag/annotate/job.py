@@ -365,6 +365,7 @@ def _annotate(
     queries, rows, tokens = done, 0, 0
     t0 = last = time.time()
     first_ready = None
+    watch = PartsWatch(parts, label, acfg.scale.batch_size, acfg.scale.progress_every_s)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             queries += int(batch["queries"].sum())
@@ -385,9 +386,45 @@ def _annotate(
         raise
     except Exception as e:  # noqa: BLE001 -- Ray wraps the engine's error; surface the engine's words
         raise engine_failure("annotate", e) from None
+    finally:
+        watch.stop()
     for replica in replicas.values():
         replica["starts"] = len(replica["starts"])
     return {"engine_s": (time.time() - first_ready) if first_ready else None, "replicas": replicas}
+
+
+class PartsWatch:
+    """Progress while the chain runs: the blocks' stats rows reach the driver only when a Ray Data task
+    ends (its output is buffered into blocks), and one task covers a whole input file; so a thread
+    counts the parts written, every ``every_s`` seconds."""
+
+    def __init__(self, parts: str, label: str, batch_size: int, every_s: float):
+        import threading
+
+        self.parts, self.label, self.batch_size, self.every_s = parts, label, batch_size, every_s
+        self.before = self._count()
+        self.t0 = time.time()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="annotate-progress", daemon=True)
+        self.thread.start()
+
+    def _count(self) -> int:
+        try:
+            return sum(n.startswith("part-") for n in store.list_names(self.parts))
+        except Exception:  # noqa: BLE001 -- progress only: a failed listing is skipped
+            return 0
+
+    def _run(self) -> None:
+        while not self.done.wait(self.every_s):
+            new = self._count() - self.before
+            log.info(
+                f"{self.label}: {new:,} blocks (of up to {self.batch_size} queries) written in "
+                f"{time.time() - self.t0:,.0f}s"
+            )
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
 
 
 # --------------------------------------------------------------------------- 3. tables, labels, report
