@@ -5,16 +5,20 @@ from __future__ import annotations
 import gzip
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 import psutil
+import pyarrow.fs as pafs
 import pytest
 import yaml
 
+from readiness import NotReady, log_tail, wait_http, wait_until
 from utilrag.config import REPO_ROOT, load_config
 
 SHARED = REPO_ROOT.parent / "shared" / "datasets"
@@ -158,33 +162,48 @@ def start_ray_head(
     dashboard_args = (
         ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash)] if dashboard else ["--include-dashboard=false"]
     )
-    start = subprocess.run(
-        [
-            os.path.join(bin_dir, "ray"),
-            "start",
-            "--head",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--port",
-            str(gcs),
-            *dashboard_args,
-            "--num-cpus",
-            str(num_cpus),
-            "--temp-dir",
-            temp_dir,
-            "--disable-usage-stats",
-            *own_ports,
-            *extra_args,
-        ],
-        env={**env, **(extra_env or {})},
-        capture_output=True,
-        text=True,
-        timeout=180,
-        start_new_session=new_session,
-    )
-    if start.returncode != 0:
-        stop_cluster(temp_dir)
-        raise RuntimeError(start.stderr[-2000:])
+    command = [
+        os.path.join(bin_dir, "ray"),
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs),
+        *dashboard_args,
+        "--num-cpus",
+        str(num_cpus),
+        "--temp-dir",
+        temp_dir,
+        "--disable-usage-stats",
+        *own_ports,
+        *extra_args,
+    ]
+    try:  # a head whose start fails is stopped before the error is raised: no fixture teardown runs then
+        try:
+            # `ray start` returns once the head's GCS and raylet are up; patient, as two busy cores need.
+            start = subprocess.run(
+                command,
+                env={**env, **(extra_env or {})},
+                capture_output=True,
+                text=True,
+                timeout=300,
+                start_new_session=new_session,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise NotReady(f"`ray start --head` did not return in 300s\n{log_tail(ray_logs(temp_dir))}") from e
+        if start.returncode != 0:
+            raise NotReady(f"`ray start --head` failed: {start.stderr[-2000:]}\n{log_tail(ray_logs(temp_dir))}")
+        if dashboard:  # the dashboard comes up after `ray start` returns: callers list nodes and submit jobs
+            wait_http(
+                f"http://127.0.0.1:{dash}/api/version",
+                "the Ray dashboard",
+                deadline_s=180,
+                logs=ray_logs(temp_dir, "dashboard.log"),
+            )
+    except BaseException:
+        stop_cluster_group(temp_dir) if new_session else stop_cluster(temp_dir)
+        raise
     return temp_dir, gcs, dash, env
 
 
@@ -208,14 +227,105 @@ def stop_cluster_group(temp_dir: str) -> None:
             pass
 
 
-def ray_job_submit(command: list[str], env: dict, tries: int = 10, pause_s: float = 2.0, timeout: int = 600):
-    """`ray job submit …`, retried while the head's job agent is still coming up (it starts a few
-    seconds after `ray start` returns)."""
-    import time
+def ray_logs(temp_dir: str, *names: str) -> list[Path]:
+    """A cluster's log files (``names`` under its session's logs/, or the head's main ones), for failure messages."""
+    logs = Path(temp_dir) / "session_latest" / "logs"
+    return [logs / n for n in (names or ("gcs_server.out", "raylet.out", "dashboard.log"))]
 
-    for _ in range(tries):
+
+# What `ray job submit` prints while the head's job API is not up yet: the dashboard not answering, or
+# its job agent not yet registered (the dashboard's own 10 s wait for it ran out). Nothing is submitted
+# in these cases, so submitting again is safe.
+JOB_API_NOT_UP = ("No available agent", "Failed to connect to Ray", "Connection refused", "ConnectionError")
+
+
+def ray_job_submit(command: list[str], env: dict, temp_dir: str, *, deadline_s: float = 300, timeout: int = 600):
+    """`ray job submit …` of the cluster in ``temp_dir``, submitted again while the head's job API is
+    still coming up (seconds after `ray start` on an idle machine, minutes on two busy cores), until
+    ``deadline_s``; then one error with the dashboard's and the job agent's logs. Returns the finished
+    `ray job submit` process."""
+
+    def submit(_: float) -> subprocess.CompletedProcess:
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
-        if "No available agent" not in proc.stderr + proc.stdout:
-            break
-        time.sleep(pause_s)
-    return proc
+        output = proc.stderr + proc.stdout
+        if proc.returncode != 0 and any(s in output for s in JOB_API_NOT_UP):
+            raise RuntimeError(output[-500:])
+        return proc
+
+    logs = ray_logs(temp_dir, "dashboard.log", "dashboard_agent.log")
+    return wait_until("the Ray job API (`ray job submit`)", submit, deadline_s=deadline_s, logs=logs, pause_s=2.0)
+
+
+# --------------------------------------------------------------------------- an S3-compatible server
+S3_BUCKET = "utilrag-test"
+S3_SECRET = f"fake-secret-{uuid.uuid4().hex}"  # tests check that it appears in no output
+
+
+@pytest.fixture(scope="module")
+def s3_env(tmp_path_factory):
+    """moto_server (a real S3-compatible server) on 127.0.0.1 in its own process group, with the bucket
+    S3_BUCKET; the S3 settings every client (and a Ray head started after it, so its workers) reads."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "utilrag-test-key",
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    try:  # a setup that fails stops the server it started (a teardown does not run then)
+        wait_http(endpoint, "moto_server (S3)", deadline_s=120, logs=[log], process=server)
+        os.environ.update(env)
+        wait_until(
+            f"bucket {S3_BUCKET} on moto_server", _create_bucket(endpoint), deadline_s=120, logs=[log], process=server
+        )
+    except BaseException:
+        _restore(saved)
+        _stop_server(server)
+        raise
+    yield env
+    _restore(saved)
+    _stop_server(server)
+
+
+def _create_bucket(endpoint: str):
+    def create(timeout: float) -> bool:
+        s3 = pafs.S3FileSystem(
+            endpoint_override=endpoint,
+            scheme="http",
+            allow_bucket_creation=True,
+            connect_timeout=timeout,
+            request_timeout=timeout,
+        )
+        s3.create_dir(S3_BUCKET)  # a bucket already there (an earlier try's, answered late) is fine
+        return True
+
+    return create
+
+
+def _restore(saved: dict[str, str | None]) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _stop_server(server: subprocess.Popen) -> None:
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=15)
+    except ProcessLookupError:
+        pass

@@ -202,7 +202,7 @@ def test_gpu_nodes_on_demand_node_loss_exactly_once_and_scale_down(shared_datase
             *("--working-dir", str(REPO_ROOT), "--runtime-env-json", json.dumps(runtime_env)),
             *("--", "python", "jobs/submit.py", "pipeline", "--config", str(pipeline)),
         ]
-        submit = ray_job_submit(command, env, tries=20, timeout=120)
+        submit = ray_job_submit(command, env, temp_dir, timeout=120)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-2000:]
         t["submitted"] = time.time()
         client = JobSubmissionClient(address)

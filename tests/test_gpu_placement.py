@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import own_port_args, start_ray_head, stop_cluster_group
+from conftest import own_port_args, ray_logs, start_ray_head, stop_cluster_group
+from readiness import wait_until
 from utilrag.annotate.engine import AnnotateError
 
 ACCELERATOR = "H100"
@@ -93,11 +94,15 @@ def replicas(address: str) -> list:
     return [a for a in actors if "ChainAnnotator" in (a.class_name or "")]
 
 
-def gpu_node(address: str) -> str:
+def gpu_node(address: str, temp_dir: str) -> str:
+    """The GPU node's id, once the head lists it alive (it registers after its `ray start` returns)."""
     from ray.util.state import list_nodes
 
-    nodes = list_nodes(address=address, detail=True, limit=100, raise_on_missing_output=False)
-    return next(n.node_id for n in nodes if (n.resources_total or {}).get("GPU") and n.state == "ALIVE")
+    def alive_gpu_node(timeout: float) -> str | None:
+        nodes = list_nodes(address=address, detail=True, limit=100, timeout=int(max(timeout, 1)))
+        return next((n.node_id for n in nodes if (n.resources_total or {}).get("GPU") and n.state == "ALIVE"), None)
+
+    return wait_until("the GPU worker node", alive_gpu_node, deadline_s=180, logs=ray_logs(temp_dir), pause_s=1.0)
 
 
 @pytest.mark.slow
@@ -138,7 +143,7 @@ def test_replicas_on_the_gpu_node_and_no_placement_group_left(shared_datasets, t
     )
     try:
         start_gpu_worker(gcs, temp_dir, tp)
-        node = gpu_node(address)
+        node = gpu_node(address, temp_dir)
         before = placement_groups(address)
         driver_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}", "PYTHONUNBUFFERED": "1"}
         command = [sys.executable, "-m", "utilrag.cli", "pipeline", "--config", str(config)]

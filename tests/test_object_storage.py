@@ -9,69 +9,23 @@ third run reuses every stage. A fake secret key in the environment appears in no
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.fs as pafs
 import pytest
-import requests
 import yaml
 
-from conftest import TINY_TRAIN, free_port, start_ray_head, stop_cluster
+from conftest import S3_BUCKET, S3_SECRET, TINY_TRAIN, start_ray_head, stop_cluster
 from utilrag.config import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
-BUCKET = "utilrag-test"
-SECRET = f"fake-secret-{uuid.uuid4().hex}"  # must never appear in any output
-
-
-@pytest.fixture(scope="module")
-def s3_env(tmp_path_factory):
-    """moto_server in its own process group; the S3 settings every client (and Ray worker) reads."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            requests.get(endpoint, timeout=1)
-            break
-        except requests.ConnectionError:
-            if time.time() > deadline or server.poll() is not None:
-                raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}") from None
-            time.sleep(0.2)
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "utilrag-test-key",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True).create_dir(BUCKET)
-    yield env
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=15)
+BUCKET, SECRET = S3_BUCKET, S3_SECRET  # the secret must never appear in any output
 
 
 @pytest.fixture(scope="module")
@@ -154,13 +108,19 @@ def test_pipeline_on_s3_with_training_resumed_from_s3_checkpoints(ray_head_with_
 
     def pipeline(**faults: str) -> subprocess.CompletedProcess:
         run_env = {**env, "PYTHONPATH": str(REPO_ROOT / "pkg"), "UTILRAG_CACHE": str(cache), **faults}
-        proc = subprocess.run(
-            [sys.executable, "-m", "utilrag.cli", "pipeline", "--config", str(config)],
-            env=run_env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "utilrag.cli", "pipeline", "--config", str(config)],
+                env=run_env,
+                capture_output=True,
+                text=True,
+                timeout=1800,  # ~3 min on an idle machine; patient for two cores shared with other work
+            )
+        except subprocess.TimeoutExpired as e:  # what the run had printed, for the diagnosis
+            printed = "".join(
+                t.decode(errors="replace") if isinstance(t, bytes) else t or "" for t in (e.stdout, e.stderr)
+            )
+            pytest.fail(f"the pipeline run did not end in {e.timeout}s; its output:\n{printed[-5000:]}")
         outputs.append(proc.stdout + proc.stderr)
         return proc
 

@@ -39,7 +39,7 @@ def test_ray_job_submit_ingest(shared_datasets, tmp_path):
             f"output_dir={out}",
             f"data_root={shared_datasets}",
         ]
-        submit = ray_job_submit(command, env, pause_s=3)
+        submit = ray_job_submit(command, env, temp_dir)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-2000:]
         assert "succeeded" in submit.stdout + submit.stderr
         assert read_table(out / "ingest" / "scifact" / "corpus").num_rows == 5183
