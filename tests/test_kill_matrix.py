@@ -86,18 +86,16 @@ def cli(ray_head, tiny_root, tmp_path_factory):
         )
     )
 
-    def run(stage: str, *overrides: str, kill: str | None = None) -> subprocess.CompletedProcess:
+    def command(stage: str, *overrides: str, **faults: str) -> tuple[list[str], dict]:
         run_env = {**env, "PYTHONPATH": str(REPO_ROOT / "pkg")}
         run_env.pop("UTILRAG_FAULT_KILL", None)
-        if kill:
-            run_env["UTILRAG_FAULT_KILL"] = kill
-        proc = subprocess.run(
-            [sys.executable, "-m", "utilrag.cli", stage, "--config", str(config), *overrides],
-            env=run_env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        run_env.pop("UTILRAG_FAULT_PAUSE", None)
+        run_env.update(faults)
+        return [sys.executable, "-m", "utilrag.cli", stage, "--config", str(config), *overrides], run_env
+
+    def run(stage: str, *overrides: str, kill: str | None = None) -> subprocess.CompletedProcess:
+        args, run_env = command(stage, *overrides, **({"UTILRAG_FAULT_KILL": kill} if kill else {}))
+        proc = subprocess.run(args, env=run_env, capture_output=True, text=True, timeout=600)
         # Our process never prints a traceback. (Lines forwarded from Ray's own actors start with
         # "(Name pid=…)": Ray Train's PlacementGroupCleaner complains about the session's second
         # local Ray cluster on this machine, which is not ours to silence.)
@@ -106,7 +104,13 @@ def cli(ray_head, tiny_root, tmp_path_factory):
             assert proc.returncode == -signal.SIGKILL, (kill, proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
         return proc
 
+    def start(stage: str, *overrides: str, pause: str, gate: Path) -> subprocess.Popen:
+        """The stage in the background, held at ``pause`` (<stage>@<point>) until ``gate`` exists."""
+        args, run_env = command(stage, *overrides, UTILRAG_FAULT_PAUSE=f"{pause}={gate}")
+        return subprocess.Popen(args, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
     run.store = Store(out)  # type: ignore[attr-defined]
+    run.start = start  # type: ignore[attr-defined]
     return run
 
 
@@ -223,3 +227,55 @@ def test_kill_matrix_index_and_train(cli):
     again = cli("train", "train.seed=1")
     assert again.returncode == 0, again.stderr[-3000:]
     assert _digest(train_dir, ["model/model.safetensors"]) == seed1
+
+
+@pytest.mark.slow
+def test_one_writer_per_stage_folder(cli, tmp_path):
+    """Two `utilrag pools` runs on one output directory at once: the second exits 2 with one line naming
+    the holder and touches nothing; the first commits what a clean run commits. Then a holder SIGKILLed
+    at its begin: the rerun takes its lease over at once."""
+    import time
+
+    from utilrag.lease import LEASE
+
+    assert cli("ingest").returncode == 0
+    folder = cli.store.pools("tiny", "train")
+    assert cli("pools", "pools.0.seed=7").returncode == 0
+    clean = _digest(folder, ["pools.parquet"])
+    assert cli("pools", "pools.0.seed=0").returncode == 0
+
+    # 1. A (seed 7) is held just after its begin: the folder is marked running and the lease is A's.
+    gate = tmp_path / "gate"
+    first = cli.start("pools", "pools.0.seed=7", pause="pools@begin", gate=gate)
+    try:
+        deadline = time.time() + 300
+        while not Path(f"{gate}.waiting").exists():
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.1)
+        marker = (Path(folder) / "manifest.json").read_text()
+        held = json.loads((Path(folder) / LEASE).read_text())
+        assert held["pid"] == first.pid and json.loads(marker)["status"] == "running"
+
+        # B (seed 0) on the same folder: one line naming A, exit 2, and nothing of A's touched.
+        second = cli("pools", "pools.0.seed=0")
+        assert second.returncode == 2, second.stderr[-2000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"utilrag: error: {folder} is being written by pools"), lines
+        assert f"pid {first.pid} on " in lines[0]
+        assert (Path(folder) / "manifest.json").read_text() == marker
+        assert json.loads((Path(folder) / LEASE).read_text())["token"] == held["token"]
+        assert (Path(folder) / ".staging").is_dir()
+    finally:
+        gate.touch()
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert _digest(folder, ["pools.parquet"]) == clean  # A's commit: the clean seed-7 run's table
+    assert not (Path(folder) / LEASE).exists()  # released
+
+    # 2. A holder SIGKILLed after its begin leaves its lease; the rerun takes it over at once.
+    cli("pools", "pools.0.seed=0", kill="pools@begin")
+    assert json.loads((Path(folder) / LEASE).read_text())["stage"] == "pools"
+    again = cli("pools", "pools.0.seed=7")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "took over the lease" in again.stdout + again.stderr and "is gone" in again.stdout + again.stderr
+    assert _digest(folder, ["pools.parquet"]) == clean and not (Path(folder) / LEASE).exists()

@@ -162,3 +162,79 @@ def test_pipeline_on_s3_with_training_resumed_from_s3_checkpoints(ray_head_with_
     everything = [o.encode() for o in outputs] + list(_objects("").values())
     everything += [p.read_bytes() for p in cache.rglob("*") if p.is_file()]
     assert not [b for b in everything if SECRET.encode() in b]
+
+
+def test_one_writer_per_stage_folder_on_s3(ray_head_with_s3, tiny_dataset, tmp_path):
+    """Two `utilrag pools` runs on one s3:// output directory at once: the second exits 2 with one line
+    naming the holder (the lease's If-None-Match: * create failed), the first commits what a clean run
+    commits; a holder SIGKILLed at its begin is taken over at once by the rerun (If-Match on its ETag)."""
+    import json
+    import time
+
+    from utilrag.lease import LEASE
+
+    address, env = ray_head_with_s3
+    root = f"s3://{BUCKET}/lease-run"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": root,
+                "ray": {"address": address},
+                "ingest": {"datasets": [{"name": "tiny", "path": str(tiny_dataset), "layout": "msmarco"}]},
+                "pools": [{"dataset": "tiny", "split": "train", "size": 8}],
+            }
+        )
+    )
+
+    def command(stage: str, *overrides: str, **faults: str) -> tuple[list[str], dict]:
+        run_env = {**env, "PYTHONPATH": str(REPO_ROOT / "pkg"), "UTILRAG_CACHE": str(tmp_path / "cache"), **faults}
+        return [sys.executable, "-m", "utilrag.cli", stage, "--config", str(config), *overrides], run_env
+
+    def run(stage: str, *overrides: str, **faults: str) -> subprocess.CompletedProcess:
+        args, run_env = command(stage, *overrides, **faults)
+        return subprocess.run(args, env=run_env, capture_output=True, text=True, timeout=900)
+
+    def table() -> pd.DataFrame:
+        manifest = json.loads(_objects("lease-run/pools")["lease-run/pools/tiny-train/manifest.json"])
+        assert manifest["status"] == "complete", manifest
+        key = f"{BUCKET}/lease-run/pools/tiny-train/{manifest['prefix']}/pools.parquet"
+        return pd.read_parquet(key, filesystem=_fs())
+
+    lease_key = f"lease-run/pools/tiny-train/{LEASE}"
+    assert run("ingest").returncode == 0
+    assert run("pools", "pools.0.seed=7").returncode == 0
+    clean = table()
+    assert run("pools", "pools.0.seed=0").returncode == 0
+
+    gate = tmp_path / "gate"
+    args, run_env = command("pools", "pools.0.seed=7", UTILRAG_FAULT_PAUSE=f"pools@begin={gate}")
+    first = subprocess.Popen(args, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not Path(f"{gate}.waiting").exists():
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.1)
+        held = json.loads(_objects("lease-run/pools")[lease_key])
+        assert held["pid"] == first.pid
+        second = run("pools", "pools.0.seed=0")
+        assert second.returncode == 2, second.stderr[-2000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"{root}/pools/tiny-train is being written by pools" in lines[0], lines
+        assert f"pid {first.pid} on " in lines[0]
+        assert json.loads(_objects("lease-run/pools")[lease_key])["token"] == held["token"]
+    finally:
+        gate.touch()
+    out, err = first.communicate(timeout=900)
+    assert first.returncode == 0, err[-3000:]
+    assert table().equals(clean) and lease_key not in _objects("lease-run/pools")
+
+    run("pools", "pools.0.seed=0", UTILRAG_FAULT_KILL="pools@begin")
+    assert lease_key in _objects("lease-run/pools")
+    again = run("pools", "pools.0.seed=7")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "took over the lease" in again.stdout + again.stderr
+    assert table().equals(clean) and lease_key not in _objects("lease-run/pools")
+    parts = [k.split("/") for k in _objects("lease-run/pools/tiny-train/")]
+    versions = {p[3] for p in parts if len(p) > 4 and p[3].startswith("v-")}
+    assert len(versions) == 1  # the killed run's and the older versions removed by the last commit

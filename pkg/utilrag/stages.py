@@ -36,7 +36,17 @@ class Stage:
     writes: tuple[str, ...]
 
     def runner(self) -> Callable:
-        return importlib.import_module(self.module).run
+        run = importlib.import_module(self.module).run
+
+        def run_stage(cfg):
+            from utilrag import lease
+
+            try:
+                return run(cfg)
+            finally:  # a stage that failed after its begin leaves no lease held by this process
+                lease.release_all()
+
+        return run_stage
 
 
 # Pipeline order. A stage reads only what stages before it write.

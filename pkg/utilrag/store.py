@@ -13,10 +13,16 @@ The commit protocol (every stage):
    prefix) — the last write of the stage.
 A reader (or a rerun deciding whether to reuse) accepts only a complete manifest whose
 fingerprint matches and whose declared outputs all exist.
+
+One writer per folder (``utilrag.lease``): ``begin`` first takes the folder's lease, and the commit
+acts only while the lease is still this job's (locally under the folder's lock; on object storage
+every manifest write after the running marker is conditional on it, and only the versions that
+existed at ``begin`` are deleted).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,6 +37,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from utilrag import lease
 from utilrag.errors import MissingInputError, UtilragError
 
 MANIFEST = "manifest.json"
@@ -39,11 +46,19 @@ STAGING = ".staging"
 
 def _fault(stage: str, point: str) -> None:
     """Fault injection for the kill-matrix tests: UTILRAG_FAULT_KILL=<stage>@<point> SIGKILLs this
-    process at that point of the commit protocol (begin, commit, manifest). Unset in normal use."""
+    process at that point of the commit protocol (begin, commit, manifest);
+    UTILRAG_FAULT_PAUSE=<stage>@<point>=<file> holds it there (touching <file>.waiting) until <file>
+    exists, so that a test can run a second job meanwhile. Unset in normal use."""
     if os.environ.get("UTILRAG_FAULT_KILL") == f"{stage}@{point}":
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+    where, _, gate = os.environ.get("UTILRAG_FAULT_PAUSE", "").partition("=")
+    if gate and where == f"{stage}@{point}":
+        Path(f"{gate}.waiting").touch()
+        deadline = time.time() + 600
+        while not os.path.exists(gate) and time.time() < deadline:
+            time.sleep(0.1)
 
 
 class IncompleteInputError(UtilragError):
@@ -193,9 +208,16 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
     return read_json(join(normalize(folder), MANIFEST))
 
 
-def _write_manifest(folder: str, fields: dict) -> dict:
+def _write_manifest(folder: str, fields: dict, held: lease.Lease | None = None) -> dict:
+    """``held``: the writer's lease; on S3 the write is then conditional on the manifest it last wrote."""
     manifest = {"code_version": code_version(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
-    write_text(join(folder, MANIFEST), json.dumps(manifest, indent=2, default=str) + "\n")
+    if held is not None:  # which job wrote it; also makes each job's manifest (and so its ETag) its own
+        manifest["writer"] = {k: held.record.get(k) for k in ("token", "host", "pid", "ray_job")}
+    text = json.dumps(manifest, indent=2, default=str) + "\n"
+    if held is not None and hasattr(held.backend, "put_conditional"):
+        held.manifest_etag = held.backend.put_conditional(join(folder, MANIFEST), text.encode(), held.manifest_etag)
+    else:
+        write_text(join(folder, MANIFEST), text)
     return manifest
 
 
@@ -309,6 +331,9 @@ class StageWriter:
     previous: list[str] = field(default_factory=list)
     committed: Committed | None = None
     scratch: str | None = None  # object storage: local files to upload into the staging prefix at commit
+    held: lease.Lease | None = None  # the folder's lease (utilrag.lease)
+    owns_lease: bool = False  # taken by begin (released at commit) rather than around the whole stage
+    old_versions: list[str] = field(default_factory=list)  # object storage: the v-* prefixes at begin
 
     def path(self, name: str) -> str:
         return join(self.staging, name)
@@ -331,6 +356,13 @@ class StageWriter:
             shutil.rmtree(self.scratch, ignore_errors=True)
             self.scratch = None
         _fault(self.stage, "commit")  # outputs staged, nothing moved
+        with self.held.fenced() if self.held else contextlib.nullcontext():
+            committed = self._commit(status, fields)
+        if self.held is not None and self.owns_lease:
+            self.held.release()
+        return committed
+
+    def _commit(self, status: str, fields: dict) -> Committed:
         fs, staging = filesystem(self.staging)
         infos = fs.get_file_info(pafs.FileSelector(staging, allow_not_found=True))
         outputs = sorted(posixpath.basename(i.path) for i in infos)
@@ -343,6 +375,7 @@ class StageWriter:
                 "input_fingerprint": self.fingerprint,
                 "previous_outputs": sorted(set(self.previous) | set(outputs)),
             },
+            self.held,
         )
         for name in self.previous:  # the old run's outputs that this one does not write again
             if name not in outputs:
@@ -367,42 +400,74 @@ class StageWriter:
                 "outputs": outputs,
                 **fields,
             },
+            self.held,
         )
-        if self.prefix is not None:
-            _remove_other_versions(self.folder, keep=self.prefix)
+        if self.prefix is not None:  # only versions older than this job's begin: never a later job's
+            _remove_versions(self.folder, [v for v in self.old_versions if v != self.prefix])
         self.committed = Committed(self.folder, manifest)
         return self.committed
 
 
-def _remove_other_versions(folder: str, keep: str | None) -> None:
+def _versions(folder: str) -> list[str]:
+    """The versioned prefixes (v-<id>) in an object-storage folder."""
     fs, path = filesystem(folder)
-    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        name = posixpath.basename(info.path)
-        if re.fullmatch(r"v-[0-9a-f]{12}", name) and name != keep and info.type == pafs.FileType.Directory:
-            fs.delete_dir(info.path)
+    return sorted(
+        posixpath.basename(info.path)
+        for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        if re.fullmatch(r"v-[0-9a-f]{12}", posixpath.basename(info.path)) and info.type == pafs.FileType.Directory
+    )
+
+
+def _remove_versions(folder: str, names: list[str]) -> None:
+    fs, path = filesystem(folder)
+    for name in names:
+        fs.delete_dir(posixpath.join(path, name))
 
 
 def begin(folder: str | os.PathLike, stage: str, fingerprint: str | None, **fields) -> StageWriter:
-    """Invalidate the folder's old outputs (running marker), clear stale staging, return the writer."""
+    """Take the folder's lease (one line and exit 2 if another live job holds it), invalidate the old
+    outputs (running marker), clear stale staging, return the writer."""
     folder = normalize(folder)
-    old = read_manifest(folder) or {}
-    previous = list(old.get("outputs", [])) if not old.get("prefix") else []
-    previous += old.get("previous_outputs", [])  # from a run killed after its own marker
-    _write_manifest(
-        folder,
-        {"stage": stage, "status": "running", "input_fingerprint": fingerprint, "previous_outputs": previous, **fields},
-    )
-    if is_remote(folder):  # older versions stay until this one commits: a reader may still hold one
-        version = f"v-{uuid.uuid4().hex[:12]}"
-        prefix: str | None = version
-        staging = join(folder, version)
-    else:
-        prefix = None
-        staging = join(folder, STAGING)
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging, exist_ok=True)
+    owns = lease.held(folder) is None  # else the stage holds it around more than this commit (annotate)
+    held = lease.acquire(folder, stage)
+    with held.fenced():
+        old = read_manifest(folder) or {}
+        previous = list(old.get("outputs", [])) if not old.get("prefix") else []
+        previous += old.get("previous_outputs", [])  # from a run killed after its own marker
+        _write_manifest(
+            folder,
+            {
+                "stage": stage,
+                "status": "running",
+                "input_fingerprint": fingerprint,
+                "previous_outputs": previous,
+                **fields,
+            },
+            held,
+        )
+        old_versions: list[str] = []
+        if is_remote(folder):  # older versions stay until this one commits: a reader may still hold one
+            old_versions = _versions(folder)
+            version = f"v-{uuid.uuid4().hex[:12]}"
+            prefix: str | None = version
+            staging = join(folder, version)
+        else:
+            prefix = None
+            staging = join(folder, STAGING)
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging, exist_ok=True)
     _fault(stage, "begin")  # old outputs invalidated, nothing written
-    return StageWriter(folder, stage, fingerprint, staging, prefix, sorted(set(previous)))
+    return StageWriter(
+        folder,
+        stage,
+        fingerprint,
+        staging,
+        prefix,
+        sorted(set(previous)),
+        held=held,
+        owns_lease=owns,
+        old_versions=old_versions,
+    )
 
 
 # --------------------------------------------------------------------------- layout

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from utilrag import store
+from utilrag import lease, store
 from utilrag.annotate import job
 from utilrag.annotate.engine import AnnotateError, check_model, resolve_llm
 from utilrag.annotate.prompts import PROMPT_VERSION
@@ -77,67 +77,71 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
         raise AnnotateError(f"annotate: dataset {target.dataset!r} has no corpus")
     check_stage_needs(acfg)  # before begin: a config mistake keeps the committed labels
     out = target_dir(cfg, target)
-    t0 = time.time()
-    paths = {
-        "pools": pools_done.path("pools.parquet"),
-        "queries": dataset.committed.path("queries"),
-        "corpus": dataset.committed.path("corpus"),
-    }
-    inputs_fp = fingerprint(
-        {
-            "pools": pools_done["input_fingerprint"],
-            "target": target.model_dump(),
-            "inputs": acfg.model_dump(include={"passage_words", "human_positive"}),
+    # inputs/ and chain.parts/ are written before the labels' begin: the folder's lease covers them too.
+    with lease.holding(store.normalize(out), "annotate"):
+        t0 = time.time()
+        paths = {
+            "pools": pools_done.path("pools.parquet"),
+            "queries": dataset.committed.path("queries"),
+            "corpus": dataset.committed.path("corpus"),
         }
-    )
-    wanted = job.sample_queries(paths["pools"], target.max_queries, f"annotate:{target.dataset}:{target.split}")
-    job.ensure_inputs(out, inputs_fp, paths, acfg, wanted, label)
-    stages = [s for s in STAGE_ORDER if s in acfg.stages]
-    chain_fp = fingerprint(
-        {
-            "inputs": inputs_fp,
-            "prompt_version": PROMPT_VERSION,
-            "settings": acfg.content_settings(),
-            "stages": stages,
-            "graded_queries": acfg.graded_queries if "graded" in stages else None,
-        }
-    )
-    inputs = store.join(out, "inputs")
-    graded_ids = job.graded_sample(inputs, acfg.graded_queries, f"graded:{label}") if "graded" in stages else None
-    run = job.new_run_id()
-    stats = job.run_chain(out, chain_fp, acfg, model_path, label, graded_ids, run, engine_factory)
-    # The labels and report are this folder's committed outputs; inputs/, chain.parts and the stage
-    # tables beside them have their own manifests, so a rerun resumes them exactly once.
-    writer = store.begin(out, "annotate", None)
-    staging = writer.local_path(".")
-    annotated, rejects, cut = job.write_rejects(inputs, str(staging / "rejects.parquet"))
-    log.info(
-        f"{label}: {annotated:,} queries annotated, {rejects:,} rejects ({store.join(out, 'rejects.parquet')}), "
-        f"{cut:,} passages cut to {acfg.passage_words} words"
-    )
-    tallies, tally, label_rows = job.finalize(out, str(staging / "labels.parquet"), acfg, run)
-    wall_s = time.time() - t0
-    summaries = job.stage_summaries(tallies, wall_s, stats.get("engine_s"))
-    for s in stages:
-        log.info(f"{label} {s}: {summary_line(summaries[s])}")
-    text = write_report(staging, label, tally, summaries, acfg.model)
-    # The labels' identity (what training fingerprints): the chain they were cut from and the
-    # settings that turn its rows into labels.
-    writer.fingerprint = fingerprint(
-        {
-            "stages": {s: chain_fp for s in stages},
-            "labels": acfg.model_dump(include={"utilrank_top_percent", "graded_threshold", "human_positive"}),
-        }
-    )
-    writer.commit(
-        rows={"labels": label_rows},
-        summaries=summaries,
-        engines=job.replica_figures(stats),
-        wall_time_s=round(time.time() - t0, 2),
-    )
-    print(text, flush=True)
-    log.info(f"{label}: labels {label_rows:,} rows -> {store.join(out, 'labels.parquet')} ({time.time() - t0:.0f}s)")
-    return out
+        inputs_fp = fingerprint(
+            {
+                "pools": pools_done["input_fingerprint"],
+                "target": target.model_dump(),
+                "inputs": acfg.model_dump(include={"passage_words", "human_positive"}),
+            }
+        )
+        wanted = job.sample_queries(paths["pools"], target.max_queries, f"annotate:{target.dataset}:{target.split}")
+        job.ensure_inputs(out, inputs_fp, paths, acfg, wanted, label)
+        stages = [s for s in STAGE_ORDER if s in acfg.stages]
+        chain_fp = fingerprint(
+            {
+                "inputs": inputs_fp,
+                "prompt_version": PROMPT_VERSION,
+                "settings": acfg.content_settings(),
+                "stages": stages,
+                "graded_queries": acfg.graded_queries if "graded" in stages else None,
+            }
+        )
+        inputs = store.join(out, "inputs")
+        graded_ids = job.graded_sample(inputs, acfg.graded_queries, f"graded:{label}") if "graded" in stages else None
+        run = job.new_run_id()
+        stats = job.run_chain(out, chain_fp, acfg, model_path, label, graded_ids, run, engine_factory)
+        # The labels and report are this folder's committed outputs; inputs/, chain.parts and the stage
+        # tables beside them have their own manifests, so a rerun resumes them exactly once.
+        writer = store.begin(out, "annotate", None)
+        staging = writer.local_path(".")
+        annotated, rejects, cut = job.write_rejects(inputs, str(staging / "rejects.parquet"))
+        log.info(
+            f"{label}: {annotated:,} queries annotated, {rejects:,} rejects ({store.join(out, 'rejects.parquet')}), "
+            f"{cut:,} passages cut to {acfg.passage_words} words"
+        )
+        tallies, tally, label_rows = job.finalize(out, str(staging / "labels.parquet"), acfg, run)
+        wall_s = time.time() - t0
+        summaries = job.stage_summaries(tallies, wall_s, stats.get("engine_s"))
+        for s in stages:
+            log.info(f"{label} {s}: {summary_line(summaries[s])}")
+        text = write_report(staging, label, tally, summaries, acfg.model)
+        # The labels' identity (what training fingerprints): the chain they were cut from and the
+        # settings that turn its rows into labels.
+        writer.fingerprint = fingerprint(
+            {
+                "stages": {s: chain_fp for s in stages},
+                "labels": acfg.model_dump(include={"utilrank_top_percent", "graded_threshold", "human_positive"}),
+            }
+        )
+        writer.commit(
+            rows={"labels": label_rows},
+            summaries=summaries,
+            engines=job.replica_figures(stats),
+            wall_time_s=round(time.time() - t0, 2),
+        )
+        print(text, flush=True)
+        log.info(
+            f"{label}: labels {label_rows:,} rows -> {store.join(out, 'labels.parquet')} ({time.time() - t0:.0f}s)"
+        )
+        return out
 
 
 def check_stage_needs(acfg: AnnotateConfig) -> None:
