@@ -234,8 +234,9 @@ def ray_logs(temp_dir: str, *names: str) -> list[Path]:
 
 
 # What `ray job submit` prints while the head's job API is not up yet: the dashboard not answering, or
-# its job agent not yet registered (the dashboard's own 10 s wait for it ran out). Nothing is submitted
-# in these cases, so submitting again is safe.
+# its job agent not yet registered (the dashboard's own 10 s wait for it ran out). Nothing was submitted
+# then (no "submitted successfully": a job's own log, printed after that line, may say anything), so
+# submitting again is safe.
 JOB_API_NOT_UP = ("No available agent", "Failed to connect to Ray", "Connection refused", "ConnectionError")
 
 
@@ -248,12 +249,21 @@ def ray_job_submit(command: list[str], env: dict, temp_dir: str, *, deadline_s: 
     def submit(_: float) -> subprocess.CompletedProcess:
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
         output = proc.stderr + proc.stdout
-        if proc.returncode != 0 and any(s in output for s in JOB_API_NOT_UP):
+        submitted = "submitted successfully" in output
+        if proc.returncode != 0 and not submitted and any(s in output for s in JOB_API_NOT_UP):
             raise RuntimeError(output[-500:])
         return proc
 
     logs = ray_logs(temp_dir, "dashboard.log", "dashboard_agent.log")
-    return wait_until("the Ray job API (`ray job submit`)", submit, deadline_s=deadline_s, logs=logs, pause_s=2.0)
+    # A `ray job submit` that runs past ``timeout`` is a job that hangs, not a job API coming up.
+    return wait_until(
+        "the Ray job API (`ray job submit`)",
+        submit,
+        deadline_s=deadline_s,
+        logs=logs,
+        pause_s=2.0,
+        fatal=(subprocess.TimeoutExpired,),
+    )
 
 
 # --------------------------------------------------------------------------- an S3-compatible server
@@ -321,11 +331,12 @@ def _restore(saved: dict[str, str | None]) -> None:
 
 
 def _stop_server(server: subprocess.Popen) -> None:
-    try:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=15)
-    except ProcessLookupError:
-        pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(server.pid, sig)
+            server.wait(timeout=15)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue

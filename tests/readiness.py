@@ -46,10 +46,12 @@ def wait_until(
     logs: Iterable[Path | str] = (),
     process: subprocess.Popen | None = None,
     pause_s: float = 0.2,
+    fatal: tuple[type[BaseException], ...] = (),
 ) -> T:
     """Call ``probe(timeout_s)`` until it returns something other than None; return that.
 
-    Any exception from the probe counts as "not ready yet". ``timeout_s`` starts at FIRST_TRY_S and
+    Any exception from the probe counts as "not ready yet", except those of the ``fatal`` types,
+    which propagate at once. ``timeout_s`` starts at FIRST_TRY_S and
     doubles after each try whose exception was a timeout, up to LONGEST_TRY_S and never past the
     deadline. Raises NotReady with the last error and the logs' tails once ``deadline_s`` has passed,
     or at once if ``process`` has exited.
@@ -71,6 +73,8 @@ def wait_until(
         tries += 1
         try:
             result = probe(max(0.1, min(timeout, remaining)))
+        except fatal:
+            raise
         except Exception as e:  # noqa: BLE001 - every failure of a first contact means "not yet"
             last = f"{type(e).__name__}: {str(e)[:300]}"
             if "timeout" in type(e).__name__.lower() or "timed out" in str(e).lower():

@@ -99,7 +99,9 @@ def gpu_node(address: str, temp_dir: str) -> str:
     from ray.util.state import list_nodes
 
     def alive_gpu_node(timeout: float) -> str | None:
-        nodes = list_nodes(address=address, detail=True, limit=100, timeout=int(max(timeout, 1)))
+        nodes = list_nodes(
+            address=address, detail=True, limit=100, timeout=int(max(timeout, 1)), raise_on_missing_output=False
+        )
         return next((n.node_id for n in nodes if (n.resources_total or {}).get("GPU") and n.state == "ALIVE"), None)
 
     return wait_until("the GPU worker node", alive_gpu_node, deadline_s=180, logs=ray_logs(temp_dir), pause_s=1.0)

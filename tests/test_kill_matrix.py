@@ -105,9 +105,11 @@ def cli(ray_head, tiny_root, tmp_path_factory):
         return proc
 
     def start(stage: str, *overrides: str, pause: str, gate: Path) -> subprocess.Popen:
-        """The stage in the background, held at ``pause`` (<stage>@<point>) until ``gate`` exists."""
+        """The stage in the background, held at ``pause`` (<stage>@<point>) until ``gate`` exists; its
+        output in <gate>.log (a file, not a pipe nobody reads while it is held)."""
         args, run_env = command(stage, *overrides, UTILRAG_FAULT_PAUSE=f"{pause}={gate}")
-        return subprocess.Popen(args, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with open(f"{gate}.log", "w") as log:
+            return subprocess.Popen(args, env=run_env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
     run.store = Store(out)  # type: ignore[attr-defined]
     run.start = start  # type: ignore[attr-defined]
@@ -250,7 +252,7 @@ def test_one_writer_per_stage_folder(cli, tmp_path):
     try:
         deadline = time.time() + 300
         while not Path(f"{gate}.waiting").exists():
-            assert first.poll() is None and time.time() < deadline, first.communicate()
+            assert first.poll() is None and time.time() < deadline, Path(f"{gate}.log").read_text()[-3000:]
             time.sleep(0.1)
         marker = (Path(folder) / "manifest.json").read_text()
         held = json.loads((Path(folder) / LEASE).read_text())
@@ -264,11 +266,10 @@ def test_one_writer_per_stage_folder(cli, tmp_path):
         assert f"pid {first.pid} on " in lines[0]
         assert (Path(folder) / "manifest.json").read_text() == marker
         assert json.loads((Path(folder) / LEASE).read_text())["token"] == held["token"]
-        assert (Path(folder) / ".staging").is_dir()
+        assert [p.name for p in Path(folder).glob(".staging-*")] == [f".staging-{held['token'][:12]}"]  # A's
     finally:
         gate.touch()
-    out, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err[-3000:]
+    assert first.wait(timeout=600) == 0, Path(f"{gate}.log").read_text()[-3000:]
     assert _digest(folder, ["pools.parquet"]) == clean  # A's commit: the clean seed-7 run's table
     assert not (Path(folder) / LEASE).exists()  # released
 

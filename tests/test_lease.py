@@ -50,7 +50,7 @@ def foreign_lease(folder: str, *, pid: int, host: str | None = None, age_s: floa
     record = {
         "token": uuid.uuid4().hex,
         "stage": "pools",
-        "host": host or socket.gethostname(),
+        **(lease._machine() if host is None else {"host": host}),  # this machine's boot and pid namespace
         "pid": pid,
         "pid_started": started,
         "ray_job": None,
@@ -89,7 +89,7 @@ def test_a_live_holder_refuses_a_second_writer_with_one_line(tmp_path, other_pro
     assert json.loads((tmp_path / "pools" / lease.LEASE).read_text())["token"] == record["token"]
 
 
-def test_a_dead_holder_is_taken_over_at_once_and_an_expired_one_after_its_timeout(tmp_path, caplog):
+def test_a_dead_holder_is_taken_over_at_once_and_an_expired_one_after_its_timeout(tmp_path, capsys):
     folder = str(tmp_path / "pools")
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait(timeout=30)
@@ -97,7 +97,8 @@ def test_a_dead_holder_is_taken_over_at_once_and_an_expired_one_after_its_timeou
     t0 = time.time()
     writer = store.begin(folder, "pools", "fp")
     assert time.time() - t0 < 5
-    assert "took over the lease" in caplog.text and "is gone" in caplog.text
+    said = capsys.readouterr().out  # the utilrag logger writes [stage] lines to stdout
+    assert "took over the lease" in said and "is gone" in said
     write_output(writer, "mine")
     writer.commit()
     assert committed_text(folder) == "mine"
@@ -108,9 +109,8 @@ def test_a_dead_holder_is_taken_over_at_once_and_an_expired_one_after_its_timeou
     with pytest.raises(lease.LeaseHeld, match="on elsewhere"):
         store.begin(folder, "pools", "fp")
     foreign_lease(folder, pid=1, host="elsewhere", age_s=301)
-    caplog.clear()
     store.begin(folder, "pools", "fp").commit()
-    assert "heartbeat is 301s old (timeout 300s)" in caplog.text
+    assert "heartbeat is 301s old (timeout 300s)" in capsys.readouterr().out
 
 
 def test_a_lease_cut_short_by_a_crash_is_nobodys(tmp_path):
@@ -132,7 +132,8 @@ def test_the_commit_is_fenced_after_a_takeover(tmp_path):
     write_output(b, "from B")
     with pytest.raises(lease.LeaseLost, match="taken over"):
         a.commit()
-    assert (tmp_path / "pools" / ".staging" / "out.txt").read_text() == "from B"  # A moved nothing
+    assert not Path(a.staging).exists()  # B's begin cleared A's staging: A cannot write into B's
+    assert Path(b.path("out.txt")).read_text() == "from B"  # and A moved nothing
     b.commit()
     assert committed_text(folder) == "from B"
 

@@ -209,11 +209,12 @@ def test_one_writer_per_stage_folder_on_s3(ray_head_with_s3, tiny_dataset, tmp_p
 
     gate = tmp_path / "gate"
     args, run_env = command("pools", "pools.0.seed=7", UTILRAG_FAULT_PAUSE=f"pools@begin={gate}")
-    first = subprocess.Popen(args, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(f"{gate}.log", "w") as printed:  # a file, not a pipe nobody reads while the run is held
+        first = subprocess.Popen(args, env=run_env, stdout=printed, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
         while not Path(f"{gate}.waiting").exists():
-            assert first.poll() is None and time.time() < deadline, first.communicate()
+            assert first.poll() is None and time.time() < deadline, Path(f"{gate}.log").read_text()[-3000:]
             time.sleep(0.1)
         held = json.loads(_objects("lease-run/pools")[lease_key])
         assert held["pid"] == first.pid
@@ -225,8 +226,7 @@ def test_one_writer_per_stage_folder_on_s3(ray_head_with_s3, tiny_dataset, tmp_p
         assert json.loads(_objects("lease-run/pools")[lease_key])["token"] == held["token"]
     finally:
         gate.touch()
-    out, err = first.communicate(timeout=900)
-    assert first.returncode == 0, err[-3000:]
+    assert first.wait(timeout=900) == 0, Path(f"{gate}.log").read_text()[-3000:]
     assert table().equals(clean) and lease_key not in _objects("lease-run/pools")
 
     run("pools", "pools.0.seed=0", UTILRAG_FAULT_KILL="pools@begin")

@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from utilrag.errors import UtilragError
@@ -62,15 +63,35 @@ def _process_started(pid: int) -> float | None:
         return None
 
 
+def _submission_id() -> str | None:
+    """The Ray job submission id of this driver (what `ray job stop` takes), if `ray job submit` started it:
+    Ray passes the job's metadata to its driver in RAY_JOB_CONFIG_JSON_ENV_VAR."""
+    try:
+        return json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))["metadata"]["job_submission_id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _machine() -> dict[str, Any]:
+    """What makes a pid comparable: the same boot of the same machine and the same pid namespace
+    (containers on host networking share a hostname, not their pids)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        pid_ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        boot, pid_ns = None, None
+    return {"host": socket.gethostname(), "boot_id": boot, "pid_ns": pid_ns}
+
+
 def _record(stage: str, token: str) -> dict[str, Any]:
     now = time.time()
     return {
         "token": token,
         "stage": stage,
-        "host": socket.gethostname(),
+        **_machine(),
         "pid": os.getpid(),
         "pid_started": _process_started(os.getpid()),
-        "ray_job": os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"),
+        "ray_job": _submission_id(),
         "acquired_at": now,
         "heartbeat_at": now,
         "timeout_s": TIMEOUT_S,
@@ -80,7 +101,8 @@ def _record(stage: str, token: str) -> dict[str, Any]:
 def holder_state(record: dict[str, Any]) -> tuple[str, str]:
     """('dead' | 'expired' | 'alive', why) for a lease record found in a folder."""
     age = time.time() - float(record.get("heartbeat_at", 0))
-    if record.get("host") == socket.gethostname():
+    here = _machine()
+    if all(record.get(k) == here[k] for k in ("host", "boot_id", "pid_ns")):  # its pid is one of ours
         started = _process_started(int(record.get("pid", -1)))
         if started is None:
             return "dead", f"its process {record.get('pid')} on this host is gone"
@@ -111,7 +133,7 @@ class _Local:
     def locked(self) -> Iterator[None]:
         import fcntl
 
-        os.makedirs(self.folder, exist_ok=True)
+        os.makedirs(self.folder, exist_ok=True)  # the stage's own folder: begin creates it anyway
         fd = os.open(os.path.join(self.folder, LOCK), os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -168,54 +190,83 @@ class _S3:
         yield  # every change below is conditional on the object's state instead
 
     @staticmethod
-    def precondition_failed(e: Exception) -> bool:
-        code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
-        return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+    def code(e: Exception) -> str:
+        return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+
+    def precondition_failed(self, e: Exception) -> bool:
+        return self.code(e) in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+
+    @contextlib.contextmanager
+    def answers(self) -> Iterator[None]:
+        """boto3's errors (no bucket, no credentials, no endpoint) as one line, as pyarrow's are."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except (BotoCoreError, ClientError) as e:
+            raise UtilragError(f"s3://{self.bucket}/{self.key}: object storage: {e}") from None
 
     def read(self) -> tuple[dict | None, str | None]:
-        try:
-            answer = self.client.get_object(Bucket=self.bucket, Key=self.key)
-        except self.client.exceptions.NoSuchKey:
-            return None, None
-        return json.loads(answer["Body"].read()), answer["ETag"]
+        from botocore.exceptions import ClientError
+
+        with self.answers():
+            try:
+                answer = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            except ClientError as e:
+                if self.code(e) in ("NoSuchKey", "404"):
+                    return None, None
+                raise
+            return json.loads(answer["Body"].read()), answer["ETag"]
 
     def create(self, record: dict) -> str | None:
-        try:
-            answer = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=json.dumps(record), IfNoneMatch="*")
-        except Exception as e:
-            if self.precondition_failed(e):
-                raise FileExistsError(self.key) from None
-            raise
-        return answer["ETag"]
+        from botocore.exceptions import ClientError
+
+        with self.answers():
+            try:
+                body = json.dumps(record)
+                return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body, IfNoneMatch="*")["ETag"]
+            except ClientError as e:
+                if self.precondition_failed(e):
+                    raise FileExistsError(self.key) from None
+                raise
 
     def replace(self, record: dict, version: str | None) -> str | None:
-        try:
-            answer = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=json.dumps(record), IfMatch=version)
-        except Exception as e:
-            if self.precondition_failed(e):
-                raise LeaseLost(f"s3://{self.bucket}/{self.key} changed under us") from None
-            raise
-        return answer["ETag"]
+        from botocore.exceptions import ClientError
+
+        with self.answers():
+            try:
+                body = json.dumps(record)
+                return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body, IfMatch=version)["ETag"]
+            except ClientError as e:  # another job's version, or none at all (released meanwhile)
+                if self.precondition_failed(e) or self.code(e) in ("NoSuchKey", "404"):
+                    raise LeaseLost(f"s3://{self.bucket}/{self.key} changed under us") from None
+                raise
 
     def delete(self, version: str | None) -> None:
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=version)
-        except Exception as e:
-            if not self.precondition_failed(e):
-                raise
+        from botocore.exceptions import ClientError
+
+        with self.answers():
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=version)
+            except ClientError as e:
+                if not (self.precondition_failed(e) or self.code(e) in ("NoSuchKey", "404")):
+                    raise
 
     # The fence of a commit on S3: manifest writes conditional on the manifest this job last wrote.
     def put_conditional(self, location: str, body: bytes, etag: str | None) -> str:
+        from botocore.exceptions import ClientError
+
         bucket, _, key = location.partition("://")[2].partition("/")
         kwargs = {"IfMatch": etag} if etag else {}
-        try:
-            return self.client.put_object(Bucket=bucket, Key=key, Body=body, **kwargs)["ETag"]
-        except Exception as e:
-            if self.precondition_failed(e):
-                raise LeaseLost(
-                    f"{location} was rewritten by another job: this job's lease was taken over; not committing"
-                ) from None
-            raise
+        with self.answers():
+            try:
+                return self.client.put_object(Bucket=bucket, Key=key, Body=body, **kwargs)["ETag"]
+            except ClientError as e:
+                if self.precondition_failed(e):
+                    raise LeaseLost(
+                        f"{location} was rewritten by another job: this job's lease was taken over; not committing"
+                    ) from None
+                raise
 
 
 _warned_unconditional = False
@@ -275,6 +326,7 @@ class Lease:
     version: str | None = None  # S3: the lease object's ETag
     manifest_etag: str | None = None  # S3: the manifest this job last wrote (the commit's fence)
     lost: str | None = None
+    released: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def check(self) -> None:
@@ -298,7 +350,7 @@ class Lease:
 
     def heartbeat(self) -> None:
         with self.lock, self.backend.locked():
-            if self.lost:
+            if self.lost or self.released:
                 return
             record, version = self.backend.read()
             if record is None or record.get("token") != self.token:
@@ -315,6 +367,9 @@ class Lease:
     def release(self) -> None:
         _held.pop(self.folder, None)
         with self.lock, self.backend.locked():
+            if self.released:
+                return
+            self.released = True
             record, _ = self.backend.read()
             if record is not None and record.get("token") == self.token:
                 self.backend.delete(self.version)

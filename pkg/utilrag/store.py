@@ -6,7 +6,7 @@ path). Every read and write of a manifest or table goes through pyarrow filesyst
 The commit protocol (every stage):
 1. ``begin``: the folder's manifest is replaced by a *running* marker before the first byte of
    output is written, so the old outputs are no longer trusted by anyone.
-2. Outputs are written into a staging location: ``<folder>/.staging`` locally; on object stores,
+2. Outputs are written into a staging location: ``<folder>/.staging-<job>`` locally; on object stores,
    which cannot rename, a new versioned prefix ``<folder>/v-<id>``.
 3. ``commit``: locally the staged outputs are renamed into ``<folder>``; on object stores the
    prefix simply stays. Then the *complete* manifest is written, naming its outputs (and the
@@ -359,7 +359,12 @@ class StageWriter:
         with self.held.fenced() if self.held else contextlib.nullcontext():
             committed = self._commit(status, fields)
         if self.held is not None and self.owns_lease:
-            self.held.release()
+            try:
+                self.held.release()
+            except Exception as e:  # noqa: BLE001 - committed; a rerun takes a dead holder's lease over
+                from utilrag.logs import get_logger
+
+                get_logger("store").warning(f"{self.folder}: committed, but the lease was not released ({e})")
         return committed
 
     def _commit(self, status: str, fields: dict) -> Committed:
@@ -451,10 +456,12 @@ def begin(folder: str | os.PathLike, stage: str, fingerprint: str | None, **fiel
             version = f"v-{uuid.uuid4().hex[:12]}"
             prefix: str | None = version
             staging = join(folder, version)
-        else:
+        else:  # a staging folder of this job's own: one whose lease lapsed must not write into ours
             prefix = None
-            staging = join(folder, STAGING)
-            shutil.rmtree(staging, ignore_errors=True)
+            for name in os.listdir(folder):  # earlier jobs' staging, whoever they were: we hold the folder
+                if name == STAGING or name.startswith(f"{STAGING}-"):
+                    shutil.rmtree(join(folder, name), ignore_errors=True)
+            staging = join(folder, f"{STAGING}-{held.token[:12]}")
             os.makedirs(staging, exist_ok=True)
     _fault(stage, "begin")  # old outputs invalidated, nothing written
     return StageWriter(
