@@ -860,3 +860,54 @@ def test_an_engine_that_cannot_start_fails_the_job_with_its_message(tmp_path, an
     with pytest.raises(AnnotateError, match=r"the vLLM engine did not start: .*max_model_len"):
         run_annotate(load_config(config))
     assert time.time() - t0 < 300
+
+
+class _SlowStandInEngine(_StandInEngine):
+    """The stand-in with a fixed latency per generate call (a stand-in: only the job's timing is under test)."""
+
+    delay_s = 1.0
+
+    def generate(self, messages: list, sampling: list) -> dict:
+        time.sleep(self.delay_s)
+        return super().generate(messages, sampling)
+
+
+@pytest.mark.slow
+def test_an_input_file_longer_than_ray_datas_no_progress_guard(tmp_path, annotate_data):
+    """Time compressed by F = 300. One input file of 20 queries in blocks of 4 is one Ray Data task
+    that hands its output over when it ends: 5 blocks x 2 generate waves (RelSel, the answer) x 1 s of
+    the stand-in engine = ~10 s, as a ~1,000-query input file takes 35-70 min on one A100 replica.
+    Ray Data's own guard, 30 min -> 6 s, fails that job (ExecutionTimeoutError); with
+    annotate.scale.no_progress_timeout_s at the default's 3 h -> 36 s the same job (in a folder of its
+    own, so that it runs whole) completes, exactly once."""
+    import ray.cloudpickle
+
+    from utilrag.annotate import annotate_target
+    from utilrag.config import AnnotateScale, load_config
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the replicas get the stand-in by value
+    F = 300
+
+    def run(guard_s: float, name: str) -> str:
+        config = _annotate_config(
+            tmp_path / "c.yaml",
+            annotate_data,
+            "stand-in",
+            targets=[{"dataset": "trec-dl-2019", "split": "default", "max_queries": 20}],
+            stages=["relsel", "answer"],
+            window=31,  # one RelSel window: one request per query and wave
+            output_name=name,
+            engine={"async_engine": False},
+            scale={"batch_size": 4, "no_progress_timeout_s": guard_s},
+        )
+        cfg = load_config(config)
+        return annotate_target(cfg, cfg.annotate.targets[0], "stand-in", engine_factory=_SlowStandInEngine)
+
+    with pytest.raises(AnnotateError, match="ExecutionTimeoutError"):
+        run(1800 / F, "ray-default-guard")  # Ray Data's default guard
+    t0 = time.time()
+    out = run(AnnotateScale.model_fields["no_progress_timeout_s"].default / F, "our-guard")
+    assert time.time() - t0 > 1800 / F  # the task outlasted the default guard, and the job went on
+    stage_dir = Path(out)
+    assert len(list((stage_dir / "inputs").glob("part-*.parquet"))) == 1  # one input file, all 20 queries
+    _check_exactly_once(stage_dir, "relsel", 20, expected=20)

@@ -147,7 +147,15 @@ def test_replicas_on_the_gpu_node_and_no_placement_group_left(shared_datasets, t
         start_gpu_worker(gcs, temp_dir, tp)
         node = gpu_node(address, temp_dir)
         before = placement_groups(address)
-        driver_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}", "PYTHONUNBUFFERED": "1"}
+        # Each block waits 11 s first: 6 blocks on the one replica, which takes them one after another
+        # here (seen: 6 x 21 s added 126 s), so the chain runs over 60 s (two of Ray Data's 30 s detector
+        # rounds) on any machine, not only on a slow one.
+        driver_env = {
+            **env,
+            "RAY_ADDRESS": f"127.0.0.1:{gcs}",
+            "PYTHONUNBUFFERED": "1",
+            "UTILRAG_FAULT_ANNOTATE_BLOCK_DELAY_S": "11",
+        }
         command = [sys.executable, "-m", "utilrag.cli", "pipeline", "--config", str(config)]
         t0 = time.time()
         proc = subprocess.Popen(command, env=driver_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

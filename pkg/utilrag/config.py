@@ -357,6 +357,20 @@ class AnnotateScale(Strict):
         "replica at once (the next block's requests fill the engine while the last one's stragglers finish)",
     )
     progress_every_s: float = Field(10.0, gt=0, description="seconds between progress lines")
+    no_progress_timeout_s: float = Field(
+        10800.0,
+        description="annotate: Ray Data's no-progress guard (DataContext.execution_no_progress_timeout_s, 1,800 s "
+        "by default), which fails the job when no output leaves any operator for this long; -1 disables it. A "
+        "replica task is one input file of ~1,000 queries and hands its output over only when it ends: 35-70 min "
+        "on one A100-80G replica, after GPU nodes launch (5-15 min) and a 32B model loads (10+ min)",
+    )
+
+    @field_validator("no_progress_timeout_s")
+    @classmethod
+    def _guard_positive_or_off(cls, value: float) -> float:
+        if value <= 0 and value != -1:
+            raise ValueError("must be positive, or -1 to disable Ray Data's no-progress guard")
+        return value
 
 
 class AnnotateConfig(Strict):

@@ -280,6 +280,7 @@ class ChainAnnotator:
         call = self._begin(batch)
         if not call:
             return self._stats(0, 0, 0)
+        time.sleep(self.fail.get("block_delay_s", 0))  # test-only (fault_injection); 0 otherwise
         table = run_block(batch, self._generate, self.acfg, self.graded_ids, self.run, self._after_wave(call))
         return self._write(table)
 
@@ -350,6 +351,7 @@ class AsyncChainAnnotator(ChainAnnotator):
             call = self._begin(batch)
             if not call:
                 return self._stats(0, 0, 0)
+            await asyncio.sleep(self.fail.get("block_delay_s", 0))  # test-only (fault_injection); 0 otherwise
             after_wave = self._after_wave(call)
             table = await run_block_async(batch, self._generate_one, self.acfg, self.graded_ids, self.run, after_wave)
             return await asyncio.to_thread(self._write, table)

@@ -270,7 +270,8 @@ def check_parts(parts: str, expected: int, label: str) -> int:
 
 def fault_injection(out: str) -> dict:
     """Test-only fault injection (environment, never a config): a replica dies once at the start of its
-    Nth block, or once in its Nth block after the first stages ran (half done)."""
+    Nth block, or once in its Nth block after the first stages ran (half done); or every block waits
+    a number of seconds first (a chain that surely outlasts Ray Data's 30 s detector rounds)."""
     folder = out if not store.is_remote(out) else tempfile.gettempdir()
     fail: dict[str, Any] = {}
     if os.environ.get("UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES"):
@@ -279,6 +280,8 @@ def fault_injection(out: str) -> dict:
     if os.environ.get("UTILRAG_FAULT_ANNOTATE_FAIL_MID_BLOCK"):
         fail["mid_block"] = int(os.environ["UTILRAG_FAULT_ANNOTATE_FAIL_MID_BLOCK"])
         fail["mid_block_marker"] = os.path.join(folder, ".chain.midblock.crashed")
+    if os.environ.get("UTILRAG_FAULT_ANNOTATE_BLOCK_DELAY_S"):
+        fail["block_delay_s"] = float(os.environ["UTILRAG_FAULT_ANNOTATE_BLOCK_DELAY_S"])
     return fail
 
 
@@ -361,6 +364,9 @@ def _annotate(
         ),
         **actor_resources(acfg),
     )
+    # A replica task is one input file (~1,000 queries), and its output reaches Ray Data only when it
+    # ends: Ray Data's own no-progress guard (30 min) would fail the job during the first task.
+    ds.context.execution_no_progress_timeout_s = acfg.scale.no_progress_timeout_s
     replicas: dict[int, dict] = {}  # pid -> engine starts seen, busy and alive seconds (counters only)
     queries, rows, tokens = done, 0, 0
     t0 = last = time.time()
