@@ -336,38 +336,38 @@ def main() -> None:
     replica_s = prompt_total / prefill_tok_s + output_total / args.decode_tok_s
     gpu_hours = args.msmarco_queries * replica_s * args.gpus_per_replica / 3600
     ray.shutdown()
-    print(
-        json.dumps(
-            {
-                "model": args.model,
-                "queries": n_queries,
-                "stages": FOUR_STAGES,
-                "bare_tokens_per_s": round(bare_tok_s, 1),
-                "job": figures,
-                "faster": best,
-                "pipeline_efficiency": figures[best]["pipeline_efficiency"],
-                "identical_outputs": figures[best]["identical_outputs"],
-                "engine_starts_per_replica": figures[best]["engine_starts_per_replica"],
-                "engine_idle_fraction": figures[best]["engine_idle_fraction"],
-                "prompt_tokens_per_query": tokens_per_query,
-                "smollm2_relsel_prompt_tokens_per_query": runs[best]["relsel_prompt_tokens_per_query"],
-                "s_per_query_100_rows": round(per_query[100], 4) if per_query else None,
-                "s_per_query_1000_rows": round(per_query[1000], 4) if per_query else None,
-                "scaling_ratio": round(per_query[1000] / per_query[100], 3) if per_query else None,
-                "cost_model": {
-                    "prompt_tokens_per_query": prompt_total,
-                    "output_tokens_per_query_assumed": output_total,
-                    "prefill_tok_s": round(prefill_tok_s, 1),
-                    "prefill_source": prefill_source,
-                    "decode_tok_s": args.decode_tok_s,
-                    "decode_source": "assumed",
-                    "gpus_per_replica": args.gpus_per_replica,
-                    "queries": args.msmarco_queries,
-                },
-                "gpu_hours_msmarco": round(gpu_hours, 1),
-            }
-        )
-    )
+    result = {
+        "model": args.model,
+        "queries": n_queries,
+        "stages": FOUR_STAGES,
+        "bare_tokens_per_s": round(bare_tok_s, 1),
+        "job": figures,
+        "faster": best,
+        "pipeline_efficiency": figures[best]["pipeline_efficiency"],
+        "identical_outputs": figures[best]["identical_outputs"],
+        "engine_starts_per_replica": figures[best]["engine_starts_per_replica"],
+        "engine_idle_fraction": figures[best]["engine_idle_fraction"],
+        "prompt_tokens_per_query": tokens_per_query,
+        "smollm2_relsel_prompt_tokens_per_query": runs[best]["relsel_prompt_tokens_per_query"],
+        "s_per_query_100_rows": round(per_query[100], 4) if per_query else None,
+        "s_per_query_1000_rows": round(per_query[1000], 4) if per_query else None,
+        "scaling_ratio": round(per_query[1000] / per_query[100], 3) if per_query else None,
+        "cost_model": {
+            "prompt_tokens_per_query": prompt_total,
+            "output_tokens_per_query_assumed": output_total,
+            "prefill_tok_s": round(prefill_tok_s, 1),
+            "prefill_source": prefill_source,
+            "decode_tok_s": args.decode_tok_s,
+            "decode_source": "assumed",
+            "gpus_per_replica": args.gpus_per_replica,
+            "queries": args.msmarco_queries,
+        },
+        "gpu_hours_msmarco": round(gpu_hours, 1),
+    }
+    # The whole result in benchmarks/results/ (the last line printed is the same object).
+    out = RESULTS / f"annotate_throughput{'-quick' if args.quick else ''}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
