@@ -227,6 +227,18 @@ def stop_cluster_group(temp_dir: str) -> None:
             pass
 
 
+def wait_paused(proc: subprocess.Popen, gate: Path, deadline_s: float = 300) -> None:
+    """Until a run started with UTILRAG_FAULT_PAUSE=<stage>@<point>=<gate> is held there (it touches
+    <gate>.waiting); its output, in <gate>.log, if it exits first or the deadline passes."""
+
+    def paused(_: float) -> bool | None:
+        return True if Path(f"{gate}.waiting").exists() else None
+
+    wait_until(
+        f"the run held at {gate}", paused, deadline_s=deadline_s, logs=[f"{gate}.log"], process=proc, pause_s=0.1
+    )
+
+
 def ray_logs(temp_dir: str, *names: str) -> list[Path]:
     """A cluster's log files (``names`` under its session's logs/, or the head's main ones), for failure messages."""
     logs = Path(temp_dir) / "session_latest" / "logs"

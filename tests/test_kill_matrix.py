@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import TINY_TRAIN, start_ray_head, stop_cluster
+from conftest import TINY_TRAIN, start_ray_head, stop_cluster, wait_paused
 from utilrag.config import REPO_ROOT
 from utilrag.store import Store, read_manifest
 
@@ -236,8 +236,6 @@ def test_one_writer_per_stage_folder(cli, tmp_path):
     """Two `utilrag pools` runs on one output directory at once: the second exits 2 with one line naming
     the holder and touches nothing; the first commits what a clean run commits. Then a holder SIGKILLed
     at its begin: the rerun takes its lease over at once."""
-    import time
-
     from utilrag.lease import LEASE
 
     assert cli("ingest").returncode == 0
@@ -250,10 +248,7 @@ def test_one_writer_per_stage_folder(cli, tmp_path):
     gate = tmp_path / "gate"
     first = cli.start("pools", "pools.0.seed=7", pause="pools@begin", gate=gate)
     try:
-        deadline = time.time() + 300
-        while not Path(f"{gate}.waiting").exists():
-            assert first.poll() is None and time.time() < deadline, Path(f"{gate}.log").read_text()[-3000:]
-            time.sleep(0.1)
+        wait_paused(first, gate)
         marker = (Path(folder) / "manifest.json").read_text()
         held = json.loads((Path(folder) / LEASE).read_text())
         assert held["pid"] == first.pid and json.loads(marker)["status"] == "running"

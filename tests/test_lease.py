@@ -48,15 +48,13 @@ def foreign_lease(folder: str, *, pid: int, host: str | None = None, age_s: floa
         started = None
     now = time.time() - age_s
     record = {
-        "token": uuid.uuid4().hex,
-        "stage": "pools",
-        **(lease._machine() if host is None else {"host": host}),  # this machine's boot and pid namespace
+        **lease._record("pools", uuid.uuid4().hex),  # this machine's, unless ``host`` names another
         "pid": pid,
         "pid_started": started,
-        "ray_job": None,
         "acquired_at": now,
         "heartbeat_at": now,
         "timeout_s": 300,
+        **({"host": host} if host else {}),
     }
     store.write_text(store.join(folder, lease.LEASE), json.dumps(record))
     return record

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import pytest
 import yaml
 
-from conftest import S3_BUCKET, S3_SECRET, TINY_TRAIN, start_ray_head, stop_cluster
+from conftest import S3_BUCKET, S3_SECRET, TINY_TRAIN, start_ray_head, stop_cluster, wait_paused
 from utilrag.config import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -60,6 +60,20 @@ def _upload(local: Path, key: str) -> None:
         f.write(local.read_bytes())
 
 
+def _config(tmp_path: Path, root: str, address: str, data: str, more: dict | None = None) -> Path:
+    """A pipeline config writing to ``root``: the tiny dataset read from ``data``, its pools, and ``more``."""
+    config = tmp_path / "config.yaml"
+    sections = {
+        "output_dir": root,
+        "ray": {"address": address},
+        "ingest": {"datasets": [{"name": "tiny", "path": data, "layout": "msmarco"}]},
+        "pools": [{"dataset": "tiny", "split": "train", "size": 8}],
+        **(more or {}),
+    }
+    config.write_text(yaml.safe_dump(sections))
+    return config
+
+
 def _all_reused(log: str, stage: str) -> bool:
     """The pipeline's line for the stage says every output was reused."""
     found = re.search(rf"\[pipeline\] {stage}: (\d+) output\(s\), (\d+) reused", log)
@@ -72,36 +86,33 @@ def test_pipeline_on_s3_with_training_resumed_from_s3_checkpoints(ray_head_with_
     for name in ("collection.tsv", "queries.train.tsv", "qrels.train.tsv"):
         _upload(tiny_dataset / name, f"data/tiny/{name}")
     root = f"s3://{BUCKET}/run"
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "output_dir": root,
-                "ray": {"address": address},
-                "ingest": {"datasets": [{"name": "tiny", "path": f"s3://{BUCKET}/data/tiny", "layout": "msmarco"}]},
-                "pools": [{"dataset": "tiny", "split": "train", "size": 8}],
-                "bm25": [{"dataset": "tiny", "split": "train", "k": 20}],
-                "train": {  # one retriever per label setting: here one, "s3", indexed by index.trained_targets
-                    **TINY_TRAIN,
-                    "settings": [{"name": "s3", "labels": "human"}],
-                    "pooling": "mean",
-                    "max_steps": 4,
-                    "checkpoint_every": 2,
-                    "max_failures": 1,
-                },
-                "index": {
-                    "batch_size": 64,
-                    "shards": 2,
-                    "rows_per_file": 64,  # 120 passages: two embedding files, one per shard
-                    "k": 10,
-                    "trained_targets": [{"dataset": "tiny", "split": "train"}],  # model train:s3, read from S3
-                },
-                "evaluate": {  # + the "s3" retriever's run (evaluate.trained)
-                    "metrics": ["nDCG@10", "R@10"],
-                    "runs": [{"dataset": "tiny", "split": "train", "run": "bm25s"}],
-                },
-            }
-        )
+    config = _config(
+        tmp_path,
+        root,
+        address,
+        f"s3://{BUCKET}/data/tiny",
+        {
+            "bm25": [{"dataset": "tiny", "split": "train", "k": 20}],
+            "train": {  # one retriever per label setting: here one, "s3", indexed by index.trained_targets
+                **TINY_TRAIN,
+                "settings": [{"name": "s3", "labels": "human"}],
+                "pooling": "mean",
+                "max_steps": 4,
+                "checkpoint_every": 2,
+                "max_failures": 1,
+            },
+            "index": {
+                "batch_size": 64,
+                "shards": 2,
+                "rows_per_file": 64,  # 120 passages: two embedding files, one per shard
+                "k": 10,
+                "trained_targets": [{"dataset": "tiny", "split": "train"}],  # model train:s3, read from S3
+            },
+            "evaluate": {  # + the "s3" retriever's run (evaluate.trained)
+                "metrics": ["nDCG@10", "R@10"],
+                "runs": [{"dataset": "tiny", "split": "train", "run": "bm25s"}],
+            },
+        },
     )
     cache = tmp_path / "cache"
     outputs: list[str] = []
@@ -169,23 +180,12 @@ def test_one_writer_per_stage_folder_on_s3(ray_head_with_s3, tiny_dataset, tmp_p
     naming the holder (the lease's If-None-Match: * create failed), the first commits what a clean run
     commits; a holder SIGKILLed at its begin is taken over at once by the rerun (If-Match on its ETag)."""
     import json
-    import time
 
     from utilrag.lease import LEASE
 
     address, env = ray_head_with_s3
     root = f"s3://{BUCKET}/lease-run"
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "output_dir": root,
-                "ray": {"address": address},
-                "ingest": {"datasets": [{"name": "tiny", "path": str(tiny_dataset), "layout": "msmarco"}]},
-                "pools": [{"dataset": "tiny", "split": "train", "size": 8}],
-            }
-        )
-    )
+    config = _config(tmp_path, root, address, str(tiny_dataset))
 
     def command(stage: str, *overrides: str, **faults: str) -> tuple[list[str], dict]:
         run_env = {**env, "PYTHONPATH": str(REPO_ROOT / "pkg"), "UTILRAG_CACHE": str(tmp_path / "cache"), **faults}
@@ -212,10 +212,7 @@ def test_one_writer_per_stage_folder_on_s3(ray_head_with_s3, tiny_dataset, tmp_p
     with open(f"{gate}.log", "w") as printed:  # a file, not a pipe nobody reads while the run is held
         first = subprocess.Popen(args, env=run_env, stdout=printed, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 300
-        while not Path(f"{gate}.waiting").exists():
-            assert first.poll() is None and time.time() < deadline, Path(f"{gate}.log").read_text()[-3000:]
-            time.sleep(0.1)
+        wait_paused(first, gate)
         held = json.loads(_objects("lease-run/pools")[lease_key])
         assert held["pid"] == first.pid
         second = run("pools", "pools.0.seed=0")
