@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 # The stamp changes with the lock file and pyproject, so a second `make` installs nothing.
 STAMP := $(VENV)/.installed-$(shell cat $(LOCK) pyproject.toml | md5sum | cut -c1-12)
 
-.PHONY: install run test lint clean check-gpu-env
+.PHONY: install run test check lint clean check-gpu-env
 install: $(STAMP)
 
 $(STAMP): $(LOCK) pyproject.toml
@@ -40,6 +40,11 @@ lint: install
 test: lint
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
+
+# The working loop: lint, then the tests not marked slow (no vLLM engine, no cluster of a test's own).
+check: lint
+	@$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make check: pytest collected no tests"; exit 1; fi; exit $$rc
 
 # requirements/gpu.lock, installed into a fresh venv as cluster/Dockerfile installs it (no GPU needed),
 # then the imports (torch, vllm, faiss, ray, deepspeed, utilrag), vLLM's compiled extensions and the

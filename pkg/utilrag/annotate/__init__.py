@@ -59,9 +59,6 @@ def run_annotate(cfg: PipelineConfig) -> list[str]:
         raise AnnotateError("the config has no annotate section with targets (annotate.targets: [{dataset, split}])")
     model_path = resolve_llm(acfg.model)
     check_model(model_path, acfg.engine.use_gpu)
-    from utilrag.raycluster import connect
-
-    connect(cfg.ray)
     return [annotate_target(cfg, target, model_path) for target in acfg.targets]
 
 
@@ -93,7 +90,13 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
             }
         )
         wanted = job.sample_queries(paths["pools"], target.max_queries, f"annotate:{target.dataset}:{target.split}")
-        job.ensure_inputs(out, inputs_fp, paths, acfg, wanted, label)
+
+        def ray_up() -> None:  # Ray only for work left: a finished target starts no cluster
+            from utilrag.raycluster import connect
+
+            connect(cfg.ray)
+
+        job.ensure_inputs(out, inputs_fp, paths, acfg, wanted, label, ray_up)
         stages = [s for s in STAGE_ORDER if s in acfg.stages]
         chain_fp = fingerprint(
             {
@@ -107,7 +110,7 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
         inputs = store.join(out, "inputs")
         graded_ids = job.graded_sample(inputs, acfg.graded_queries, f"graded:{label}") if "graded" in stages else None
         run = job.new_run_id()
-        stats = job.run_chain(out, chain_fp, acfg, model_path, label, graded_ids, run, engine_factory)
+        stats = job.run_chain(out, chain_fp, acfg, model_path, label, graded_ids, run, engine_factory, ray_up)
         # The labels and report are this folder's committed outputs; inputs/, chain.parts and the stage
         # tables beside them have their own manifests, so a rerun resumes them exactly once.
         writer = store.begin(out, "annotate", None)
@@ -117,7 +120,16 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
             f"{label}: {annotated:,} queries annotated, {rejects:,} rejects ({store.join(out, 'rejects.parquet')}), "
             f"{cut:,} passages cut to {acfg.passage_words} words"
         )
-        tallies, tally, label_rows = job.finalize(out, str(staging / "labels.parquet"), acfg, run)
+        tallies, tally, label_rows, errors = job.finalize(
+            out, str(staging / "labels.parquet"), str(staging / "errors.parquet"), acfg, run
+        )
+        error_rows = sum(errors.values())
+        share = error_rows / annotated if annotated else 0.0
+        if error_rows:
+            log.info(
+                f"{label}: {error_rows:,} error rows ({share:.3%} of {annotated:,} queries; by stage: "
+                f"{dict(errors)}) -> {store.join(out, 'errors.parquet')}"
+            )
         wall_s = time.time() - t0
         summaries = job.stage_summaries(tallies, wall_s, stats.get("engine_s"))
         for s in stages:
@@ -131,13 +143,24 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
                 "labels": acfg.model_dump(include={"utilrank_top_percent", "graded_threshold", "human_positive"}),
             }
         )
+        # Above the threshold the outputs are kept for inspection, but the manifest says "failed" and
+        # no later stage reads them (as ingest's reject threshold).
+        status = "complete" if share <= acfg.scale.max_error_fraction else "failed"
         writer.commit(
-            rows={"labels": label_rows},
+            status=status,
+            rows={"labels": label_rows, "errors": error_rows},
+            errors={"rows": error_rows, "by_stage": dict(errors), "share": round(share, 6)},
             summaries=summaries,
             engines=job.replica_figures(stats),
             wall_time_s=round(time.time() - t0, 2),
         )
         print(text, flush=True)
+        if status != "complete":
+            raise AnnotateError(
+                f"{label}: {error_rows:,} of {annotated:,} queries are error rows ({share:.3%}), above "
+                f"annotate.scale.max_error_fraction {acfg.scale.max_error_fraction:.3%}; see "
+                f"{store.join(out, 'errors.parquet')}"
+            )
         log.info(
             f"{label}: labels {label_rows:,} rows -> {store.join(out, 'labels.parquet')} ({time.time() - t0:.0f}s)"
         )

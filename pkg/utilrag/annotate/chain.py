@@ -38,6 +38,8 @@ CHAIN_SCHEMA = pa.schema(
         ("part", pa.int32()),  # the input file the query came from (resume skips finished files)
         ("run", pa.string()),  # the run that wrote it (new vs resumed rows)
         ("skipped", pa.string()),  # why answer / UtilSel / UtilRank were not asked; null: they were
+        ("error_stage", pa.string()),  # an error row: the stage whose requests kept failing; null: none did
+        ("error", pa.string()),  # ... and why (no stage rows then)
         ("all_pool", pa.list_(pa.string())),
         ("human", pa.list_(pa.string())),
         ("judged", pa.list_(pa.string())),
@@ -86,6 +88,13 @@ class BlockState:
         self.graded_ids = graded_ids
         self.results: list[dict[str, list[dict]]] = [{} for _ in block]
         self.skipped: list[str | None] = [None] * len(block)
+        self.errors: list[tuple[str, str] | None] = [None] * len(block)
+
+    def fail(self, i: int, stage: str, reason: str) -> None:
+        """Query ``i`` becomes an error row: no stage rows, the stage and the reason instead."""
+        self.results[i] = {}
+        self.skipped[i] = None
+        self.errors[i] = (stage, reason)
 
     def _request(self, i: int, stage: str, window: int, ids: list[str], build: Callable) -> Request:
         row = self.rows[i]
@@ -156,10 +165,13 @@ class BlockState:
     def table(self, run: str) -> pa.Table:
         cols: dict[str, list[Any]] = {name: [] for name in CHAIN_SCHEMA.names}
         for i, row in enumerate(self.rows):
+            error_stage, error = self.errors[i] or (None, None)
             values = {
                 **{k: row[k] for k in ("query_id", "part", "all_pool", "human", "judged", "judged_grades")},
                 "run": run,
                 "skipped": self.skipped[i],
+                "error_stage": error_stage,
+                "error": error,
                 **{stage: self.results[i].get(stage, []) for stage in STAGE_ORDER},
             }
             for name in CHAIN_SCHEMA.names:
@@ -171,6 +183,15 @@ def part_name(query_ids: list[str]) -> str:
     """The same block always gets the same name: a retry overwrites, never adds."""
     digest = hashlib.sha1("\n".join(sorted(query_ids)).encode()).hexdigest()[:20]
     return f"part-{digest}.parquet"
+
+
+class RequestsFailed(Exception):
+    """A wave's requests raised: the stage(s) they were for, and the engine's error as ``__cause__``."""
+
+    def __init__(self, stages: list[str], cause: BaseException):
+        self.stage = "+".join(sorted(set(stages)))
+        self.reason = " ".join(f"{type(cause).__name__}: {cause}".split())[:500]  # one line
+        super().__init__(f"{self.stage}: {self.reason}")
 
 
 def run_block(
@@ -187,7 +208,11 @@ def run_block(
     for n, wave in enumerate(WAVES):
         requests = state.requests(wave)
         if requests:
-            state.record(requests, generate(requests), meta)
+            try:
+                outputs = generate(requests)
+            except Exception as e:
+                raise RequestsFailed([r.stage for r in requests], e) from e
+            state.record(requests, outputs, meta)
         if after_wave:
             after_wave(n)
     return state.table(run)
@@ -210,7 +235,10 @@ async def run_block_async(
         for n, wave in enumerate(WAVES):
             requests = state.query_requests(i, wave)
             if requests:
-                outputs = await all_or_none([generate_one(r) for r in requests])
+                try:
+                    outputs = await all_or_none([generate_one(r) for r in requests])
+                except Exception as e:
+                    raise RequestsFailed([r.stage for r in requests], e) from e
                 state.record(requests, {k: [o[k] for o in outputs] for k in outputs[0]}, meta)
                 if after_wave:
                     after_wave(n)
@@ -232,11 +260,91 @@ async def all_or_none(coroutines: list[Awaitable[Any]]) -> list[Any]:
         raise
 
 
+def is_engine_death(error: BaseException | None) -> bool:
+    """vLLM's EngineDeadError anywhere in the error's chain (its EngineCore process is gone)."""
+    while error is not None:
+        if type(error).__name__ == "EngineDeadError":
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class Tries:
+    """Engine deaths per block, per query and per replica, kept beside the parts: a replica that dies
+    takes its own counters with it, and the restarted one (maybe on another node) reads them here.
+    Only engine deaths are counted, not node losses: a lost node is no query's fault."""
+
+    def __init__(self, parts: str):
+        from utilrag import store
+
+        self.folder = store.join(parts, ".tries")
+
+    def _location(self, key: str) -> str:
+        from utilrag import store
+
+        return store.join(self.folder, f"{key}.json")
+
+    def get(self, key: str) -> dict:
+        from utilrag import store
+
+        return store.read_json(self._location(key)) or {"deaths": 0}
+
+    def died(self, key: str, stage: str, reason: str) -> int:
+        from utilrag import store
+
+        deaths = self.get(key)["deaths"] + 1
+        store.write_text(self._location(key), json.dumps({"deaths": deaths, "stage": stage, "reason": reason}))
+        return deaths
+
+
+def query_key(query_id: str) -> str:
+    return "query-" + hashlib.sha1(query_id.encode()).hexdigest()[:20]
+
+
+def start_reaper(exclude: set[int]) -> Any:
+    """reaper.py watching this process: it kills the engine's processes if this one dies without
+    stopping them (SIGKILL, OOM), so none holds the GPU after its replica is gone. ``exclude``: the
+    children this process had before its engine (left alone)."""
+    import subprocess
+    import sys
+
+    from utilrag.annotate import reaper
+
+    return subprocess.Popen(
+        [sys.executable, reaper.__file__, str(os.getpid()), *map(str, sorted(exclude))],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # not in the replica's process group: a group kill must not take it along
+    )
+
+
+def replica_id() -> str:
+    """The replica's Ray actor id (kept across Ray's restarts of it); the pid outside Ray."""
+    import ray
+
+    if not ray.is_initialized():  # not in a Ray worker (benchmarks and tests call the replica directly)
+        return f"pid{os.getpid()}"
+    return ray.get_runtime_context().get_actor_id() or f"pid{os.getpid()}"
+
+
 class ChainAnnotator:
     """One replica (a Ray Data actor): the engine starts once, in ``__init__``; every call is one block.
 
     ``engine_factory(model, engine_kwargs)`` builds the engine (default: vLLM); the throughput
-    benchmarks pass a stand-in. Returns one stats row per block (the driver only counts them)."""
+    benchmarks pass a stand-in. Returns one stats row per block (the driver only counts them).
+
+    Failures, hardest first:
+    - the engine does not start: the constructor raises; Ray Data replaces the replica up to
+      ``scale.engine_start_retries`` times in a row, then fails the job with the engine's message;
+    - the engine dies (EngineDeadError): the replica kills the engine's processes and exits, so Ray
+      restarts it and retries its block; a replica whose engines died more than
+      ``scale.engine_deaths_per_replica`` times fails the job instead;
+    - a block that raised, or whose engine died ``scale.query_tries`` times, runs one query at a time:
+      a query that fails ``scale.query_tries`` times (raised, or took its engine down) becomes an error
+      row and the block is written without it;
+    - a retried block whose part already exists (its task was retried after the part was written) is
+      skipped."""
 
     def __init__(
         self,
@@ -252,14 +360,20 @@ class ChainAnnotator:
         from utilrag.annotate.engine import VLLMEngine
 
         self.started_at = time.time()
-        self.engine = (engine_factory or VLLMEngine)(model, engine)
         self.acfg, self.parts, self.run = acfg, parts, run
-        self.graded_ids = set(graded_ids) if graded_ids is not None else None
-        self.sampling: dict[str, Any] = {}
-        if not self.engine.error:
-            self.sampling = {s: self.engine.sampling_params(stage_sampling(s, acfg)) for s in acfg.stages}
         self.fail = fail or {}
+        self.tries = Tries(parts)
+        self.replica = "replica-" + hashlib.sha1(replica_id().encode()).hexdigest()[:16]
+        import psutil
+
+        self.before = {child.pid for child in psutil.Process().children()}  # not the engine's
+        self.reaper = start_reaper(self.before)
+        self.engine = (engine_factory or VLLMEngine)(model, engine)
+        self.engine.check()  # a start failure raises here: Ray Data's start budget applies (see above)
+        self.graded_ids = set(graded_ids) if graded_ids is not None else None
+        self.sampling: dict[str, Any] = {s: self.engine.sampling_params(stage_sampling(s, acfg)) for s in acfg.stages}
         self.calls = 0
+        self.current: str | None = None  # the query run alone now (its key), if any
 
     def _generate(self, requests: list[Request]) -> dict[str, list[Any]]:
         return self.engine.generate([r.messages for r in requests], [self.sampling[r.stage] for r in requests])
@@ -277,25 +391,113 @@ class ChainAnnotator:
         return check
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        call = self._begin(batch)
+        call, block = self._begin(batch)
         if not call:
-            return self._stats(0, 0, 0)
-        time.sleep(self.fail.get("block_delay_s", 0))  # test-only (fault_injection); 0 otherwise
-        table = run_block(batch, self._generate, self.acfg, self.graded_ids, self.run, self._after_wave(call))
-        return self._write(table)
+            return self._stats(batch.num_rows, 0, 0)
+        self._delay()
+        if not self._isolate(block):
+            try:
+                table = run_block(batch, self._generate, self.acfg, self.graded_ids, self.run, self._after_wave(call))
+                return self._write(table)
+            except RequestsFailed as e:
+                self._on_failure(e, block)
+        tables = []
+        for i in range(batch.num_rows):
+            one = batch.slice(i, 1)
+            tables.append(self._one_query(one))
+        return self._write(pa.concat_tables(tables))
 
-    def _begin(self, batch: pa.Table) -> int:
-        """This block's number on this replica (1, 2, ...); 0: nothing to annotate (every query of the
-        batch was finished before)."""
+    def _begin(self, batch: pa.Table) -> tuple[int, str]:
+        """This block's number on this replica (1, 2, ...) and its part's name; 0: nothing to do (no
+        query of the batch is left, or its part was written by an earlier try of this task)."""
+        from utilrag import store
         from utilrag.annotate.engine import crash_once
 
-        self.engine.check()
         if batch.num_rows == 0:
-            return 0
+            return 0, ""
+        block = part_name(batch.column("query_id").to_pylist())
+        if store.exists(store.join(self.parts, block)):
+            return 0, block
         self.calls += 1
         if self.fail.get("after_batches") == self.calls:
             crash_once(self.fail["marker"])
-        return self.calls
+        return self.calls, block
+
+    def _delay(self) -> None:
+        """Test-only (fault_injection): the block waits, and says so in a marker file; nothing otherwise."""
+        if self.fail.get("block_delay_s"):
+            with open(self.fail["delay_marker"], "a") as marker:
+                marker.write(f"{os.getpid()}\n")
+            time.sleep(self.fail["block_delay_s"])
+
+    def _isolate(self, block: str) -> bool:
+        """Run the block a query at a time: its engine died with it ``query_tries`` times already."""
+        return self.tries.get(block.removesuffix(".parquet"))["deaths"] >= self.acfg.scale.query_tries
+
+    def _on_failure(self, error: RequestsFailed, block: str | None) -> None:
+        """Requests raised: if the engine is dead, count it (for the block, the query run alone, the
+        replica) and exit: Ray restarts this replica and retries the block. Else return (the block is
+        then run a query at a time, or the query alone tried again)."""
+        if not self._engine_dead(error):
+            return
+        if block:
+            self.tries.died(block.removesuffix(".parquet"), error.stage, error.reason)
+        if self.current:
+            self.tries.died(self.current, error.stage, error.reason)
+        deaths = self.tries.died(self.replica, error.stage, error.reason)
+        self._stop_engine()
+        if deaths > self.acfg.scale.engine_deaths_per_replica:
+            from utilrag.annotate.engine import AnnotateError
+
+            raise AnnotateError(
+                f"a replica's engine died {deaths} times (annotate.scale.engine_deaths_per_replica="
+                f"{self.acfg.scale.engine_deaths_per_replica}); last: {error.reason}"
+            ) from None
+        os._exit(3)  # Ray restarts the replica and retries this block (a restart gets a fresh engine)
+
+    def _engine_dead(self, error: BaseException) -> bool:
+        dead = getattr(self.engine, "dead", None)
+        return is_engine_death(error) or bool(dead() if callable(dead) else dead)
+
+    def _stop_engine(self) -> None:
+        """Kill the engine's processes (what runs under this replica since its engine started, the reaper aside)."""
+        import psutil
+
+        from utilrag.annotate.reaper import engine_processes
+
+        for process in engine_processes(psutil.Process(), self.before | {self.reaper.pid}):
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+    def _one_query(self, one: pa.Table) -> pa.Table:
+        """One query alone, up to ``query_tries`` tries (its engine deaths in earlier replicas count);
+        then an error row."""
+        query_id, tries, stage, reason = self._earlier(one)
+        while tries < self.acfg.scale.query_tries:
+            tries += 1
+            self.current = query_key(query_id)
+            try:
+                return run_block(one, self._generate, self.acfg, self.graded_ids, self.run)
+            except RequestsFailed as e:
+                self._on_failure(e, None)  # exits if the engine died
+                stage, reason = e.stage, e.reason
+            finally:
+                self.current = None
+        return self._error_row(one, stage, f"{tries} tries: {reason}")
+
+    def _earlier(self, one: pa.Table) -> tuple[str, int, str, str]:
+        """A query's id, and the engine deaths with it in flight so far (tries used), their stage and reason."""
+        query_id = one.column("query_id")[0].as_py()
+        earlier = self.tries.get(query_key(query_id))
+        reason = f"its engine died with it in flight: {earlier['reason']}" if earlier["deaths"] else ""
+        return query_id, earlier["deaths"], earlier.get("stage", ""), reason
+
+    def _error_row(self, one: pa.Table, stage: str, reason: str) -> pa.Table:
+        state = BlockState(one.to_pylist(), self.acfg, self.graded_ids)
+        state.fail(0, stage, reason)
+        return state.table(self.run)
 
     def _write(self, table: pa.Table) -> dict[str, np.ndarray]:
         """The block's part, written atomically under its queries' name; its counts for the driver."""
@@ -348,10 +550,37 @@ class AsyncChainAnnotator(ChainAnnotator):
         if self.blocks is None:
             self.blocks = asyncio.Semaphore(self.acfg.scale.blocks_per_replica)
         async with self.blocks:
-            call = self._begin(batch)
+            call, block = self._begin(batch)
             if not call:
-                return self._stats(0, 0, 0)
-            await asyncio.sleep(self.fail.get("block_delay_s", 0))  # test-only (fault_injection); 0 otherwise
-            after_wave = self._after_wave(call)
-            table = await run_block_async(batch, self._generate_one, self.acfg, self.graded_ids, self.run, after_wave)
-            return await asyncio.to_thread(self._write, table)
+                return self._stats(batch.num_rows, 0, 0)
+            if self.fail.get("block_delay_s"):
+                await asyncio.to_thread(self._delay)
+            if not self._isolate(block):
+                try:
+                    after_wave = self._after_wave(call)
+                    table = await run_block_async(
+                        batch, self._generate_one, self.acfg, self.graded_ids, self.run, after_wave
+                    )
+                    return await asyncio.to_thread(self._write, table)
+                except RequestsFailed as e:
+                    self._on_failure(e, block)
+            tables = []
+            for i in range(batch.num_rows):  # alone, one after another (the other blocks go on meanwhile)
+                one = batch.slice(i, 1)
+                tables.append(await self._one_query_async(one))
+            return await asyncio.to_thread(self._write, pa.concat_tables(tables))
+
+    async def _one_query_async(self, one: pa.Table) -> pa.Table:
+        """ChainAnnotator._one_query on the engine's event loop."""
+        query_id, tries, stage, reason = self._earlier(one)
+        while tries < self.acfg.scale.query_tries:
+            tries += 1
+            self.current = query_key(query_id)
+            try:
+                return await run_block_async(one, self._generate_one, self.acfg, self.graded_ids, self.run)
+            except RequestsFailed as e:
+                self._on_failure(e, None)  # exits if the engine died
+                stage, reason = e.stage, e.reason
+            finally:
+                self.current = None
+        return self._error_row(one, stage, f"{tries} tries: {reason}")

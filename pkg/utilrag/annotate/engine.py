@@ -193,8 +193,9 @@ def prompt_token_ids(tokenizer: Any, chat: Any) -> list[int]:
 class VLLMEngine:
     """One vLLM engine in this process: chat messages in, raw text and counts out.
 
-    A start error is kept (``error``), not raised: the caller raises it on its first batch, so the job
-    fails with vLLM's own message instead of Ray restarting a constructor that can never succeed."""
+    A start error is kept (``error``) as one line and raised by ``check()``: the annotation replica
+    calls it in its constructor (Ray Data then replaces it, up to scale.engine_start_retries times),
+    RAG's predictor on its first batch."""
 
     def __init__(self, model: str, engine: dict):
         self.error: str | None = None

@@ -179,13 +179,21 @@ class StageTally:
 
 # --------------------------------------------------------------------------- 1. inputs
 def ensure_inputs(
-    out: str, fp: str, paths: dict[str, str], acfg: AnnotateConfig, wanted: list[str] | None, label: str
+    out: str,
+    fp: str,
+    paths: dict[str, str],
+    acfg: AnnotateConfig,
+    wanted: list[str] | None,
+    label: str,
+    connect: Callable[[], None] = lambda: None,
 ) -> dict:
-    """``<out>/inputs`` for fingerprint ``fp`` (built, or reused if already complete)."""
+    """``<out>/inputs`` for fingerprint ``fp`` (built, or reused if already complete). ``connect``:
+    called before Ray is needed (a reuse needs no cluster)."""
     meta_path = store.join(out, "inputs.meta")
     meta = read_manifest(meta_path) or {}
     if meta.get("status") == "complete" and meta.get("fingerprint") == fp:
         return meta
+    connect()
     t0 = time.time()
     write_manifest(meta_path, fingerprint=fp, status="running")
     counts = prepare_inputs(paths["pools"], paths["queries"], paths["corpus"], out, acfg, wanted)
@@ -271,7 +279,8 @@ def check_parts(parts: str, expected: int, label: str) -> int:
 def fault_injection(out: str) -> dict:
     """Test-only fault injection (environment, never a config): a replica dies once at the start of its
     Nth block, or once in its Nth block after the first stages ran (half done); or every block waits
-    a number of seconds first (a chain that surely outlasts Ray Data's 30 s detector rounds)."""
+    a number of seconds first, its engine ready (a chain that surely outlasts Ray Data's 30 s detector
+    rounds; a moment to kill an engine mid-job), and says so in a marker file."""
     folder = out if not store.is_remote(out) else tempfile.gettempdir()
     fail: dict[str, Any] = {}
     if os.environ.get("UTILRAG_FAULT_ANNOTATE_FAIL_AFTER_BATCHES"):
@@ -282,6 +291,7 @@ def fault_injection(out: str) -> dict:
         fail["mid_block_marker"] = os.path.join(folder, ".chain.midblock.crashed")
     if os.environ.get("UTILRAG_FAULT_ANNOTATE_BLOCK_DELAY_S"):
         fail["block_delay_s"] = float(os.environ["UTILRAG_FAULT_ANNOTATE_BLOCK_DELAY_S"])
+        fail["delay_marker"] = os.path.join(folder, ".chain.block-waiting")  # a block waits now
     return fail
 
 
@@ -294,8 +304,10 @@ def run_chain(
     graded_ids: list[str] | None,
     run: str,
     engine_factory: Callable | None = None,
+    connect: Callable[[], None] = lambda: None,
 ) -> dict:
-    """Annotate every unfinished query of ``<out>/inputs`` into ``<out>/chain.parts``; returns run stats."""
+    """Annotate every unfinished query of ``<out>/inputs`` into ``<out>/chain.parts``; returns run stats.
+    ``connect``: called before Ray is needed (a complete chain needs no cluster)."""
     inputs, parts, meta_path = store.join(out, "inputs"), store.join(out, "chain.parts"), store.join(out, "chain.meta")
     old = read_manifest(meta_path) or {}
     if old.get("fingerprint") == fp and old.get("status") == "complete" and store.exists(parts):
@@ -311,6 +323,7 @@ def run_chain(
         )
     stats: dict = {"engine_s": None, "replicas": {}, "queries": expected}
     if files and expected > done:
+        connect()
         stats = _annotate(
             files, done_ids, parts, acfg, model_path, label, graded_ids, run, expected, done, out, engine_factory
         )
@@ -367,6 +380,9 @@ def _annotate(
     # A replica task is one input file (~1,000 queries), and its output reaches Ray Data only when it
     # ends: Ray Data's own no-progress guard (30 min) would fail the job during the first task.
     ds.context.execution_no_progress_timeout_s = acfg.scale.no_progress_timeout_s
+    # A replica whose engine fails to start raises in its constructor; Ray Data replaces it this many
+    # times in a row (its default, 0, fails the job at the first) before failing with that error.
+    ds.context.max_consecutive_actor_init_deaths = acfg.scale.engine_start_retries
     replicas: dict[int, dict] = {}  # pid -> engine starts seen, busy and alive seconds (counters only)
     queries, rows, tokens = done, 0, 0
     t0 = last = time.time()
@@ -456,18 +472,30 @@ def write_rejects(inputs: str, location: str) -> tuple[int, int, int]:
     return annotated, stream.rows, cut
 
 
+ERRORS_SCHEMA = pa.schema([("query_id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
+
+
 def finalize(
-    out: str, labels_path: str, acfg: AnnotateConfig, run: str
-) -> tuple[dict[str, StageTally], ReportTally, int]:
-    """The stage tables and labels from the chain's parts, one part at a time; returns the tallies."""
+    out: str, labels_path: str, errors_path: str, acfg: AnnotateConfig, run: str
+) -> tuple[dict[str, StageTally], ReportTally, int, Counter]:
+    """The stage tables, labels and error rows from the chain's parts, one part at a time; returns the
+    tallies, the label rows and the error rows by stage. An error row's query has no labels."""
     stages: list[str] = [s for s in STAGE_ORDER if s in acfg.stages]
     streams = {s: ParquetStream(store.join(out, f"{s}.parquet"), STAGE_SCHEMA) for s in stages}
     labels = ParquetStream(labels_path, LABELS_SCHEMA)
+    errors = ParquetStream(errors_path, ERRORS_SCHEMA)
+    errors_by_stage: Counter = Counter()
     tallies = {s: StageTally() for s in stages}
     report = ReportTally()
     for name in parquet_files(store.join(out, "chain.parts")):
         fs, path = store.filesystem(name)
         part = pq.read_table(path, schema=CHAIN_SCHEMA, filesystem=fs)
+        failed = pc.is_valid(part["error_stage"])
+        if pc.any(failed).as_py():
+            bad = part.filter(failed)
+            errors.write(pa.table([bad["query_id"], bad["error_stage"], bad["error"]], schema=ERRORS_SCHEMA))
+            errors_by_stage.update(bad["error_stage"].to_pylist())
+            part = part.filter(pc.invert(failed))
         tables = {s: explode(part, s) for s in stages}
         skipped = Counter(r for r in part["skipped"].to_pylist() if r)
         for s in stages:
@@ -482,7 +510,8 @@ def finalize(
     for stream in streams.values():
         stream.close()
     labels.close()
-    return tallies, report, labels.rows
+    errors.close()
+    return tallies, report, labels.rows, errors_by_stage
 
 
 def stage_summaries(tallies: dict[str, StageTally], wall_s: float, engine_s: float | None) -> dict[str, dict]:
