@@ -283,6 +283,11 @@ def test_gpu_nodes_on_demand_node_loss_exactly_once_and_scale_down(shared_datase
         assert killed in replica_nodes and len(replica_nodes) == 2, (replica_nodes, gpu_nodes)
         assert replica_nodes <= gpu_nodes, (replica_nodes, gpu_nodes)
         assert sum(_get(a, "num_restarts") or 0 for a in replicas) >= 1  # restarted, not a fresh pool
+        asked = [_get(a, "required_resources") or {} for a in replicas]  # TP = 1: one GPU of the type
+        assert asked and all(r.get("GPU") == 1 and f"accelerator_type:{ACCELERATOR}" in r for r in asked), asked
+        from ray.util.state import list_placement_groups
+
+        assert list_placement_groups(address=address, raise_on_missing_output=False) == []  # none left
         assert all(_get(n, "state") == "DEAD" for n in workers.values())
 
         # The autoscaler's own account (monitor.log): launches by type, the lost node, the idle ones.

@@ -262,6 +262,11 @@ def test_one_writer_per_stage_folder(cli, tmp_path):
         assert (Path(folder) / "manifest.json").read_text() == marker
         assert json.loads((Path(folder) / LEASE).read_text())["token"] == held["token"]
         assert [p.name for p in Path(folder).glob(".staging-*")] == [f".staging-{held['token'][:12]}"]  # A's
+        # `utilrag status` names A as the folder's live writer (no Ray, no model: it reads manifests).
+        seen = json.loads(cli("status", "--json").stdout)["folders"]
+        pools_state = next(f for f in seen if f["folder"] == "pools/tiny-train")
+        assert pools_state["state"] == "running" and f"pid {first.pid} on " in pools_state["detail"], pools_state
+        assert next(f for f in seen if f["folder"] == "ingest/tiny")["state"] == "complete"
     finally:
         gate.touch()
     assert first.wait(timeout=600) == 0, Path(f"{gate}.log").read_text()[-3000:]
@@ -271,6 +276,9 @@ def test_one_writer_per_stage_folder(cli, tmp_path):
     # 2. A holder SIGKILLed after its begin leaves its lease; the rerun takes it over at once.
     cli("pools", "pools.0.seed=0", kill="pools@begin")
     assert json.loads((Path(folder) / LEASE).read_text())["stage"] == "pools"
+    table = cli("status").stdout  # the holder is gone: interrupted, and why
+    assert [ln for ln in table.splitlines() if "pools/tiny-train" in ln][0].split(" | ")[2] == "interrupted", table
+    assert "is gone" in table
     again = cli("pools", "pools.0.seed=7")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "took over the lease" in again.stdout + again.stderr and "is gone" in again.stdout + again.stderr

@@ -221,6 +221,15 @@ def test_one_writer_per_stage_folder_on_s3(ray_head_with_s3, tiny_dataset, tmp_p
         assert len(lines) == 1 and f"{root}/pools/tiny-train is being written by pools" in lines[0], lines
         assert f"pid {first.pid} on " in lines[0]
         assert json.loads(_objects("lease-run/pools")[lease_key])["token"] == held["token"]
+        # `utilrag status` reads the manifests and the lease on the bucket: A is the live writer.
+        seen = json.loads(run("status", "--json").stdout)
+        assert seen["output_dir"] == root
+        states = {f["folder"]: f for f in seen["folders"]}
+        assert states["ingest/tiny"]["state"] == "complete"
+        assert (
+            states["pools/tiny-train"]["state"] == "running"
+            and f"pid {first.pid} on " in states["pools/tiny-train"]["detail"]
+        )
     finally:
         gate.touch()
     assert first.wait(timeout=900) == 0, Path(f"{gate}.log").read_text()[-3000:]

@@ -1,4 +1,4 @@
-"""utilrag <stage> --config FILE [key=value ...], utilrag pipeline, utilrag eval-run / eval-qa.
+"""utilrag <stage> --config FILE [key=value ...], utilrag pipeline [--dry-run], utilrag status, eval-run / eval-qa.
 
 The stage commands come from the stage registry (``utilrag.stages``), in pipeline order. User
 mistakes (config, missing data, bad files) print one ``utilrag: error: ...`` line and exit 2.
@@ -16,6 +16,7 @@ JOBS = {
     "pipeline": "every configured stage in order (--from STAGE, --only STAGE ...), reusing unchanged outputs",
     "run": "the main job: every configured stage in order (make run), reusing unchanged outputs",
     "annotate-report": "print the agreement report of finished annotations",
+    "status": "each stage folder of the run directory: complete, running (by whom), interrupted, failed, missing",
 }
 
 
@@ -50,6 +51,20 @@ def _config(args) -> None:
     print(json.dumps(config_json_schema(), indent=2) if args.schema else config_reference())
 
 
+def _dry_run(cfg, args) -> None:
+    """``pipeline --dry-run``: the stages this config and these flags would run, in order, each folder
+    they would write and its state now; nothing runs, no cluster starts."""
+    from utilrag import status
+    from utilrag.pipeline import select_stages
+
+    stages = select_stages(cfg, args.only, args.start)
+    states = status.status(cfg, stages)
+    if args.json:
+        print(json.dumps(status.as_json(cfg, states, stages=stages)))
+    else:
+        print(status.render(cfg, states, f"pipeline --dry-run ({' -> '.join(stages)})"))
+
+
 def _with_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config (e.g. jobs/configs/local.yaml)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -67,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "pipeline":
             p.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (earlier ones skipped)")
             p.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
+            p.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="print the stages and folders it would run and their state; run nothing",
+            )
+        if name in ("pipeline", "status"):
+            p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p = sub.add_parser("eval-run", help="trec_eval-like evaluation of one run file")
     p.add_argument("--qrels", required=True, help="TREC qrels (qid 0 docid grade) or BEIR qrels tsv")
     p.add_argument("--run", required=True, help="TREC run (qid Q0 docid rank score tag)")
@@ -99,7 +121,14 @@ def _dispatch(args) -> None:
 
     setup_logging(args.log_level)
     cfg = load_config(args.config, args.overrides)
-    if args.command == "pipeline":
+    if args.command == "pipeline" and args.dry_run:
+        _dry_run(cfg, args)
+    elif args.command == "status":
+        from utilrag import status
+
+        states = status.status(cfg)
+        print(json.dumps(status.as_json(cfg, states)) if args.json else status.render(cfg, states, "status"))
+    elif args.command == "pipeline":
         from utilrag.pipeline import run_pipeline
 
         run_pipeline(cfg, only=args.only, start=args.start)

@@ -144,6 +144,10 @@ class IndexTarget(Strict):
         "stage fitted as <name> (set for each train setting by index.trained_targets)",
     )
 
+    def run_label(self) -> str:
+        """The run's folder name under dense/<dataset>-<split>/."""
+        return self.label or (f"dense-rerank-{self.rerank}" if self.rerank else "dense")
+
 
 TRAINED_MODEL = "train:"  # IndexTarget.model prefix: a retriever fitted by the train stage in this run
 
@@ -720,10 +724,7 @@ class PipelineConfig(Strict):
             ("bm25", [(b.dataset, b.split) for b in self.bm25]),
             (
                 "index.targets",
-                [
-                    (t.dataset, t.split, t.label or (f"dense-rerank-{t.rerank}" if t.rerank else "dense"))
-                    for t in self.index.targets
-                ],
+                [(t.dataset, t.split, t.run_label()) for t in self.index.targets],
             ),
         ):
             seen = set()

@@ -200,7 +200,7 @@ def build_or_load_index(
 
 
 def target_label(target: IndexTarget) -> str:
-    return target.label or (f"dense-rerank-{target.rerank}" if target.rerank else "dense")
+    return target.run_label()
 
 
 def target_fingerprint(icfg: IndexConfig, target: IndexTarget, embeddings: Committed) -> str:
