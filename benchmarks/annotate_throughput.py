@@ -305,6 +305,9 @@ def main() -> None:
             "identical_outputs": round(same, 3),
             "engine_starts_per_replica": r.get("engine_starts_per_replica"),
             "engine_idle_fraction": r.get("engine_idle_fraction"),
+            # How full the engine was (async only: vLLM's scheduler stats, per engine step)
+            "engine_fill": r.get("engine_fill"),
+            "token_fill": r.get("token_fill"),
             "requests": r["requests"],
             "prefix_cache_hit_rate": r["prefix_cache_hit_rate"],
         }

@@ -735,6 +735,43 @@ def test_an_engine_death_exits_the_replica_and_a_query_that_kills_it_becomes_an_
         new_replica()(block)
 
 
+def test_progress_counts_the_queries_of_new_parts_with_rate_eta_and_gpu_hours(tmp_path, monkeypatch):
+    """The driver's progress line while replicas write parts: queries done/total (the resumed ones
+    included), the rate of this run, the ETA and the GPU-hours so far; each new part read once."""
+    from utilrag.annotate import job
+    from utilrag.annotate.chain import CHAIN_SCHEMA
+
+    parts = tmp_path / "chain.parts"
+    parts.mkdir()
+
+    def part(name: str, n: int) -> None:
+        rows = [{"query_id": f"{name}{i}", "part": 0} for i in range(n)]
+        pq.write_table(pa.Table.from_pylist(rows, schema=CHAIN_SCHEMA), parts / f"part-{name}.parquet")
+
+    part("old", 40)  # written by an earlier run: counted in `done` already
+    clock = [1000.0]
+    monkeypatch.setattr(job.time, "time", lambda: clock[0])
+    watch = job.PartsWatch(str(parts), "dl19/train", 40, 1000, 8, every_s=3600)
+    try:
+        part("a", 16)
+        part("b", 16)
+        (parts / ".tmp-part-c.parquet").write_bytes(b"half")  # being written: not counted
+        clock[0] += 64
+        watch.count()
+        watch.count()  # nothing new: nothing counted twice
+        assert watch.done == 72
+        assert watch.line() == (
+            "dl19/train: queries 72/1,000 (7.2%), 0.50 queries/s, ETA 30m, 1m elapsed, 0.14 GPU-hours so far (8 GPUs)"
+        )
+    finally:
+        watch.stop()
+    assert (
+        job.duration(59) == "59s"
+        and job.duration(3 * 3600 + 300) == "3h05m"
+        and job.duration(2 * 86400 + 7200) == "2d02h"
+    )
+
+
 def test_a_part_name_depends_only_on_its_queries():
     from utilrag.annotate.chain import part_name
 
@@ -1028,6 +1065,11 @@ def test_a_replica_killed_with_its_block_half_done_gives_exactly_once(tmp_path, 
     manifest = read_manifest(stage_dir) or {}
     assert manifest["engines"]["engine_starts_per_replica"] == 1
     assert manifest["summaries"]["relsel"]["rows"] == 8
+    # How full the engine was, from vLLM's scheduler per step (AsyncLLM's stat logger): requests
+    # running of max_num_seqs, tokens scheduled of max_num_batched_tokens; fractions, and not empty.
+    engines = manifest["engines"]
+    assert engines["engine_steps"] > 0 and 0 < engines["engine_fill"] <= 1 and 0 < engines["token_fill"] <= 1
+    assert engines["mean_running"] >= 1 and 0 <= engines["kv_cache_use"] <= 1, engines
 
 
 @pytest.mark.slow

@@ -151,8 +151,8 @@ def test_every_key_has_a_description():
     assert {"pools[].size", "annotate.engine.enforce_eager", "annotate.scale.batch_size"} <= set(keys)
 
 
-def test_readme_reference_is_generated():
-    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+def test_the_configuration_reference_is_generated():
+    text = (REPO_ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
     assert text.count(start) == 1 and text.count(end) == 1
     section = text.split(start, 1)[1].split(end, 1)[0]

@@ -3,7 +3,7 @@
 A config is a YAML file plus torchtune-style ``key.sub=value`` overrides. Every
 mistake (unknown key, wrong type, missing file) becomes one ``ConfigError`` line
 naming the key or path; the CLI turns it into exit code 2. Every key carries a description:
-``config_reference()`` renders them as the README's Markdown table, ``config_json_schema()`` as
+``config_reference()`` renders them as docs/configuration.md's Markdown table, ``config_json_schema()`` as
 JSON Schema.
 """
 
@@ -894,7 +894,7 @@ def _reference_rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str,
 
 def config_reference() -> str:
     """Every key of the pipeline config as a Markdown table: dotted key (list items as
-    ``pools[].dataset``), type with bounds, default, description (the README's reference)."""
+    ``pools[].dataset``), type with bounds, default, description (docs/configuration.md)."""
     lines = ["| key | type | default | description |", "|---|---|---|---|"]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in _reference_rows(PipelineConfig)]
     return "\n".join(lines) + "\n"

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from utilrag.annotate import prompts
+from utilrag.annotate.engine import EngineFill
 from utilrag.annotate.prompts import PROMPT_VERSION
 from utilrag.annotate.stages import STAGE_ORDER, STAGE_SCHEMA, parse_output, windows
 from utilrag.config import AnnotateConfig
@@ -47,7 +48,7 @@ CHAIN_SCHEMA = pa.schema(
         *[(stage, pa.list_(STAGE_ROW)) for stage in STAGE_ORDER],
     ]
 )
-STATS_SCHEMA = ["queries", "rows", "tokens", "pid", "ready_at", "busy_s", "alive_s", "engine_starts"]
+STATS_SCHEMA = ["queries", "rows", "tokens", "pid", "ready_at", "busy_s", "alive_s", "engine_starts", "fill"]
 WAVES = (("relsel", "graded"), ("answer",), ("utilsel", "utilrank"))
 
 
@@ -522,6 +523,7 @@ class ChainAnnotator:
             "busy_s": self.engine.busy() if hasattr(self.engine, "busy") else self.engine.busy_s,
             "alive_s": time.time() - self.engine.ready_at,
             "engine_starts": self.engine.starts,
+            "fill": json.dumps(EngineFill.totals()),  # cumulative, this process's engine (empty: no stats)
         }
         return {k: np.array([v]) for k, v in stats.items()}
 

@@ -2,7 +2,7 @@
 
 We run a plain callable-class actor pool around ``vllm.LLM`` rather than ``ray.data.llm``:
 on this stack ``ray.data.llm`` needs a CPU placement-group workaround and reached about 0.80 of
-bare ``LLM.generate`` (see the README), while the plain actor reached 0.90 and hands us what the
+bare ``LLM.generate`` (see docs/annotation.md), while the plain actor reached 0.90 and hands us what the
 stage tables record per request (prompt/cached/output tokens, finish reason). CPU or GPU,
 tensor/pipeline parallel, replicas: configuration only.
 """
@@ -247,6 +247,89 @@ class VLLMEngine:
         return out
 
 
+class EngineFill:
+    """A vLLM stat logger (AsyncLLM's ``stat_loggers``): per engine step that returned outputs, the
+    scheduler's running / waiting requests, the tokens it scheduled, KV-cache use and prefix-cache hits,
+    added up. How full the engine was, which busy seconds cannot say (one request in flight counts as
+    busy). The replica reads the sums of this process's loggers (``EngineFill.totals``)."""
+
+    loggers: list[EngineFill] = []  # this process's (one per engine)
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0):
+        scheduler = vllm_config.scheduler_config
+        self.sums = {
+            "steps": 0,
+            "running": 0,
+            "waiting": 0,
+            "kv_cache_use": 0.0,
+            "tokens": 0,
+            "prefix_queries": 0,
+            "prefix_hits": 0,
+        }
+        self.max_num_seqs = int(scheduler.max_num_seqs)
+        self.max_num_batched_tokens = int(scheduler.max_num_batched_tokens)
+        EngineFill.loggers.append(self)
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0):
+        s = self.sums
+        if scheduler_stats is not None:
+            s["steps"] += 1
+            s["running"] += scheduler_stats.num_running_reqs
+            s["waiting"] += scheduler_stats.num_waiting_reqs
+            s["kv_cache_use"] += scheduler_stats.kv_cache_usage
+            prefix = scheduler_stats.prefix_cache_stats
+            s["prefix_queries"] += prefix.queries
+            s["prefix_hits"] += prefix.hits
+        if iteration_stats is not None:
+            s["tokens"] += iteration_stats.num_prompt_tokens + iteration_stats.num_generation_tokens
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def log(self) -> None:
+        pass
+
+    def record_sleep_state(self, is_awake: int, level: int) -> None:
+        pass
+
+    @classmethod
+    def totals(cls) -> dict[str, float]:
+        """The sums of this process's loggers, and the capacities to divide them by (0: none yet)."""
+        out: dict[str, float] = {k: 0.0 for k in ("steps", "running", "waiting", "kv_cache_use", "tokens")}
+        out.update(prefix_queries=0.0, prefix_hits=0.0, max_num_seqs=0.0, max_num_batched_tokens=0.0)
+        for logger in cls.loggers:
+            for k, v in logger.sums.items():
+                out[k] += v
+            out["max_num_seqs"] = logger.max_num_seqs
+            out["max_num_batched_tokens"] = logger.max_num_batched_tokens
+        return out
+
+
+def fill_figures(totals: list[dict[str, float]]) -> dict[str, float | None]:
+    """engine_fill (mean running requests / max_num_seqs), token_fill (mean tokens per step /
+    max_num_batched_tokens), mean waiting requests and KV-cache use, prefix-cache hit rate: over the
+    steps of every replica (``totals``: EngineFill.totals() of each)."""
+    steps = sum(t["steps"] for t in totals)
+    if not steps:
+        return {}
+    seqs = max(t["max_num_seqs"] for t in totals) or None
+    budget = max(t["max_num_batched_tokens"] for t in totals) or None
+    queries = sum(t["prefix_queries"] for t in totals)
+
+    def mean(key: str) -> float:
+        return sum(t[key] for t in totals) / steps
+
+    return {
+        "engine_steps": int(steps),
+        "engine_fill": round(mean("running") / seqs, 4) if seqs else None,
+        "token_fill": round(mean("tokens") / budget, 4) if budget else None,
+        "mean_running": round(mean("running"), 2),
+        "mean_waiting": round(mean("waiting"), 2),
+        "kv_cache_use": round(mean("kv_cache_use"), 4),
+        "prefix_cache_hit_rate_engine": round(sum(t["prefix_hits"] for t in totals) / queries, 4) if queries else None,
+    }
+
+
 class AsyncVLLMEngine:
     """One vLLM AsyncLLM in this process: requests go in one at a time from many coroutines, and the
     engine schedules whatever is in flight, so a query's next stage starts when its own requests end
@@ -260,7 +343,9 @@ class AsyncVLLMEngine:
             from vllm import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **engine))
+            # EngineFill is a StatLoggerBase by duck typing (importing vLLM at module level costs seconds)
+            fill: Any = EngineFill
+            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **engine), stat_loggers=[fill])
             self.tokenizer = self.llm.get_tokenizer()
             self.max_len = self.llm.model_config.max_model_len
             self.starts = 1

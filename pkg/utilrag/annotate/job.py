@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import random
@@ -31,7 +32,7 @@ import pyarrow.parquet as pq
 
 from utilrag import store
 from utilrag.annotate.chain import CHAIN_SCHEMA, AsyncChainAnnotator, ChainAnnotator
-from utilrag.annotate.engine import AnnotateError, actor_resources, engine_kwargs
+from utilrag.annotate.engine import AnnotateError, actor_resources, engine_kwargs, fill_figures
 from utilrag.annotate.prepare import INPUT_SCHEMA, prepare_inputs, udf
 from utilrag.annotate.report import ReportTally
 from utilrag.annotate.runner import clear_parts, engine_failure
@@ -384,26 +385,32 @@ def _annotate(
     # times in a row (its default, 0, fails the job at the first) before failing with that error.
     ds.context.max_consecutive_actor_init_deaths = acfg.scale.engine_start_retries
     replicas: dict[int, dict] = {}  # pid -> engine starts seen, busy and alive seconds (counters only)
-    queries, rows, tokens = done, 0, 0
+    rows, tokens = 0, 0
     t0 = last = time.time()
     first_ready = None
-    watch = PartsWatch(parts, label, acfg.scale.batch_size, acfg.scale.progress_every_s)
+    engine = acfg.engine
+    gpus = acfg.scale.replicas[1] * engine.tensor_parallel_size * engine.pipeline_parallel_size if engine.use_gpu else 0
+    watch = PartsWatch(parts, label, done, expected, gpus, acfg.scale.progress_every_s)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            queries += int(batch["queries"].sum())
             rows += int(batch["rows"].sum())
             tokens += int(batch["tokens"].sum())
-            for pid, ready, busy, alive in zip(batch["pid"], batch["ready_at"], batch["busy_s"], batch["alive_s"]):
-                replica = replicas.setdefault(int(pid), {"starts": set(), "busy_s": 0.0, "alive_s": 0.0})
+            for pid, ready, busy, alive, fill in zip(
+                batch["pid"], batch["ready_at"], batch["busy_s"], batch["alive_s"], batch["fill"]
+            ):
+                replica = replicas.setdefault(int(pid), {"starts": set(), "busy_s": 0.0, "alive_s": 0.0, "fill": {}})
                 replica["starts"].add(float(ready))
                 replica["busy_s"] = max(replica["busy_s"], float(busy))
                 replica["alive_s"] = max(replica["alive_s"], float(alive))
+                fill = json.loads(str(fill))  # cumulative in the process: the latest has the most steps
+                if fill.get("steps", 0) >= replica["fill"].get("steps", 0):
+                    replica["fill"] = fill
                 first_ready = float(ready) if first_ready is None else min(first_ready, float(ready))
             now = time.time()
             if now - last >= acfg.scale.progress_every_s:
                 last = now
                 rate = tokens / max(now - (first_ready or t0), 1e-9)
-                log.info(f"{label}: queries {queries:,}/{expected:,}, {rows:,} requests, {rate:,.0f} tokens/s")
+                log.info(f"{label}: finished tasks: {rows:,} requests, {tokens:,} tokens, {rate:,.0f} tokens/s")
     except AnnotateError:
         raise
     except Exception as e:  # noqa: BLE001 -- Ray wraps the engine's error; surface the engine's words
@@ -415,37 +422,71 @@ def _annotate(
     return {"engine_s": (time.time() - first_ready) if first_ready else None, "replicas": replicas}
 
 
-class PartsWatch:
-    """Progress while the chain runs: the blocks' stats rows reach the driver only when a Ray Data task
-    ends (its output is buffered into blocks), and one task covers a whole input file; so a thread
-    counts the parts written, every ``every_s`` seconds."""
+def duration(seconds: float) -> str:
+    """A short human duration: 45s, 12m, 3h05m, 2d17h."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
-    def __init__(self, parts: str, label: str, batch_size: int, every_s: float):
+
+class PartsWatch:
+    """Progress while the chain runs, from the parts written: a replica's stats reach the driver only
+    when its Ray Data task ends (a whole input file), so a thread lists the parts every ``every_s``
+    seconds, reads each new part's row count from its footer once, and logs queries done/total, the
+    rate since this run started, the ETA and the GPU-hours so far (the pool at its largest)."""
+
+    def __init__(self, parts: str, label: str, done: int, expected: int, gpus: int, every_s: float):
         import threading
 
-        self.parts, self.label, self.batch_size, self.every_s = parts, label, batch_size, every_s
-        self.before = self._count()
+        self.parts, self.label, self.expected, self.gpus, self.every_s = parts, label, expected, gpus, every_s
+        self.seen = set(self._names())
+        self.done = self.start = done
         self.t0 = time.time()
-        self.done = threading.Event()
+        self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="annotate-progress", daemon=True)
         self.thread.start()
 
-    def _count(self) -> int:
+    def _names(self) -> list[str]:
         try:
-            return sum(n.startswith("part-") for n in store.list_names(self.parts))
+            return [n for n in store.list_names(self.parts) if n.startswith("part-") and n.endswith(".parquet")]
         except Exception:  # noqa: BLE001 -- progress only: a failed listing is skipped
-            return 0
+            return []
+
+    def count(self) -> None:
+        for name in self._names():
+            if name in self.seen:
+                continue
+            try:
+                fs, path = store.filesystem(store.join(self.parts, name))
+                self.done += pq.read_metadata(path, filesystem=fs).num_rows
+                self.seen.add(name)
+            except Exception:  # noqa: BLE001 -- not readable yet (object storage): the next round
+                pass
+
+    def line(self) -> str:
+        elapsed = time.time() - self.t0
+        rate = (self.done - self.start) / elapsed if elapsed > 0 else 0.0
+        left = self.expected - self.done
+        eta = duration(left / rate) if rate > 0 else "unknown (no query finished yet)"
+        share = self.done / self.expected if self.expected else 1.0
+        gpus = f", {elapsed * self.gpus / 3600:,.2f} GPU-hours so far ({self.gpus} GPUs)" if self.gpus else ""
+        return (
+            f"{self.label}: queries {self.done:,}/{self.expected:,} ({share:.1%}), {rate:,.2f} queries/s, "
+            f"ETA {eta}, {duration(elapsed)} elapsed{gpus}"
+        )
 
     def _run(self) -> None:
-        while not self.done.wait(self.every_s):
-            new = self._count() - self.before
-            log.info(
-                f"{self.label}: {new:,} blocks (of up to {self.batch_size} queries) written in "
-                f"{time.time() - self.t0:,.0f}s"
-            )
+        while not self.stopped.wait(self.every_s):
+            self.count()
+            log.info(self.line())
 
     def stop(self) -> None:
-        self.done.set()
+        self.stopped.set()
         self.thread.join(timeout=5)
 
 
@@ -537,7 +578,9 @@ def replica_figures(stats: dict) -> dict:
     return {
         "replicas": len(replicas),
         "engine_starts_per_replica": round(float(np.mean([r["starts"] for r in replicas.values()])), 2),
+        # Seconds with at least one request in flight: one request counts as busy (see engine_fill).
         "engine_idle_fraction": round(1 - busy / alive, 4) if alive else None,
+        **fill_figures([r["fill"] for r in replicas.values() if r.get("fill")]),
     }
 
 
