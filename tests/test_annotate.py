@@ -553,6 +553,9 @@ def test_finalize_cuts_stage_tables_labels_and_report_out_of_parts(tmp_path):
     )
     assert errors == {} and pq.read_table(tmp_path / "errors.parquet").num_rows == 0
     relsel = pq.read_table(tmp_path / "relsel.parquet")
+    # one row group for the two parts (not one per part: a table of 30,000 parts would be slow to scan)
+    assert pq.ParquetFile(tmp_path / "relsel.parquet").num_row_groups == 1
+    assert pq.ParquetFile(tmp_path / "labels.parquet").num_row_groups == 1
     assert relsel.num_rows == tallies["relsel"].counts["rows"] == sum(len(v) for v in whole["relsel"].to_pylist())
     assert set(relsel.column("query_id").to_pylist()) == {"q1", "q2", "q3"}
     new_rows = sum(1 for q in relsel.column("query_id").to_pylist() if q == block["query_id"][2].as_py())
@@ -562,6 +565,41 @@ def test_finalize_cuts_stage_tables_labels_and_report_out_of_parts(tmp_path):
     assert labels.num_rows == label_rows
     assert report.agreement({}) == agreement(labels, {})
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_finalize_reads_its_parts_from_object_storage(s3_env, tmp_path):
+    """The same parts on the S3-compatible server: read several at a time (read_columns, finalize),
+    the stage tables and labels written there equal the ones written from a local folder."""
+    from conftest import S3_BUCKET
+    from utilrag import store
+    from utilrag.annotate.chain import part_name, run_block
+    from utilrag.annotate.job import check_parts, finalize
+    from utilrag.annotate.prepare import prepare_local
+    from utilrag.annotate.runner import write_atomic
+
+    pools, queries, corpus = _pools_queries_corpus()
+    acfg = AnnotateConfig(model="m", window=2, passage_words=5, stages=["relsel", "answer", "utilsel", "utilrank"])
+    table = prepare_local(pools, queries, corpus, acfg)
+    block = table.filter(table["annotate"])
+    generate = lambda reqs: _outputs([(r.stage, r.messages) for r in reqs])  # noqa: E731
+    remote, local = f"s3://{S3_BUCKET}/finalize", str(tmp_path / "local")
+    for i in range(block.num_rows):  # one part per query: more parts than reads in flight
+        part = run_block(block.slice(i, 1), generate, acfg, None, "r")
+        for out in (remote, local):
+            write_atomic(part, store.join(out, "chain.parts", part_name(part["query_id"].to_pylist())))
+    os.makedirs(local, exist_ok=True)
+
+    def read(location: str) -> pa.Table:
+        fs, path = store.filesystem(location)
+        return pq.read_table(path, filesystem=fs)
+
+    results = {}
+    for out in (remote, local):
+        assert check_parts(store.join(out, "chain.parts"), block.num_rows, "t") == block.num_rows
+        counts = finalize(out, store.join(out, "labels.parquet"), store.join(out, "errors.parquet"), acfg, "r")
+        results[out] = (counts[2], read(store.join(out, "relsel.parquet")), read(store.join(out, "labels.parquet")))
+    assert results[remote][0] == results[local][0] > 0
+    assert results[remote][1].equals(results[local][1]) and results[remote][2].equals(results[local][2])
 
 
 def test_a_stage_without_its_input_stage_is_one_clear_error():
