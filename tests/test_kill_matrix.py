@@ -16,8 +16,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -37,6 +39,9 @@ def ray_head():
     finally:
         stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+    # stop_cluster stopped this cluster's processes, and only those (other tests' Ray stays up)
+    time.sleep(1)
+    assert not [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in c for c in (p.info["cmdline"] or []))]
 
 
 @pytest.fixture(scope="module")
