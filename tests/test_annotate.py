@@ -602,6 +602,43 @@ def test_finalize_reads_its_parts_from_object_storage(s3_env, tmp_path):
     assert results[remote][1].equals(results[local][1]) and results[remote][2].equals(results[local][2])
 
 
+def test_a_model_on_object_storage_is_copied_once_per_node(s3_env, tmp_path):
+    """Two replicas of one node start at once with the model on the S3-compatible server: one copies it
+    into the node's cache, the other waits and uses that copy; a changed model is copied afresh."""
+    from conftest import S3_BUCKET
+    from utilrag import store
+    from utilrag.annotate.engine import check_model, resolve_llm
+
+    uri = f"s3://{S3_BUCKET}/models/tiny"
+    config = {"num_attention_heads": 2, "hidden_size": 128, "architectures": ["LlamaForCausalLM"]}
+    store.write_text(f"{uri}/config.json", json.dumps(config))
+    store.write_text(f"{uri}/model.safetensors", "w" * 3_000_000)  # big enough for the second to wait
+    assert resolve_llm(uri + "/") == uri
+    check_model(uri, use_gpu=False)  # head size 64: fine on CPU, read from the bucket
+    with pytest.raises(AnnotateError, match="no config.json there"):
+        resolve_llm(f"s3://{S3_BUCKET}/models/none")
+
+    code = "from utilrag.annotate.engine import stage_model; import sys; print('PATH', stage_model(sys.argv[1]))"
+    env = {**os.environ, "UTILRAG_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+
+    def replicas(n: int) -> list[str]:
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code, uri], env=env, stdout=subprocess.PIPE, text=True)
+            for _ in range(n)
+        ]
+        return [p.communicate(timeout=120)[0] for p in procs]
+
+    outputs = replicas(2)
+    paths = {ln.split()[1] for out in outputs for ln in out.splitlines() if ln.startswith("PATH")}
+    assert len(paths) == 1 and sum("copying" in out for out in outputs) == 1, outputs
+    [path] = paths
+    assert json.loads(Path(path, "config.json").read_text()) == config and Path(path, ".complete").is_file()
+    assert "copying" not in replicas(1)[0]  # a later replica on the node: no copy
+    store.write_text(f"{uri}/model.safetensors", "v" * 3_000_000)  # a new model at the same place
+    again = replicas(1)[0]
+    assert "copying" in again and again.split("PATH ")[1].strip() != path
+
+
 def test_a_stage_without_its_input_stage_is_one_clear_error():
     from utilrag.annotate import check_stage_needs
 

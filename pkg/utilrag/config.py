@@ -306,6 +306,11 @@ class AnnotateEngine(Strict):
 
     dtype: str = Field("auto", description="vLLM model dtype (auto, float32, float16, bfloat16)")
     quantization: str | None = Field(None, description="vLLM quantization method (e.g. gptq); null: as the model says")
+    revision: str | None = Field(
+        None,
+        description="a hub model's revision (a commit hash pins it: every node loads the same weights); null: "
+        "the hub's main. A model folder on s3:// or gs:// is copied once per node instead",
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica that split each layer")
     pipeline_parallel_size: int = Field(1, ge=1, description="GPUs per replica that split the layers into stages")
     max_model_len: int = Field(
@@ -454,6 +459,7 @@ class AnnotateConfig(Strict):
             "human_positive": self.human_positive,
             **self.sampling.model_dump(),
             **self.engine.model_dump(include={"dtype", "quantization", "max_model_len"}),
+            **({"revision": self.engine.revision} if self.engine.revision else {}),  # unset: old fingerprints hold
         }
 
 

@@ -74,7 +74,14 @@ def convert_gguf(package: str, filename: str, pip_name: str) -> Path:
 
 
 def resolve_llm(name: str) -> str:
-    """A local HF folder, a packaged model (converted once), or a hub name (downloaded by vLLM)."""
+    """A local HF folder, a model folder on object storage (s3:// or gs://: each node copies it once,
+    stage_model), a packaged model (converted once), or a hub name (downloaded by vLLM)."""
+    from utilrag import store
+
+    if store.is_remote(name):
+        if store.read_text(store.join(name, "config.json")) is None:
+            raise AnnotateError(f"annotate.model={name!r}: no config.json there (not a Hugging Face model folder)")
+        return name.rstrip("/")
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -92,10 +99,15 @@ def resolve_llm(name: str) -> str:
 
 def check_model(path: str, use_gpu: bool) -> None:
     """Refuse, before any engine starts, a model the CPU backend cannot run."""
-    config_file = Path(path) / "config.json"
-    if use_gpu or not config_file.is_file():
+    from utilrag import store
+
+    if use_gpu:
         return
-    config = json.loads(config_file.read_text())
+    text = store.read_text(store.join(path, "config.json")) if store.is_remote(path) else None
+    config_file = Path(path) / "config.json"
+    if text is None and not config_file.is_file():
+        return
+    config = json.loads(text if text is not None else config_file.read_text())
     config = config.get("text_config", config)
     heads = config.get("num_attention_heads")
     head_dim = config.get("head_dim") or (
@@ -106,6 +118,53 @@ def check_model(path: str, use_gpu: bool) -> None:
             f"annotate.model={path}: attention head size {head_dim} is not supported by vLLM on CPU "
             f"(supported: {', '.join(map(str, CPU_HEAD_SIZES))}); use another model or annotate.engine.use_gpu=true"
         )
+
+
+def stage_model(location: str) -> str:
+    """A model folder on object storage, copied once per node: into ``$UTILRAG_CACHE/models/staged/``
+    (node-local disk), named by the location and its listing (names, sizes, times: a changed model is
+    copied afresh). The replicas of a node wait on one file lock while the first copies; a copy counts
+    only once its ``.complete`` marker is written, so a replica killed mid-copy leaves nothing that a
+    later one would trust. A local path or hub name is returned as it is (the hub's own cache is per
+    node and locked per file: one download per node)."""
+    import hashlib
+    import shutil
+
+    from filelock import FileLock
+
+    from utilrag import store
+
+    if not store.is_remote(location):
+        return location
+    fs, path = store.filesystem(location)
+    listing = sorted(
+        (i.path[len(path) :], i.size, str(i.mtime)) for i in fs.get_file_info(_selector(path)) if i.type.name == "File"
+    )
+    digest = hashlib.sha1(json.dumps([location, listing], default=str).encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / "staged" / f"{store.slug(location)}-{digest}"
+    marker = target / ".complete"
+    if marker.is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{target}.lock"):
+        if marker.is_file():  # another replica of this node copied it while this one waited
+            return str(target)
+        t0 = time.time()
+        size = sum(n for _, n, _ in listing)
+        log.info(f"copying {location} ({size / 2**30:.2f} GiB, {len(listing)} files) to {target} (once per node)")
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        store.download_dir(location, partial)
+        (partial / ".complete").write_text(json.dumps({"source": location, "seconds": round(time.time() - t0, 1)}))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
+    return str(target)
+
+
+def _selector(path: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSelector(path, recursive=True)
 
 
 def engine_kwargs(acfg: AnnotateConfig) -> dict:
@@ -121,6 +180,8 @@ def engine_kwargs(acfg: AnnotateConfig) -> dict:
         seed=acfg.sampling.seed,
         disable_log_stats=True,
     )
+    if engine.revision:  # weights and tokenizer of one hub commit on every node
+        kwargs["revision"] = kwargs["tokenizer_revision"] = engine.revision
     if engine.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = engine.max_num_batched_tokens
     if engine.max_num_seqs:
@@ -203,7 +264,7 @@ class VLLMEngine:
         try:
             from vllm import LLM
 
-            self.llm = LLM(model=model, **engine)
+            self.llm = LLM(model=stage_model(model), **engine)
             self.tokenizer = self.llm.get_tokenizer()
             self.max_len = self.llm.llm_engine.model_config.max_model_len
             self.starts = 1
@@ -345,7 +406,8 @@ class AsyncVLLMEngine:
 
             # EngineFill is a StatLoggerBase by duck typing (importing vLLM at module level costs seconds)
             fill: Any = EngineFill
-            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **engine), stat_loggers=[fill])
+            args = AsyncEngineArgs(model=stage_model(model), **engine)
+            self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[fill])
             self.tokenizer = self.llm.get_tokenizer()
             self.max_len = self.llm.model_config.max_model_len
             self.starts = 1
