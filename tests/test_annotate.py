@@ -1167,6 +1167,30 @@ def test_an_engine_that_cannot_start_fails_the_job_with_its_message(tmp_path, an
     assert time.time() - t0 < 300
 
 
+def _stand_in_job(tmp_path, data, name: str, engine_factory, **scale) -> str:
+    """One target of 20 DL19 queries (RelSel in one window: one request per query and wave, then the
+    answer) in blocks of 4, on a stand-in engine (pickled by value) in this process's Ray cluster."""
+    import ray.cloudpickle
+
+    from utilrag.annotate import annotate_target
+    from utilrag.config import load_config
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the replicas get the stand-in by value
+    config = _annotate_config(
+        tmp_path / "c.yaml",
+        data,
+        "stand-in",
+        targets=[{"dataset": "trec-dl-2019", "split": "default", "max_queries": 20}],
+        stages=["relsel", "answer"],
+        window=31,
+        output_name=name,
+        engine={"async_engine": False},
+        scale={"batch_size": 4, **scale},
+    )
+    cfg = load_config(config)
+    return annotate_target(cfg, cfg.annotate.targets[0], "stand-in", engine_factory=engine_factory)
+
+
 class _SlowStandInEngine(_StandInEngine):
     """The stand-in with a fixed latency per generate call (a stand-in: only the job's timing is under test)."""
 
@@ -1185,28 +1209,12 @@ def test_an_input_file_longer_than_ray_datas_no_progress_guard(tmp_path, annotat
     Ray Data's own guard, 30 min -> 6 s, fails that job (ExecutionTimeoutError); with
     annotate.scale.no_progress_timeout_s at the default's 3 h -> 36 s the same job (in a folder of its
     own, so that it runs whole) completes, exactly once."""
-    import ray.cloudpickle
+    from utilrag.config import AnnotateScale
 
-    from utilrag.annotate import annotate_target
-    from utilrag.config import AnnotateScale, load_config
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the replicas get the stand-in by value
     F = 300
 
     def run(guard_s: float, name: str) -> str:
-        config = _annotate_config(
-            tmp_path / "c.yaml",
-            annotate_data,
-            "stand-in",
-            targets=[{"dataset": "trec-dl-2019", "split": "default", "max_queries": 20}],
-            stages=["relsel", "answer"],
-            window=31,  # one RelSel window: one request per query and wave
-            output_name=name,
-            engine={"async_engine": False},
-            scale={"batch_size": 4, "no_progress_timeout_s": guard_s},
-        )
-        cfg = load_config(config)
-        return annotate_target(cfg, cfg.annotate.targets[0], "stand-in", engine_factory=_SlowStandInEngine)
+        return _stand_in_job(tmp_path, annotate_data, name, _SlowStandInEngine, no_progress_timeout_s=guard_s)
 
     with pytest.raises(AnnotateError, match="ExecutionTimeoutError"):
         run(1800 / F, "ray-default-guard")  # Ray Data's default guard
@@ -1263,16 +1271,10 @@ def test_engine_failures_and_a_poisoned_query_in_one_job(tmp_path, annotate_data
     its first start is replaced; an engine that dies mid-job takes its replica down, which Ray restarts
     with its block retried; the query whose requests always fail is the job's one error row. Every
     other query once. Then the same job with the default max_error_fraction (0.1%) fails, one line."""
-    import ray.cloudpickle
-
-    from utilrag.annotate import annotate_target
-    from utilrag.config import load_config
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the replicas get the stand-in by value
-    shared, out = annotate_data
     from utilrag.annotate.job import sample_queries
     from utilrag.store import Store
 
+    out = annotate_data[1]
     pools = Path(Store(out).pools("trec-dl-2019", "default")) / "pools.parquet"
     poison_id = sample_queries(str(pools), 20, "annotate:trec-dl-2019:default")[0]  # the job's own sample
     queries = pq.read_table(out / "ingest" / "trec-dl-2019" / "queries").to_pylist()
@@ -1280,19 +1282,7 @@ def test_engine_failures_and_a_poisoned_query_in_one_job(tmp_path, annotate_data
     _FaultyStandIn.folder, _FaultyStandIn.poison = str(tmp_path), poison_text
 
     def run(**scale) -> str:
-        config = _annotate_config(
-            tmp_path / "c.yaml",
-            annotate_data,
-            "stand-in",
-            targets=[{"dataset": "trec-dl-2019", "split": "default", "max_queries": 20}],
-            stages=["relsel", "answer"],
-            window=31,
-            output_name="faults",
-            engine={"async_engine": False},
-            scale={"batch_size": 4, "query_tries": 2, **scale},
-        )
-        cfg = load_config(config)
-        return annotate_target(cfg, cfg.annotate.targets[0], "stand-in", engine_factory=_FaultyStandIn)
+        return _stand_in_job(tmp_path, annotate_data, "faults", _FaultyStandIn, query_tries=2, **scale)
 
     stage_dir = Path(run(max_error_fraction=0.1))
     assert {p.name for p in tmp_path.iterdir()} >= {"start-failed", "will-die"}

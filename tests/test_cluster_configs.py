@@ -536,3 +536,45 @@ def test_no_credentials_in_cluster_files():
     dockerfile = DOCKERFILE.read_text(encoding="utf-8")
     assert not re.search(r"^(ENV|ARG)\s+\S*(KEY|SECRET|TOKEN|PASSWORD)", dockerfile, re.M | re.I)
     assert not re.search(r"^(COPY|ADD)\s+(--\S+\s+)*\.\s", dockerfile, re.M), "copy named paths, not the whole tree"
+
+
+def test_every_node_type_is_labelled_cpu_or_gpu_by_what_it_holds():
+    """ray.node_labels (on in the paper config) needs every worker type labelled utilrag-node: gpu when
+    it has GPUs, cpu otherwise; KubeRay's autoscaler reads the group's top-level labels."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _node_type_from_group_spec
+
+    for path in LAUNCHERS:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        for name, node in config["available_node_types"].items():
+            if name == config["head_node_type"]:
+                continue
+            want = "gpu" if node["resources"].get("GPU") else "cpu"
+            assert node.get("labels", {}).get("utilrag-node") == want, (path.name, name)
+    for path in KUBERAY:
+        for group, is_head in groups(ray_cluster_spec(path)):
+            if is_head:
+                continue
+            node_type = _node_type_from_group_spec(group, is_head)
+            want = "gpu" if node_type["resources"].get("GPU") else "cpu"
+            assert node_type["labels"].get("utilrag-node") == want, (path.name, group["groupName"])
+    assert load_config(REPO_ROOT / "jobs" / "configs" / "msmarco-qwen32b.yaml").ray.node_labels
+
+
+def test_node_labels_send_cpu_work_to_cpu_nodes_and_replicas_to_gpu_nodes():
+    """With ray.node_labels: every Ray Data dataset asks for cpu nodes (its tasks and Ray Data's own
+    scale-up requests), a GPU replica for gpu nodes (an operator's selector wins on the key); off: none."""
+    import ray.data
+
+    from utilrag.annotate.engine import actor_resources
+    from utilrag.raycluster import node_selector, use_node_labels
+
+    gpu = AnnotateConfig(model="m", engine={"use_gpu": True})
+    try:
+        use_node_labels(True)
+        assert ray.data.DataContext.get_current().execution_options.label_selector == {"utilrag-node": "cpu"}
+        assert actor_resources(gpu)["label_selector"] == {"utilrag-node": "gpu"}
+        assert node_selector(False) == {"utilrag-node": "cpu"}
+    finally:
+        use_node_labels(False)
+    assert ray.data.DataContext.get_current().execution_options.label_selector is None
+    assert "label_selector" not in actor_resources(gpu) and node_selector(True) == {}

@@ -69,6 +69,13 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(
         None, ge=1, description="CPUs of a local cluster started here (ignored for an address)"
     )
+    node_labels: bool = Field(
+        False,
+        description="the cluster's node types carry the label utilrag-node: cpu | gpu (every cluster config "
+        "here): CPU work (Ray Data tasks, Ray Data's scale-up requests, index shards) asks for cpu nodes and "
+        "GPU work (replicas, GPU encoders, GPU training) for gpu nodes, so CPU work never launches a GPU node "
+        "(autoscaler v2, which `ray up` and KubeRay run, honours labels). false: no label constraint",
+    )
 
 
 class DatasetConfig(Strict):

@@ -31,9 +31,30 @@ def forwarded_env() -> dict:
     return {"env_vars": found} if found else {}
 
 
+NODE_LABEL = "utilrag-node"  # on every node type of the cluster configs: cpu | gpu
+_labelled = False  # ray.node_labels of the config this driver connected with
+
+
+def node_selector(gpu: bool) -> dict[str, str]:
+    """The label selector for CPU or GPU work on a cluster with labelled node types; {} otherwise."""
+    return {NODE_LABEL: "gpu" if gpu else "cpu"} if _labelled else {}
+
+
+def use_node_labels(on: bool) -> None:
+    """Every Ray Data dataset of this driver asks for cpu nodes (its tasks, actors and Ray Data's own
+    scale-up requests); an operator that asks for gpu nodes overrides it (operator-level selectors win
+    on a key conflict)."""
+    global _labelled
+    import ray.data
+
+    _labelled = on
+    ray.data.DataContext.get_current().execution_options.label_selector = node_selector(False) or None
+
+
 def connect(cfg: RayConfig) -> None:
     import ray
 
+    use_node_labels(cfg.node_labels)
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -329,6 +329,33 @@ def replica_id() -> str:
     return ray.get_runtime_context().get_actor_id() or f"pid{os.getpid()}"
 
 
+class QueryTries:
+    """The tries of one query run alone: iterate to try again (while tries are left; its engine deaths
+    in earlier replicas count), ``failed`` after a try that raised (the replica exits there if its
+    engine died), ``error_row`` when none is left."""
+
+    def __init__(self, replica: ChainAnnotator, one: pa.Table):
+        self.replica, self.one = replica, one
+        query_id, self.tries, self.stage, self.reason = replica._earlier(one)
+        self.key = query_key(query_id)
+
+    def __iter__(self) -> Iterator[int]:
+        while self.tries < self.replica.acfg.scale.query_tries:
+            self.tries += 1
+            self.replica.current = self.key  # an engine death now counts against this query too
+            try:
+                yield self.tries
+            finally:
+                self.replica.current = None
+
+    def failed(self, error: RequestsFailed) -> None:
+        self.replica._on_failure(error, None)  # exits if the engine died
+        self.stage, self.reason = error.stage, error.reason
+
+    def error_row(self) -> pa.Table:
+        return self.replica._error_row(self.one, self.stage, f"{self.tries} tries: {self.reason}")
+
+
 class ChainAnnotator:
     """One replica (a Ray Data actor): the engine starts once, in ``__init__``; every call is one block.
 
@@ -475,18 +502,13 @@ class ChainAnnotator:
     def _one_query(self, one: pa.Table) -> pa.Table:
         """One query alone, up to ``query_tries`` tries (its engine deaths in earlier replicas count);
         then an error row."""
-        query_id, tries, stage, reason = self._earlier(one)
-        while tries < self.acfg.scale.query_tries:
-            tries += 1
-            self.current = query_key(query_id)
+        attempts = QueryTries(self, one)
+        for _ in attempts:
             try:
                 return run_block(one, self._generate, self.acfg, self.graded_ids, self.run)
             except RequestsFailed as e:
-                self._on_failure(e, None)  # exits if the engine died
-                stage, reason = e.stage, e.reason
-            finally:
-                self.current = None
-        return self._error_row(one, stage, f"{tries} tries: {reason}")
+                attempts.failed(e)
+        return attempts.error_row()
 
     def _earlier(self, one: pa.Table) -> tuple[str, int, str, str]:
         """A query's id, and the engine deaths with it in flight so far (tries used), their stage and reason."""
@@ -574,15 +596,10 @@ class AsyncChainAnnotator(ChainAnnotator):
 
     async def _one_query_async(self, one: pa.Table) -> pa.Table:
         """ChainAnnotator._one_query on the engine's event loop."""
-        query_id, tries, stage, reason = self._earlier(one)
-        while tries < self.acfg.scale.query_tries:
-            tries += 1
-            self.current = query_key(query_id)
+        attempts = QueryTries(self, one)
+        for _ in attempts:
             try:
                 return await run_block_async(one, self._generate_one, self.acfg, self.graded_ids, self.run)
             except RequestsFailed as e:
-                self._on_failure(e, None)  # exits if the engine died
-                stage, reason = e.stage, e.reason
-            finally:
-                self.current = None
-        return self._error_row(one, stage, f"{tries} tries: {reason}")
+                attempts.failed(e)
+        return attempts.error_row()

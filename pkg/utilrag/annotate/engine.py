@@ -208,8 +208,12 @@ def actor_resources(acfg: AnnotateConfig) -> dict:
     """map_batches arguments that place one replica, with Ray Data's named (non-deprecated) arguments
     only: CPUs, or tp x pp GPUs on one node. Ray Data already restarts a crashed actor and retries its
     batch without limit (max_restarts / max_task_retries default to -1), so neither is passed."""
+    from utilrag.raycluster import node_selector
+
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": engine_env(acfg)}}
     engine = acfg.engine
+    if node_selector(engine.use_gpu):  # labelled node types (ray.node_labels): replicas on gpu (or cpu) nodes
+        kwargs["label_selector"] = node_selector(engine.use_gpu)
     if engine.accelerator_type:
         kwargs["accelerator_type"] = engine.accelerator_type
     if not engine.use_gpu:

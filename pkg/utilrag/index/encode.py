@@ -21,6 +21,7 @@ from utilrag.encoder_spec import (
     tower_dirs,
 )
 from utilrag.logs import Progress, get_logger
+from utilrag.raycluster import node_selector
 
 log = get_logger("index")
 SPEC_FIELDS = set(EncoderSpec.model_fields) & set(IndexConfig.model_fields)  # what index.* may override
@@ -172,6 +173,7 @@ def encode_table(
         compute=encoder_pool(encoders, max_encoders),
         num_gpus=1 if use_gpu else 0,
         num_cpus=0 if use_gpu else threads,
+        **({"label_selector": node_selector(use_gpu)} if node_selector(use_gpu) else {}),
         batch_format="numpy",
         fn_constructor_kwargs=dict(
             model=model,

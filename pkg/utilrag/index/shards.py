@@ -19,6 +19,7 @@ import numpy as np
 from utilrag.config import HNSW_ON_GPU
 from utilrag.errors import UtilragError
 from utilrag.logs import get_logger
+from utilrag.raycluster import node_selector
 
 INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq", "hnsw")
 MIN_POINTS_PER_LIST = 39  # FAISS k-means warns below this many training points per centroid
@@ -405,7 +406,8 @@ class ShardedIndex:
             check_index_type(index_type, use_gpu)
         self.use_gpu = use_gpu
         cpus = 0 if use_gpu else (cpus_per_shard if cpus_per_shard is not None else (threads_per_shard or 1))
-        self._actor_cls: Any = ray.remote(FaissShard).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
+        placement = {"label_selector": node_selector(use_gpu)} if node_selector(use_gpu) else {}
+        self._actor_cls: Any = ray.remote(FaissShard).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0, **placement)
         self._actor_args = (threads_per_shard, use_gpu, gpu_fp16)
         self.actors: list[Any] = [self._actor_cls.remote(i, *self._actor_args) for i in range(n_shards)]
         self.retries = retries

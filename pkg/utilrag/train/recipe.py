@@ -23,6 +23,7 @@ from utilrag.data.tables import fingerprint
 from utilrag.encoder_spec import model_identity, model_reference, resolve_model
 from utilrag.errors import UtilragError
 from utilrag.logs import get_logger
+from utilrag.raycluster import node_selector
 from utilrag.stages import StageResult
 from utilrag.store import Store
 from utilrag.train.engine import (
@@ -297,7 +298,11 @@ def run_train(cfg: PipelineConfig, tcfg: TrainConfig | None = None) -> tuple[str
             "metrics_path": metrics_path,
         },
         scaling_config=ScalingConfig(
-            num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=per_worker
+            num_workers=tcfg.num_workers,
+            use_gpu=tcfg.use_gpu,
+            resources_per_worker=per_worker,
+            # labelled node types: gpu (or cpu) nodes
+            label_selector=node_selector(tcfg.use_gpu) or None,  # type: ignore[call-arg]  # Ray Train v2
         ),
         run_config=RunConfig(
             name=fp,
