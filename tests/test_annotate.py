@@ -847,6 +847,43 @@ def test_progress_counts_the_queries_of_new_parts_with_rate_eta_and_gpu_hours(tm
     )
 
 
+def test_the_reaper_kills_the_engine_processes_only_once_their_replica_is_gone(tmp_path):
+    """A stand-in replica (a process) with a long-lived child (its "EngineCore") and children that come
+    and go: while it lives, nothing is killed; once it is SIGKILLed, the reaper kills the orphan."""
+    import threading
+
+    import psutil
+
+    from utilrag.annotate.reaper import reap
+
+    pid_file = tmp_path / "core.pid"
+    code = (
+        "import subprocess, sys, time\n"
+        "core = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(core.pid))\n"
+        "for _ in range(300):  # children that end while the reaper lists them\n"
+        "    subprocess.Popen(['sleep', '0.003'])\n"
+        "    time.sleep(0.004)\n"
+        "time.sleep(120)\n"
+    )
+    replica = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        wait_until("the stand-in engine", lambda _: pid_file.exists() and pid_file.read_text() or None, deadline_s=60)
+        core = psutil.Process(int(pid_file.read_text()))
+        killed: list[int] = []
+        watcher = threading.Thread(target=lambda: killed.append(reap(replica.pid, set(), poll_s=0.001)), daemon=True)
+        watcher.start()
+        time.sleep(2)  # the short-lived children came and went meanwhile
+        assert core.is_running() and watcher.is_alive() and not killed
+        replica.kill()
+        replica.wait()
+        watcher.join(timeout=30)
+        assert killed and killed[0] >= 1
+        core.wait(timeout=10)  # killed (an orphan left alone would sleep on for two minutes)
+    finally:
+        replica.kill()
+
+
 def test_a_part_name_depends_only_on_its_queries():
     from utilrag.annotate.chain import part_name
 

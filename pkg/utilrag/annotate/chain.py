@@ -320,13 +320,12 @@ def start_reaper(exclude: set[int]) -> Any:
     )
 
 
-def replica_id() -> str:
-    """The replica's Ray actor id (kept across Ray's restarts of it); the pid outside Ray."""
+def actor_id() -> str | None:
+    """This process's Ray actor id (kept across Ray's restarts of the actor); None outside an actor
+    (benchmarks and tests call the replica directly)."""
     import ray
 
-    if not ray.is_initialized():  # not in a Ray worker (benchmarks and tests call the replica directly)
-        return f"pid{os.getpid()}"
-    return ray.get_runtime_context().get_actor_id() or f"pid{os.getpid()}"
+    return ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
 
 
 class QueryTries:
@@ -391,11 +390,13 @@ class ChainAnnotator:
         self.acfg, self.parts, self.run = acfg, parts, run
         self.fail = fail or {}
         self.tries = Tries(parts)
-        self.replica = "replica-" + hashlib.sha1(replica_id().encode()).hexdigest()[:16]
+        actor = actor_id()
+        self.replica = "replica-" + hashlib.sha1((actor or f"pid{os.getpid()}").encode()).hexdigest()[:16]
         import psutil
 
         self.before = {child.pid for child in psutil.Process().children()}  # not the engine's
-        self.reaper = start_reaper(self.before)
+        # In a Ray actor only: a replica called in a driver (tests, benchmarks) dies with its driver.
+        self.reaper = start_reaper(self.before) if actor else None
         self.engine = (engine_factory or VLLMEngine)(model, engine)
         self.engine.check()  # a start failure raises here: Ray Data's start budget applies (see above)
         self.graded_ids = set(graded_ids) if graded_ids is not None else None
@@ -493,7 +494,8 @@ class ChainAnnotator:
 
         from utilrag.annotate.reaper import engine_processes
 
-        for process in engine_processes(psutil.Process(), self.before | {self.reaper.pid}):
+        reaper = {self.reaper.pid} if self.reaper else set()
+        for process in engine_processes(psutil.Process(), self.before | reaper):
             try:
                 process.kill()
             except psutil.NoSuchProcess:

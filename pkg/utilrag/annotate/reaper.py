@@ -20,11 +20,16 @@ POLL_S = 0.5
 
 
 def engine_processes(replica: psutil.Process, exclude: set[int]) -> list[psutil.Process]:
-    """The processes under ``replica`` but not under its children in ``exclude``."""
+    """The processes under ``replica`` but not under its children in ``exclude``. A child that ends
+    while it is listed is skipped (NoSuchProcess here is never the replica's own end)."""
     found = []
     for child in replica.children():
-        if child.pid not in exclude:
+        if child.pid in exclude:
+            continue
+        try:
             found += [child, *child.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
     return found
 
 
@@ -37,14 +42,12 @@ def reap(replica_pid: int, exclude: set[int], poll_s: float = POLL_S) -> int:
         return 0
     known: dict[int, psutil.Process] = {}
     me = os.getpid()
-    while True:
+    while _alive(replica):
         try:
-            if replica.status() == psutil.STATUS_ZOMBIE:
-                break
             for process in engine_processes(replica, exclude | {me}):
                 known.setdefault(process.pid, process)
-        except psutil.NoSuchProcess:
-            break
+        except psutil.NoSuchProcess:  # the replica ended while its children were listed: checked above
+            pass
         time.sleep(poll_s)
     killed = 0
     for process in known.values():
@@ -54,6 +57,13 @@ def reap(replica_pid: int, exclude: set[int], poll_s: float = POLL_S) -> int:
         except psutil.NoSuchProcess:
             pass
     return killed
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 if __name__ == "__main__":
