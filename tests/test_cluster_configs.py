@@ -562,7 +562,8 @@ def test_every_node_type_is_labelled_cpu_or_gpu_by_what_it_holds():
 
 def test_node_labels_send_cpu_work_to_cpu_nodes_and_replicas_to_gpu_nodes():
     """With ray.node_labels: every Ray Data dataset asks for cpu nodes (its tasks and Ray Data's own
-    scale-up requests), a GPU replica for gpu nodes (an operator's selector wins on the key); off: none."""
+    scale-up requests), a GPU replica for gpu nodes (its operator-level selector, which Ray Data lets win
+    over the dataset's on the same key); off: none."""
     import ray.data
 
     from utilrag.annotate.engine import actor_resources

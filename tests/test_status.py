@@ -23,7 +23,13 @@ def _config(make_config, tiny_dataset):
     )
 
 
-def test_status_and_dry_run_read_the_run_directory(make_config, tiny_dataset, tmp_path, capsys):
+def test_status_and_dry_run_read_the_run_directory(make_config, tiny_dataset, tmp_path, capsys, monkeypatch):
+    from utilrag import raycluster
+
+    def no_ray(*_a, **_k):
+        raise AssertionError("status and --dry-run start no Ray")
+
+    monkeypatch.setattr(raycluster, "connect", no_ray)
     cfg = _config(make_config, tiny_dataset)
     at = Store(cfg.output_dir)
     write_manifest(at.ingest("tiny"), stage="ingest", status="complete", wall_time_s=3.5, outputs=["corpus"])

@@ -384,27 +384,29 @@ class AnnotateScale(Strict):
     query_tries: int = Field(
         3,
         ge=1,
-        description="annotate: tries of a query whose requests fail (an exception, or its engine dying with it "
-        "in flight) before it becomes an error row (errors.parquet: query, stage, reason) and the job goes on",
+        description="annotate (rag ignores it): tries of a query whose requests fail (an exception, or its engine "
+        "dying with it in flight) before it becomes an error row (errors.parquet: query, stage, reason) and the job "
+        "goes on",
     )
     max_error_fraction: float = Field(
         0.001,
         ge=0,
         le=1,
-        description="annotate: fail the job (after writing errors.parquet) above this share of error rows, "
-        "like ingest.reject_threshold",
+        description="annotate (rag ignores it): fail the job (after writing errors.parquet) above this share of "
+        "error rows, like ingest.reject_threshold",
     )
     engine_deaths_per_replica: int = Field(
         3,
         ge=0,
-        description="annotate: engine deaths one replica may have; each exits the replica, which Ray restarts "
-        "with its block retried; one more fails the job (a machine that keeps killing its engine)",
+        description="annotate (rag ignores it): engine deaths one replica may have (a block's first death counts; "
+        "later deaths of the same block and of its queries run alone are the input's); each exits the replica, "
+        "which Ray restarts with its block retried; one more fails the job (a machine that keeps killing engines)",
     )
     engine_start_retries: int = Field(
         2,
         ge=-1,
-        description="annotate: consecutive replicas whose engine fails to start that are replaced by fresh "
-        "ones (Ray Data's DataContext.max_consecutive_actor_init_deaths, 0 by default) before the job fails "
+        description="annotate (rag ignores it): consecutive replicas whose engine fails to start that are replaced "
+        "by fresh ones (Ray Data's DataContext.max_consecutive_actor_init_deaths, 0 by default) before the job fails "
         "with the engine's message; -1: no limit",
     )
 

@@ -8,8 +8,8 @@ wave one ``generate`` call mixing stages (per-request sampling):
 3. UtilSel and UtilRank windows over the RelSel choice, with the answer.
 
 The block's result, one CHAIN_SCHEMA row per query with every stage's rows, is written as one Parquet
-part named by the block's query ids (a retried block overwrites its own part), so a block's rows land
-all at once or not at all. The stage tables and labels are cut out of these parts afterwards.
+part named by the block's query ids (a retried task skips a block whose part exists), so a block's rows
+land all at once or not at all. The stage tables and labels are cut out of these parts afterwards.
 """
 
 from __future__ import annotations
@@ -290,6 +290,10 @@ class Tries:
 
         return store.read_json(self._location(key)) or {"deaths": 0}
 
+    def get_deaths(self, key: str, stage: str = "", reason: str = "") -> int:
+        """The deaths counted for ``key`` (``died``'s signature, counting nothing)."""
+        return int(self.get(key)["deaths"])
+
     def died(self, key: str, stage: str, reason: str) -> int:
         from utilrag import store
 
@@ -341,11 +345,11 @@ class QueryTries:
     def __iter__(self) -> Iterator[int]:
         while self.tries < self.replica.acfg.scale.query_tries:
             self.tries += 1
-            self.replica.current = self.key  # an engine death now counts against this query too
+            self.replica.alone.add(self.key)  # an engine death now counts against this query too
             try:
                 yield self.tries
             finally:
-                self.replica.current = None
+                self.replica.alone.discard(self.key)
 
     def failed(self, error: RequestsFailed) -> None:
         self.replica._on_failure(error, None)  # exits if the engine died
@@ -402,7 +406,10 @@ class ChainAnnotator:
         self.graded_ids = set(graded_ids) if graded_ids is not None else None
         self.sampling: dict[str, Any] = {s: self.engine.sampling_params(stage_sampling(s, acfg)) for s in acfg.stages}
         self.calls = 0
-        self.current: str | None = None  # the query run alone now (its key), if any
+        # The queries running alone now (their keys): several blocks share an async replica, and an
+        # engine death is charged to every one of them (one in flight with a poisoned one is charged too:
+        # it would take query_tries such coincidences to make it an error row).
+        self.alone: set[str] = set()
 
     def _generate(self, requests: list[Request]) -> dict[str, list[Any]]:
         return self.engine.generate([r.messages for r in requests], [self.sampling[r.stage] for r in requests])
@@ -464,16 +471,20 @@ class ChainAnnotator:
         return self.tries.get(block.removesuffix(".parquet"))["deaths"] >= self.acfg.scale.query_tries
 
     def _on_failure(self, error: RequestsFailed, block: str | None) -> None:
-        """Requests raised: if the engine is dead, count it (for the block, the query run alone, the
-        replica) and exit: Ray restarts this replica and retries the block. Else return (the block is
-        then run a query at a time, or the query alone tried again)."""
+        """Requests raised: if the engine is dead, count it and exit: Ray restarts this replica and
+        retries the block. Else return (the block is then run a query at a time, or the query alone
+        tried again). A death is counted for the block and the queries running alone; the replica's
+        budget counts only a block's first death (later ones, and those of its queries alone, are the
+        input's doing: a poisoned query costs the replica one death, a machine that kills engines one
+        per block)."""
         if not self._engine_dead(error):
             return
+        first = False
         if block:
-            self.tries.died(block.removesuffix(".parquet"), error.stage, error.reason)
-        if self.current:
-            self.tries.died(self.current, error.stage, error.reason)
-        deaths = self.tries.died(self.replica, error.stage, error.reason)
+            first = self.tries.died(block.removesuffix(".parquet"), error.stage, error.reason) == 1
+        for key in list(self.alone):
+            self.tries.died(key, error.stage, error.reason)
+        deaths = (self.tries.died if first else self.tries.get_deaths)(self.replica, error.stage, error.reason)
         self._stop_engine()
         if deaths > self.acfg.scale.engine_deaths_per_replica:
             from utilrag.annotate.engine import AnnotateError
@@ -495,11 +506,14 @@ class ChainAnnotator:
         from utilrag.annotate.reaper import engine_processes
 
         reaper = {self.reaper.pid} if self.reaper else set()
-        for process in engine_processes(psutil.Process(), self.before | reaper):
+        processes = engine_processes(psutil.Process(), self.before | reaper)
+        for process in processes:
             try:
                 process.kill()
             except psutil.NoSuchProcess:
                 pass
+        # gone before this replica exits: its restart must find the GPU memory free
+        psutil.wait_procs(processes, timeout=30)
 
     def _one_query(self, one: pa.Table) -> pa.Table:
         """One query alone, up to ``query_tries`` tries (its engine deaths in earlier replicas count);
@@ -576,12 +590,13 @@ class AsyncChainAnnotator(ChainAnnotator):
         if self.blocks is None:
             self.blocks = asyncio.Semaphore(self.acfg.scale.blocks_per_replica)
         async with self.blocks:
-            call, block = self._begin(batch)
+            # object-storage round trips off the event loop: it feeds the engine every block in flight
+            call, block = await asyncio.to_thread(self._begin, batch)
             if not call:
                 return self._stats(batch.num_rows, 0, 0)
             if self.fail.get("block_delay_s"):
                 await asyncio.to_thread(self._delay)
-            if not self._isolate(block):
+            if not await asyncio.to_thread(self._isolate, block):
                 try:
                     after_wave = self._after_wave(call)
                     table = await run_block_async(

@@ -105,12 +105,14 @@ def read_columns(location: str, columns: list[str]) -> pa.Table:
 
 
 class ParquetStream:
-    """One Parquet file written a table at a time, in row groups of about ``row_group_rows`` (the
-    tables given are one chain part each, 16-256 queries: a row group apiece would make the file slow
-    to scan); in place only when closed (temporary name + rename locally; on object storage the upload
-    becomes visible at close)."""
+    """One Parquet file written a table at a time, in row groups of about ``row_group_rows`` rows or
+    ``row_group_bytes`` bytes (the tables given are one chain part each, 16-256 queries: a row group
+    apiece would make the file slow to scan); in place only when closed (temporary name + rename
+    locally; on object storage the upload becomes visible at close)."""
 
-    def __init__(self, location: str, schema: pa.Schema, row_group_rows: int = 131_072):
+    def __init__(
+        self, location: str, schema: pa.Schema, row_group_rows: int = 131_072, row_group_bytes: int = 64 << 20
+    ):
         fs, path = store.filesystem(location)
         self.final = path
         self.local = not store.is_remote(location)
@@ -119,22 +121,24 @@ class ParquetStream:
             os.makedirs(posixpath.dirname(path), exist_ok=True)
         self.writer = pq.ParquetWriter(self.path, schema, filesystem=None if self.local else fs)
         self.rows = 0
-        self.row_group_rows = row_group_rows
+        self.row_group_rows, self.row_group_bytes = row_group_rows, row_group_bytes
         self.buffer: list[pa.Table] = []
-        self.buffered = 0
+        self.buffered = self.buffered_bytes = 0
 
     def write(self, table: pa.Table) -> None:
         if table.num_rows:
             self.buffer.append(table)
             self.buffered += table.num_rows
+            self.buffered_bytes += table.nbytes
             self.rows += table.num_rows
-            if self.buffered >= self.row_group_rows:
+            # rows or bytes, whichever comes first: stage rows carry raw outputs (the driver's memory)
+            if self.buffered >= self.row_group_rows or self.buffered_bytes >= self.row_group_bytes:
                 self._flush()
 
     def _flush(self) -> None:
         if self.buffer:
             self.writer.write_table(pa.concat_tables(self.buffer), row_group_size=self.row_group_rows)
-            self.buffer, self.buffered = [], 0
+            self.buffer, self.buffered, self.buffered_bytes = [], 0, 0
 
     def close(self) -> None:
         self._flush()
