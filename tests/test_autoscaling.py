@@ -96,7 +96,7 @@ def _pipeline_config(path: Path, shared: Path, out: Path, model: str) -> Path:
                         "use_gpu": True,  # one (fake) GPU per replica
                         "accelerator_type": ACCELERATOR,
                     },
-                    "scale": {"replicas": [1, 1], "batch_size": 2, "actor_restarts": 3, "progress_every_s": 1},
+                    "scale": {"replicas": [1, 1], "batch_size": 2, "progress_every_s": 1},
                 },
             }
         )

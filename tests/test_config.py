@@ -104,6 +104,19 @@ def test_cli_one_line_for_a_bad_ray_cpu_count_and_ctrl_c(tmp_path, capsys, monke
     assert capsys.readouterr().err.strip() == "utilrag: interrupted"
 
 
+@pytest.mark.parametrize("command", [["ingest"], ["pipeline"], ["run"]])
+def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path, capsys, command):
+    import utilrag.cli as cli
+
+    config = tmp_path / "c.yaml"
+    config.write_text("ingest: {datasets: [{name: scifact}]}\n")
+    assert cli.main([*command, "--config", str(config), "output_dir=/proc/x"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "utilrag: error: output_dir /proc/x: cannot create it: No such file or directory"
+    ]
+    assert not (tmp_path / "x").exists()
+
+
 def test_annotate_sections_take_overrides_and_refuse_the_old_flat_keys():
     cfg = load_config(LOCAL, ["annotate.scale.batch_size=4", "annotate.engine.enforce_eager=false"])
     assert cfg.annotate.scale.batch_size == 4 and cfg.annotate.engine.enforce_eager is False

@@ -131,10 +131,12 @@ def _dispatch(args) -> None:
     elif args.command == "pipeline":
         from utilrag.pipeline import run_pipeline
 
+        _check_output_dir(str(cfg.output_dir))
         run_pipeline(cfg, only=args.only, start=args.start)
     elif args.command == "run":
         from utilrag.pipeline import run_pipeline
 
+        _check_output_dir(str(cfg.output_dir))
         run_pipeline(cfg)
     elif args.command == "annotate-report":
         from utilrag.annotate import print_reports
@@ -143,7 +145,26 @@ def _dispatch(args) -> None:
     else:
         from utilrag.stages import get_stage
 
+        _check_output_dir(str(cfg.output_dir))
         get_stage(args.command).runner()(cfg)
+
+
+def _check_output_dir(out: str) -> None:
+    """A local output directory that cannot be created or written is the user's to fix: one line, not a
+    traceback from the first stage that writes (on object storage the store's own errors say it)."""
+    import os
+
+    from utilrag.errors import UtilragError
+    from utilrag.store import is_remote
+
+    if is_remote(out):
+        return
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UtilragError(f"output_dir {out}: cannot create it: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UtilragError(f"output_dir {out}: not writable by this user")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -360,12 +360,6 @@ class AnnotateScale(Strict):
         description="annotate: queries per actor call (every stage of them), one Parquet part per call; "
         "rag: requests per actor call (progress and resume granularity)",
     )
-    actor_restarts: int = Field(
-        3,
-        ge=0,
-        description="ignored (kept so old configs load): a crashed replica is restarted without limit, "
-        "Ray Data's default, and its batch retried whole",
-    )
     blocks_per_replica: int = Field(
         2,
         ge=1,

@@ -20,6 +20,27 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
 
 
+TIME_COMPRESSION_ENV = "UTILRAG_TIME_COMPRESSION"
+
+
+def compress_ray_data_clock(ctx) -> float:
+    """Tests and rehearsals only (never a config): $UTILRAG_TIME_COMPRESSION = F divides Ray Data's
+    issue-detector intervals (30 s each) by F, so a job shrunk by F still crosses as many detector
+    rounds as the full-size job would. Returns F (1 when unset)."""
+    import dataclasses
+
+    factor = float(os.environ.get(TIME_COMPRESSION_ENV) or 1)
+    if factor != 1:
+        # new config objects: a dataset's context may share them with the driver's (no compounding)
+        detectors = dataclasses.replace(ctx.issue_detectors_config)
+        for name in ("hanging_detector_config", "hash_shuffle_detector_config", "high_memory_detector_config"):
+            config = getattr(detectors, name)
+            interval = config.detection_time_interval_s / factor
+            setattr(detectors, name, dataclasses.replace(config, detection_time_interval_s=interval))
+        ctx.issue_detectors_config = detectors
+    return factor
+
+
 # Where object storage is, not who may read it: forwarded to the workers (an S3-compatible endpoint
 # set only in the submitting shell would otherwise send them to AWS). Credentials are never
 # forwarded (a runtime env is visible in the dashboard): workers take theirs from their nodes.

@@ -48,6 +48,7 @@ from utilrag.annotate.stages import (
 )
 from utilrag.config import AnnotateConfig
 from utilrag.logs import get_logger
+from utilrag.raycluster import compress_ray_data_clock
 from utilrag.store import read_manifest, write_manifest
 
 log = get_logger("annotate")
@@ -425,6 +426,7 @@ def _annotate(
     # A replica whose engine fails to start raises in its constructor; Ray Data replaces it this many
     # times in a row (its default, 0, fails the job at the first) before failing with that error.
     ds.context.max_consecutive_actor_init_deaths = acfg.scale.engine_start_retries
+    compress_ray_data_clock(ds.context)
     replicas: dict[int, dict] = {}  # pid -> engine starts seen, busy and alive seconds (counters only)
     rows, tokens = 0, 0
     t0 = last = time.time()
