@@ -177,6 +177,7 @@ def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(
         labels="utilsel",
         labels_path=str(tmp_path / "labels.parquet"),
         curriculum_human_percent=50,
+        checkpoint_every=None,  # checkpoints at phase ends only (~350 MB each here): the kill resumes from one
     )
     ingest(cfg)
     run_pools(cfg, cfg.pools[0])
