@@ -1,20 +1,24 @@
 """Offline checks of the cluster configs in cluster/: nothing is launched, no cloud or Kubernetes API is called.
 
 (a) the Ray cluster launcher configs (AWS, GCP) against Ray's ray-schema.json, and through Ray's own
-    prepare/validate step; (b) the KubeRay RayCluster and RayJob against the CRDs' OpenAPI schemas in
-    ../shared/schemas/kuberay/ (unknown fields refused, as `kubectl apply --validate=strict` does), plus
-    the operator's own rules that a schema cannot say; (c) the fit check: every resource request the
-    stages of jobs/configs/msmarco-qwen32b.yaml make fits a node type of every cluster, read the way
-    Ray's autoscalers read them, with negative controls; (d) security: no dashboard on 0.0.0.0 where a
-    port-forward is the way in, token auth on, no credentials in cluster/.
+    prepare/validate step; (b) every KubeRay overlay (GKE and EKS, RayCluster and RayJob), built with
+    `kubectl kustomize`, against the CRDs' OpenAPI schemas in ../shared/schemas/kuberay/ (unknown fields
+    refused, as `kubectl apply --validate=strict` does), plus the operator's own rules that a schema
+    cannot say and what each provider needs (storage class, GPU nodes, workload identity); (c) the fit
+    check: every resource request the stages of jobs/configs/msmarco-qwen32b.yaml make fits a node type
+    of every cluster, read the way Ray's autoscalers read them, with negative controls; (d) security: no
+    dashboard on 0.0.0.0 where a port-forward is the way in, token auth on, no credentials in cluster/.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import gzip
 import json
 import re
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -28,11 +32,30 @@ from utilrag.config import REPO_ROOT, AnnotateConfig, PipelineConfig, load_confi
 CLUSTER = REPO_ROOT / "cluster"
 AWS = CLUSTER / "aws-autoscaler.yaml"
 GCP = CLUSTER / "gcp-autoscaler.yaml"
-RAYCLUSTER = CLUSTER / "kuberay-raycluster.yaml"
-RAYJOB = CLUSTER / "kuberay-rayjob.yaml"
 DOCKERFILE = CLUSTER / "Dockerfile"
 LAUNCHERS = [AWS, GCP]
-KUBERAY = [RAYCLUSTER, RAYJOB]
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """cluster/kuberay/overlays/<provider>-<base>: what `kubectl apply -k` applies."""
+
+    provider: str  # gke | eks
+    base: str  # raycluster | rayjob
+
+    @property
+    def path(self) -> Path:
+        return CLUSTER / "kuberay" / "overlays" / self.name
+
+    @property
+    def name(self) -> str:
+        return f"{self.provider}-{self.base}"
+
+    stem = name
+
+
+KUBERAY = [Overlay(p, b) for p in ("gke", "eks") for b in ("raycluster", "rayjob")]
+RAYCLUSTER, RAYJOB = Overlay("gke", "raycluster"), Overlay("gke", "rayjob")
 PAPER = REPO_ROOT / "jobs" / "configs" / "msmarco-qwen32b.yaml"
 GPU_LOCK = REPO_ROOT / "requirements" / "gpu.lock"
 KUBERAY_SCHEMAS = REPO_ROOT.parent / "shared" / "schemas" / "kuberay"
@@ -59,18 +82,30 @@ GKE_ACCELERATOR = {"A100-80G": "nvidia-a100-80gb", "A100-40G": "nvidia-tesla-a10
 GKE_A100_80GB_MACHINES = {1: "a2-ultragpu-1g", 8: "a2-ultragpu-8g"}
 
 
-def docs(path: Path) -> list[dict]:
+def docs(path: Path | Overlay) -> list[dict]:
+    """A YAML file's documents, or what an overlay builds to."""
+    if isinstance(path, Overlay):
+        return copy.deepcopy(_built(path))
     return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
 
 
-def kind(path: Path, name: str) -> dict:
+@functools.cache
+def _built(overlay: Overlay) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (with kustomize built in) builds the KubeRay overlays offline"
+    built = subprocess.run([kubectl, "kustomize", str(overlay.path)], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    return [d for d in yaml.safe_load_all(built.stdout) if d]
+
+
+def kind(path: Path | Overlay, name: str) -> dict:
     (found,) = [d for d in docs(path) if d.get("kind") == name]
     return found
 
 
-def ray_cluster_spec(path: Path) -> dict:
+def ray_cluster_spec(path: Overlay) -> dict:
     """The RayCluster spec of a RayCluster or RayJob manifest."""
-    if path == RAYJOB:
+    if path.base == "rayjob":
         return kind(path, "RayJob")["spec"]["rayClusterSpec"]
     return kind(path, "RayCluster")["spec"]
 
@@ -186,12 +221,12 @@ def schema_errors(manifest: dict, schema: dict) -> list[str]:
     return [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(manifest)]
 
 
-@pytest.mark.parametrize(
-    "path,kind_name,crd",
-    [(RAYCLUSTER, "RayCluster", "ray.io_rayclusters.yaml.gz"), (RAYJOB, "RayJob", "ray.io_rayjobs.yaml.gz")],
-    ids=["raycluster", "rayjob"],
-)
-def test_kuberay_manifest_matches_the_crd(path, kind_name, crd):
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda o: o.name)
+def test_kuberay_manifest_matches_the_crd(path):
+    kind_name, crd = {
+        "raycluster": ("RayCluster", "ray.io_rayclusters.yaml.gz"),
+        "rayjob": ("RayJob", "ray.io_rayjobs.yaml.gz"),
+    }[path.base]
     schema = crd_schema(crd)
     manifest = kind(path, kind_name)
     assert manifest["apiVersion"] == "ray.io/v1"
@@ -203,7 +238,7 @@ def test_kuberay_manifest_matches_the_crd(path, kind_name, crd):
     assert any("rayStartParam" in e for e in schema_errors(broken, schema))
 
 
-@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda o: o.name)
 def test_kuberay_operator_rules(path):
     """What the operator's own validation refuses (ray-operator/controllers/ray/utils/validation.go)."""
     for manifest in docs(path):
@@ -218,10 +253,15 @@ def test_kuberay_operator_rules(path):
         assert "labels" not in params
         if not is_head:
             assert 0 <= group["minReplicas"] <= group["maxReplicas"]
-    if path == RAYJOB:
+    if path.base == "rayjob":
         job = kind(path, "RayJob")["spec"]
         assert job["shutdownAfterJobFinishes"] is True and not job.get("clusterSelector")
-        assert job["entrypoint"] == "python jobs/submit.py pipeline --config jobs/configs/msmarco-qwen32b.yaml"
+        # the run's config from the ConfigMap mounted on the head (where the driver runs), not the image
+        assert job["entrypoint"] == "python jobs/submit.py pipeline --config /home/ray/config/pipeline.yaml"
+        head = spec["headGroupSpec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in head["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
+        assert volumes[mounts["/home/ray/config"]]["configMap"] == {"name": "utilrag-pipeline"}
         assert yaml.safe_load(job["runtimeEnvYAML"]) == {"working_dir": "/home/ray/utilrag"}
         if job.get("submissionMode") == "SidecarMode":
             assert spec["headGroupSpec"]["template"]["spec"].get("restartPolicy", "Never") == "Never"
@@ -250,25 +290,77 @@ def test_kuberay_gpu_pods_are_80gb_a100s_with_what_ray_is_told():
             # and the backslashes; the shell of `ray start` does the same)
             assert re.fullmatch(r'"\{(\\"[^"\\]+\\": \d+(, )?)+\}"', group["rayStartParams"]["resources"])
             assert labels == {"A100-80G": gpus}, f"{path.name}/{group['groupName']}: {labels}"
-            assert pod["nodeSelector"]["cloud.google.com/gke-accelerator"] == GKE_ACCELERATOR["A100-80G"]
-            vcpu, _, _, memory_gb = MACHINES[GKE_A100_80GB_MACHINES[gpus]]
-            assert resources["CPU"] < vcpu and resources["memory"] < memory_gb * 1e9 * 0.95
+            if path.provider == "gke":  # the A100 80GB node pool: a2-ultragpu VMs of this many GPUs
+                assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": GKE_ACCELERATOR["A100-80G"]}
+                vcpu, _, _, memory_gb = MACHINES[GKE_A100_80GB_MACHINES[gpus]]
+                assert resources["CPU"] < vcpu and resources["memory"] < memory_gb * 1e9 * 0.95
+            else:  # EKS: p4de.24xlarge nodes (8 x A100 80GB, 96 vCPU, 1,152 GiB), as many pods as GPUs fit
+                (machine,) = [v for k, v in pod["nodeSelector"].items() if k == "node.kubernetes.io/instance-type"]
+                vcpu, node_gpus, accelerator, memory_gib = MACHINES[machine]
+                assert accelerator == "A100-80G" and node_gpus % gpus == 0
+                pods = node_gpus // gpus
+                assert pods * resources["CPU"] < vcpu and pods * resources["memory"] < memory_gib * 2**30 * 0.95
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+
+
+STORAGE_CLASS = {"gke": "standard-rwx", "eks": "efs-sc"}  # Filestore CSI; EFS CSI (its class in the overlay)
+IDENTITY = {"gke": "iam.gke.io/gcp-service-account", "eks": "eks.amazonaws.com/role-arn"}
 
 
 def test_every_pod_mounts_shared_storage_and_shm():
     for path in KUBERAY:
         (pvc,) = [d for d in docs(path) if d["kind"] == "PersistentVolumeClaim"]
         assert "ReadWriteMany" in pvc["spec"]["accessModes"]
-        for group, _ in groups(ray_cluster_spec(path)):
+        assert pvc["spec"]["storageClassName"] == STORAGE_CLASS[path.provider], path.name
+        for group, is_head in groups(ray_cluster_spec(path)):
             pod = group["template"]["spec"]
             volumes = {v["name"]: v for v in pod["volumes"]}
             mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
             claim = volumes[mounts[SHARED_MOUNT]]["persistentVolumeClaim"]["claimName"]
             assert claim == pvc["metadata"]["name"]
             assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
-    assert [d for d in docs(RAYCLUSTER) if d["kind"] == "PersistentVolumeClaim"] == [
-        d for d in docs(RAYJOB) if d["kind"] == "PersistentVolumeClaim"
-    ]
+            # the volume is the pods' user's: fsGroup (block volumes, EFS access points) and, for an NFS
+            # share's root-owned root, the head's init container, which runs before any worker exists
+            assert pod["securityContext"]["fsGroup"] == 100
+            if is_head:
+                (init,) = pod["initContainers"]
+                assert (
+                    init["securityContext"] == {"runAsUser": 0}
+                    and "chown 1000:100 " + SHARED_MOUNT in init["command"][-1]
+                )
+                assert {m["mountPath"] for m in init["volumeMounts"]} == {SHARED_MOUNT}
+            # GPU pods: room for the model's node-local copy
+            limits = pod["containers"][0]["resources"]["limits"]
+            if "nvidia.com/gpu" in limits:
+                assert limits["ephemeral-storage"] == pod["containers"][0]["resources"]["requests"]["ephemeral-storage"]
+    for provider in ("gke", "eks"):  # the RayCluster and the RayJob of a provider claim the same volume
+        claims = [
+            [d for d in docs(Overlay(provider, b)) if d["kind"] == "PersistentVolumeClaim"]
+            for b in ("raycluster", "rayjob")
+        ]
+        assert claims[0] == claims[1]
+    (efs,) = [d for d in docs(Overlay("eks", "raycluster")) if d["kind"] == "StorageClass"]
+    assert efs["metadata"]["name"] == "efs-sc" and efs["provisioner"] == "efs.csi.aws.com"
+    assert efs["parameters"]["provisioningMode"] == "efs-ap" and (
+        efs["parameters"]["uid"],
+        efs["parameters"]["gid"],
+    ) == ("1000", "100")
+
+
+def test_pods_take_their_cloud_identity_from_their_service_account():
+    """Workload Identity (GKE) / IRSA (EKS): every pod runs as the service account the overlay binds to a
+    cloud role, so no long-lived key is needed; the head's NetworkPolicy admits only Ray pods and the
+    operator (to the dashboard port)."""
+    for path in KUBERAY:
+        (account,) = [d for d in docs(path) if d["kind"] == "ServiceAccount"]
+        assert set(account["metadata"]["annotations"]) == {IDENTITY[path.provider]}, path.name
+        for group, _ in groups(ray_cluster_spec(path)):
+            assert group["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
+        (policy,) = [d for d in docs(path) if d["kind"] == "NetworkPolicy"]
+        assert policy["spec"]["podSelector"] == {"matchLabels": {"ray.io/node-type": "head"}}
+        rays, operator = policy["spec"]["ingress"]
+        assert rays == {"from": [{"podSelector": {"matchLabels": {"ray.io/is-ray-node": "yes"}}}]}
+        assert operator["ports"] == [{"port": 8265, "protocol": "TCP"}]
     for path in LAUNCHERS:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
         init = " ; ".join(config["initialization_commands"])  # on the host, before Docker starts
@@ -380,7 +472,7 @@ def launcher_nodes(path: Path) -> list[NodeType]:
     ]
 
 
-def kuberay_nodes(path: Path) -> list[NodeType]:
+def kuberay_nodes(path: Overlay) -> list[NodeType]:
     """Each group as Ray's KubeRay autoscaler reads it (CPU / GPU / memory from the pod, custom resources
     from rayStartParams.resources)."""
     from ray.autoscaler._private.kuberay.autoscaling_config import _node_type_from_group_spec
@@ -397,8 +489,7 @@ def kuberay_nodes(path: Path) -> list[NodeType]:
 CLUSTERS = {
     "aws": lambda: launcher_nodes(AWS),
     "gcp": lambda: launcher_nodes(GCP),
-    "kuberay-raycluster": lambda: kuberay_nodes(RAYCLUSTER),
-    "kuberay-rayjob": lambda: kuberay_nodes(RAYJOB),
+    **{f"kuberay-{o.name}": functools.partial(lambda o: kuberay_nodes(o), o) for o in KUBERAY},
 }
 
 
@@ -465,28 +556,29 @@ def test_output_dir_is_on_storage_every_cluster_mounts():
     from utilrag.pipeline import configured
     from utilrag.store import is_remote
 
-    # these stages refuse an s3:// / gs:// output_dir (a local or shared path "for now")
-    needs_a_path = [s for s in ("annotate", "train", "evaluate", "index", "rag") if configured(cfg, s)]
-    assert needs_a_path and not is_remote(cfg.output_dir)
+    # the paper config writes its stages' outputs to the shared volume every cluster mounts (each stage
+    # also runs with output_dir on s3:// / gs://: tests/test_object_storage.py)
+    writing = [s for s in ("annotate", "train", "evaluate", "index", "rag") if configured(cfg, s)]
+    assert writing and not is_remote(cfg.output_dir)
     assert Path(cfg.output_dir).is_relative_to(SHARED_MOUNT)
 
 
 # ----------------------------------------------------------------------------- (d) security
 def test_dashboard_is_not_on_every_interface():
-    for path in CLUSTER.iterdir():
-        if path.suffix in (".yaml", ".yml"):
-            values = [s for d in docs(path) for s in strings(d)]
-            assert not any("0.0.0.0" in s for s in values), path.name
+    for path in [*CLUSTER.rglob("*.yaml"), *KUBERAY]:
+        values = [s for d in docs(path) for s in strings(d)]
+        assert not any("0.0.0.0" in s for s in values), path.name
     for path in LAUNCHERS:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
         head = " ".join(config["head_start_ray_commands"])
         assert "--dashboard-host=127.0.0.1" in head  # reached through `ray dashboard` (SSH port-forward)
-    head = ray_cluster_spec(RAYCLUSTER)["headGroupSpec"]
-    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"  # reached with kubectl port-forward
-    # The RayJob's operator polls the job through the head Service, so its dashboard keeps KubeRay's
-    # pod-network binding; it must then be token-protected and stay inside the cluster.
-    head = ray_cluster_spec(RAYJOB)["headGroupSpec"]
-    assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress")
+    for path in KUBERAY:
+        head = ray_cluster_spec(path)["headGroupSpec"]
+        if path.base == "raycluster":
+            assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"  # reached with kubectl port-forward
+        else:  # the RayJob's operator polls the job through the head Service, so its dashboard keeps
+            # KubeRay's pod-network binding; it must then be token-protected and stay inside the cluster
+            assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress")
     for path in KUBERAY:
         assert ray_cluster_spec(path)["authOptions"] == {"mode": "token"}
 
@@ -517,7 +609,7 @@ def secrets_in(text: str) -> list[str]:
 def test_no_credentials_in_cluster_files():
     fake_key = "AKIA" + "ABCDEFGHIJKLMNOP"
     assert secrets_in(f"aws_access_key_id = {fake_key}") == [fake_key]  # the scanner finds one
-    for path in sorted(CLUSTER.iterdir()):
+    for path in sorted(CLUSTER.rglob("*")):
         if path.is_file():
             assert secrets_in(path.read_text(encoding="utf-8")) == [], path.name
     for path in KUBERAY:
