@@ -70,6 +70,9 @@ MACHINES = {
     "m6i.8xlarge": (32, 0, None, 128),
     "p4de.24xlarge": (96, 8, "A100-80G", 1152),
     "p4d.24xlarge": (96, 8, "A100-40G", 1152),
+    "p5.48xlarge": (192, 8, "H100", 2048),
+    "p5e.48xlarge": (192, 8, "H200", 2048),
+    "a3-highgpu-8g": (208, 8, "H100", 1872),
     "n2-standard-16": (16, 0, None, 64),
     "n2-standard-32": (32, 0, None, 128),
     "a2-ultragpu-1g": (12, 1, "A100-80G", 170),
@@ -143,6 +146,54 @@ def test_launcher_config_matches_rays_schema(path):
     ours = set(config["setup_commands"] + config["head_setup_commands"] + config["worker_setup_commands"])
     assert set(prepared["head_setup_commands"]) <= ours and set(prepared["worker_setup_commands"]) <= ours
     assert prepared["initialization_commands"] == config["initialization_commands"]
+
+
+def test_launcher_configs_carry_their_first_run_prerequisites():
+    """What `ray up` needs before the first worker can start and mount the shared volume, read from the
+    configs: AWS: the head's own instance profile (iam:PassRole for the workers' role: with the one
+    `ray up` makes, every worker launch fails), one security group made beforehand on every node (so
+    the EFS mount targets can admit it before the head mounts); GCP: each GPU type waits for the
+    driver its image installs at first boot before Docker starts, then mounts like the others. Both:
+    spot capacity beside on-demand (same shape and labels), Hopper types beside the A100 ones."""
+    aws = yaml.safe_load(AWS.read_text(encoding="utf-8"))
+    types = aws["available_node_types"]
+    head = types[aws["head_node_type"]]["node_config"]
+    assert head["IamInstanceProfile"]["Arn"].endswith(":instance-profile/utilrag-head")
+    workers = {n: t for n, t in types.items() if n != aws["head_node_type"]}
+    assert {t["node_config"]["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1] for t in workers.values()} == {
+        "utilrag-worker"
+    }
+    assert {tuple(t["node_config"]["SecurityGroupIds"]) for t in types.values()} == {("sg-YOUR-RAY-NODES",)}
+    assert "mount -t nfs4" in " ".join(aws["initialization_commands"])
+
+    gcp = yaml.safe_load(GCP.read_text(encoding="utf-8"))
+    for name, node in gcp["available_node_types"].items():
+        if node["resources"].get("GPU"):
+            wait, *rest = node["initialization_commands"]
+            assert "nvidia-smi" in wait and "exit 1" in wait, name  # waits, then fails loudly
+            assert rest == gcp["initialization_commands"], name  # and mounts like every other node
+            items = {i["key"]: i["value"] for i in node["node_config"]["metadata"]["items"]}
+            assert items["install-nvidia-driver"] == "True"
+        else:
+            assert "initialization_commands" not in node, name
+
+    for config, spot_of in (
+        (aws, lambda c: c.get("InstanceMarketOptions", {}).get("MarketType") == "spot"),
+        (gcp, lambda c: c.get("scheduling", {}).get("provisioningModel") == "SPOT"),
+    ):
+        types = config["available_node_types"]
+        spot = [n for n, t in types.items() if spot_of(t["node_config"])]
+        assert spot, "no spot / preemptible worker type"
+        for name in spot:
+            on_demand = types[name.removesuffix("-spot")]
+            assert not spot_of(on_demand["node_config"])
+            assert (types[name]["resources"], types[name]["labels"]) == (on_demand["resources"], on_demand["labels"])
+        accelerators = {
+            k.split(":", 1)[1] for t in types.values() for k in t["resources"] if k.startswith("accelerator_type:")
+        }
+        assert {"A100-80G", "H100"} <= accelerators, accelerators
+        # the cluster cap leaves room for every type's own cap
+        assert config["max_workers"] >= sum(t.get("max_workers", 0) for t in types.values())
 
 
 @pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.stem)
@@ -533,8 +584,8 @@ def test_fit_check_refuses_a_replica_larger_than_any_node(cluster):
 
 @pytest.mark.parametrize("cluster", CLUSTERS)
 def test_fit_check_refuses_an_accelerator_no_node_advertises(cluster):
-    cfg = load_config(PAPER, ["annotate.engine.accelerator_type=H100"])
-    assert any("accelerator_type:H100" in p for p in fit_problems(cfg, CLUSTERS[cluster]()))
+    cfg = load_config(PAPER, ["annotate.engine.accelerator_type=B200"])  # no config has Blackwell nodes
+    assert any("accelerator_type:B200" in p for p in fit_problems(cfg, CLUSTERS[cluster]()))
 
 
 @pytest.mark.parametrize("cluster", CLUSTERS)
