@@ -1,4 +1,4 @@
-"""utilrag <stage> --config FILE [key=value ...], utilrag pipeline [--dry-run], utilrag status, eval-run / eval-qa.
+"""utilrag <stage> --config FILE [key=value ...], utilrag pipeline [--dry-run], status, upload, eval-run / eval-qa.
 
 The stage commands come from the stage registry (``utilrag.stages``), in pipeline order. User
 mistakes (config, missing data, bad files) print one ``utilrag: error: ...`` line and exit 2.
@@ -43,6 +43,14 @@ def _eval_qa(args) -> None:
     from utilrag.rag.eval_qa import eval_qa, format_eval_qa
 
     print(format_eval_qa(eval_qa(args.data, args.predictions), args.json))
+
+
+def _upload(args) -> None:
+    from utilrag.logs import setup_logging
+    from utilrag.upload import render, upload
+
+    setup_logging("INFO")
+    print(render(upload(args.source, args.to, args.kind, args.name, args.data_root, args.revision)))
 
 
 def _config(args) -> None:
@@ -104,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--predictions", required=True, help="{question_id: answer} JSON, or JSONL of {query_id, answer}")
     p.add_argument("--json", action="store_true", help='print {"exact_match": …, "f1": …} like the official script')
+    p = sub.add_parser(
+        "upload",
+        help="copy a registered dataset, a local folder or a model to a bucket or shared path once, and print "
+        "the config override that uses it",
+    )
+    p.add_argument("source", help="a registered dataset name, a local folder, or a model (folder, hub owner/name)")
+    p.add_argument("--to", required=True, help="s3://bucket/prefix, gs://bucket/prefix or a shared path")
+    p.add_argument("--kind", default="auto", choices=["auto", "dataset", "files", "model"])
+    p.add_argument("--name", help="the folder name under datasets/ or models/ (default: from the source)")
+    p.add_argument("--data-root", help="where registered datasets are found or downloaded locally")
+    p.add_argument("--revision", help="a hub model's commit (pin it: the cluster then runs exactly that)")
     p = sub.add_parser("config", help="the configuration reference (Markdown), or its JSON schema")
     p.add_argument("--schema", action="store_true", help="print the JSON schema instead of the Markdown table")
     return parser
@@ -116,6 +135,8 @@ def _dispatch(args) -> None:
         return _config(args)
     if args.command == "eval-qa":
         return _eval_qa(args)
+    if args.command == "upload":
+        return _upload(args)
     from utilrag.config import load_config
     from utilrag.logs import setup_logging
 

@@ -136,6 +136,20 @@ def upload_dir(local_dir: str | os.PathLike, location: str) -> None:
     )
 
 
+def upload_file(local_file: str | os.PathLike, location: str) -> None:
+    """One local file to a location (a URI, or a local path: copied aside, then renamed into place)."""
+    fs, path = filesystem(location)
+    if not is_remote(location):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        shutil.copyfile(local_file, tmp)
+        os.replace(tmp, path)
+        return
+    pafs.copy_files(
+        str(Path(local_file).absolute()), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )
+
+
 def download_dir(location: str, local_dir: str | os.PathLike) -> None:
     fs, path = filesystem(location)
     os.makedirs(local_dir, exist_ok=True)

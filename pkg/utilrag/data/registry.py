@@ -106,6 +106,15 @@ REGISTRY: dict[str, Registered] = {
         for forum in CQADUPSTACK_FORUMS
     },
     "trec-dl-2020": _trec_dl(DL20_QRELS, DL20_QUERIES),
+    # The RepLLaMA / Tevatron MS MARCO train pool (1 positive + 30 hard negatives per query), the
+    # paper's annotation input: no fixed download here (the hub dataset Tevatron/msmarco-passage,
+    # exported as JSONL); `utilrag upload <folder> --kind dataset --name tevatron-msmarco` puts a copy
+    # under a bucket's data root.
+    "tevatron-msmarco": Registered(
+        "tevatron",
+        needs="*.jsonl[.gz] of {query_id, query, positive_passages, negative_passages} "
+        "(the Tevatron/msmarco-passage train split)",
+    ),
 }
 
 
