@@ -83,8 +83,17 @@ class DatasetConfig(Strict):
     path: str | None = Field(
         None, description="a local folder or s3:// / gs:// URI holding the layout; null: <data_root>/<name>"
     )
-    layout: Literal["auto", "beir", "msmarco", "tevatron", "qa"] = Field(
-        "auto", description="the files' layout (qa: a question-answering file, see the RAG section)"
+    layout: Literal["auto", "beir", "msmarco", "tevatron", "qa", "plain"] = Field(
+        "auto",
+        description="the files' layout (qa: a question-answering file, see the RAG section; plain: your own "
+        "corpus, docs/data.md)",
+    )
+    passage_words: int = Field(
+        200, ge=10, description="plain layout: a longer document is cut into passages of this many words"
+    )
+    passage_overlap: int = Field(50, ge=0, description="plain layout: words a passage shares with the one before")
+    max_document_mb: float = Field(
+        10.0, gt=0, description="plain layout: a .txt / .md document larger than this is rejected, not read"
     )
     relevance_threshold: int | None = Field(
         None, description="qrels grade counted relevant; null: the registry's (TREC DL: 2)"
@@ -102,6 +111,12 @@ class DatasetConfig(Strict):
         description="evaluation drops a retrieved document whose id is the query's (BEIR does this for ArguAna "
         "and Quora, whose queries are corpus documents); null: the registry's",
     )
+
+    @model_validator(mode="after")
+    def _overlap_below_window(self) -> DatasetConfig:
+        if self.passage_overlap >= self.passage_words:
+            raise ValueError(f"passage_overlap {self.passage_overlap} must be below passage_words {self.passage_words}")
+        return self
 
 
 class IngestConfig(Strict):

@@ -226,6 +226,34 @@ def tevatron_pools(line: str, ctx) -> list[dict]:
     ]
 
 
+def _field(record: dict, names: tuple[str, ...]):
+    return next((record[n] for n in names if record.get(n) not in (None, "")), None)
+
+
+def plain_corpus(record: dict, ctx) -> list[dict]:
+    """A plain-layout document (data/plain.py) -> its passages: one under its id, or ``id#k`` each."""
+    from utilrag.data.plain import passages
+
+    doc_id = _id(_field(record, ("id", "_id", "doc_id", "docid")), "id")
+    if "#" in doc_id:
+        raise RowError(f"id {doc_id!r} contains '#', which marks a passage of a document")
+    title = _text(_field(record, ("title",)) or "", "title")
+    text = _nonempty(_text(_field(record, ("text", "contents", "body")) or "", "text"), "text")
+    pieces = passages(text, ctx["passage_words"], ctx["passage_overlap"])
+    if len(pieces) == 1:
+        return [dict(doc_id=doc_id, title=title, text=pieces[0])]
+    return [dict(doc_id=f"{doc_id}#{k}", title=title, text=piece) for k, piece in enumerate(pieces)]
+
+
+def plain_queries(record: dict, ctx) -> list[dict]:
+    query_id = _id(_field(record, ("id", "_id", "query_id", "qid")), "id")
+    text = _nonempty(_text(_field(record, ("text", "query")) or "", "text"), "text")
+    return [dict(query_id=query_id, text=text)]
+
+
+# Parsers of whole records (data/plain.py reads them: a JSONL line, a CSV row, a Parquet row, a file).
+RECORD_PARSERS: dict[str, Callable[[dict, dict], list[dict]]] = {f.__name__: f for f in [plain_corpus, plain_queries]}
+
 PARSERS: dict[str, Callable[[str, dict], list[dict]]] = {
     f.__name__: f
     for f in [
@@ -247,6 +275,9 @@ PARSERS: dict[str, Callable[[str, dict], list[dict]]] = {
 # --------------------------------------------------------------------------- file -> batches
 def parse_file(uri: str, table: str, parser: str, ctx: dict, batch_rows: int = 20_000) -> Iterator[pa.Table]:
     """Yield Arrow batches (the table's columns + provenance) for every line of one file."""
+    if parser in RECORD_PARSERS:
+        yield from _parse_records(uri, table, parser, ctx, batch_rows)
+        return
     schema = parse_schema(table)
     parse = PARSERS[parser]
     rows: list[dict] = []
@@ -282,5 +313,34 @@ def parse_file(uri: str, table: str, parser: str, ctx: dict, batch_rows: int = 2
     except OSError as e:
         line_no += 1
         reject(f"read error after line {line_no - 1}: {e}", "")
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=schema)
+
+
+def _parse_records(uri: str, table: str, parser: str, ctx: dict, batch_rows: int) -> Iterator[pa.Table]:
+    """parse_file for the plain layout: records instead of lines, the same rows and rejects."""
+    from utilrag.data.plain import Bad, records
+
+    schema = parse_schema(table)
+    parse = RECORD_PARSERS[parser]
+    rows: list[dict] = []
+    try:
+        for position, raw, record in records(uri, table, ctx):
+            if isinstance(record, Bad):
+                rows.append(dict(_file=uri, _line=position, _reason=str(record), _raw=raw[:RAW_CHARS]))
+                continue
+            try:
+                for row in parse(record, ctx):
+                    row.update(_file=uri, _line=position, _raw=raw[:RAW_CHARS])
+                    rows.append(row)
+            except RowError as e:
+                rows.append(dict(_file=uri, _line=position, _reason=str(e), _raw=raw[:RAW_CHARS]))
+            if len(rows) >= batch_rows:
+                yield pa.Table.from_pylist(rows, schema=schema)
+                rows = []
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        rows.append(dict(_file=uri, _line=-1, _reason=f"truncated or corrupt file: {e}", _raw=""))
+    except (OSError, ValueError) as e:  # an unreadable Parquet or CSV file: one reject, the file named
+        rows.append(dict(_file=uri, _line=-1, _reason=f"read error: {e}", _raw=""))
     if rows:
         yield pa.Table.from_pylist(rows, schema=schema)

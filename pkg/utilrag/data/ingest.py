@@ -20,6 +20,7 @@ from utilrag import store
 from utilrag.config import DatasetConfig, IngestConfig, PipelineConfig, resolve_data_root
 from utilrag.data import registry
 from utilrag.data.formats import parse_file
+from utilrag.data.plain import fingerprint_text
 from utilrag.data.qa import REGISTERED_QA, read_qa, resolve_qa
 from utilrag.data.tables import REJECTS_SCHEMA, SCHEMAS, ParquetParts, fingerprint, write_table
 from utilrag.errors import UtilragError
@@ -77,11 +78,17 @@ def stream_parsed(jobs: list[registry.FileJob], batch_rows: int):
 
 
 # --------------------------------------------------------------------------- validation
+DROPPED = "dropped: "  # a reason whose row is dropped as a duplicate, not rejected as bad
+
+
 class Validator:
     """Global checks over one table's stream; remembers ids later tables refer to."""
 
-    def __init__(self, unknown_qrels_docs: str):
+    def __init__(self, unknown_qrels_docs: str, drop_duplicate_text: bool = False):
         self.unknown_qrels_docs = unknown_qrels_docs
+        # plain layout: a passage whose words (case, punctuation, spacing aside) an earlier one has is
+        # dropped, counted, and kept in the rejects file without counting against the threshold
+        self.texts: dict[str, str] | None = {} if drop_duplicate_text else None
         self.doc_ids: dict[str, int] = {}
         self.query_ids: dict[str, int] = {}
         self.seen_keys: set = set()
@@ -101,6 +108,12 @@ class Validator:
             if reason == "":  # an identical duplicate (Tevatron repeats passages across pools)
                 report.notes["identical duplicate merged"] += 1
                 continue
+            if reason.startswith(DROPPED):
+                report.notes["duplicate text dropped"] += 1
+                rejects.append(
+                    dict(table=table, file=files[i], line=lines[i], reason=reason[len(DROPPED) :], raw=raws[i] or "")
+                )
+                continue
             report.rejected += 1
             report.reasons[reason.split(" (")[0] if reason.startswith("duplicate") else _category(reason)] += 1
             raw = raws[i] or ""
@@ -111,7 +124,14 @@ class Validator:
 
     def _row_reason(self, table: str, row: dict, report: TableReport) -> str | None:
         if table == "corpus":
-            return self._unique(self.doc_ids, row["doc_id"], hash((row["title"], row["text"])), "doc id")
+            reason = self._unique(self.doc_ids, row["doc_id"], hash((row["title"], row["text"])), "doc id")
+            if reason is None and self.texts is not None:
+                words = fingerprint_text(row["text"])
+                first = self.texts.setdefault(words, row["doc_id"])
+                if first != row["doc_id"]:
+                    del self.doc_ids[row["doc_id"]]  # dropped: its id stays free
+                    return f"{DROPPED}duplicate text of {first}"
+            return reason
         if table == "queries":
             return self._unique(self.query_ids, row["query_id"], hash(row["text"]), "query id")
         if row["query_id"] not in self.query_ids:
@@ -159,6 +179,12 @@ def _input_fingerprint(resolved: registry.ResolvedDataset, icfg: IngestConfig) -
             "unknown_qrels_docs": resolved.unknown_qrels_docs,
             # only where it applies: the fingerprints of every other dataset stay as they were
             **({"ignore_identical_ids": True} if resolved.ignore_identical_ids else {}),
+            # plain layout: how documents are cut into passages (a new rule re-ingests)
+            **(
+                {"plain": {k: v for k, v in resolved.jobs[0].ctx.items() if k != "root"}}
+                if resolved.layout == "plain"
+                else {}
+            ),
             "reject_threshold": icfg.reject_threshold,
         }
     )
@@ -178,7 +204,7 @@ def ingest_dataset(resolved: registry.ResolvedDataset, out: str, icfg: IngestCon
 
     started = time.time()
     writer = store.begin(out, "ingest", fp, dataset=resolved.name)
-    validator = Validator(resolved.unknown_qrels_docs)
+    validator = Validator(resolved.unknown_qrels_docs, drop_duplicate_text=resolved.layout == "plain")
     reports: dict[str, TableReport] = {}
     all_rejects: list[dict] = []
     for table in TABLE_ORDER:

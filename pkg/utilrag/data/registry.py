@@ -160,6 +160,22 @@ def _detect_layout(files: list[str]) -> str:
     return "unknown"
 
 
+def _plain_jobs(root: str, ctx: dict) -> list[FileJob]:
+    """A plain corpus (data/plain.py): corpus.* if present, else every readable file under the folder;
+    queries.* beside it, optional."""
+    from utilrag.data import plain
+
+    files = plain.list_tree(root) or [root]
+    readable = [f for f in files if plain.suffix(f)]
+    queries = [f for f in readable if plain.QUERY_FILE.match(f.rsplit("/", 1)[-1].lower())]
+    named = [f for f in readable if re.match(r"^corpus\.", f.rsplit("/", 1)[-1].lower())]
+    corpus = named or [f for f in readable if f not in queries]
+    ctx = {**ctx, "root": root}
+    return [FileJob(f, "corpus", "plain_corpus", ctx) for f in corpus] + [
+        FileJob(f, "queries", "plain_queries", ctx) for f in queries
+    ]
+
+
 def _jobs_for(root: str, layout: str, files: list[str]) -> list[FileJob]:
     jobs: list[FileJob] = []
     if layout == "beir":
@@ -246,6 +262,15 @@ def resolve(ds: DatasetConfig, data_root: str, allow_download: bool = True) -> R
     single_file = not list_files(root) and exists(root)
     files = [root] if single_file else list_files(root)
     layout = ds.layout if ds.layout != "auto" else (reg.layout if reg else _detect_layout(files))
+    if layout == "plain":  # your own corpus: queries optional, no qrels
+        ctx = {"passage_words": ds.passage_words, "passage_overlap": ds.passage_overlap}
+        jobs = _plain_jobs(root, {**ctx, "max_document_mb": ds.max_document_mb})
+        if not any(j.table == "corpus" for j in jobs):
+            raise DatasetError(
+                f"dataset {ds.name!r} at {root}: no corpus file (.jsonl, .csv, .tsv, .parquet, .txt or .md) "
+                "for layout 'plain'"
+            )
+        return ResolvedDataset(ds.name, root, layout, 1, "reject", jobs, False)
     jobs = _jobs_for(root, layout, files)
     if not any(j.table == "corpus" for j in jobs) or not any(j.table == "queries" for j in jobs):
         raise DatasetError(
