@@ -126,6 +126,14 @@ def test_a_folder_of_markdown_files(ray_local, tmp_path, make_config):
         ("q1", "how do I set it up"),
         ("q3", "what about retrieval"),
     ]
+    # searchable: the BM25 stage over the passages, with the folder's own queries (no qrels: split "all")
+    from utilrag.config import BM25Config
+    from utilrag.index.bm25 import run_bm25
+
+    folder, _ = run_bm25(cfg, BM25Config(dataset="notes", split="all", k=2, stemmer=None))
+    run = pq.read_table(Path(folder) / "run.parquet").to_pylist()
+    top = {r["query_id"]: r["doc_id"] for r in run if r["rank"] == 1}
+    assert top == {"q1": "guide/setup.md", "q3": "My%20Notes.md#0"}
     assert _rejects(out) == {
         ("image.md", 1): "binary file (NUL bytes), not text",
         ("huge.txt", 1): "document of 50.0 MB, over max_document_mb 10.0",

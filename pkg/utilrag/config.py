@@ -140,7 +140,9 @@ class PoolsConfig(Strict):
 
 class BM25Config(Strict):
     dataset: str = Field(description="an ingested dataset; its corpus is indexed")
-    split: str = Field(description="queries of this qrels split are searched")
+    split: str = Field(
+        description="queries of this qrels split are searched; 'all': every query (a corpus without qrels)"
+    )
     k: int = Field(1000, gt=0, description="results per query")
     k1: float = Field(0.9, description="BM25 k1 (term frequency saturation)")
     b: float = Field(0.4, description="BM25 b (length normalisation)")

@@ -12,6 +12,8 @@ from utilrag.data.tables import SCHEMAS, read_table
 from utilrag.errors import UtilragError
 from utilrag.store import Committed, Store, require
 
+ALL_QUERIES = "all"  # a split name meaning every query of the dataset, judged or not
+
 
 class DatasetInputError(UtilragError):
     """A stage asked a dataset for something it does not have (a split, a run, queries)."""
@@ -48,9 +50,13 @@ class Dataset:
         return qrels_split(self.table("qrels"), split)
 
     def split_queries(self, split: str | None) -> tuple[list[str], list[str]]:
-        """The ids and texts of the queries judged in a qrels split (all queries if split is None)."""
+        """The ids and texts of the queries judged in a qrels split; every query for None, or for
+        ``all`` when no qrels split has that name (a corpus of your own has queries but no qrels)."""
         queries = self.table("queries")
-        if split is not None:
+        everything = split == ALL_QUERIES and ALL_QUERIES not in set(
+            self.table("qrels", ["split"]).column("split").to_pylist()
+        )
+        if split is not None and not everything:
             wanted = pa.array(sorted(set(self.qrels(split).column("query_id").to_pylist())), pa.string())
             queries = queries.filter(pc.is_in(queries.column("query_id"), wanted))
         return queries.column("query_id").to_pylist(), queries.column("text").to_pylist()
