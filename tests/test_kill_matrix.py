@@ -202,7 +202,8 @@ def test_kill_matrix_index_and_train(cli):
     assert cli("ingest").returncode == 0 and cli("pools").returncode == 0
     run_dir = store.dense_run("tiny", "train", "dense")
     _matrix(cli, "index", "index/search", run_dir, ["run.parquet"], "index.k=10", "index.k=5", points=("manifest",))
-    # The corpus embeddings themselves, killed under another passage length.
+    # The corpus embeddings themselves, killed under another passage length (8 tokens: shorter than the
+    # tiny corpus's 12-word passages, so the embeddings differ).
     emb = store.embeddings("tiny", "sentence-transformers/all-MiniLM-L6-v2")
     _matrix(
         cli,
@@ -211,7 +212,7 @@ def test_kill_matrix_index_and_train(cli):
         emb,
         ["parts"],
         "index.passage_max_len=32",
-        "index.passage_max_len=24",
+        "index.passage_max_len=8",
         points=("manifest",),
     )
 

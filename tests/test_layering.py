@@ -1,6 +1,7 @@
 """The package layering: core modules import no stage; a stage package imports only stages before
 it in the pipeline (data -> annotate -> train -> index -> evaluate -> rag); only the CLI and the
-pipeline (and status, which reads every stage's folders) see everything. Imports inside functions count too."""
+pipeline (and status, which reads every stage's folders, and upload, which stages every stage's data
+and models) see everything. Imports inside functions count too."""
 
 import ast
 from pathlib import Path
@@ -9,7 +10,7 @@ PKG = Path(__file__).resolve().parents[1] / "pkg" / "utilrag"
 
 # Stage packages in pipeline order; a package may import itself and those before it.
 STAGE_PACKAGES = ["data", "annotate", "train", "index", "evaluate", "rag"]
-TOP = {"utilrag.cli", "utilrag.pipeline", "utilrag.status"}
+TOP = {"utilrag.cli", "utilrag.pipeline", "utilrag.status", "utilrag.upload"}
 
 
 def _module_name(path: Path) -> str:
