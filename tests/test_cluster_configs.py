@@ -354,7 +354,7 @@ def test_kuberay_gpu_pods_are_80gb_a100s_with_what_ray_is_told():
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
 
 
-STORAGE_CLASS = {"gke": "standard-rwx", "eks": "efs-sc"}  # Filestore CSI; EFS CSI (its class in the overlay)
+STORAGE_CLASS = {"gke": "standard-rwx", "eks": "utilrag-efs"}  # Filestore CSI; EFS CSI (its class in the overlay)
 IDENTITY = {"gke": "iam.gke.io/gcp-service-account", "eks": "eks.amazonaws.com/role-arn"}
 
 
@@ -391,7 +391,8 @@ def test_every_pod_mounts_shared_storage_and_shm():
         ]
         assert claims[0] == claims[1]
     (efs,) = [d for d in docs(Overlay("eks", "raycluster")) if d["kind"] == "StorageClass"]
-    assert efs["metadata"]["name"] == "efs-sc" and efs["provisioner"] == "efs.csi.aws.com"
+    assert efs["metadata"]["name"] == "utilrag-efs" and efs["provisioner"] == "efs.csi.aws.com"
+    assert efs["reclaimPolicy"] == "Retain"  # deleting an overlay's claim keeps the outputs
     assert efs["parameters"]["provisioningMode"] == "efs-ap" and (
         efs["parameters"]["uid"],
         efs["parameters"]["gid"],

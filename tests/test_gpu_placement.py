@@ -184,6 +184,7 @@ def test_replicas_on_the_gpu_node_and_no_placement_group_left(shared_datasets, t
     assert asked and all(r.get("GPU") == tp and f"accelerator_type:{ACCELERATOR}" in r for r in asked), asked
     assert after == before == [], (before, after)
     assert seen_groups == set(), seen_groups
+    assert f"time compressed by F = {F}" in log and "high_memory 5s" in log, log[-3000:]  # the driver applied it
     assert wall > 2 * 30 / F, f"the job ran {wall:.0f}s; it should outlast two {30 / F:.0f} s detector rounds"
 
     stage_dir = out / "annotate" / "trec-dl-2019-default"

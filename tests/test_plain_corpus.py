@@ -139,3 +139,34 @@ def test_a_folder_of_markdown_files(ray_local, tmp_path, make_config):
         ("huge.txt", 1): "document of 50.0 MB, over max_document_mb 10.0",
         ("queries.txt", 2): "empty line",
     }
+
+
+def test_csv_with_a_byte_order_mark_and_a_long_field_and_a_folder_on_s3(s3_env, tmp_path):
+    """Excel's CSV export (a BOM before the header) and a 200 KB document in one field are read; a plain
+    corpus on object storage given with a trailing slash lists its files under their own URIs."""
+    from conftest import S3_BUCKET
+    from utilrag import store
+    from utilrag.config import DatasetConfig
+    from utilrag.data.formats import parse_file
+    from utilrag.data.registry import resolve
+
+    long_text = "word " * 40_000
+    csv_file = tmp_path / "docs.csv"
+    csv_file.write_bytes(b"\xef\xbb\xbfid,title,text\n" + f"a,A,short text\nb,B,{long_text}\n".encode())
+    ctx = {"passage_words": 200, "passage_overlap": 50, "max_document_mb": 10.0, "root": str(tmp_path)}
+    rows = [r for t in parse_file(str(csv_file), "corpus", "plain_corpus", ctx) for r in t.to_pylist()]
+    assert [r["_reason"] for r in rows if r["_reason"]] == []
+    assert (
+        rows[0]["doc_id"] == "a" and rows[1]["doc_id"] == "b#0" and len(rows) == 1 + len(passages(long_text, 200, 50))
+    )
+
+    root = f"s3://{S3_BUCKET}/plain/notes"
+    store.write_text(f"{root}/guide/setup.md", "# Setup\nInstall it.")
+    store.write_text(f"{root}/queries.txt", "how to install\n")
+    resolved = resolve(DatasetConfig(name="notes", path=root + "/", layout="plain"), "")
+    assert sorted((j.uri, j.table) for j in resolved.jobs) == [
+        (f"{root}/guide/setup.md", "corpus"),
+        (f"{root}/queries.txt", "queries"),
+    ]
+    [table] = parse_file(f"{root}/guide/setup.md", "corpus", "plain_corpus", resolved.jobs[0].ctx)
+    assert table.to_pylist()[0]["doc_id"] == "guide/setup.md"

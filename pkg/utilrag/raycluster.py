@@ -29,15 +29,30 @@ def compress_ray_data_clock(ctx) -> float:
     rounds as the full-size job would. Returns F (1 when unset)."""
     import dataclasses
 
-    factor = float(os.environ.get(TIME_COMPRESSION_ENV) or 1)
+    from utilrag.errors import UtilragError
+    from utilrag.logs import get_logger
+
+    given = os.environ.get(TIME_COMPRESSION_ENV) or "1"
+    try:
+        factor = float(given)
+    except ValueError:
+        factor = 0.0
+    if not factor > 0:
+        raise UtilragError(f"${TIME_COMPRESSION_ENV}={given!r}: give a positive number (the time compression)")
     if factor != 1:
-        # new config objects: a dataset's context may share them with the driver's (no compounding)
         detectors = dataclasses.replace(ctx.issue_detectors_config)
+        intervals = {}
         for name in ("hanging_detector_config", "hash_shuffle_detector_config", "high_memory_detector_config"):
             config = getattr(detectors, name)
-            interval = config.detection_time_interval_s / factor
-            setattr(detectors, name, dataclasses.replace(config, detection_time_interval_s=interval))
+            if config.detection_time_interval_s > 0:  # -1: a detector turned off stays off
+                interval = config.detection_time_interval_s / factor
+                setattr(detectors, name, dataclasses.replace(config, detection_time_interval_s=interval))
+                intervals[name.removesuffix("_detector_config")] = interval
         ctx.issue_detectors_config = detectors
+        get_logger("ray").warning(
+            f"time compressed by F = {factor:g} (${TIME_COMPRESSION_ENV}, tests and rehearsals only): Ray Data's "
+            f"issue detectors every {', '.join(f'{k} {v:g}s' for k, v in intervals.items())}"
+        )
     return factor
 
 

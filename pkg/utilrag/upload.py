@@ -133,9 +133,16 @@ def upload(
     to = to.rstrip("/")
     store.filesystem(to)  # a destination that cannot be opened: one line before anything is read
     if kind == "dataset":
+        from utilrag.data.registry import REGISTRY
+
         local, folder = _dataset_folder(source, data_root)
-        location = store.join(to, "datasets", *(name or folder).split("/"))
-        overrides = [f"data_root={store.join(to, 'datasets')}"]
+        registered = REGISTRY.get(name or folder)
+        if registered is not None:  # where the registry looks for it under a data root
+            location = store.join(to, "datasets", *(registered.folder or name or folder).split("/"))
+            overrides = [f"data_root={store.join(to, 'datasets')}"]
+        else:  # not a registered name: the dataset is found by its path
+            location = store.join(to, "datasets", name or folder)
+            overrides = [f"ingest.datasets.N.path={location}   (N: the dataset's index in ingest.datasets)"]
     elif kind == "files":
         local = Path(source).expanduser().resolve()
         if not local.is_dir():
@@ -150,7 +157,10 @@ def upload(
         location = store.join(to, "models", slug)
         overrides = [f"annotate.model={location}", f"rag.model={location}"]
     if not store.is_remote(location):
-        os.makedirs(location, exist_ok=True)
+        try:
+            os.makedirs(location, exist_ok=True)
+        except OSError as e:
+            raise UploadError(f"upload: cannot create {location}: {e.strerror or e}") from None
     files, size, seconds = _copy(local, location)
     return Uploaded(kind, str(local), location, files, size, round(seconds, 1), overrides)
 

@@ -72,7 +72,8 @@ def stream_parsed(jobs: list[registry.FileJob], batch_rows: int):
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # first occurrence wins, deterministically
     items = [{"job": json.dumps({**asdict(j), "batch_rows": batch_rows})} for j in jobs]
-    ds: Any = ray.data.from_items(items, override_num_blocks=len(items))
+    # one task per file, up to 1,000 tasks (a folder of 100,000 Markdown files: ~100 files a task)
+    ds: Any = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
     ds = ds.map_batches(parse_file_batch, batch_size=1, batch_format="numpy")
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
@@ -88,7 +89,7 @@ class Validator:
         self.unknown_qrels_docs = unknown_qrels_docs
         # plain layout: a passage whose words (case, punctuation, spacing aside) an earlier one has is
         # dropped, counted, and kept in the rejects file without counting against the threshold
-        self.texts: dict[str, str] | None = {} if drop_duplicate_text else None
+        self.texts: dict[bytes, str] | None = {} if drop_duplicate_text else None
         self.doc_ids: dict[str, int] = {}
         self.query_ids: dict[str, int] = {}
         self.seen_keys: set = set()
@@ -127,7 +128,7 @@ class Validator:
             reason = self._unique(self.doc_ids, row["doc_id"], hash((row["title"], row["text"])), "doc id")
             if reason is None and self.texts is not None:
                 words = fingerprint_text(row["text"])
-                first = self.texts.setdefault(words, row["doc_id"])
+                first = row["doc_id"] if words is None else self.texts.setdefault(words, row["doc_id"])
                 if first != row["doc_id"]:
                     del self.doc_ids[row["doc_id"]]  # dropped: its id stays free
                     return f"{DROPPED}duplicate text of {first}"

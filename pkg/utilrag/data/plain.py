@@ -41,10 +41,11 @@ def list_tree(root: str) -> list[str]:
     """Every file under a folder (local or URI), recursively, sorted."""
     import pyarrow.fs as pafs
 
+    root = store.normalize(root)  # s3://b/corpus/ and s3://b/corpus alike
     fs, path = store.filesystem(root)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
-    prefix = root[: len(root) - len(path)] if store.is_remote(root) else ""
+    prefix = root.split("://", 1)[0] + "://" if store.is_remote(root) else ""
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File)
 
@@ -96,8 +97,10 @@ def _rows(uri: str, kind: str) -> Iterator[tuple[int, str, dict | Bad]]:
                     yield position, json.dumps(row, default=str)[:300], row
         return
     compression = "gzip" if uri.endswith(".gz") else None
+    csv.field_size_limit(2**31 - 1)  # a long document in one field (the default stops at 128 KiB)
     with fs.open_input_stream(path, compression=compression) as f:
-        reader = io.TextIOWrapper(f, encoding="utf-8", errors="strict", newline="")
+        # utf-8-sig: a byte-order mark (Excel's CSV export) is not part of the first column's name
+        reader = io.TextIOWrapper(f, encoding="utf-8-sig", errors="strict", newline="")
         try:
             if kind in (".csv", ".tsv"):
                 rows = csv.DictReader(reader, delimiter="\t" if kind == ".tsv" else ",")
@@ -117,6 +120,8 @@ def _rows(uri: str, kind: str) -> Iterator[tuple[int, str, dict | Bad]]:
                 yield position, line[:300], obj if isinstance(obj, dict) else Bad("JSON line is not an object")
         except UnicodeDecodeError as e:
             yield -1, "", Bad(f"invalid UTF-8 ({e.reason}); the rest of the file is unread")
+        except csv.Error as e:
+            yield -1, "", Bad(f"malformed CSV ({e}); the rest of the file is unread")
 
 
 def _query_lines(uri: str) -> Iterator[tuple[int, str, dict | Bad]]:
@@ -146,6 +151,10 @@ def passages(text: str, words: int, overlap: int) -> list[str]:
     return [" ".join(tokens[s : s + words]) for s in starts]
 
 
-def fingerprint_text(text: str) -> str:
-    """The words of a text, lower case, without punctuation: equal for exact and near duplicates."""
-    return " ".join(re.findall(r"\w+", text.lower()))
+def fingerprint_text(text: str) -> bytes | None:
+    """A digest of a text's words, lower case, without punctuation: equal for exact and near duplicates
+    (16 bytes a passage, whatever its length); None for a text without a word (never a duplicate)."""
+    import hashlib
+
+    words = " ".join(re.findall(r"\w+", text.lower()))
+    return hashlib.blake2b(words.encode(), digest_size=16).digest() if words else None

@@ -217,6 +217,8 @@ def offline_message(name: str, folder: str) -> str:
 def download(name: str, folder: Path) -> None:
     """Fetch a registered dataset's official files into folder (raises DatasetError when offline)."""
     reg = REGISTRY[name]
+    if not reg.downloads:  # no public file to fetch (tevatron-msmarco): say what goes where
+        raise DatasetError(offline_message(name, str(folder)))
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
         for url, target in reg.downloads:
