@@ -134,6 +134,19 @@ def test_a_folder_of_markdown_files(ray_local, tmp_path, make_config):
     run = pq.read_table(Path(folder) / "run.parquet").to_pylist()
     top = {r["query_id"]: r["doc_id"] for r in run if r["rank"] == 1}
     assert top == {"q1": "guide/setup.md", "q3": "My%20Notes.md#0"}
+    # pools without human positives: each query keeps the run's top passages (no qrels: kept by default)
+    from utilrag.config import PoolsConfig
+    from utilrag.data import run_pools
+
+    folder, _ = run_pools(cfg, PoolsConfig(dataset="notes", split="all", size=3))
+    pools = pq.read_table(Path(folder) / "pools.parquet").to_pylist()
+    assert {p["query_id"] for p in pools} == {"q1", "q3"}
+    assert {p["source"] for p in pools} == {"bm25s"} and {p["human_grade"] for p in pools} == {None}
+    stats = read_manifest(folder)["stats"]
+    assert stats["no_positive"] == stats["unlabeled_kept"] == 2
+    # a passage BM25 scored at all is a candidate: here fewer than 3 per query (short pools, counted)
+    matched = {(r["query_id"], r["doc_id"]) for r in run}
+    assert {(p["query_id"], p["doc_id"]) for p in pools} <= matched and stats["short_pool"] == 2
     assert _rejects(out) == {
         ("image.md", 1): "binary file (NUL bytes), not text",
         ("huge.txt", 1): "document of 50.0 MB, over max_document_mb 10.0",

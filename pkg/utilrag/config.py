@@ -129,12 +129,17 @@ class IngestConfig(Strict):
 
 class PoolsConfig(Strict):
     dataset: str = Field(description="an ingested dataset")
-    split: str = Field(description="the qrels split whose queries get pools")
+    split: str = Field(description="the qrels split whose queries get pools; 'all': every query (no qrels needed)")
     run: str | None = Field(None, description="an ingested run giving hard negatives; null: BM25 over the corpus")
     size: int = Field(31, ge=2, description="passages per pool (the paper: 1 human positive + 30 negatives)")
     seed: int = Field(0, description="seed of the per-query shuffle and of the max_queries sample")
     max_queries: int | None = Field(
         None, description="a seeded sample of the split's queries, for small local runs; null: all"
+    )
+    keep_unlabeled: bool | None = Field(
+        None,
+        description="a query without a human positive gets a pool of the run's top passages (no positive in it) "
+        "instead of being dropped; null: only when the dataset has no qrels (your own corpus, split 'all')",
     )
 
 

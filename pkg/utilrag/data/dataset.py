@@ -47,7 +47,10 @@ class Dataset:
         return read_table(self.committed.path(table), columns=columns)
 
     def qrels(self, split: str | None) -> pa.Table:
-        return qrels_split(self.table("qrels"), split)
+        table = self.table("qrels")
+        if split == ALL_QUERIES and ALL_QUERIES not in set(table.column("split").to_pylist()):
+            return table  # every query: every judgment there is (none for a corpus of your own)
+        return qrels_split(table, split)
 
     def split_queries(self, split: str | None) -> tuple[list[str], list[str]]:
         """The ids and texts of the queries judged in a qrels split; every query for None, or for

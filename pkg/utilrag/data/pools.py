@@ -32,11 +32,14 @@ def build_pools(
     threshold: int,
     negative_source: str,
     corpus_ids: set[str] | None = None,
+    keep_unlabeled: bool = False,
 ) -> tuple[pa.Table, dict]:
     """Positives (grade >= threshold) first, then the run's top documents that are not judged
     relevant, to ``size``; each pool shuffled by a per-query seeded RNG (stable under subsetting).
     With ``corpus_ids``, judged positives without a text in the corpus (DL19 judges passages
-    outside its shipped pool) are left out and counted: an annotator cannot be shown them."""
+    outside its shipped pool) are left out and counted: an annotator cannot be shown them. With
+    ``keep_unlabeled``, a query without a positive keeps a pool of the run's top passages (none of them
+    known relevant: what the annotator then labels is all the signal there is)."""
     grades: dict[str, dict[str, int]] = defaultdict(dict)
     for q, d, g in zip(*(qrels.column(c).to_pylist() for c in ["query_id", "doc_id", "grade"])):
         grades[q][d] = g
@@ -45,6 +48,8 @@ def build_pools(
         ranked[q].append((r, d))
     rows: dict[str, list[Any]] = {name: [] for name in SCHEMAS["pools"].names}
     stats = {"queries": 0, "no_positive": 0, "short_pool": 0, "positives_cut": 0, "positives_without_text": 0}
+    if keep_unlabeled:
+        stats["unlabeled_kept"] = 0
     for qid in query_ids:
         positives = sorted(d for d, g in grades[qid].items() if g >= threshold)
         if corpus_ids is not None:
@@ -52,7 +57,9 @@ def build_pools(
             positives = [d for d in positives if d in corpus_ids]
         if not positives:
             stats["no_positive"] += 1
-            continue
+            if not keep_unlabeled or not ranked[qid]:
+                continue
+            stats["unlabeled_kept"] += 1
         if len(positives) > size - 1:  # keep room for at least one negative
             stats["positives_cut"] += 1
             positives = random.Random(f"{seed}:{qid}:pos").sample(positives, size - 1)
@@ -107,7 +114,9 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> tuple[str, bool]:
     dataset = open_dataset(cfg, pcfg.dataset)
     out = Store(cfg.output_dir).pools(pcfg.dataset, pcfg.split)
     given = {"given": "shuffled"} if dataset.has("pools") else {}  # built pools' fingerprints unchanged
-    fp = fingerprint({"input": dataset.fingerprint, "config": pcfg.model_dump(), "positives": "with-text", **given})
+    # keep_unlabeled left at null: the fingerprints of pools built before it existed stay as they were
+    settings = pcfg.model_dump(exclude={"keep_unlabeled"} if pcfg.keep_unlabeled is None else set())
+    fp = fingerprint({"input": dataset.fingerprint, "config": settings, "positives": "with-text", **given})
     if store.reusable(out, fp) is not None:
         log.info(f"{pcfg.dataset}/{pcfg.split}: unchanged, reusing {out}")
         return out, True
@@ -140,6 +149,7 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> tuple[str, bool]:
             dataset.relevance_threshold,
             pcfg.run or "bm25s",
             corpus_ids,
+            keep_unlabeled=pcfg.keep_unlabeled if pcfg.keep_unlabeled is not None else not dataset.has("qrels"),
         )
     write_table(pools, writer.path("pools.parquet"))
     writer.commit(
