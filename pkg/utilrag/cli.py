@@ -142,6 +142,8 @@ def _dispatch(args) -> None:
 
     setup_logging(args.log_level)
     cfg = load_config(args.config, args.overrides)
+    if args.command not in ("status", "annotate-report") and not getattr(args, "dry_run", False):
+        _check_output_dir(str(cfg.output_dir))  # every command that writes
     if args.command == "pipeline" and args.dry_run:
         _dry_run(cfg, args)
     elif args.command == "status":
@@ -152,12 +154,10 @@ def _dispatch(args) -> None:
     elif args.command == "pipeline":
         from utilrag.pipeline import run_pipeline
 
-        _check_output_dir(str(cfg.output_dir))
         run_pipeline(cfg, only=args.only, start=args.start)
     elif args.command == "run":
         from utilrag.pipeline import run_pipeline
 
-        _check_output_dir(str(cfg.output_dir))
         run_pipeline(cfg)
     elif args.command == "annotate-report":
         from utilrag.annotate import print_reports
@@ -166,7 +166,6 @@ def _dispatch(args) -> None:
     else:
         from utilrag.stages import get_stage
 
-        _check_output_dir(str(cfg.output_dir))
         get_stage(args.command).runner()(cfg)
 
 

@@ -46,9 +46,13 @@ class Dataset:
             return empty.select(columns) if columns else empty
         return read_table(self.committed.path(table), columns=columns)
 
+    def _every_query(self, split: str | None, qrels: pa.Table) -> bool:
+        """``all`` names every query when no qrels split has that name (a corpus of your own)."""
+        return split == ALL_QUERIES and ALL_QUERIES not in set(qrels.column("split").to_pylist())
+
     def qrels(self, split: str | None) -> pa.Table:
         table = self.table("qrels")
-        if split == ALL_QUERIES and ALL_QUERIES not in set(table.column("split").to_pylist()):
+        if self._every_query(split, table):
             return table  # every query: every judgment there is (none for a corpus of your own)
         return qrels_split(table, split)
 
@@ -56,10 +60,7 @@ class Dataset:
         """The ids and texts of the queries judged in a qrels split; every query for None, or for
         ``all`` when no qrels split has that name (a corpus of your own has queries but no qrels)."""
         queries = self.table("queries")
-        everything = split == ALL_QUERIES and ALL_QUERIES not in set(
-            self.table("qrels", ["split"]).column("split").to_pylist()
-        )
-        if split is not None and not everything:
+        if split is not None and not self._every_query(split, self.table("qrels", ["split"])):
             wanted = pa.array(sorted(set(self.qrels(split).column("query_id").to_pylist())), pa.string())
             queries = queries.filter(pc.is_in(queries.column("query_id"), wanted))
         return queries.column("query_id").to_pylist(), queries.column("text").to_pylist()
