@@ -1,5 +1,7 @@
 """Metrics against published numbers on the real DL19 runs, and against hand-computed values."""
 
+import contextlib
+import io
 import json
 import math
 import subprocess
@@ -14,11 +16,19 @@ from utilrag.evaluate import evaluate
 DL19 = "trec-dl-2019"
 
 
-def eval_run(*args):
-    proc = subprocess.run(
-        [sys.executable, "-m", "utilrag.cli", "eval-run", *args], capture_output=True, text=True, timeout=120
-    )
-    return proc
+def eval_run(*args, process: bool = False):
+    """`utilrag eval-run ARGS`: in this process (main() as the console script calls it: its exit code,
+    stdout, stderr), or as a process of its own where the exit status itself is under test."""
+    if process:
+        return subprocess.run(
+            [sys.executable, "-m", "utilrag.cli", "eval-run", *args], capture_output=True, text=True, timeout=120
+        )
+    from utilrag.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["eval-run", *args])
+    return subprocess.CompletedProcess(["utilrag", "eval-run", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("run, ndcg", [("bm25", 0.5058), ("splade-pp", 0.7308), ("tasb", 0.7210)])
@@ -79,7 +89,7 @@ def test_hand_computed_values():
 
 def test_bad_run_file_names_file_and_line(tmp_path, shared_datasets):
     run = write_lines(tmp_path / "bad.trec", ["19335 Q0 1017759 1 2.0 x", "19335 Q0 oops"])
-    proc = eval_run("--qrels", str(shared_datasets / DL19 / "qrels.txt"), "--run", str(run))
+    proc = eval_run("--qrels", str(shared_datasets / DL19 / "qrels.txt"), "--run", str(run), process=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"utilrag: error: {run}:2: expected 6 columns, found 3"
     proc = eval_run("--qrels", str(tmp_path / "none.txt"), "--run", str(run))
