@@ -12,6 +12,7 @@ from utilrag.config import (
     config_reference,
     load_config,
 )
+from utilrag.plan import evaluate_runs, index_targets, make_plan
 
 LOCAL = REPO_ROOT / "jobs" / "configs" / "local.yaml"
 PAPER = REPO_ROOT / "jobs" / "configs" / "msmarco-qwen32b.yaml"
@@ -191,10 +192,10 @@ def test_the_paper_config_indexes_and_evaluates_the_model_it_trains():
     assert cfg.train.runs()[-1].curriculum_human_percent == 20 and cfg.train.runs()[0].labels == "human"
     overrides = cfg.index.model_dump(include={"pooling", "normalize", "query_max_len", "passage_max_len"})
     assert set(overrides.values()) == {None}
-    trained = {(t.dataset, t.label): t.model for t in cfg.index.targets}
+    trained = {(t.dataset, t.label): t.model for t in index_targets(cfg)}
     assert trained[("msmarco-passage", "utilsel")] == "train:utilsel"
     assert trained[("trec-dl-2019", "human-rerank-bm25")] == "train:human"
-    scored = {(r.dataset, r.run) for r in cfg.evaluate.runs if r.setting}
+    scored = {(r.dataset, r.run) for r in evaluate_runs(cfg) if r.setting}
     assert scored == {(d, label) for d, label in trained}
     assert cfg.evaluate.baseline == "bm25s" and cfg.evaluate.settings_baseline == "human"
 
@@ -213,17 +214,34 @@ def test_train_settings_are_runs_with_their_keys_changed():
     assert (util.name, util.labels, util.curriculum_human_percent, util.lr) == ("util", "utilsel", 20.0, 2e-5)
     assert (one.loss, one.positives, one.settings) == ("single", "one", [])
     # each retriever searches each trained target, and evaluate scores each run, tagged with its setting
-    added = [(t.label, t.model, t.rerank) for t in cfg.index.targets if t.model]
+    added = [(t.label, t.model, t.rerank) for t in index_targets(cfg) if t.model]
     assert added == [
         ("human", "train:human", None), ("human-rerank-bm25", "train:human", "bm25"),
         ("util", "train:util", None), ("util-rerank-bm25", "train:util", "bm25"),
         ("one", "train:one", None), ("one-rerank-bm25", "train:one", "bm25"),
     ]  # fmt: skip
-    scored = [(r.run, r.setting) for r in cfg.evaluate.runs if r.setting]
+    scored = [(r.run, r.setting) for r in evaluate_runs(cfg) if r.setting]
     assert scored == [(label, model.split(":")[1]) for label, model, _ in added]
-    # written out once: validating the dumped config adds nothing
+    # derived by the plan, never written into the config: the tree holds what the file says
+    assert not [t for t in cfg.index.targets if t.model] and not [r for r in cfg.evaluate.runs if r.setting]
     again = PipelineConfig.model_validate(cfg.model_dump())
-    assert again.index.targets == cfg.index.targets and again.evaluate.runs == cfg.evaluate.runs
+    assert index_targets(again) == index_targets(cfg) and evaluate_runs(again) == evaluate_runs(cfg)
+    # the plan: each setting's labels, the annotation stages they need, its searches
+    plan = make_plan(cfg, ["annotate", "train", "index", "evaluate"])
+    util_plan = next(s for s in plan.settings if s.name == "util")
+    assert util_plan.annotation_stages == ["relsel", "answer", "utilsel"]
+    assert util_plan.index_runs == ["scifact-test/util", "trec-dl-2019-all/util-rerank-bm25"]
+    assert next(s for s in plan.settings if s.name == "human").annotation_stages == []
+    assert len(plan.index_targets) == len(index_targets(cfg)) and plan.as_json()["settings"][1]["name"] == "util"
+
+
+def test_a_setting_whose_labels_the_annotation_does_not_make_is_named_in_the_plan():
+    from utilrag.plan import make_plan
+
+    cfg = load_config(LOCAL, ["annotate.stages=[relsel]", "train.settings=[{name: u, labels: utilrank}]"])
+    [setting] = make_plan(cfg, ["train"]).settings
+    assert setting.missing_annotation == ["answer", "utilrank"]
+    assert "MISSING from annotate.stages: answer, utilrank" in "\n".join(make_plan(cfg, ["train"]).lines())
 
 
 @pytest.mark.parametrize(
@@ -254,7 +272,7 @@ def test_each_run_is_tested_against_its_reference():
         ["train.settings=[{name: human}, {name: util, labels: utilsel}]",
          "index.trained_targets=[{dataset: scifact, split: test}, {dataset: trec-dl-2019, rerank: bm25}]"],
     )  # fmt: skip
-    refs = {r.run: reference(cfg, r) for r in cfg.evaluate.runs}
+    refs = {r.run: reference(cfg, r) for r in evaluate_runs(cfg)}
     assert refs["util"] == "human" and refs["util-rerank-bm25"] == "human-rerank-bm25"
     assert refs["human"] == "human"  # itself: not tested
     assert refs["minilm"] == refs["tasb"] == "bm25"

@@ -74,6 +74,7 @@ def test_status_and_dry_run_read_the_run_directory(make_config, tiny_dataset, tm
     plan = json.loads(capsys.readouterr().out)
     assert plan["stages"] == ["pools", "bm25", "report"]
     assert [f["folder"] for f in plan["folders"]] == ["pools/tiny-train", "bm25/tiny-train", "report"]
+    assert plan["plan"]["stages"] == plan["stages"] and plan["plan"]["settings"] == []  # no train section
     assert main(["pipeline", "--dry-run", "--only", "nonsense", "--config", config]) == 2
     assert capsys.readouterr().err.strip() == "utilrag: error: unknown stage 'nonsense'; stages: " + ", ".join(
         ["ingest", "pools", "bm25", "annotate", "train", "index", "evaluate", "rag", "report"]

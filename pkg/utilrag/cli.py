@@ -64,12 +64,15 @@ def _dry_run(cfg, args) -> None:
     they would write and its state now; nothing runs, no cluster starts."""
     from utilrag import status
     from utilrag.pipeline import select_stages
+    from utilrag.plan import make_plan
 
     stages = select_stages(cfg, args.only, args.start)
+    plan = make_plan(cfg, stages)
     states = status.status(cfg, stages)
     if args.json:
-        print(json.dumps(status.as_json(cfg, states, stages=stages)))
+        print(json.dumps(status.as_json(cfg, states, stages=stages, plan=plan.as_json())))
     else:
+        print("\n".join(plan.lines()) + "\n")
         print(status.render(cfg, states, f"pipeline --dry-run ({' -> '.join(stages)})"))
 
 

@@ -726,36 +726,24 @@ class PipelineConfig(Strict):
         return {k: v for k, v in data.items() if v is not None or k not in ("pools", "bm25")}
 
     @model_validator(mode="after")
-    def _trained_runs(self) -> PipelineConfig:
-        """Each train setting's retriever searches index.trained_targets, and evaluate scores those runs
-        (added here, so the stages, the fingerprints and the report's config all see them written out)."""
-        if not self.index.trained_targets:
-            return self
-        if "train" not in self.model_fields_set:
+    def _trained_targets_have_a_train_section(self) -> PipelineConfig:
+        """index.trained_targets names the searches of each train setting's retriever (derived by
+        utilrag.plan, not written into this tree): without a train section there is none."""
+        if self.index.trained_targets and "train" not in self.model_fields_set:
             raise ValueError("index.trained_targets: there is no train section to take the retrievers from")
-        targets, runs = list(self.index.targets), list(self.evaluate.runs)
-        for run in self.train.runs():
-            for target in self.index.trained_targets:
-                plain = target.label is None and target.rerank is None
-                label = run.name if plain else f"{run.name}-{target.label or f'rerank-{target.rerank}'}"
-                added = target.model_copy(update={"label": label, "model": f"{TRAINED_MODEL}{run.name}"})
-                if added not in targets:
-                    targets.append(added)
-                scored = RunToEvaluate(dataset=target.dataset, split=target.split, run=label, setting=run.name)
-                if self.evaluate.trained and scored not in runs:
-                    runs.append(scored)
-        self.index.targets, self.evaluate.runs = targets, runs
         return self
 
     @model_validator(mode="after")
     def _one_writer_per_folder(self) -> PipelineConfig:
         """Two entries that would write the same output folder would overwrite each other's work."""
+        from utilrag.plan import index_targets  # the plan reads this module's types
+
         for section, keys in (
             ("pools", [(p.dataset, p.split) for p in self.pools]),
             ("bm25", [(b.dataset, b.split) for b in self.bm25]),
             (
-                "index.targets",
-                [(t.dataset, t.split, t.run_label()) for t in self.index.targets],
+                "index.targets",  # those written and those each train setting's retriever adds
+                [(t.dataset, t.split, t.run_label()) for t in index_targets(self)],
             ),
         ):
             seen = set()

@@ -7,6 +7,7 @@ import time
 from utilrag.config import PipelineConfig
 from utilrag.errors import UtilragError
 from utilrag.logs import get_logger
+from utilrag.plan import evaluate_runs, index_targets
 from utilrag.stages import STAGES, StageResult, get_stage
 
 log = get_logger("pipeline")
@@ -23,9 +24,9 @@ def configured(cfg: PipelineConfig, name: str) -> bool:
     if name == "train":
         return "train" in cfg.model_fields_set  # the section has defaults: only when written
     if name == "index":
-        return bool(cfg.index.targets)
+        return bool(index_targets(cfg))
     if name == "evaluate":
-        return bool(cfg.evaluate.runs)
+        return bool(evaluate_runs(cfg))
     if name == "rag":
         return cfg.rag is not None
     if name == "report":  # the last stage: whenever any stage beyond ingest is asked for

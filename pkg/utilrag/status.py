@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from utilrag import lease, store
 from utilrag.config import PipelineConfig
 from utilrag.pipeline import select_stages
+from utilrag.plan import index_targets
 from utilrag.report import discover
 from utilrag.report.render import Table, to_markdown
 from utilrag.store import Store
@@ -45,7 +46,7 @@ def planned(cfg: PipelineConfig, stages: list[str]) -> list[tuple[str, str]]:
         if annotate
         else [],
         "train": [at.train(r.name) for r in cfg.train.runs()],
-        "index": [at.dense_run(t.dataset, t.split, t.run_label()) for t in cfg.index.targets],
+        "index": [at.dense_run(t.dataset, t.split, t.run_label()) for t in index_targets(cfg)],
         "evaluate": [at.evaluate()],
         "rag": [at.rag(cfg.rag.dataset, "report")] if cfg.rag else [],
         "report": [at.report()],

@@ -21,6 +21,7 @@ from utilrag.data.tables import SCHEMAS, read_table
 from utilrag.errors import UtilragError
 from utilrag.evaluate.metrics import DEFAULT_METRICS, MetricError, evaluate
 from utilrag.evaluate.significance import format_paired_tests, paired_tests
+from utilrag.plan import evaluate_runs
 from utilrag.stages import StageResult
 from utilrag.store import Store
 
@@ -180,7 +181,7 @@ def run_evaluation(cfg: PipelineConfig, runs: list[RunToEvaluate] | None = None)
     """Evaluate each configured run; writes output_dir/evaluate/{metrics.csv,metrics.md,metrics.png,
     per_query.parquet,manifest.json} and prints the table."""
     t0 = time.time()
-    runs = runs if runs is not None else cfg.evaluate.runs
+    runs = runs if runs is not None else evaluate_runs(cfg)  # as written, and the trained retrievers' (utilrag.plan)
     metrics = cfg.evaluate.metrics
     rows, per_query_rows = [], []
     for spec in runs:

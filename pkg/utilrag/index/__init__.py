@@ -28,6 +28,7 @@ from utilrag.index.encode import (
 )
 from utilrag.index.shards import ShardedIndex, ShardError
 from utilrag.logs import get_logger
+from utilrag.plan import index_targets
 from utilrag.stages import StageResult
 from utilrag.store import Committed, Store
 
@@ -234,13 +235,14 @@ def run_index(cfg: PipelineConfig) -> list[tuple[str, bool]]:
     target under dense/<dataset>-<split>/<label>/. Shard actors start only after the encoders are done,
     and one index's shards are released before the next one's encoders need the CPUs."""
     written = []
-    for name, model in dict.fromkeys((t.dataset, t.model) for t in cfg.index.targets):
+    targets = index_targets(cfg)  # as written, and each train setting's searches (utilrag.plan)
+    for name, model in dict.fromkeys((t.dataset, t.model) for t in targets):
         icfg = with_model(cfg, model)
         dataset = open_dataset(cfg, name)
         embeddings, reused = encode_corpus(cfg, dataset, icfg, model)
         written.append((embeddings.folder, reused))
         planned = []
-        for target in (t for t in cfg.index.targets if t.dataset == name and t.model == model):
+        for target in (t for t in targets if t.dataset == name and t.model == model):
             label = target_label(target)
             out = Store(cfg.output_dir).dense_run(name, target.split, label)
             fp = target_fingerprint(icfg, target, embeddings)

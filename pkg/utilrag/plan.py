@@ -1,0 +1,132 @@
+"""The plan: what a validated config runs, derived in one place and never written back into it.
+
+Validation (config.py) only checks what was written. The entries a config implies are derived here:
+each train setting's retriever searches every ``index.trained_targets`` entry (an index target
+labelled after the setting, model ``train:<setting>``), ``evaluate.trained`` scores those runs, and
+each setting's labels need some annotation stages (UtilSel needs RelSel and the pseudo-answer). The
+stages read the derived lists from here; ``utilrag pipeline --dry-run [--json]`` prints them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from utilrag.config import TRAINED_MODEL, IndexTarget, PipelineConfig, RunToEvaluate
+
+# The annotation stage each stage's prompt builds on (annotate/stages.py NEEDS, spelled out here so that
+# the plan stays a core module): UtilSel and UtilRank read the pseudo-answer, which reads RelSel.
+_NEEDS = {"answer": "relsel", "utilsel": "answer", "utilrank": "answer"}
+_ORDER = ["relsel", "answer", "utilsel", "utilrank", "graded"]
+
+
+def annotation_stages(labels: str) -> list[str]:
+    """The annotation stages a label source needs, in chain order ([] for human labels)."""
+    if labels == "human":
+        return []
+    needed, stage = {labels}, labels
+    while stage in _NEEDS:
+        stage = _NEEDS[stage]
+        needed.add(stage)
+    return [s for s in _ORDER if s in needed]
+
+
+def _trained(cfg: PipelineConfig) -> list[tuple[str, IndexTarget, RunToEvaluate]]:
+    """(setting, its index target, its evaluation run) for each train setting x trained target."""
+    found: list[tuple[str, IndexTarget, RunToEvaluate]] = []
+    if not cfg.index.trained_targets or "train" not in cfg.model_fields_set:
+        return found
+    for run in cfg.train.runs():
+        for target in cfg.index.trained_targets:
+            plain = target.label is None and target.rerank is None
+            label = run.name if plain else f"{run.name}-{target.label or f'rerank-{target.rerank}'}"
+            added = target.model_copy(update={"label": label, "model": f"{TRAINED_MODEL}{run.name}"})
+            scored = RunToEvaluate(dataset=target.dataset, split=target.split, run=label, setting=run.name)
+            found.append((run.name, added, scored))
+    return found
+
+
+def index_targets(cfg: PipelineConfig) -> list[IndexTarget]:
+    """index.targets as written, then each trained retriever's searches (a duplicate of a written one once)."""
+    targets = list(cfg.index.targets)
+    for _, target, _ in _trained(cfg):
+        if target not in targets:
+            targets.append(target)
+    return targets
+
+
+def evaluate_runs(cfg: PipelineConfig) -> list[RunToEvaluate]:
+    """evaluate.runs as written, then (evaluate.trained) each trained retriever's runs."""
+    runs = list(cfg.evaluate.runs)
+    if cfg.evaluate.trained:
+        for _, _, scored in _trained(cfg):
+            if scored not in runs:
+                runs.append(scored)
+    return runs
+
+
+@dataclass
+class SettingPlan:
+    """One retriever to fit: its labels, the annotation stages they need, and its searches."""
+
+    name: str
+    labels: str
+    annotation_stages: list[str]
+    missing_annotation: list[str]  # needed, but not in annotate.stages (the run would stop at train)
+    index_runs: list[str]  # "<dataset>-<split>/<label>" under index/
+    curriculum_human_percent: float | None = None
+
+
+@dataclass
+class Plan:
+    stages: list[str]
+    settings: list[SettingPlan] = field(default_factory=list)
+    index_targets: list[dict] = field(default_factory=list)
+    evaluate_runs: list[dict] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        """The plan as short text lines (the dry run prints them above the folder table)."""
+        out = [f"stages: {' -> '.join(self.stages)}"]
+        for s in self.settings:
+            needs = ", ".join(s.annotation_stages) or "none (human labels)"
+            missing = (
+                f"; MISSING from annotate.stages: {', '.join(s.missing_annotation)}" if s.missing_annotation else ""
+            )
+            cl = f", curriculum {s.curriculum_human_percent:g}% human" if s.curriculum_human_percent else ""
+            runs = ", ".join(s.index_runs) or "none"
+            out.append(f"train {s.name}: labels {s.labels}{cl}; annotation {needs}{missing}; searches {runs}")
+        if self.index_targets:
+            out.append(f"index: {len(self.index_targets)} search(es)")
+        if self.evaluate_runs:
+            scored = ", ".join(f"{r['dataset']}/{r['label'] or r['run']}" for r in self.evaluate_runs)
+            out.append(f"evaluate: {scored}")
+        return out
+
+
+def make_plan(cfg: PipelineConfig, stages: list[str]) -> Plan:
+    annotated = set(cfg.annotate.stages) if cfg.annotate else set()
+    settings = []
+    if "train" in cfg.model_fields_set:
+        trained = _trained(cfg)
+        for run in cfg.train.runs():
+            needs = annotation_stages(run.labels) if not run.labels_path else []
+            settings.append(
+                SettingPlan(
+                    name=run.name,
+                    labels=run.labels,
+                    annotation_stages=needs,
+                    missing_annotation=[s for s in needs if s not in annotated],
+                    index_runs=[
+                        f"{t.dataset}-{t.split or 'all'}/{t.run_label()}" for n, t, _ in trained if n == run.name
+                    ],
+                    curriculum_human_percent=run.curriculum_human_percent,
+                )
+            )
+    return Plan(
+        stages=list(stages),
+        settings=settings,
+        index_targets=[t.model_dump() for t in index_targets(cfg)] if "index" in stages else [],
+        evaluate_runs=[r.model_dump() for r in evaluate_runs(cfg)] if "evaluate" in stages else [],
+    )
