@@ -143,6 +143,34 @@ def test_curriculum_phases_from_a_labels_table(ray_local, make_config, tiny_data
     assert len(curriculum) == 2 and set(curriculum) <= set(subset)
 
 
+def test_training_data_is_built_by_a_task_and_read_by_each_worker(ray_local, make_config, tiny_dataset, tmp_path):
+    """The groups, texts joined, are written by a Ray task (not the driver) as one file per phase and
+    worker, in step order; the build is deterministic; too few groups for one step is the user's one line."""
+    import pyarrow.parquet as pq
+
+    from utilrag.data import ingest, run_pools
+    from utilrag.train.dataset import TrainInputError, build_on_a_worker
+
+    cfg = _config(make_config, tiny_dataset, name="files")
+    ingest(cfg)
+    run_pools(cfg, cfg.pools[0])
+    phases = build_on_a_worker(cfg, cfg.train, str(tmp_path / "a"))
+    # 24 queries with a positive, 2 workers x 2 queries a step: 6 steps, cut to max_steps 5
+    assert phases == [{"name": "human", "steps": 5, "offset": 0, "groups": 24, "positive_sampling": "all"}]
+    files = [pq.read_table(tmp_path / "a" / f"human_{rank}.parquet") for rank in (0, 1)]
+    assert [f.num_rows for f in files] == [10, 10]
+    texts = {line.split("\t")[1] for line in (tiny_dataset / "collection.tsv").read_text().splitlines()}
+    row = files[0].to_pylist()[0]
+    assert len(row["passages"]) == len(row["positives"]) == 4 and row["positives"][0]
+    assert set(row["passages"]) <= texts and row["query"].startswith("what about ")
+    build_on_a_worker(cfg, cfg.train, str(tmp_path / "b"))
+    for rank in (0, 1):  # the same files again: a resumed run reads the same stream
+        assert pq.read_table(tmp_path / "b" / f"human_{rank}.parquet").equals(files[rank])
+    short = _config(make_config, tiny_dataset, name="short", per_device_queries=16)
+    with pytest.raises(TrainInputError, match=r"^train: 24 training groups are fewer than one step \(16 queries x 2"):
+        build_on_a_worker(short, short.train, str(tmp_path / "c"))
+
+
 @pytest.mark.slow
 def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(
     ray_local, make_config, tiny_dataset, tmp_path, monkeypatch

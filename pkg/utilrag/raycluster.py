@@ -87,24 +87,45 @@ def use_node_labels(on: bool) -> None:
     ray.data.DataContext.get_current().execution_options.label_selector = node_selector(False) or None
 
 
+def forward_worker_output() -> bool:
+    """Workers' output (vLLM's and Ray Train's logs, warnings, progress bars) on this console only at
+    --log-level debug; otherwise it stays in Ray's per-worker log files (worker_logs_location)."""
+    return logging.getLogger("utilrag").isEnabledFor(logging.DEBUG)
+
+
+def worker_logs_location() -> str:
+    """Where Ray writes the workers' output: this node's session logs (each node has its own)."""
+    try:
+        import ray
+
+        return ray._private.worker._global_node.get_logs_dir_path()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - only a hint for the user
+        return "the logs/ folder of the Ray session on each node (`ray logs`, or the dashboard)"
+
+
 def connect(cfg: RayConfig) -> None:
     import ray
 
     use_node_labels(cfg.node_labels)
     if ray.is_initialized():
         return
+    forward = forward_worker_output()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         # Ship this copy of the library to the workers, so a cluster runs the code that was
         # submitted (it is merged with the job's runtime env, e.g. its working_dir and pip list).
         package = str(Path(__file__).resolve().parent)
-        ray.init(address=address, log_to_driver=True, runtime_env={"py_modules": [package], **forwarded_env()})
+        ray.init(address=address, log_to_driver=forward, runtime_env={"py_modules": [package], **forwarded_env()})
     else:
         ray.init(
             num_cpus=cfg.num_cpus,
             include_dashboard=False,
-            log_to_driver=True,
+            log_to_driver=forward,
             configure_logging=True,
             logging_level=logging.WARNING,
         )
+    if not forward:
+        from utilrag.logs import get_logger
+
+        get_logger("ray").info(f"workers' output (vLLM, Ray Train, Ray Data) in {worker_logs_location()}")
     quiet_ray_data()

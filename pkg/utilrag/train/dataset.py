@@ -4,17 +4,19 @@ worker as its own deterministic Ray Data stream of texts, which the worker token
 
 from __future__ import annotations
 
+import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from utilrag import store
 from utilrag.config import PipelineConfig, TrainConfig
 from utilrag.data.dataset import open_dataset
-from utilrag.data.tables import read_table
+from utilrag.data.tables import read_table, write_table
 from utilrag.errors import UtilragError
 from utilrag.store import Committed, Store
 
@@ -183,15 +185,9 @@ def tokenize_batch(batch: dict, tokenizer, query_max_len: int, passage_max_len: 
     }
 
 
-def worker_datasets(
-    rows: list[dict], texts: dict[str, str], docs: dict[str, str], tcfg: TrainConfig
-) -> tuple[dict, int]:
-    """Deterministic per-worker Ray datasets (train_0, train_1, ...) of whole batches of texts.
-
-    Rows are dealt round-robin in batches of per_device_queries and cut to equal step counts
-    (the cross-worker gather needs equal local batches), so a resumed run sees the same data."""
-    import ray
-
+def deal_to_workers(rows: list[dict], tcfg: TrainConfig) -> tuple[list[list[dict]], int]:
+    """Rows dealt round-robin in batches of per_device_queries and cut to equal step counts (the
+    cross-worker gather needs equal local batches), so a resumed run sees the same data."""
     per_step = tcfg.per_device_queries * tcfg.num_workers
     steps = len(rows) // per_step
     if tcfg.max_steps is not None:
@@ -205,19 +201,96 @@ def worker_datasets(
     for step in range(steps):
         for w in range(tcfg.num_workers):
             start = step * per_step + w * tcfg.per_device_queries
-            for r in rows[start : start + tcfg.per_device_queries]:
-                per_worker[w].append(
-                    {
-                        "query": texts[r["query_id"]],
-                        "passages": [docs[d] for d in r["doc_ids"]],
-                        "positives": r["positives"],
-                        "epoch": r["epoch"],
-                    }
-                )
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    datasets = {
-        f"train_{w}": ray.data.from_items(items, override_num_blocks=max(1, min(steps, 16)))
-        for w, items in enumerate(per_worker)
+            per_worker[w].extend(rows[start : start + tcfg.per_device_queries])
+    return per_worker, steps
+
+
+GROUP_SCHEMA = pa.schema(
+    [("query", pa.string()), ("passages", pa.list_(pa.string())), ("positives", pa.list_(pa.bool_()))]
+)
+
+
+def build_worker_files(cfg: PipelineConfig, tcfg: TrainConfig, location: str) -> list[dict]:
+    """Every phase's training groups with their texts, one Parquet file per phase and worker
+    (``<location>/<phase>_<rank>.parquet``, in step order); returns the phases (name, steps, offset,
+    groups, positive_sampling). Run as a task on a CPU node (``build_on_a_worker``): the pools, labels,
+    the pooled passages' texts and the groups are held there, never on the driver (the head)."""
+    dataset = open_dataset(cfg, tcfg.dataset)
+    pools = pools_by_query(cfg, tcfg)
+    query_ids = sorted(pools)
+    if tcfg.max_queries is not None and tcfg.max_queries < len(query_ids):
+        query_ids = sorted(seeded_percent(query_ids, 100 * tcfg.max_queries / len(query_ids), tcfg.seed))
+    queries = dataset.table("queries")
+    texts = dict(zip(queries.column("query_id").to_pylist(), queries.column("text").to_pylist()))
+    del queries
+    # only the passages some pool holds: at MS MARCO's scale a fraction of the corpus
+    pooled = pa.array(sorted({d for q in query_ids for d in pools[q]}), pa.string())
+    corpus = dataset.table("corpus")
+    corpus = corpus.filter(pc.is_in(pc.cast(corpus.column("doc_id"), pa.string()), value_set=pooled))
+    docs = {
+        str(d): f"{t or ''} {x or ''}".strip()
+        for d, t, x in zip(*(corpus.column(c).to_pylist() for c in ["doc_id", "title", "text"]))
     }
-    return datasets, steps
+    del corpus
+    phases, offset = [], 0
+    for phase in phase_positives(cfg, tcfg, query_ids):
+        rows = make_groups(
+            phase.positives, pools, tcfg.group_size, phase.mode, phase.epochs, tcfg.seed, query_ids, phase.not_negative
+        )
+        per_worker, steps = deal_to_workers(rows, tcfg)
+        for rank, items in enumerate(per_worker):
+            table = pa.table(
+                {
+                    "query": [texts[r["query_id"]] for r in items],
+                    "passages": [[docs[d] for d in r["doc_ids"]] for r in items],
+                    "positives": [r["positives"] for r in items],
+                },
+                schema=GROUP_SCHEMA,
+            )
+            _write_whole(table, store.join(location, f"{phase.name}_{rank}.parquet"))
+        phases.append(
+            {"name": phase.name, "steps": steps, "offset": offset, "groups": len(rows), "positive_sampling": phase.mode}
+        )
+        offset += steps
+    return phases
+
+
+def _write_whole(table: pa.Table, location: str) -> None:
+    """A file a reader sees whole or not at all (a second job of the same settings, refused at its
+    begin, writes the same files meanwhile): a local file by rename; an object PUT is whole anyway."""
+    if store.is_remote(location):
+        write_table(table, location)
+        return
+    staged = f"{location}.tmp-{os.getpid()}"
+    write_table(table, staged)
+    os.replace(staged, location)
+
+
+def build_on_a_worker(cfg: PipelineConfig, tcfg: TrainConfig, location: str) -> list[dict]:
+    """build_worker_files as one Ray task on a CPU node (labelled cpu where the cluster labels its
+    nodes); a user mistake raised there (TrainInputError) comes back as itself."""
+    import ray
+
+    from utilrag.raycluster import node_selector
+
+    placement = {"label_selector": node_selector(False)} if node_selector(False) else {}
+    task = ray.remote(num_cpus=1, **placement)(build_worker_files)  # type: ignore[call-overload]
+    try:
+        return ray.get(task.remote(cfg, tcfg, location))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, UtilragError):
+            raise e.cause from None
+        raise
+
+
+def worker_datasets(location: str, phases: list[dict], num_workers: int) -> dict:
+    """One Ray dataset per phase and worker (``<phase>_<rank>``), read in file order."""
+    import ray
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    fs, path = store.filesystem(location)
+    return {
+        f"{p['name']}_{rank}": ray.data.read_parquet(f"{path}/{p['name']}_{rank}.parquet", filesystem=fs)
+        for p in phases
+        for rank in range(num_workers)
+    }

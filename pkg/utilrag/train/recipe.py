@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def train_loop_per_worker(config: dict) -> None:
             with checkpoint.as_directory() as d:
                 engine.load_checkpoint(d, tag="ckpt")
             if rank == 0:
-                log.info(f"resumed phase {phase['name']!r} at step {start}")
+                log.debug(f"resumed phase {phase['name']!r} at step {start}")
         if phase_index > 0 and start == 0:  # a new phase: fresh AdamW state and schedule
             reset_optimizer_state(engine)
             new_phase_schedule(engine, tcfg, phase["steps"])
@@ -135,10 +136,12 @@ def train_loop_per_worker(config: dict) -> None:
             if metrics_log is not None:
                 metrics_log.add(metrics)
                 if done % 10 == 0 or done == phase["steps"]:
-                    log.info(
+                    log.debug(
                         f"{phase['name']} step {done}/{phase['steps']} loss {loss:.4f} "
                         f"({metrics['queries_per_s']:.1f} queries/s)"
                     )
+                    # the driver prints it (workers' output reaches the console only at --log-level debug)
+                    store.write_text(config["progress_path"], json.dumps({**metrics, "time": time.time()}))
             last = done == phase["steps"]
             save = clock.due(done) or last
             next_state = {"phase": phase_index + 1, "step": 0} if last else {"phase": phase_index, "step": done}
@@ -189,6 +192,57 @@ class MetricsLog:
 
 
 # --------------------------------------------------------------------------- driver side
+class TrainingProgress:
+    """Rank 0's latest step (progress.json, written every 10 steps and at each phase end), printed by
+    the driver while the fit runs: done/total steps over all phases, rate and ETA. Only what this fit
+    wrote: a file left by an earlier attempt (a resumed run) is older than the fit."""
+
+    def __init__(self, location: str, name: str, phases: list[dict], every_s: float = 5.0):
+        self.location, self.name, self.every_s = location, name, every_s
+        self.steps = {p["name"]: p["steps"] for p in phases}
+        self.total = sum(self.steps.values())
+        self.t0 = time.time()
+        self.shown: float | None = None
+        self.first: tuple[float, int] | None = None  # (time, global step) of the first step seen
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="train-progress", daemon=True)
+
+    def __enter__(self) -> TrainingProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.show()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.show()
+
+    def show(self) -> None:
+        try:
+            text = store.read_text(self.location)
+            seen = json.loads(text) if text else None
+        except (OSError, ValueError):
+            return  # not written yet, or being replaced: the next look
+        if not seen or seen["time"] < self.t0 or seen["time"] == self.shown:
+            return
+        self.shown = seen["time"]
+        done = int(seen["global_step"])
+        if self.first is None:
+            self.first = (seen["time"], done)
+        elapsed = seen["time"] - self.first[0]
+        rate = (done - self.first[1]) / elapsed if elapsed > 0 else 0.0
+        eta = f", ETA {(self.total - done) / rate:.0f}s" if rate > 0 and done < self.total else ""
+        log.info(
+            f"{self.name}: {seen['phase']} step {seen['step']}/{self.steps.get(seen['phase'], '?')} "
+            f"({done}/{self.total} steps, "
+            f"{100 * done / max(self.total, 1):.0f}%), loss {seen['loss']:.4f}, "
+            f"{seen['queries_per_s']:.1f} queries/s{eta}"
+        )
+
+
 def plot_loss(metrics_csv: Path, png: Path) -> None:
     import matplotlib
 
@@ -229,7 +283,7 @@ def run_train(cfg: PipelineConfig, tcfg: TrainConfig | None = None) -> tuple[str
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from utilrag.raycluster import connect
-    from utilrag.train.dataset import make_groups, phase_positives, pools_by_query, seeded_percent, worker_datasets
+    from utilrag.train.dataset import build_on_a_worker, worker_datasets
 
     connect(cfg.ray)
     tcfg = tcfg or cfg.train
@@ -249,35 +303,23 @@ def run_train(cfg: PipelineConfig, tcfg: TrainConfig | None = None) -> tuple[str
     if store.reusable(folder, fp) is not None:
         log.info(f"{tcfg.name}: inputs and settings unchanged, reusing {folder}")
         return folder, True
-    queries = dataset.table("queries")
-    texts = dict(zip(queries.column("query_id").to_pylist(), queries.column("text").to_pylist()))
-    corpus = dataset.table("corpus")
-    docs = {
-        d: f"{t} {x}".strip() for d, t, x in zip(*(corpus.column(c).to_pylist() for c in ["doc_id", "title", "text"]))
-    }
-    pools = pools_by_query(cfg, tcfg)
-    query_ids = sorted(pools)
-    if tcfg.max_queries is not None and tcfg.max_queries < len(query_ids):
-        query_ids = sorted(seeded_percent(query_ids, 100 * tcfg.max_queries / len(query_ids), tcfg.seed))
-    datasets, phases, offset = {}, [], 0
-    for phase in phase_positives(cfg, tcfg, query_ids):
-        name, epochs, mode = phase.name, phase.epochs, phase.mode
-        rows = make_groups(
-            phase.positives, pools, tcfg.group_size, mode, epochs, tcfg.seed, query_ids, phase.not_negative
-        )
-        phase_sets, steps = worker_datasets(rows, texts, docs, tcfg)
-        datasets.update({k.replace("train", name, 1): v for k, v in phase_sets.items()})
-        phases.append({"name": name, "steps": steps, "offset": offset, "groups": len(rows), "positive_sampling": mode})
-        offset += steps
+    # The groups of every phase, texts joined, one file per phase and worker, built by a task on a CPU
+    # node (the driver holds no per-query data); under ray_results/<fingerprint>, beside the checkpoints
+    # of the run that reads them. A user mistake (too few groups for one step) stops here, before the
+    # old outputs are invalidated.
+    results = store.join(folder, "ray_results")  # Ray Train's storage_path: a local/shared path or a URI
+    data_location = store.join(results, fp, "data")
+    phases = build_on_a_worker(cfg, tcfg, data_location)
+    datasets = worker_datasets(data_location, phases, tcfg.num_workers)
+    for phase in phases:
         log.info(
-            f"phase {name!r}: {len(rows):,} groups of {tcfg.group_size} over {epochs} epoch(s) -> "
-            f"{steps} steps x {tcfg.num_workers} workers x {tcfg.per_device_queries} queries"
+            f"phase {phase['name']!r}: {phase['groups']:,} groups of {tcfg.group_size} -> "
+            f"{phase['steps']} steps x {tcfg.num_workers} workers x {tcfg.per_device_queries} queries"
         )
     # Inputs checked: only now are the old outputs invalidated. Checkpoints and the loss log live under
     # ray_results/<fingerprint>, which a rerun with the same settings resumes (a commit that was
     # interrupted after training included); another setting's are removed.
     writer = store.begin(folder, "train", fp)
-    results = store.join(folder, "ray_results")  # Ray Train's storage_path: a local/shared path or a URI
     for old in store.list_names(results):
         if old != fp:
             store.remove(store.join(results, old))
@@ -303,6 +345,7 @@ def run_train(cfg: PipelineConfig, tcfg: TrainConfig | None = None) -> tuple[str
             "phases": phases,
             "model_dir": writer.path("model"),
             "metrics_path": metrics_path,
+            "progress_path": store.join(results, fp, "progress.json"),
         },
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers,
@@ -322,7 +365,8 @@ def run_train(cfg: PipelineConfig, tcfg: TrainConfig | None = None) -> tuple[str
         dataset_config=DataConfig(datasets_to_split=[]),
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
     )
-    result = trainer.fit()
+    with TrainingProgress(store.join(results, fp, "progress.json"), tcfg.name, phases):
+        result = trainer.fit()
     if result.error:
         raise result.error
     metrics_text = store.read_text(metrics_path)
