@@ -221,7 +221,7 @@ def test_kill_matrix_index_and_train(cli):
     #    the final checkpoint (no step trained again), keeps the loss log, and commits;
     train_dir = store.train("k")
     killed = cli("train", "train.seed=1", kill="train@commit")
-    assert "k: train step 2/2 (2/2 steps, 100%)" in killed.stdout, killed.stdout[-2000:]  # the driver's progress
+    assert "k: human step 2/2 (2/2 steps, 100%)" in killed.stdout, killed.stdout[-2000:]  # the driver's progress
     resumed = cli("train", "train.seed=1")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "step 2/2" not in resumed.stdout + resumed.stderr and read_manifest(train_dir)["status"] == "complete"

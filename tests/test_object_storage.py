@@ -137,7 +137,7 @@ def test_pipeline_on_s3_with_training_resumed_from_s3_checkpoints(ray_head_with_
     # 1. The driver is killed once training is over, before the train stage commits.
     first = pipeline(UTILRAG_FAULT_KILL="train@commit")
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
-    assert "s3: train step 4/4 (4/4 steps, 100%)" in first.stdout, first.stdout[-2000:]  # read back from S3
+    assert "s3: human step 4/4 (4/4 steps, 100%)" in first.stdout, first.stdout[-2000:]  # read back from S3
     checkpoints = [k for k in _objects("run/train/s3/ray_results") if "/checkpoint_" in k]
     assert checkpoints, "no checkpoint on S3"
     # 2. The rerun reuses ingest/pools/BM25, resumes training from the final checkpoint on S3 (no

@@ -149,7 +149,7 @@ def test_training_data_is_built_by_a_task_and_read_by_each_worker(ray_local, mak
     import pyarrow.parquet as pq
 
     from utilrag.data import ingest, run_pools
-    from utilrag.train.dataset import TrainInputError, build_on_a_worker
+    from utilrag.train.dataset import TrainInputError, build_on_a_worker, read_groups
 
     cfg = _config(make_config, tiny_dataset, name="files")
     ingest(cfg)
@@ -163,6 +163,10 @@ def test_training_data_is_built_by_a_task_and_read_by_each_worker(ray_local, mak
     row = files[0].to_pylist()[0]
     assert len(row["passages"]) == len(row["positives"]) == 4 and row["positives"][0]
     assert set(row["passages"]) <= texts and row["query"].startswith("what about ")
+    # what a worker reads: its file in order, in whole batches of per_device_queries
+    read = list(read_groups(str(tmp_path / "a" / "human_1.parquet"), 2))
+    assert [len(b["query"]) for b in read] == [2] * 5
+    assert sum((b["query"] for b in read), []) == files[1]["query"].to_pylist()
     build_on_a_worker(cfg, cfg.train, str(tmp_path / "b"))
     for rank in (0, 1):  # the same files again: a resumed run reads the same stream
         assert pq.read_table(tmp_path / "b" / f"human_{rank}.parquet").equals(files[rank])

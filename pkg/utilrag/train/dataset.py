@@ -1,12 +1,14 @@
 """Training groups: per query its positives (from the chosen label source) and negatives (the rest
-of its candidate pool), m+1 passages per group, re-sampled each epoch with a seed; handed to each
-worker as its own deterministic Ray Data stream of texts, which the worker tokenises as it trains."""
+of its candidate pool), m+1 passages per group, re-sampled each epoch with a seed; built with their
+texts by one task on a CPU node into one Parquet file per phase and worker, which that worker reads
+in order and tokenises as it trains."""
 
 from __future__ import annotations
 
 import os
 import random
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,8 +18,8 @@ import pyarrow.compute as pc
 from utilrag import store
 from utilrag.config import PipelineConfig, TrainConfig
 from utilrag.data.dataset import open_dataset
-from utilrag.data.tables import read_table, write_table
-from utilrag.errors import UtilragError
+from utilrag.data.tables import read_table
+from utilrag.errors import UtilragError, user_errors_as_themselves
 from utilrag.store import Committed, Store
 
 
@@ -223,21 +225,34 @@ def build_worker_files(cfg: PipelineConfig, tcfg: TrainConfig, location: str) ->
     queries = dataset.table("queries")
     texts = dict(zip(queries.column("query_id").to_pylist(), queries.column("text").to_pylist()))
     del queries
-    # only the passages some pool holds: at MS MARCO's scale a fraction of the corpus
-    pooled = pa.array(sorted({d for q in query_ids for d in pools[q]}), pa.string())
-    corpus = dataset.table("corpus")
-    corpus = corpus.filter(pc.is_in(pc.cast(corpus.column("doc_id"), pa.string()), value_set=pooled))
-    docs = {
-        str(d): f"{t or ''} {x or ''}".strip()
-        for d, t, x in zip(*(corpus.column(c).to_pylist() for c in ["doc_id", "title", "text"]))
-    }
-    del corpus
-    phases, offset = [], 0
+    phases, offset, dealt = [], 0, []
     for phase in phase_positives(cfg, tcfg, query_ids):
         rows = make_groups(
             phase.positives, pools, tcfg.group_size, phase.mode, phase.epochs, tcfg.seed, query_ids, phase.not_negative
         )
         per_worker, steps = deal_to_workers(rows, tcfg)
+        dealt.append((phase.name, per_worker))
+        phases.append(
+            {"name": phase.name, "steps": steps, "offset": offset, "groups": len(rows), "positive_sampling": phase.mode}
+        )
+        offset += steps
+    # only the passages the groups show (pools and positives): at MS MARCO's scale a fraction of the corpus
+    shown = pa.array(sorted({d for _, ws in dealt for items in ws for r in items for d in r["doc_ids"]}), pa.string())
+    corpus = dataset.table("corpus")
+    corpus = corpus.filter(pc.is_in(pc.cast(corpus.column("doc_id"), pa.string()), value_set=shown))
+    docs = {
+        str(d): f"{t or ''} {x or ''}".strip()
+        for d, t, x in zip(*(corpus.column(c).to_pylist() for c in ["doc_id", "title", "text"]))
+    }
+    del corpus
+    missing = next((d for d in shown.to_pylist() if d not in docs), None)
+    if missing is not None:
+        raise TrainInputError(
+            f"train: passage {missing!r} of a training group (a pool passage or a positive) is not in the corpus "
+            f"of {tcfg.dataset}"
+        )
+    rows_per_group = tcfg.per_device_queries * max(1, 4096 // tcfg.per_device_queries)
+    for name, per_worker in dealt:
         for rank, items in enumerate(per_worker):
             table = pa.table(
                 {
@@ -247,23 +262,22 @@ def build_worker_files(cfg: PipelineConfig, tcfg: TrainConfig, location: str) ->
                 },
                 schema=GROUP_SCHEMA,
             )
-            _write_whole(table, store.join(location, f"{phase.name}_{rank}.parquet"))
-        phases.append(
-            {"name": phase.name, "steps": steps, "offset": offset, "groups": len(rows), "positive_sampling": phase.mode}
-        )
-        offset += steps
+            _write_whole(table, group_file(location, name, rank), rows_per_group)
     return phases
 
 
-def _write_whole(table: pa.Table, location: str) -> None:
+def _write_whole(table: pa.Table, location: str, row_group_size: int) -> None:
     """A file a reader sees whole or not at all (a second job of the same settings, refused at its
-    begin, writes the same files meanwhile): a local file by rename; an object PUT is whole anyway."""
-    if store.is_remote(location):
-        write_table(table, location)
-        return
-    staged = f"{location}.tmp-{os.getpid()}"
-    write_table(table, staged)
-    os.replace(staged, location)
+    begin, writes the same files meanwhile): a local file by rename; an object PUT is whole anyway.
+    Row groups of a multiple of the batch size: read_groups's batches never straddle two."""
+    import pyarrow.parquet as pq
+
+    fs, path = store.filesystem(location)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    staged = path if store.is_remote(location) else f"{path}.tmp-{os.getpid()}"
+    pq.write_table(table, staged, filesystem=fs, row_group_size=row_group_size)
+    if staged != path:
+        os.replace(staged, path)
 
 
 def build_on_a_worker(cfg: PipelineConfig, tcfg: TrainConfig, location: str) -> list[dict]:
@@ -275,22 +289,23 @@ def build_on_a_worker(cfg: PipelineConfig, tcfg: TrainConfig, location: str) -> 
 
     placement = {"label_selector": node_selector(False)} if node_selector(False) else {}
     task = ray.remote(num_cpus=1, **placement)(build_worker_files)  # type: ignore[call-overload]
-    try:
-        return ray.get(task.remote(cfg, tcfg, location))
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, UtilragError):
-            raise e.cause from None
-        raise
+    resolved = cfg.model_copy(update={"output_dir": Store(cfg.output_dir).root})  # the task's cwd is not ours
+    if tcfg.labels_path:
+        tcfg = tcfg.model_copy(update={"labels_path": store.normalize(tcfg.labels_path)})
+    return user_errors_as_themselves(lambda: ray.get(task.remote(resolved, tcfg, location)))
 
 
-def worker_datasets(location: str, phases: list[dict], num_workers: int) -> dict:
-    """One Ray dataset per phase and worker (``<phase>_<rank>``), read in file order."""
-    import ray
+def group_file(location: str, phase: str, rank: int) -> str:
+    return store.join(location, f"{phase}_{rank}.parquet")
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+
+def read_groups(location: str, batch_size: int) -> Iterator[dict]:
+    """A worker's own group file, in file order, in batches of ``batch_size`` rows (the file is written
+    in row groups of a multiple of it, so every batch is whole). Read with pyarrow in the training
+    process: a Ray Data read would start tasks that each ask for a CPU the training workers hold."""
+    import pyarrow.parquet as pq
+
     fs, path = store.filesystem(location)
-    return {
-        f"{p['name']}_{rank}": ray.data.read_parquet(f"{path}/{p['name']}_{rank}.parquet", filesystem=fs)
-        for p in phases
-        for rank in range(num_workers)
-    }
+    with fs.open_input_file(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+            yield {name: batch.column(name).to_pylist() for name in batch.schema.names}

@@ -1,8 +1,9 @@
 """The training recipe: Ray Train's TorchTrainer around a DeepSpeed engine, one worker loop.
 
-Driver: build the phases' training groups, hand each worker its own deterministic Ray Data
-stream, fit, then plot the loss curve. Worker: set up model and engine, train, checkpoint every
-N steps through ``ray.train.report``, resume from the latest checkpoint after a failure.
+Driver: have a task on a CPU node write the phases' training groups (one file per phase and worker,
+train/dataset.py), fit, print rank 0's progress, then plot the loss curve. Worker: set up model and
+engine, read and tokenise its own file, train, checkpoint every N steps through ``ray.train.report``,
+resume from the latest checkpoint after a failure.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from utilrag.train.dataset import tokenize_batch
+    from utilrag.train.dataset import group_file, read_groups, tokenize_batch
 
     tcfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
@@ -100,14 +101,13 @@ def train_loop_per_worker(config: dict) -> None:
             with checkpoint.as_directory() as d:
                 engine.load_checkpoint(d, tag="ckpt")
             if rank == 0:
-                log.debug(f"resumed phase {phase['name']!r} at step {start}")
+                log.info(f"resumed phase {phase['name']!r} at step {start}")
         if phase_index > 0 and start == 0:  # a new phase: fresh AdamW state and schedule
             reset_optimizer_state(engine)
             new_phase_schedule(engine, tcfg, phase["steps"])
-        shard = ray.train.get_dataset_shard(f"{phase['name']}_{rank}")
         engine.train()
         t0 = time.time()
-        texts = shard.iter_batches(batch_size=tcfg.per_device_queries, batch_format="numpy", drop_last=True)
+        texts = read_groups(group_file(config["data"], phase["name"], rank), tcfg.per_device_queries)
         for step, text_batch in enumerate(texts):
             if step < start:
                 continue  # already trained before the restart (same deterministic stream)
@@ -136,12 +136,14 @@ def train_loop_per_worker(config: dict) -> None:
             if metrics_log is not None:
                 metrics_log.add(metrics)
                 if done % 10 == 0 or done == phase["steps"]:
-                    log.debug(
+                    log.info(
                         f"{phase['name']} step {done}/{phase['steps']} loss {loss:.4f} "
                         f"({metrics['queries_per_s']:.1f} queries/s)"
                     )
-                    # the driver prints it (workers' output reaches the console only at --log-level debug)
-                    store.write_text(config["progress_path"], json.dumps({**metrics, "time": time.time()}))
+                    try:  # what the driver prints (workers' own output is on the console at --log-level debug)
+                        store.write_text(config["progress_path"], json.dumps({**metrics, "time": time.time()}))
+                    except OSError as e:  # a progress line is not worth a worker restart
+                        log.warning(f"progress not written: {e}")
             last = done == phase["steps"]
             save = clock.due(done) or last
             next_state = {"phase": phase_index + 1, "step": 0} if last else {"phase": phase_index, "step": done}
@@ -279,11 +281,11 @@ def run_train(cfg: PipelineConfig, tcfg: TrainConfig | None = None) -> tuple[str
     output_dir/train/<name>/{model/ (HF + encoder_spec.json), metrics.csv, loss.png, manifest.json};
     returns the folder and whether it was reused. Checkpoints live under ray_results/<fingerprint>,
     so a rerun with the same settings resumes and one with other settings starts afresh."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from utilrag.raycluster import connect
-    from utilrag.train.dataset import build_on_a_worker, worker_datasets
+    from utilrag.train.dataset import build_on_a_worker
 
     connect(cfg.ray)
     tcfg = tcfg or cfg.train
@@ -310,7 +312,6 @@ def run_train(cfg: PipelineConfig, tcfg: TrainConfig | None = None) -> tuple[str
     results = store.join(folder, "ray_results")  # Ray Train's storage_path: a local/shared path or a URI
     data_location = store.join(results, fp, "data")
     phases = build_on_a_worker(cfg, tcfg, data_location)
-    datasets = worker_datasets(data_location, phases, tcfg.num_workers)
     for phase in phases:
         log.info(
             f"phase {phase['name']!r}: {phase['groups']:,} groups of {tcfg.group_size} -> "
@@ -346,6 +347,7 @@ def run_train(cfg: PipelineConfig, tcfg: TrainConfig | None = None) -> tuple[str
             "model_dir": writer.path("model"),
             "metrics_path": metrics_path,
             "progress_path": store.join(results, fp, "progress.json"),
+            "data": data_location,
         },
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers,
@@ -361,8 +363,6 @@ def run_train(cfg: PipelineConfig, tcfg: TrainConfig | None = None) -> tuple[str
             failure_config=FailureConfig(max_failures=tcfg.max_failures),
             worker_runtime_env={"env_vars": env},  # type: ignore[call-arg]  # Ray Train v2 RunConfig
         ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
     )
     with TrainingProgress(store.join(results, fp, "progress.json"), tcfg.name, phases):
