@@ -178,6 +178,11 @@ class IndexTarget(Strict):
         return self.label or (f"dense-rerank-{self.rerank}" if self.rerank else "dense")
 
 
+# The annotation chain, in order, and the stage each stage's prompt builds on (UtilSel and UtilRank
+# read the pseudo-answer, which reads RelSel): the annotate stage runs it, the plan derives from it.
+ANNOTATION_STAGES = ["relsel", "answer", "utilsel", "utilrank", "graded"]
+ANNOTATION_NEEDS = {"answer": "relsel", "utilsel": "answer", "utilrank": "answer"}
+
 TRAINED_MODEL = "train:"  # IndexTarget.model prefix: a retriever fitted by the train stage in this run
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from utilrag.config import TRAINED_MODEL, IndexTarget, PipelineConfig, RunToEvaluate
-
-# The annotation stage each stage's prompt builds on (annotate/stages.py NEEDS, spelled out here so that
-# the plan stays a core module): UtilSel and UtilRank read the pseudo-answer, which reads RelSel.
-_NEEDS = {"answer": "relsel", "utilsel": "answer", "utilrank": "answer"}
-_ORDER = ["relsel", "answer", "utilsel", "utilrank", "graded"]
+from utilrag.config import (
+    ANNOTATION_NEEDS,
+    ANNOTATION_STAGES,
+    TRAINED_MODEL,
+    IndexTarget,
+    PipelineConfig,
+    RunToEvaluate,
+)
 
 
 def annotation_stages(labels: str) -> list[str]:
@@ -24,10 +26,10 @@ def annotation_stages(labels: str) -> list[str]:
     if labels == "human":
         return []
     needed, stage = {labels}, labels
-    while stage in _NEEDS:
-        stage = _NEEDS[stage]
+    while stage in ANNOTATION_NEEDS:
+        stage = ANNOTATION_NEEDS[stage]
         needed.add(stage)
-    return [s for s in _ORDER if s in needed]
+    return [s for s in ANNOTATION_STAGES if s in needed]
 
 
 def _trained(cfg: PipelineConfig) -> list[tuple[str, IndexTarget, RunToEvaluate]]:

@@ -19,10 +19,9 @@ import pyarrow.dataset as pads
 
 from utilrag.annotate import prompts
 from utilrag.annotate.parsing import parse_grade, parse_ids, top_percent
-from utilrag.config import AnnotateConfig, AnnotateTarget
+from utilrag.config import ANNOTATION_NEEDS, ANNOTATION_STAGES, AnnotateConfig, AnnotateTarget
 
-STAGE_ORDER = ["relsel", "answer", "utilsel", "utilrank", "graded"]
-NEEDS = {"answer": "relsel", "utilsel": "answer", "utilrank": "answer"}
+STAGE_ORDER, NEEDS = ANNOTATION_STAGES, ANNOTATION_NEEDS  # the chain, defined with the config (the plan reads it)
 
 REQUEST_SCHEMA = pa.schema(
     [

@@ -216,7 +216,8 @@ class TrainingProgress:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        self.show()
+        if not self._thread.is_alive():  # the last line once the watcher is done (never two show() at once)
+            self.show()
 
     def _watch(self) -> None:
         while not self._stop.wait(self.every_s):
