@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from utilrag.config import RayConfig
+
+T = TypeVar("T")
 
 
 def quiet_ray_data() -> None:
@@ -85,6 +89,24 @@ def use_node_labels(on: bool) -> None:
 
     _labelled = on
     ray.data.DataContext.get_current().execution_options.label_selector = node_selector(False) or None
+
+
+def on_a_cpu_node(fn: Callable[..., T], *args) -> T:
+    """``fn(*args)`` as one Ray task with one CPU on a CPU node (labelled cpu where the cluster labels
+    its nodes: never the head, never a GPU node), waited for; a user mistake raised there (a
+    UtilragError) is raised here as itself: one line at the CLI, not Ray's remote traceback."""
+    import ray
+
+    from utilrag.errors import UtilragError
+
+    placement = {"label_selector": node_selector(False)} if node_selector(False) else {}
+    task = ray.remote(num_cpus=1, **placement)(fn)  # type: ignore[call-overload]
+    try:
+        return ray.get(task.remote(*args))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, UtilragError):
+            raise e.cause from None
+        raise
 
 
 def forward_worker_output() -> bool:

@@ -33,7 +33,6 @@ import pyarrow.parquet as pq
 from utilrag import store
 from utilrag.annotate import prompts
 from utilrag.config import AnnotateConfig
-from utilrag.errors import user_errors_as_themselves
 
 # One row per query. ``annotate`` is false for a rejected query (no text, < 2 passages to show):
 # its rejects are kept, nothing is sent to the LLM. ``doc_ids`` / ``passages`` / ``cut``: what the LLM
@@ -309,13 +308,9 @@ def prepare_inputs(
     if wanted is not None:
         query_buckets = max(1, math.ceil(len(wanted) * 31 / POOL_ROWS_PER_PART))
     if doc_buckets == 1 and query_buckets == 1:
-        from utilrag.raycluster import node_selector
+        from utilrag.raycluster import on_a_cpu_node
 
-        placement = {"label_selector": node_selector(False)} if node_selector(False) else {}
-        task = ray.remote(num_cpus=1, **placement)(_prepare_one_bucket)  # type: ignore[call-overload]
-        queries = user_errors_as_themselves(
-            lambda: ray.get(task.remote(pools_path, queries_path, corpus_path, inputs, acfg, wanted))
-        )
+        queries = on_a_cpu_node(_prepare_one_bucket, pools_path, queries_path, corpus_path, inputs, acfg, wanted)
         return {"queries": queries, "doc_buckets": 1, "query_buckets": 1}
     fs_pools, p_pools = store.filesystem(pools_path)
     fs_corpus, p_corpus = store.filesystem(corpus_path)

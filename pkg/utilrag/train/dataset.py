@@ -19,7 +19,7 @@ from utilrag import store
 from utilrag.config import PipelineConfig, TrainConfig
 from utilrag.data.dataset import open_dataset
 from utilrag.data.tables import read_table
-from utilrag.errors import UtilragError, user_errors_as_themselves
+from utilrag.errors import UtilragError
 from utilrag.store import Committed, Store
 
 
@@ -281,18 +281,13 @@ def _write_whole(table: pa.Table, location: str, row_group_size: int) -> None:
 
 
 def build_on_a_worker(cfg: PipelineConfig, tcfg: TrainConfig, location: str) -> list[dict]:
-    """build_worker_files as one Ray task on a CPU node (labelled cpu where the cluster labels its
-    nodes); a user mistake raised there (TrainInputError) comes back as itself."""
-    import ray
+    """build_worker_files as one Ray task on a CPU node; a TrainInputError raised there comes back as itself."""
+    from utilrag.raycluster import on_a_cpu_node
 
-    from utilrag.raycluster import node_selector
-
-    placement = {"label_selector": node_selector(False)} if node_selector(False) else {}
-    task = ray.remote(num_cpus=1, **placement)(build_worker_files)  # type: ignore[call-overload]
     resolved = cfg.model_copy(update={"output_dir": Store(cfg.output_dir).root})  # the task's cwd is not ours
     if tcfg.labels_path:
         tcfg = tcfg.model_copy(update={"labels_path": store.normalize(tcfg.labels_path)})
-    return user_errors_as_themselves(lambda: ray.get(task.remote(resolved, tcfg, location)))
+    return on_a_cpu_node(build_worker_files, resolved, tcfg, location)
 
 
 def group_file(location: str, phase: str, rank: int) -> str:
