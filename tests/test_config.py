@@ -183,20 +183,51 @@ def test_a_data_root_uri_stays_a_uri(monkeypatch, tmp_path):
     assert resolve_data_root(None) == "s3://other/root"
 
 
-def test_the_paper_config_indexes_and_evaluates_the_model_it_trains():
-    """Each label setting's retriever is indexed from train/<name>/model, encoded by the spec saved beside
-    it (no pooling or length overrides in the index section), and evaluated against the human-label one."""
-    cfg = load_config(REPO_ROOT / "jobs" / "configs" / "msmarco-qwen32b.yaml")
+def test_the_paper_config_indexes_and_evaluates_the_model_it_trains(capsys):
+    """Table 2 from the paper config's plan (`utilrag pipeline --dry-run --json`, no data, no Ray): every
+    label setting's retriever is indexed from train/<name>/model, encoded by the spec saved beside it (no
+    pooling or length overrides in the index section), searches MS MARCO dev, DL19 and DL20 by full
+    retrieval over the one msmarco-passage encoding, and the 14 BEIR sets (CQADupStack's 12 forums), and
+    is evaluated on each against the human-label one."""
+    import json
+
+    from utilrag.cli import main
+    from utilrag.config import BEIR_14, DATASET_GROUPS
+
+    cfg = load_config(PAPER)
     names = [r.name for r in cfg.train.runs()]
     assert names == ["human", "relsel", "utilsel", "utilrank", "utilsel-cl20"]
     assert cfg.train.runs()[-1].curriculum_human_percent == 20 and cfg.train.runs()[0].labels == "human"
     overrides = cfg.index.model_dump(include={"pooling", "normalize", "query_max_len", "passage_max_len"})
     assert set(overrides.values()) == {None}
-    trained = {(t.dataset, t.label): t.model for t in index_targets(cfg)}
-    assert trained[("msmarco-passage", "utilsel")] == "train:utilsel"
-    assert trained[("trec-dl-2019", "human-rerank-bm25")] == "train:human"
-    scored = {(r.dataset, r.run) for r in evaluate_runs(cfg) if r.setting}
-    assert scored == {(d, label) for d, label in trained}
+
+    assert main(["pipeline", "--config", str(PAPER), "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    beir = [m for b in BEIR_14 for m in DATASET_GROUPS.get(b, (b,))]
+    assert len(beir) == 25  # 13 sets + CQADupStack's 12 forums
+    for name in names:
+        searched = {
+            (t["dataset"], t["split"], t["corpus"] or t["dataset"], t["rerank"])
+            for t in plan["index_targets"]
+            if t["model"] == f"train:{name}"
+        }
+        assert searched == {
+            ("msmarco-passage", "dev.small", "msmarco-passage", None),
+            ("trec-dl-2019", "default", "msmarco-passage", None),  # full retrieval, not BM25 re-ranking
+            ("trec-dl-2020", "default", "msmarco-passage", None),
+            *((b, "test", b, None) for b in beir),
+        }, name
+        # one encoding of the 8.8M passages per retriever, shared by dev, DL19 and DL20
+        [shared] = [e for e in plan["encodings"] if e["model"] == f"train:{name}" and len(e["searches"]) > 1]
+        assert shared["corpus"] == "msmarco-passage" and len(shared["searches"]) == 3
+    assert len(plan["encodings"]) == len(names) * (1 + len(beir))
+    scored = {(r["dataset"], r["run"]) for r in plan["evaluate_runs"] if r["setting"]}
+    assert scored == {(t["dataset"], t["label"]) for t in plan["index_targets"]}
+    assert {r["dataset"] for r in plan["evaluate_runs"] if r["run"] == "bm25s"} == {
+        "msmarco-passage", "trec-dl-2019", "trec-dl-2020"
+    }  # fmt: skip
+    ingested = {d.name: d for d in cfg.ingest.datasets}
+    assert set(beir) <= set(ingested) and ingested["trec-dl-2020"].queries_only
     assert cfg.evaluate.baseline == "bm25s" and cfg.evaluate.settings_baseline == "human"
 
 

@@ -180,3 +180,27 @@ def test_cqadupstack_is_its_forums_scored_apart_and_averaged(tmp_path, make_conf
     rows = {r["dataset"]: r for r in run_evaluation(cfg)}
     mean = rows["cqadupstack (2 of 12 forums)"]
     assert mean["MRR@10"] == 0.75 and mean["queries"] == 2 and mean["label"] == "r"
+
+
+def test_the_beir_14_mean_counts_cqadupstack_once_and_says_when_sets_are_missing():
+    """Table 2's "BEIR avg": per run, the unweighted mean over the 14 sets, CQADupStack as its forums'
+    mean (one set, not 12); with fewer sets the row says how many; one BEIR set gives no mean row."""
+    from utilrag.config import BEIR_14, DATASET_GROUPS
+    from utilrag.evaluate import beir_means, group_means
+
+    forums = DATASET_GROUPS["cqadupstack"]
+    rows = [
+        {"label": "r", "dataset": d, "split": "test", "queries": 10, "nDCG@10": 0.2}
+        for d in BEIR_14
+        if d != "cqadupstack"
+    ]
+    rows += [{"label": "r", "dataset": f, "split": "test", "queries": 1, "nDCG@10": 0.9} for f in forums]
+    rows += [{"label": "other", "dataset": "scifact", "split": "test", "queries": 10, "nDCG@10": 0.5}]
+    rows += group_means(rows, ["nDCG@10"])
+    [mean] = beir_means(rows, ["nDCG@10"])
+    assert (mean["label"], mean["dataset"]) == ("r", "BEIR-14")
+    assert mean["nDCG@10"] == pytest.approx((13 * 0.2 + 0.9) / 14)  # the forums' 0.9 counted once
+    assert mean["queries"] == 13 * 10 + len(forums)
+    partial = [r for r in rows if r["dataset"] in ("scifact", "nfcorpus", "fiqa")]
+    [three] = beir_means(partial, ["nDCG@10"])
+    assert three["dataset"] == "BEIR (3 of 14 sets)"

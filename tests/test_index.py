@@ -2,6 +2,7 @@
 end to end on a small real slice of DL19 (full retrieval and re-ranking)."""
 
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -255,7 +256,9 @@ def test_index_stage_end_to_end(ray_local, make_config, dl19_slice, capsys):
                         "layout": "msmarco",
                         "relevance_threshold": 2,
                         "unknown_qrels_docs": "keep",
-                    }
+                    },
+                    # the same queries without passages of their own (as DL19 / DL20 beside msmarco-passage)
+                    {"name": "slice-q", "path": str(root), "layout": "msmarco", "queries_only": True},
                 ]
             },
             "index": {
@@ -267,6 +270,7 @@ def test_index_stage_end_to_end(ray_local, make_config, dl19_slice, capsys):
                 "targets": [
                     {"dataset": "slice", "label": "minilm"},
                     {"dataset": "slice", "rerank": "bm25", "label": "minilm-rerank"},
+                    {"dataset": "slice-q", "corpus": "slice", "label": "minilm"},
                 ],
             },
             "evaluate": {
@@ -281,10 +285,15 @@ def test_index_stage_end_to_end(ray_local, make_config, dl19_slice, capsys):
             },
         }
     )
-    ingest(cfg)
+    ingested = ingest(cfg)
+    # queries_only: queries, qrels and runs, no corpus; judged passages and run rows kept unchecked
+    assert set(ingested["slice-q"].tables) == {"queries", "qrels", "runs"}
+    assert ingested["slice-q"].tables["qrels"].rows == ingested["slice"].tables["qrels"].rows
     written = run_index(cfg)
-    assert [reused for _, reused in written] == [False, False, False]  # embeddings, two runs
-    full, rerank = (pa.parquet.read_table(f"{folder}/run.parquet") for folder, _ in written[1:])
+    assert [reused for _, reused in written] == [False, False, False, False]  # embeddings (once), three runs
+    assert len(list((Path(cfg.output_dir) / "index").glob("*/*/embeddings"))) == 1  # slice-q has none
+    full, rerank, other = (pa.parquet.read_table(f"{folder}/run.parquet") for folder, _ in written[1:])
+    assert written[3][0].endswith("dense/slice-q-all/minilm") and other.equals(full)  # slice's passages
     assert full.num_rows == 5 * 20 and set(full.column("doc_id").to_pylist()) <= docs
     assert rerank.num_rows == 5 * 20
     # Full retrieval (FAISS shards) and re-ranking (direct dot products) agree on every shared pair.
@@ -317,11 +326,12 @@ def test_index_stage_end_to_end(ray_local, make_config, dl19_slice, capsys):
     printed = capsys.readouterr().out
     assert "Paired tests against 'bm25'" in printed and "| minilm | slice | nDCG@10 |" in printed
     # A second run reuses the embeddings and both runs; another k searches the saved shards again.
-    assert [reused for _, reused in run_index(cfg)] == [True, True, True]
+    assert [reused for _, reused in run_index(cfg)] == [True, True, True, True]
     assert "corpus embeddings unchanged" in capsys.readouterr().out
     cfg.index.k = 10
-    again = {folder.rsplit("/", 1)[-1]: reused for folder, reused in run_index(cfg)}
-    assert again == {"embeddings": True, "minilm": False, "minilm-rerank": True}
+    again = {"/".join(folder.rsplit("/", 2)[-2:]): reused for folder, reused in run_index(cfg)}
+    assert [f for f, reused in again.items() if not reused] == ["slice-all/minilm", "slice-q-all/minilm"]
+    assert len(again) == 4 and again["sentence-transformers_all-MiniLM-L6-v2/embeddings"]
     assert "loaded 2 flat shard(s)" in capsys.readouterr().out
 
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_lines
-from utilrag.data import IngestError, ingest
+from utilrag.data import IngestError, ingest, registry
 from utilrag.data.formats import parse_file
 from utilrag.data.tables import read_table
 from utilrag.store import read_manifest
@@ -151,7 +151,7 @@ def test_broken_beir_jsonl(ray_local, tmp_path, make_config):
 
 def test_tevatron_pools_are_read_as_given(ray_local, tmp_path, make_config):
     def passage(i):
-        return {"docid": str(i), "title": "", "text": f"passage {i}"}
+        return {"docid": str(i), "title": f"title {i}" if i == 1 else "", "text": f"passage {i}"}
 
     rows = [
         {
@@ -179,6 +179,20 @@ def test_tevatron_pools_are_read_as_given(ray_local, tmp_path, make_config):
     )
     out = Path(ingest(cfg)["tev"].output)
     assert read_table(out / "corpus").num_rows == 6
+    assert read_table(out / "corpus").to_pylist()[0]["title"] == "title 1"  # kept: not the registered name
+    # tevatron-msmarco drops titles by default (the evaluation collection has none): text alone
+    assert registry.REGISTRY["tevatron-msmarco"].titles is False
+    untitled = make_config(
+        {
+            "ingest": {
+                "reject_threshold": 1.0,
+                "datasets": [{"name": "tev", "path": str(tmp_path / "tev"), "titles": False}],
+            }
+        }
+    )
+    corpus = read_table(ingest(untitled)["tev"].output + "/corpus").to_pylist()
+    assert corpus[0] == {"doc_id": "1", "title": "", "text": "passage 1"}
+    out = Path(ingest(cfg)["tev"].output)  # the titled ingest again (another fingerprint)
     pools = read_table(out / "pools").to_pylist()
     assert [(p["query_id"], p["doc_id"], p["position"], p["source"]) for p in pools[:4]] == [
         ("q1", "1", 0, "human"),

@@ -212,9 +212,13 @@ def test_report_of_a_fake_run_directory(cfg, capsys):
     assert "Assumed, not measured: 2,500 tokens/s" in md and "Qwen2.5-32B-Instruct-GPTQ-Int8" in md
     assert data["cost"]["assumption"]["measured"] is False
 
+    # the paper's label statistics beside the run's (marked: not the paper's run)
+    pairs = {(p["paper"], p["metric"]): p["ours_value"] for p in data["paper"]["pairs"]}
+    assert pairs[("relsel (Qwen-2.5-32B, MS MARCO)", "precision")] == pytest.approx(3.12)
+    assert "annotator (SmolLM2-135M-Instruct, not Qwen-2.5-32B)" in data["paper"]["differences"]
     # a stage that did not run says so in one line
     assert data["rag"] == {"ran": False, "datasets": []}
-    rag_section = md.split("## RAG", 1)[1].split("## Cost", 1)[0].strip()
+    rag_section = md.split("## RAG", 1)[1].split("## Paper beside ours", 1)[0].strip()
     assert rag_section.startswith("Not run: no committed RAG evaluation under") and "\n" not in rag_section
     # the header: run directory, code version, the exact config
     assert root in md and store.code_version() in md and "baseline: bm25s" in md
@@ -315,3 +319,58 @@ def test_label_settings_table_after_the_baselines(make_config, capsys):
     by_label = {r["label"]: r for r in data["retrieval"]["rows"]}
     assert by_label["utilsel"]["setting"] == "utilsel" and by_label["utilsel"]["reference"] == "human"
     assert by_label["bm25s"]["setting"] is None
+    # SciFact alone: none of the paper's published rows, said in one line
+    assert "This run covers none of the paper's published rows" in md and data["paper"]["pairs"] == []
+
+
+def test_paper_beside_ours(make_config):
+    """The paper's Table 2, ablation and label-statistics numbers beside a run's own where it has the same
+    set, metric and label setting, marked with what differs from the paper's run."""
+    cfg = make_config(
+        {
+            "ingest": {"datasets": [{"name": "scifact"}]},
+            "annotate": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+            "train": {"model": "sentence-transformers/all-MiniLM-L6-v2", "settings": [
+                {"name": "human", "labels": "human"}, {"name": "utilsel", "labels": "utilsel"},
+                {"name": "cl20", "labels": "utilsel", "curriculum_human_percent": 20},
+                {"name": "joint", "labels": "utilsel", "loss": "joint"}]},
+            "evaluate": {"metrics": ["nDCG@10", "MRR@10"], "runs": []},
+        }
+    )  # fmt: skip
+    rows = [
+        {"label": "human", "dataset": "msmarco-passage", "split": "dev.small", "queries": 6980, "nDCG@10": 0.4,
+         "MRR@10": 0.3812},
+        {"label": "cl20", "dataset": "trec-dl-2019", "split": "default", "queries": 43, "nDCG@10": 0.7,
+         "MRR@10": 0.9},
+        {"label": "joint", "dataset": "msmarco-passage", "split": "dev.small", "queries": 6980, "nDCG@10": 0.4,
+         "MRR@10": 0.331},
+        {"label": "utilsel", "dataset": "BEIR-14", "split": "mean", "queries": 40000, "nDCG@10": 0.45,
+         "MRR@10": 0.5},
+        {"label": "utilsel", "dataset": "scifact", "split": "test", "queries": 300, "nDCG@10": 0.6, "MRR@10": 0.5},
+    ]  # fmt: skip
+    layout = Store(cfg.output_dir)
+    _commit(layout.evaluate(), "evaluate", {}, metrics=["nDCG@10", "MRR@10"], results=rows,
+            settings={r["label"]: r["label"] for r in rows})  # fmt: skip
+    agreement = [{"source": "utilsel", "queries": 4, "precision": 0.25, "recall": 0.5, "positives_per_query": 2.0}]
+    _commit(layout.annotate("scifact", "train"), "annotate",
+            {"report.json": json.dumps({"agreement": agreement, "model": "SmolLM2-135M"})})  # fmt: skip
+    get_stage("report").runner()(cfg)
+    committed = store.require(layout.report(), "report")
+    md = store.read_text(committed.path("report.md")) or ""
+    data = json.loads(store.read_text(committed.path("report.json")) or "{}")
+    got = {(p["ours"], p["paper"], p["metric"]): (round(p["ours_value"], 2), p["paper_value"])
+           for p in data["paper"]["pairs"]}  # fmt: skip
+    assert got == {
+        ("human on msmarco-passage", "Human", "MRR@10"): (38.12, 38.6),
+        ("cl20 on trec-dl-2019", "UtilSel + CL 20% human", "nDCG@10"): (70.0, 69.6),
+        ("joint on msmarco-passage", "JointLH", "MRR@10"): (33.1, 34.0),
+        ("utilsel on BEIR-14", "UtilSel (LLM only)", "nDCG@10"): (45.0, 45.3),
+        ("utilsel of scifact-train", "utilsel (Qwen-2.5-32B, MS MARCO)", "precision"): (25.0, 29.5),
+        ("utilsel of scifact-train", "utilsel (Qwen-2.5-32B, MS MARCO)", "recall"): (50.0, 84.8),
+        ("utilsel of scifact-train", "utilsel (Qwen-2.5-32B, MS MARCO)", "positives per query"): (2.0, 2.9),
+    }  # no paper row for SciFact alone, nor MRR@10 on DL19
+    differ = data["paper"]["differences"]
+    assert [d.split(" (")[0] for d in differ] == ["scale", "annotator", "backbone"]
+    section = md.split("## Paper beside ours", 1)[1].split("\n## ", 1)[0]
+    assert "Not the paper's run: different scale (scifact" in section
+    assert "| retrieval | cl20 on trec-dl-2019 | UtilSel + CL 20% human | nDCG@10 | 70.0 | 69.6 |" in section

@@ -45,6 +45,26 @@ CQADUPSTACK_FORUMS = (
 DATASET_GROUPS: dict[str, tuple[str, ...]] = {"cqadupstack": tuple(f"cqadupstack-{f}" for f in CQADUPSTACK_FORUMS)}
 
 
+# The paper's 14 BEIR sets (Table 2's "BEIR avg": nDCG@10 averaged over them, CQADupStack counted once
+# as its forums' mean). BEIR's msmarco is the training collection, so it is not among them.
+BEIR_14 = (
+    "arguana",
+    "climate-fever",
+    "cqadupstack",
+    "dbpedia-entity",
+    "fever",
+    "fiqa",
+    "hotpotqa",
+    "nfcorpus",
+    "nq",
+    "quora",
+    "scidocs",
+    "scifact",
+    "trec-covid",
+    "webis-touche2020",
+)
+
+
 def group_of(dataset: str) -> str | None:
     return next((g for g, members in DATASET_GROUPS.items() if dataset in members), None)
 
@@ -111,6 +131,17 @@ class DatasetConfig(Strict):
         description="evaluation drops a retrieved document whose id is the query's (BEIR does this for ArguAna "
         "and Quora, whose queries are corpus documents); null: the registry's",
     )
+    titles: bool | None = Field(
+        None,
+        description="keep passage titles (encoded as 'title text'); false: text alone. null: the registry's "
+        "(tevatron-msmarco: false, as the 8.8M MS MARCO collection the retriever is evaluated on has none), else true",
+    )
+    queries_only: bool = Field(
+        False,
+        description="ingest queries, qrels and runs but not the passages: they are another dataset's (TREC DL "
+        "2019/2020 judge MS MARCO's 8.8M passages), searched by naming that dataset as an index target's corpus; "
+        "judged passages are kept unchecked (no corpus here to check them against)",
+    )
 
     @model_validator(mode="after")
     def _overlap_below_window(self) -> DatasetConfig:
@@ -148,6 +179,9 @@ class BM25Config(Strict):
     split: str = Field(
         description="queries of this qrels split are searched; 'all': every query (a corpus without qrels)"
     )
+    corpus: str | None = Field(
+        None, description="the ingested dataset whose passages are searched (as index targets' corpus); null: its own"
+    )
     k: int = Field(1000, gt=0, description="results per query")
     k1: float = Field(0.9, description="BM25 k1 (term frequency saturation)")
     b: float = Field(0.4, description="BM25 b (length normalisation)")
@@ -172,6 +206,14 @@ class IndexTarget(Strict):
         description='the encoder of this search; null: index.model. "train:<name>" is the retriever the train '
         "stage fitted as <name> (set for each train setting by index.trained_targets)",
     )
+    corpus: str | None = Field(
+        None,
+        description="the ingested dataset whose passages are searched (encoded once per encoder and shared by "
+        "every target naming it: MS MARCO dev, DL19 and DL20 search msmarco-passage); null: the dataset's own",
+    )
+
+    def corpus_name(self) -> str:
+        return self.corpus or self.dataset
 
     def run_label(self) -> str:
         """The run's folder name under dense/<dataset>-<split>/."""
@@ -324,8 +366,9 @@ class AnnotateTarget(Strict):
     )
 
 
-class AnnotateSampling(Strict):
-    """Sampling (default greedy) and constrained decoding (vLLM structured outputs, regex)."""
+class Sampling(Strict):
+    """Decoding (default greedy: RAG's answers, as the paper) and constrained decoding (vLLM structured
+    outputs, regex)."""
 
     temperature: float = Field(0.0, ge=0, description="sampling temperature; 0: greedy")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
@@ -333,6 +376,16 @@ class AnnotateSampling(Strict):
     max_tokens: int = Field(256, ge=1, description="output tokens of a selection / ranking / grade")
     answer_max_tokens: int = Field(256, ge=1, description="output tokens of the pseudo-answer")
     constrained: bool = Field(False, description="vLLM structured outputs: a regex for each stage's answer format")
+
+
+class AnnotationSampling(Sampling):
+    """The annotator's decoding. The paper does not say; the authors' code samples at temperature 0.6,
+    top-p 0.95 (seeded per request), so that is the default; temperature 0 is greedy."""
+
+    temperature: float = Field(
+        0.6, ge=0, description="sampling temperature (the authors' code: 0.6; the paper is silent); 0: greedy"
+    )
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling mass (the authors' code: 0.95)")
 
 
 class AnnotateEngine(Strict):
@@ -471,8 +524,8 @@ class AnnotateConfig(Strict):
         description="the pointwise judge: a seeded subset of queries (one prompt per pool passage); null: all",
     )
     graded_threshold: int = Field(2, ge=0, le=3, description="graded label counted positive")
-    sampling: AnnotateSampling = Field(
-        default_factory=AnnotateSampling, description="sampling and constrained decoding"
+    sampling: AnnotationSampling = Field(
+        default_factory=AnnotationSampling, description="sampling and constrained decoding"
     )
     engine: AnnotateEngine = Field(default_factory=AnnotateEngine, description="the vLLM engine of each replica")
     scale: AnnotateScale = Field(default_factory=AnnotateScale, description="the actor pool and fault tolerance")
@@ -543,7 +596,8 @@ class TrainConfig(Strict):
     group_size: int = Field(16, ge=2, description="passages per query in a group (m + 1)")
     positives: Literal["all", "one", "rand1", "avg"] = Field(
         "all",
-        description="positive sampling: all (Pos-all), one (the first positive, every epoch: Pos-one), rand1 "
+        description="positive sampling: all (Pos-all), one (Pos-one: one positive per query, drawn once with the "
+        "seed and kept every epoch), rand1 "
         "(one drawn each epoch), avg (Pos-avg: every positive, JointLH averaged over them; loss: joint)",
     )
     human_mix_percent: float | None = Field(
@@ -555,8 +609,14 @@ class TrainConfig(Strict):
     curriculum_epochs: int = Field(1, ge=1, description="epochs of curriculum stage 2")
     epochs: int = Field(2, ge=1, description="epochs over the training groups")
     lr: float = Field(3e-5, gt=0, description="peak AdamW learning rate")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps with a linear warmup, then linear decay")
-    weight_decay: float = Field(0.01, description="AdamW weight decay")
+    # The paper gives neither; the authors' Tevatron runs leave both at 0 (Hugging Face's defaults).
+    warmup_ratio: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of steps with a linear warmup, then linear decay (the authors' code: 0; the paper: silent)",
+    )
+    weight_decay: float = Field(0.0, description="AdamW weight decay (the authors' code: 0; the paper is silent)")
     per_device_queries: int = Field(16, ge=1, description="queries per worker per step")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel)")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs each worker reserves")
@@ -649,9 +709,7 @@ class RagConfig(Strict):
     )
     permutations: int = Field(10_000, ge=100, description="randomisation test samples")
     model: str = Field(description="generator: HF folder, hub name, or a packaged model")
-    sampling: AnnotateSampling = Field(
-        AnnotateSampling(answer_max_tokens=64), description="decoding (greedy by default, as the paper)"
-    )
+    sampling: Sampling = Field(Sampling(answer_max_tokens=64), description="decoding (greedy by default, as the paper)")
     engine: AnnotateEngine = Field(AnnotateEngine(), description="the vLLM engine replicas")
     scale: AnnotateScale = Field(AnnotateScale(), description="the actor pool")
 
@@ -725,7 +783,7 @@ class PipelineConfig(Strict):
             data["ingest"] = {**data["ingest"], "datasets": expand(data["ingest"].get("datasets"), "name")}
         for section in ("pools", "bm25"):
             data[section] = expand(data.get(section))
-        for section, key in (("index", "targets"), ("evaluate", "runs")):
+        for section, key in (("index", "targets"), ("index", "trained_targets"), ("evaluate", "runs")):
             if isinstance(data.get(section), dict) and key in data[section]:
                 data[section] = {**data[section], key: expand(data[section][key])}
         return {k: v for k, v in data.items() if v is not None or k not in ("pools", "bm25")}

@@ -79,10 +79,31 @@ class SettingPlan:
 
 
 @dataclass
+class Encoding:
+    """One corpus encoded by one encoder: every search of those passages with that encoder shares it."""
+
+    corpus: str
+    model: str | None  # null: index.model
+    searches: list[str]  # "<dataset>-<split>/<label>"
+
+
+def encodings(targets: list[IndexTarget]) -> list[Encoding]:
+    """The index stage's corpus encodings, in its order: one per (corpus, encoder)."""
+    found: dict[tuple[str, str | None], Encoding] = {}
+    for t in targets:
+        key = (t.corpus_name(), t.model)
+        found.setdefault(key, Encoding(key[0], key[1], [])).searches.append(
+            f"{t.dataset}-{t.split or 'all'}/{t.run_label()}"
+        )
+    return list(found.values())
+
+
+@dataclass
 class Plan:
     stages: list[str]
     settings: list[SettingPlan] = field(default_factory=list)
     index_targets: list[dict] = field(default_factory=list)
+    encodings: list[Encoding] = field(default_factory=list)
     evaluate_runs: list[dict] = field(default_factory=list)
 
     def as_json(self) -> dict:
@@ -97,14 +118,28 @@ class Plan:
                 f"; MISSING from annotate.stages: {', '.join(s.missing_annotation)}" if s.missing_annotation else ""
             )
             cl = f", curriculum {s.curriculum_human_percent:g}% human" if s.curriculum_human_percent else ""
-            runs = ", ".join(s.index_runs) or "none"
+            runs = _some(s.index_runs) or "none"
             out.append(f"train {s.name}: labels {s.labels}{cl}; annotation {needs}{missing}; searches {runs}")
         if self.index_targets:
-            out.append(f"index: {len(self.index_targets)} search(es)")
+            shared = [e for e in self.encodings if len(e.searches) > 1]
+            note = (
+                f" ({len(shared)} shared by several query sets, e.g. {shared[0].corpus}: "
+                f"{', '.join(s.split('/')[0] for s in shared[0].searches)})"
+                if shared
+                else ""
+            )
+            out.append(f"index: {len(self.encodings)} corpus encoding(s){note}, {len(self.index_targets)} search(es)")
         if self.evaluate_runs:
-            scored = ", ".join(f"{r['dataset']}/{r['label'] or r['run']}" for r in self.evaluate_runs)
-            out.append(f"evaluate: {scored}")
+            scored = [f"{r['dataset']}/{r['label'] or r['run']}" for r in self.evaluate_runs]
+            out.append(f"evaluate: {_some(scored)}")
         return out
+
+
+def _some(items: list[str], shown: int = 6) -> str:
+    """A long list cut for a line of text (--json has it whole)."""
+    if len(items) <= shown:
+        return ", ".join(items)
+    return f"{len(items)}: {', '.join(items[:shown])}, … (--json lists all)"
 
 
 def make_plan(cfg: PipelineConfig, stages: list[str]) -> Plan:
@@ -126,9 +161,11 @@ def make_plan(cfg: PipelineConfig, stages: list[str]) -> Plan:
                     curriculum_human_percent=run.curriculum_human_percent,
                 )
             )
+    searched = index_targets(cfg) if "index" in stages else []
     return Plan(
         stages=list(stages),
         settings=settings,
-        index_targets=[t.model_dump() for t in index_targets(cfg)] if "index" in stages else [],
+        index_targets=[t.model_dump() for t in searched],
+        encodings=encodings(searched),
         evaluate_runs=[r.model_dump() for r in evaluate_runs(cfg)] if "evaluate" in stages else [],
     )

@@ -85,8 +85,9 @@ DROPPED = "dropped: "  # a reason whose row is dropped as a duplicate, not rejec
 class Validator:
     """Global checks over one table's stream; remembers ids later tables refer to."""
 
-    def __init__(self, unknown_qrels_docs: str, drop_duplicate_text: bool = False):
+    def __init__(self, unknown_qrels_docs: str, drop_duplicate_text: bool = False, check_docs: bool = True):
         self.unknown_qrels_docs = unknown_qrels_docs
+        self.check_docs = check_docs  # false without a corpus (queries_only): the passages are another dataset's
         # plain layout: a passage whose words (case, punctuation, spacing aside) an earlier one has is
         # dropped, counted, and kept in the rejects file without counting against the threshold
         self.texts: dict[bytes, str] | None = {} if drop_duplicate_text else None
@@ -137,7 +138,7 @@ class Validator:
             return self._unique(self.query_ids, row["query_id"], hash(row["text"]), "query id")
         if row["query_id"] not in self.query_ids:
             return f"unknown query id {row['query_id']}"
-        if row["doc_id"] not in self.doc_ids:
+        if self.check_docs and row["doc_id"] not in self.doc_ids:
             if table == "qrels" and self.unknown_qrels_docs == "keep":
                 report.notes["judged doc outside the corpus (kept)"] += 1
             else:
@@ -180,6 +181,7 @@ def _input_fingerprint(resolved: registry.ResolvedDataset, icfg: IngestConfig) -
             "unknown_qrels_docs": resolved.unknown_qrels_docs,
             # only where it applies: the fingerprints of every other dataset stay as they were
             **({"ignore_identical_ids": True} if resolved.ignore_identical_ids else {}),
+            **({"titles": False} if not resolved.titles else {}),
             # plain layout: how documents are cut into passages (a new rule re-ingests)
             **(
                 {"plain": {k: v for k, v in resolved.jobs[0].ctx.items() if k != "root"}}
@@ -205,7 +207,11 @@ def ingest_dataset(resolved: registry.ResolvedDataset, out: str, icfg: IngestCon
 
     started = time.time()
     writer = store.begin(out, "ingest", fp, dataset=resolved.name)
-    validator = Validator(resolved.unknown_qrels_docs, drop_duplicate_text=resolved.layout == "plain")
+    validator = Validator(
+        resolved.unknown_qrels_docs,
+        drop_duplicate_text=resolved.layout == "plain",
+        check_docs=any(j.table == "corpus" for j in resolved.jobs),
+    )
     reports: dict[str, TableReport] = {}
     all_rejects: list[dict] = []
     for table in TABLE_ORDER:
@@ -216,6 +222,10 @@ def ingest_dataset(resolved: registry.ResolvedDataset, out: str, icfg: IngestCon
         report = reports[table] = TableReport()
         parts = ParquetParts(writer.path(table), SCHEMAS[table], icfg.rows_per_file)
         for batch in stream_parsed(jobs, icfg.batch_rows):
+            if table == "corpus" and not resolved.titles:  # text alone, as the evaluation corpus has it
+                batch = batch.set_column(
+                    batch.schema.get_field_index("title"), "title", pa.array([""] * batch.num_rows, pa.string())
+                )
             good, rejects = validator.check(table, batch, report)
             parts.write(good)
             all_rejects.extend(rejects)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utilrag import store
-from utilrag.config import CQADUPSTACK_FORUMS, DatasetConfig
+from utilrag.config import BEIR_14, CQADUPSTACK_FORUMS, DatasetConfig
 from utilrag.data.formats import list_files
 from utilrag.errors import UtilragError
 from utilrag.logs import get_logger
@@ -27,23 +27,7 @@ DL19_QUERIES = "https://msmarco.z22.web.core.windows.net/msmarcoranking/msmarco-
 DL20_QRELS = "https://trec.nist.gov/data/deep/2020qrels-pass.txt"
 DL20_QUERIES = "https://msmarco.z22.web.core.windows.net/msmarcoranking/msmarco-test2020-queries.tsv.gz"
 
-# The paper's 14 BEIR sets (BEIR's msmarco is the training collection, so it is not among them).
-BEIR_NAMES = [
-    "arguana",
-    "climate-fever",
-    "cqadupstack",
-    "dbpedia-entity",
-    "fever",
-    "fiqa",
-    "hotpotqa",
-    "nfcorpus",
-    "nq",
-    "quora",
-    "scidocs",
-    "scifact",
-    "trec-covid",
-    "webis-touche2020",
-]
+BEIR_NAMES = list(BEIR_14)  # the paper's 14 BEIR sets (config.BEIR_14)
 
 log = get_logger("ingest")
 
@@ -63,6 +47,7 @@ class Registered:
     # query is itself a corpus document and would otherwise be its own top hit).
     ignore_identical_ids: bool = False
     folder: str | None = None  # under data_root; null: the name (CQADupStack forums share one download)
+    titles: bool = True  # passage titles kept (DatasetConfig.titles)
 
 
 def _trec_dl(qrels_url: str, queries_url: str) -> Registered:
@@ -110,8 +95,11 @@ REGISTRY: dict[str, Registered] = {
     # paper's annotation input: no fixed download here (the hub dataset Tevatron/msmarco-passage,
     # exported as JSONL); `utilrag upload <folder> --kind dataset --name tevatron-msmarco` puts a copy
     # under a bucket's data root.
+    # Its passages carry titles (RocketQA's) that the 8.8M collection we evaluate on lacks: dropped by default,
+    # so that training sees passages as the index encodes them.
     "tevatron-msmarco": Registered(
         "tevatron",
+        titles=False,
         needs="*.jsonl[.gz] of {query_id, query, positive_passages, negative_passages} "
         "(the Tevatron/msmarco-passage train split)",
     ),
@@ -137,6 +125,7 @@ class ResolvedDataset:
     unknown_qrels_docs: str
     jobs: list[FileJob]
     ignore_identical_ids: bool = False
+    titles: bool = True
 
 
 def _match(files: list[str], pattern: str) -> list[str]:
@@ -214,14 +203,16 @@ def offline_message(name: str, folder: str) -> str:
     )
 
 
-def download(name: str, folder: Path) -> None:
-    """Fetch a registered dataset's official files into folder (raises DatasetError when offline)."""
+def download(name: str, folder: Path, queries_only: bool = False) -> None:
+    """Fetch a registered dataset's official files into folder (raises DatasetError when offline);
+    ``queries_only``: not the archive that holds the passages (TREC DL: MS MARCO's collection tar)."""
     reg = REGISTRY[name]
-    if not reg.downloads:  # no public file to fetch (tevatron-msmarco): say what goes where
+    downloads = [(u, t) for u, t in reg.downloads if t or not queries_only or u.endswith(".zip")]
+    if not downloads:  # no public file to fetch (tevatron-msmarco): say what goes where
         raise DatasetError(offline_message(name, str(folder)))
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-        for url, target in reg.downloads:
+        for url, target in downloads:
             local = Path(tmp) / url.rsplit("/", 1)[-1]
             log.info(f"download {url}")
             try:
@@ -258,7 +249,8 @@ def resolve(ds: DatasetConfig, data_root: str, allow_download: bool = True) -> R
             if not allow_download or store.is_remote(root):  # downloads go to local folders only
                 raise DatasetError(offline_message(ds.name, root))
             # a forum of CQADupStack: the one zip unpacks every forum under data_root/cqadupstack
-            download(ds.name, Path(store.join(data_root, reg.folder.split("/")[0])) if reg.folder else Path(root))
+            folder = Path(store.join(data_root, reg.folder.split("/")[0])) if reg.folder else Path(root)
+            download(ds.name, folder, ds.queries_only)
     if not exists(root):
         raise DatasetError(f"dataset {ds.name!r}: path not found: {root}")
     single_file = not list_files(root) and exists(root)
@@ -274,7 +266,9 @@ def resolve(ds: DatasetConfig, data_root: str, allow_download: bool = True) -> R
             )
         return ResolvedDataset(ds.name, root, layout, 1, "reject", jobs, False)
     jobs = _jobs_for(root, layout, files)
-    if not any(j.table == "corpus" for j in jobs) or not any(j.table == "queries" for j in jobs):
+    if ds.queries_only:  # the passages are another dataset's (an index target's corpus)
+        jobs = [j for j in jobs if j.table != "corpus"]
+    if not any(j.table == "queries" for j in jobs) or not (ds.queries_only or any(j.table == "corpus" for j in jobs)):
         raise DatasetError(
             f"dataset {ds.name!r} at {root}: no corpus or queries file for layout {layout!r}; "
             + offline_message(ds.name, root).split(". ", 1)[1]
@@ -282,8 +276,10 @@ def resolve(ds: DatasetConfig, data_root: str, allow_download: bool = True) -> R
     threshold = (
         ds.relevance_threshold if ds.relevance_threshold is not None else (reg.relevance_threshold if reg else 1)
     )
-    unknown = ds.unknown_qrels_docs or (reg.unknown_qrels_docs if reg else "reject")
+    # queries_only: nothing here to check judged passages against
+    unknown = "keep" if ds.queries_only else ds.unknown_qrels_docs or (reg.unknown_qrels_docs if reg else "reject")
     identical = (
         ds.ignore_identical_ids if ds.ignore_identical_ids is not None else bool(reg and reg.ignore_identical_ids)
     )
-    return ResolvedDataset(ds.name, root, layout, threshold, unknown, jobs, identical)
+    titles = ds.titles if ds.titles is not None else (reg.titles if reg else True)
+    return ResolvedDataset(ds.name, root, layout, threshold, unknown, jobs, identical, titles)

@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from utilrag import store
-from utilrag.config import DATASET_GROUPS, PipelineConfig, RunToEvaluate
+from utilrag.config import BEIR_14, DATASET_GROUPS, PipelineConfig, RunToEvaluate
 from utilrag.data.dataset import Dataset, open_dataset
 from utilrag.data.formats import open_lines, parse_file
 from utilrag.data.tables import SCHEMAS, read_table
@@ -99,6 +99,34 @@ def group_means(rows: list[dict], metrics: list[str]) -> list[dict]:
                 }
             )
     return means
+
+
+BEIR_MEAN = "BEIR-14"  # the dataset name of the mean row (Table 2's "BEIR avg")
+
+
+def beir_means(rows: list[dict], metrics: list[str]) -> list[dict]:
+    """Per run label scored on at least two of the paper's 14 BEIR sets, their unweighted mean (Table 2's
+    "BEIR avg"), CQADupStack counted once as its forums' mean (group_means' row). Fewer than 14 sets: the
+    row says how many."""
+    out = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        found: dict[str, dict] = {}
+        for r in rows:
+            if r["label"] == label and r["dataset"] in BEIR_14:  # a complete group's mean row is named as it
+                found.setdefault(r["dataset"], r)
+        if len(found) < 2:
+            continue
+        name = BEIR_MEAN if len(found) == len(BEIR_14) else f"BEIR ({len(found)} of {len(BEIR_14)} sets)"
+        out.append(
+            {
+                "label": label,
+                "dataset": name,
+                "split": "mean",
+                "queries": sum(r["queries"] for r in found.values()),
+                **{m: sum(r[m] for r in found.values()) / len(found) for m in metrics},
+            }
+        )
+    return out
 
 
 def format_table(rows: list[dict], metrics: list[str]) -> str:
@@ -202,6 +230,7 @@ def run_evaluation(cfg: PipelineConfig, runs: list[RunToEvaluate] | None = None)
                 )
     tests = significance(cfg, runs, rows, per_query_rows)
     rows += group_means(rows, metrics)
+    rows += beir_means(rows, metrics)
     table = format_table(rows, metrics)
     # Always recomputed (cheap); written by the commit protocol so that a report never reads half of it.
     writer = store.begin(Store(cfg.output_dir).evaluate(), "evaluate", None)

@@ -57,7 +57,10 @@ def encode_corpus(
         return old, True
     corpus = dataset.table("corpus")
     if corpus.num_rows == 0:
-        raise ShardError(f"{dataset.name}: the corpus is empty; nothing to index")
+        raise ShardError(
+            f"{dataset.name}: no passages to index (ingested queries_only? name the dataset with the passages as "
+            "the index target's corpus)"
+        )
     writer = store.begin(out, "index/encode", fp, dataset=dataset.name)
     stats = encode_table(
         texts_for(corpus, "doc_id", spec.passage_prefix),
@@ -210,7 +213,8 @@ def target_fingerprint(icfg: IndexConfig, target: IndexTarget, embeddings: Commi
         {
             "embeddings": embeddings["input_fingerprint"],
             "queries": query_settings(icfg),
-            "target": target.model_dump(),
+            # corpus only when set: the runs of targets written before it existed stay reusable
+            "target": target.model_dump(exclude=set() if target.corpus else {"corpus"}),
             "search": search,
         }
     )
@@ -230,38 +234,40 @@ def with_model(cfg: PipelineConfig, model: str | None) -> IndexConfig:
 
 
 def run_index(cfg: PipelineConfig) -> list[tuple[str, bool]]:
-    """Per dataset and encoder: encode the corpus and the queries of every target whose run changed
-    (Ray Data actor pool), then build or load the sharded index, search, and write one dense run per
-    target under dense/<dataset>-<split>/<label>/. Shard actors start only after the encoders are done,
-    and one index's shards are released before the next one's encoders need the CPUs."""
+    """Per corpus and encoder: encode the corpus (once, shared by every target naming it) and the queries
+    of every target whose run changed (Ray Data actor pool), then build or load the sharded index, search,
+    and write one dense run per target under dense/<dataset>-<split>/<label>/. Shard actors start only
+    after the encoders are done, and one index's shards are released before the next one's encoders need
+    the CPUs."""
     written = []
     targets = index_targets(cfg)  # as written, and each train setting's searches (utilrag.plan)
-    for name, model in dict.fromkeys((t.dataset, t.model) for t in targets):
+    for name, model in dict.fromkeys((t.corpus_name(), t.model) for t in targets):
         icfg = with_model(cfg, model)
         dataset = open_dataset(cfg, name)
         embeddings, reused = encode_corpus(cfg, dataset, icfg, model)
         written.append((embeddings.folder, reused))
         planned = []
-        for target in (t for t in targets if t.dataset == name and t.model == model):
+        for target in (t for t in targets if t.corpus_name() == name and t.model == model):
             label = target_label(target)
-            out = Store(cfg.output_dir).dense_run(name, target.split, label)
+            queried = dataset if target.dataset == name else open_dataset(cfg, target.dataset)
+            out = Store(cfg.output_dir).dense_run(target.dataset, target.split, label)
             fp = target_fingerprint(icfg, target, embeddings)
             if store.reusable(out, fp) is not None:
-                log.info(f"{name}/{target.split or 'all'}: run {label!r} unchanged, reusing {out}")
+                log.info(f"{target.dataset}/{target.split or 'all'}: run {label!r} unchanged, reusing {out}")
                 written.append((out, True))
                 continue
-            qids, texts = dataset.split_queries(target.split)
+            qids, texts = queried.split_queries(target.split)
             if not qids:  # before begin: a mistake keeps the old run
-                raise DatasetInputError(f"{name}/{target.split}: no queries to search")
-            writer = store.begin(out, "index/search", fp, dataset=name)
+                raise DatasetInputError(f"{target.dataset}/{target.split}: no queries to search")
+            writer = store.begin(out, "index/search", fp, dataset=target.dataset)
             qids, queries = encode_queries(qids, texts, target, icfg, writer.path("query_embeddings"))
-            planned.append((target, label, writer, qids, queries))
+            planned.append((target, queried, label, writer, qids, queries))
         index = None
         try:
-            for target, label, writer, qids, queries in planned:
+            for target, queried, label, writer, qids, queries in planned:
                 t0 = time.time()
                 if target.rerank:
-                    run = rerank_run(dataset, target, qids, queries, embeddings)
+                    run = rerank_run(queried, target, qids, queries, embeddings)
                 else:
                     if index is None:
                         index = build_or_load_index(cfg, name, icfg, embeddings, model)
@@ -277,7 +283,7 @@ def run_index(cfg: PipelineConfig) -> list[tuple[str, bool]]:
                     wall_time_s=round(time.time() - t0, 2),
                 )
                 log.info(
-                    f"{name}/{target.split or 'all'}: run {label!r}: {len(qids):,} queries, "
+                    f"{target.dataset}/{target.split or 'all'}: run {label!r}: {len(qids):,} queries, "
                     f"{run.num_rows:,} results in {time.time() - t0:.1f}s -> {writer.folder}"
                 )
                 written.append((writer.folder, False))

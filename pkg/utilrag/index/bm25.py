@@ -19,21 +19,25 @@ log = get_logger("bm25")
 def run_bm25(cfg: PipelineConfig, bcfg: BM25Config) -> tuple[str, bool]:
     """One BM25 run: output_dir/bm25/<dataset>-<split>/{run.parquet,run.trec}; (folder, reused)."""
     dataset = open_dataset(cfg, bcfg.dataset)
+    passages = open_dataset(cfg, bcfg.corpus) if bcfg.corpus else dataset
     out = Store(cfg.output_dir).bm25(bcfg.dataset, bcfg.split)
-    fp = fingerprint({"input": dataset.fingerprint, "config": bcfg.model_dump()})
+    # the corpus's fingerprint and setting only when it is another dataset's: earlier runs stay reusable
+    other = {"corpus": passages.fingerprint} if bcfg.corpus else {}
+    settings = bcfg.model_dump(exclude=set() if bcfg.corpus else {"corpus"})
+    fp = fingerprint({"input": dataset.fingerprint, **other, "config": settings})
     if store.reusable(out, fp) is not None:
         log.info(f"{bcfg.dataset}/{bcfg.split}: unchanged, reusing {out}")
         return out, True
     t0 = time.time()
     writer = store.begin(out, "bm25", fp)
-    corpus = dataset.table("corpus")
+    corpus = passages.table("corpus")
     qids, texts = dataset.split_queries(bcfg.split)
     run = bm25_search(corpus, qids, texts, bcfg)
     write_table(run, writer.path("run.parquet"))
     write_trec_run(run, writer.path("run.trec"))
     wall = time.time() - t0
     writer.commit(
-        config=bcfg.model_dump(),
+        config=settings,
         rows={"runs": run.num_rows, "queries": len(qids), "corpus": corpus.num_rows},
         wall_time_s=round(wall, 2),
     )

@@ -27,6 +27,7 @@ import yaml
 from utilrag import store
 from utilrag.config import PipelineConfig
 from utilrag.errors import UtilragError
+from utilrag.report import paper
 from utilrag.report.render import Block, Code, Heading, Image, Para, Table, to_html, to_markdown
 from utilrag.stages import StageResult
 from utilrag.store import Committed, Store
@@ -752,6 +753,7 @@ def build(cfg: PipelineConfig) -> tuple[list[Block], dict, str]:
     ann, ann_data = annotation(root, found)
     tra, tra_data = training(root, found)
     rg, rag_data = rag(root, found)
+    pap, paper_data = paper.section(cfg, ret_data, ann_data, rag_data)
     cst, cost_data = cost(cfg, found, ann_data, rag_data)
     data = {
         **head_data,
@@ -759,9 +761,10 @@ def build(cfg: PipelineConfig) -> tuple[list[Block], dict, str]:
         "annotation": ann_data,
         "training": tra_data,
         "rag": rag_data,
+        "paper": paper_data,
         "cost": cost_data,
     }
-    return head + ret + ann + tra + rg + cst, data, headline
+    return head + ret + ann + tra + rg + pap + cst, data, headline
 
 
 def run(cfg: PipelineConfig) -> StageResult:
