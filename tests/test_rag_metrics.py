@@ -328,3 +328,36 @@ def test_answer_recall():
     assert not answer_recall(passages, ["the"])  # normalises to nothing: never a hit
     assert answer_recall(["Paris, France"], ["paris france"])  # punctuation removed on both sides
     assert not answer_recall([], ["x"]) and not answer_recall(passages, [])
+
+
+def test_rag_scores_recall_against_the_gold_ids_only_on_the_qa_sets_own_passages():
+    """recall@k: a gold passage id among the top k (the QA set's own passages); over another corpus
+    (rag.corpus) the ids differ, so retrieved rows get none while the oracle row keeps its own; answer
+    recall reads the passages' texts either way."""
+    import pyarrow as pa
+
+    from utilrag.rag import score
+
+    questions = pa.table({"query_id": ["a", "b"], "answers": [["Paris"], ["blue"]], "gold_doc_ids": [["d1"], ["d2"]]})
+    rows = [
+        {"label": "bm25s", "k": 2, "docs": {"a": ["d3", "d1"], "b": ["d3", "d4"]}, "gold": False},
+        {"label": "oracle", "k": 1, "docs": {"a": ["d1"], "b": ["d2"]}, "gold": True},
+    ]
+    texts = {"d1": "Paris is in France", "d2": "the sky is blue", "d3": "nothing here", "d4": "blue whales"}
+    generated = pa.table(
+        {
+            "query_id": ["a", "b", "a", "b"],
+            "window": [0, 0, 1, 1],
+            "answer": ["Paris", "red", "Paris", "blue"],
+            "output_tokens": [1, 1, 1, 1],
+            "finish_reason": ["stop"] * 4,
+        }
+    )
+    own = score(questions, rows, generated, [texts, texts])
+    assert [(r["label"], r["query_id"], r["recall"], r["answer_recall"]) for r in own] == [
+        ("bm25s", "a", 1.0, 1.0), ("bm25s", "b", 0.0, 1.0), ("oracle", "a", 1.0, 1.0), ("oracle", "b", 1.0, 1.0),
+    ]  # fmt: skip
+    assert [r["exact_match"] for r in own] == [1.0, 0.0, 1.0, 1.0]
+    other = score(questions, rows, generated, [texts, texts], same_ids=False)
+    assert [r["recall"] for r in other] == [None, None, 1.0, 1.0]
+    assert [r["answer_recall"] for r in other] == [r["answer_recall"] for r in own]

@@ -695,7 +695,14 @@ class RagRetriever(Strict):
 class RagConfig(Strict):
     """RAG evaluation (docs/method.md §5): retrieve top-k, generate with vLLM, score the answers."""
 
-    dataset: str = Field(description="an ingested QA dataset (ingest layout qa, e.g. squad-v1.1-dev)")
+    dataset: str = Field(description="an ingested QA dataset (ingest layout qa, e.g. squad-v1.1-dev): the questions")
+    corpus: str | None = Field(
+        None,
+        description="the ingested dataset whose passages are retrieved (nq-open: a Wikipedia corpus; hotpotqa: BEIR's "
+        "hotpotqa corpus; MS MARCO QnA: msmarco-passage): the runs are searches of rag.dataset's questions over it "
+        "(bm25 / index targets with this corpus); recall@k then needs shared passage ids and is left out. null: "
+        "rag.dataset's own passages",
+    )
     split: str = Field("dev", description="its qrels split (gold passages)")
     max_questions: int | None = Field(200, ge=1, description="a seeded sample of the questions; null: all")
     seed: int = Field(0, description="seed of the question sample")

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from utilrag.config import PipelineConfig
-from utilrag.data.tables import SCHEMAS, read_table
+from utilrag.data.tables import SCHEMAS, read_rows, read_table
 from utilrag.errors import UtilragError
 from utilrag.store import Committed, Store, require
 
@@ -45,6 +45,13 @@ class Dataset:
             empty = SCHEMAS[table].empty_table()
             return empty.select(columns) if columns else empty
         return read_table(self.committed.path(table), columns=columns)
+
+    def passages(self, doc_ids: set[str]) -> dict[str, str]:
+        """The text of these passages (streamed from the corpus: only they are held)."""
+        if not self.has("corpus") or not doc_ids:
+            return {}
+        found = read_rows(self.committed.path("corpus"), "doc_id", doc_ids, ["doc_id", "text"])
+        return dict(zip(found.column("doc_id").to_pylist(), found.column("text").to_pylist()))
 
     def _every_query(self, split: str | None, qrels: pa.Table) -> bool:
         """``all`` names every query when no qrels split has that name (a corpus of your own)."""

@@ -11,6 +11,7 @@ import os
 import posixpath
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -84,6 +85,33 @@ def read_table(location: str | os.PathLike, columns: list[str] | None = None) ->
     if info.type == pafs.FileType.NotFound:
         raise MissingInputError(f"{location}: not found")
     return pq.read_table(path, columns=columns, filesystem=fs)
+
+
+def read_rows(location: str | os.PathLike, column: str, values: set[str], columns: list[str]) -> pa.Table:
+    """The rows of a stage's table whose ``column`` is in ``values``, streamed a batch at a time: only the
+    matches are held (a 21M-passage corpus is never gathered to pick a few thousand passages)."""
+    fs, path = store.filesystem(str(location))
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise MissingInputError(f"{location}: not found")
+    files = (
+        sorted(
+            i.path
+            for i in fs.get_file_info(pafs.FileSelector(path))
+            if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+        )
+        if info.type == pafs.FileType.Directory
+        else [path]
+    )
+    wanted = pa.array(sorted(values), pa.string())
+    found = []
+    for name in files:
+        with fs.open_input_file(name) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536, columns=columns):
+                keep = pc.is_in(pc.cast(batch.column(column), pa.string()), value_set=wanted)
+                if pc.any(keep).as_py():
+                    found.append(pa.Table.from_batches([batch]).filter(keep))
+    return pa.concat_tables(found) if found else pa.table({c: pa.array([], pa.string()) for c in columns})
 
 
 def write_table(table: pa.Table, location: str | os.PathLike) -> None:

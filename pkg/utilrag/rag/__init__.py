@@ -1,6 +1,7 @@
 """RAG stage (docs/method.md §5): for a sample of an ingested QA dataset's questions, give the
-generator the top-k passages of each configured run (BM25 or dense), plus a closed-book floor and
-an oracle ceiling; generate greedily with vLLM on the annotation engine path (Ray Data actor pool,
+generator the top-k passages of each configured run (BM25 or dense; over the QA set's own passages or
+another dataset's corpus, ``rag.corpus``), plus a closed-book floor and an oracle ceiling; generate
+greedily with vLLM on the annotation engine path (Ray Data actor pool,
 exactly once, resumable); score answers with the official SQuAD v1.1 EM/F1 and retrieval with
 recall@k against the gold passages and answer recall@k.
 
@@ -65,7 +66,7 @@ def settings(cfg: PipelineConfig, dataset: Dataset, questions: pa.Table) -> list
     golds = dict(zip(qids, questions.column("gold_doc_ids").to_pylist()))
     rows: list[dict] = []
     if rcfg.closed_book:
-        rows.append({"label": "closed-book", "run": None, "k": 0, "docs": {q: [] for q in qids}})
+        rows.append({"label": "closed-book", "run": None, "k": 0, "docs": {q: [] for q in qids}, "gold": False})
     for retriever in rcfg.retrievers:
         run = load_run(cfg, dataset, RunToEvaluate(dataset=dataset.name, split=rcfg.split, run=retriever.run))
         ranked: dict[str, list[tuple[int, str]]] = {}
@@ -82,21 +83,38 @@ def settings(cfg: PipelineConfig, dataset: Dataset, questions: pa.Table) -> list
                     "run": retriever.run,
                     "k": k,
                     "docs": {q: order.get(q, [])[:k] for q in qids},
+                    "gold": False,  # the retrieved corpus's passages
                 }
             )
     if rcfg.oracle:
         if not any(golds.values()):
             raise RagError(f"rag: {dataset.name!r} has no gold passages; set rag.oracle=false")
-        rows.append({"label": "oracle", "run": None, "k": 1, "docs": {q: golds[q][:1] for q in qids}})
+        # the QA set's own gold passage (of rag.dataset's corpus, whatever rag.corpus is)
+        rows.append({"label": "oracle", "run": None, "k": 1, "docs": {q: golds[q][:1] for q in qids}, "gold": True})
     return rows
 
 
-def build_requests(questions: pa.Table, rows: list[dict], passages: dict[str, str], words: int) -> pa.Table:
+def row_passages(rows: list[dict], corpus: Dataset, own: Dataset) -> list[dict[str, str]]:
+    """Per row, the text of every passage it gives the generator: retrieved ones from the searched corpus,
+    the oracle's from the QA set's own passages (two corpora may reuse ids). Only those passages are read."""
+    wanted: dict[bool, set[str]] = {False: set(), True: set()}
+    for row in rows:
+        for docs in row["docs"].values():
+            wanted[row["gold"]].update(docs)
+    retrieved = corpus.passages(wanted[False])
+    gold = own.passages(wanted[True]) if corpus is not own else retrieved | own.passages(wanted[True] - set(retrieved))
+    missing = next((d for d in wanted[False] if d not in retrieved), None)
+    if missing is not None:
+        raise RagError(f"rag: retrieved passage {missing!r} is not in the corpus of {corpus.name!r}")
+    return [gold if row["gold"] else retrieved for row in rows]
+
+
+def build_requests(questions: pa.Table, rows: list[dict], passages: list[dict[str, str]], words: int) -> pa.Table:
     out: dict[str, list[Any]] = {name: [] for name in REQUEST_SCHEMA.names}
     texts = dict(zip(questions.column("query_id").to_pylist(), questions.column("question").to_pylist()))
-    for index, row in enumerate(rows):
+    for index, (row, texts_of) in enumerate(zip(rows, passages)):
         for q, docs in row["docs"].items():
-            cut = [cut_words(passages[d], words) for d in docs]
+            cut = [cut_words(texts_of[d], words) for d in docs]
             out["key"].append(f"{q}\t{index}")
             out["query_id"].append(q)
             out["window"].append(index)  # the report row this generation belongs to
@@ -106,8 +124,11 @@ def build_requests(questions: pa.Table, rows: list[dict], passages: dict[str, st
     return pa.table(out, schema=REQUEST_SCHEMA)
 
 
-def score(questions: pa.Table, rows: list[dict], generated: pa.Table, passages: dict[str, str]) -> list[dict]:
-    """One record per (row, question): EM, F1, recall@k, answer recall@k, tokens, finish reason."""
+def score(
+    questions: pa.Table, rows: list[dict], generated: pa.Table, passages: list[dict[str, str]], same_ids: bool = True
+) -> list[dict]:
+    """One record per (row, question): EM, F1, recall@k (``same_ids``: the runs' passages are the QA set's
+    own, so its gold ids can be found among them), answer recall@k, tokens, finish reason."""
     answers = dict(zip(questions.column("query_id").to_pylist(), questions.column("answers").to_pylist()))
     golds = dict(zip(questions.column("query_id").to_pylist(), questions.column("gold_doc_ids").to_pylist()))
     by_key = {
@@ -120,7 +141,7 @@ def score(questions: pa.Table, rows: list[dict], generated: pa.Table, passages: 
         )
     }
     records = []
-    for index, row in enumerate(rows):
+    for index, (row, texts_of) in enumerate(zip(rows, passages)):
         for q, docs in row["docs"].items():
             prediction, tokens, finish = by_key[(q, index)]
             prediction = prediction or ""
@@ -136,9 +157,13 @@ def score(questions: pa.Table, rows: list[dict], generated: pa.Table, passages: 
                     "prediction": prediction,
                     "exact_match": float(em),
                     "f1": float(f1),
-                    "recall": (float(bool(gold_docs & set(docs))) if gold_docs and row["k"] else None),
+                    "recall": (
+                        float(bool(gold_docs & set(docs)))
+                        if gold_docs and row["k"] and (same_ids or row["gold"])
+                        else None
+                    ),
                     "answer_recall": (
-                        float(answer_recall([passages[d] for d in docs], gold_answers)) if row["k"] else None
+                        float(answer_recall([texts_of[d] for d in docs], gold_answers)) if row["k"] else None
                     ),
                     "output_tokens": tokens,
                     "finish_reason": finish,
@@ -170,6 +195,7 @@ def summarise(records: list[dict], rows: list[dict], answers: dict[str, list[str
                 "k": row["k"],
                 **{name: _percent(mine, key) for name, key in MEANS.items()},
                 "rouge_l": 100 * marco["rouge_l"] if marco else None,
+                "bleu_3": 100 * marco["bleu_3"] if marco else None,
                 "bleu_4": 100 * marco["bleu_4"] if marco else None,
                 "n": len(mine),
             }
@@ -182,13 +208,14 @@ def format_results(table: list[dict]) -> str:
         return "–" if v is None else f"{v:.1f}"
 
     lines = [
-        "| retriever | k | recall@k | answer recall@k | EM | F1 | ROUGE-L | BLEU-4 | n |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| retriever | k | recall@k | answer recall@k | EM | F1 | ROUGE-L | BLEU-3 | BLEU-4 | n |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table:
         lines.append(
             f"| {r['retriever']} | {r['k']} | {cell(r['recall@k'])} | {cell(r['answer_recall@k'])} | "
-            f"{cell(r['exact_match'])} | {cell(r['f1'])} | {cell(r['rouge_l'])} | {cell(r['bleu_4'])} | {r['n']} |"
+            f"{cell(r['exact_match'])} | {cell(r['f1'])} | {cell(r['rouge_l'])} | {cell(r.get('bleu_3'))} | "
+            f"{cell(r['bleu_4'])} | {r['n']} |"
         )
     return "\n".join(lines)
 
@@ -243,22 +270,29 @@ def run(cfg: PipelineConfig) -> StageResult:
     model_path = resolve_llm(rcfg.model)
     check_model(model_path, rcfg.engine.use_gpu)
     questions = sample_questions(dataset.table("qa"), rcfg)
-    corpus = dataset.table("corpus")
-    passages = dict(zip(corpus.column("doc_id").to_pylist(), corpus.column("text").to_pylist()))
+    corpus = open_dataset(cfg, rcfg.corpus) if rcfg.corpus and rcfg.corpus != rcfg.dataset else dataset
     rows = settings(cfg, dataset, questions)
+    passages = row_passages(rows, corpus, dataset)
     requests = build_requests(questions, rows, passages, rcfg.passage_words)
     log.info(
-        f"{rcfg.dataset}: {questions.num_rows:,} questions x {len(rows)} settings "
+        f"{rcfg.dataset}: {questions.num_rows:,} questions"
+        + (f" over {corpus.name!r}'s passages" if corpus is not dataset else "")
+        + f" x {len(rows)} settings "
         f"({', '.join(row['label'] + '@' + str(row['k']) for row in rows)}) = {requests.num_rows:,} generations"
     )
     acfg = AnnotateConfig(
-        model=rcfg.model, passage_words=rcfg.passage_words, sampling=rcfg.sampling, engine=rcfg.engine, scale=rcfg.scale
+        model=rcfg.model,
+        passage_words=rcfg.passage_words,
+        sampling=rcfg.sampling.model_dump(),
+        engine=rcfg.engine,
+        scale=rcfg.scale,
     )
     layout = Store(cfg.output_dir)
     generate_dir = layout.rag(rcfg.dataset, "generate")
     fp = fingerprint(
         {
             "dataset": dataset.fingerprint,
+            **({"corpus": corpus.fingerprint} if corpus is not dataset else {}),
             "requests": fingerprint(requests.column("messages").to_pylist()),
             "prompt_version": RAG_PROMPT_VERSION,
             "settings": acfg.content_settings(),
@@ -271,7 +305,7 @@ def run(cfg: PipelineConfig) -> StageResult:
         "answer", requests, generate_dir, fp, acfg, model_path, f"rag {rcfg.dataset}", RAG_PROMPT_VERSION
     )
 
-    records = score(questions, rows, generated, passages)
+    records = score(questions, rows, generated, passages, same_ids=corpus is dataset)
     answers = dict(zip(questions.column("query_id").to_pylist(), questions.column("answers").to_pylist()))
     table = summarise(records, rows, answers)
     tests = significance(records, rows, rcfg)

@@ -545,17 +545,17 @@ def rag(root: str, found: list[Found]) -> tuple[list[Block], dict]:
         blocks.append(Para("Scores in percent; k: passages given to the generator (0: closed book)."))
         blocks.append(
             Table(
-                ["retriever", "k", "recall@k", "answer recall@k", "EM", "F1", "ROUGE-L", "BLEU-4", "n"],
+                ["retriever", "k", "recall@k", "answer recall@k", "EM", "F1", "ROUGE-L", "BLEU-3", "BLEU-4", "n"],
                 [
                     [str(r.get("retriever")), str(r.get("k"))]
                     + [
                         _num(r.get(key), 1)
-                        for key in ("recall@k", "answer_recall@k", "exact_match", "f1", "rouge_l", "bleu_4")
+                        for key in ("recall@k", "answer_recall@k", "exact_match", "f1", "rouge_l", "bleu_3", "bleu_4")
                     ]
                     + [_int(r.get("n"))]
                     for r in results
                 ],
-                set(range(1, 9)),
+                set(range(1, 10)),
             )
         )
         image = _image(c, "f1.png", f"RAG F1 and EM of {dataset}", f"rag-{dataset}-f1")
