@@ -10,6 +10,10 @@ PYTEST_ARGS ?=
 export UTILRAG_CACHE ?= $(CURDIR)/.cache/utilrag
 export TORCH_EXTENSIONS_DIR ?= $(UTILRAG_CACHE)/torch_extensions
 export RAY_USAGE_STATS_ENABLED = 0
+# The venv's tools first on PATH for every process we start: Ray's workers see the venv's ninja, and a
+# process started from here saw the system's, whose build log format differs, so DeepSpeed's JIT op
+# (deepspeed_shm_comm, ~30 s of compiling) was built twice per clean clone.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # The stamp changes with the lock file and pyproject, so a second `make` installs nothing.
 STAMP := $(VENV)/.installed-$(shell cat $(LOCK) pyproject.toml | md5sum | cut -c1-12)
 

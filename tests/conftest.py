@@ -81,6 +81,32 @@ TINY_TRAIN = {
 }
 
 
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide BERT with random weights and MiniLM's tokenizer (~1M parameters): the tests of
+    a training run's control (kills, resumes, commits, object storage) train, checkpoint and resume it
+    for real in a few MB, where MiniLM's checkpoints with Adam state are ~350 MB each."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from utilrag.encoder_spec import resolve_model
+
+    folder = tmp_path_factory.mktemp("tiny-encoder")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("sentence-transformers/all-MiniLM-L6-v2"))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path):
     """24 queries, 120 passages, 1-2 positives each: an MS MARCO layout small enough to train on here."""

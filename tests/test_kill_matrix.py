@@ -65,7 +65,7 @@ def tiny_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cli(ray_head, tiny_root, tmp_path_factory):
+def cli(ray_head, tiny_root, tiny_encoder, tmp_path_factory):
     address, env = ray_head
     out = tmp_path_factory.mktemp("kill") / "out"
     config = out.parent / "config.yaml"
@@ -85,7 +85,7 @@ def cli(ray_head, tiny_root, tmp_path_factory):
                     "passage_max_len": 32,
                     "targets": [{"dataset": "tiny", "split": "train"}],
                 },
-                "train": {**TINY_TRAIN, "max_steps": 2, "name": "k"},
+                "train": {**TINY_TRAIN, "model": tiny_encoder, "max_steps": 2, "name": "k"},
                 "evaluate": {"metrics": ["nDCG@10"], "runs": [{"dataset": "tiny", "split": "train", "run": "bm25s"}]},
             }
         )

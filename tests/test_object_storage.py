@@ -81,7 +81,9 @@ def _all_reused(log: str, stage: str) -> bool:
     return found.group(1) == found.group(2)
 
 
-def test_pipeline_on_s3_with_training_resumed_from_s3_checkpoints(ray_head_with_s3, tiny_dataset, tmp_path):
+def test_pipeline_on_s3_with_training_resumed_from_s3_checkpoints(
+    ray_head_with_s3, tiny_dataset, tiny_encoder, tmp_path
+):
     address, env = ray_head_with_s3
     for name in ("collection.tsv", "queries.train.tsv", "qrels.train.tsv"):
         _upload(tiny_dataset / name, f"data/tiny/{name}")
@@ -95,9 +97,10 @@ def test_pipeline_on_s3_with_training_resumed_from_s3_checkpoints(ray_head_with_
             "bm25": [{"dataset": "tiny", "split": "train", "k": 20}],
             "train": {  # one retriever per label setting: here one, "s3", indexed by index.trained_targets
                 **TINY_TRAIN,
+                "model": tiny_encoder,
                 "settings": [{"name": "s3", "labels": "human"}],
                 "pooling": "mean",
-                "max_steps": 4,  # one checkpoint, the final one (~300 MB to the S3 server): the rerun resumes from it
+                "max_steps": 4,  # one checkpoint, the final one (to the S3 server): the rerun resumes from it
                 "max_failures": 1,
             },
             "index": {

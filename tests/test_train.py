@@ -177,7 +177,7 @@ def test_training_data_is_built_by_a_task_and_read_by_each_worker(ray_local, mak
 
 @pytest.mark.slow
 def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(
-    ray_local, make_config, tiny_dataset, tmp_path, monkeypatch
+    ray_local, make_config, tiny_dataset, tiny_encoder, tmp_path, monkeypatch
 ):
     """A two-phase curriculum (LLM labels, then human labels of 50% of the queries) on one engine;
     rank 1 SIGKILLs itself at phase 2's first step (resume from the end of phase 1: fresh AdamW state
@@ -187,7 +187,6 @@ def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(
     from transformers import AutoModel
 
     from utilrag.data import ingest, run_pools
-    from utilrag.encoder_spec import resolve_model
     from utilrag.train import run_train
 
     qrels = [line.split() for line in (tiny_dataset / "qrels.train.tsv").read_text().splitlines()]
@@ -209,7 +208,8 @@ def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(
         labels="utilsel",
         labels_path=str(tmp_path / "labels.parquet"),
         curriculum_human_percent=50,
-        checkpoint_every=None,  # checkpoints at phase ends only (~350 MB each here): the kill resumes from one
+        checkpoint_every=None,  # checkpoints at phase ends only: the kill resumes from one
+        model=tiny_encoder,
     )
     ingest(cfg)
     run_pools(cfg, cfg.pools[0])
@@ -221,7 +221,7 @@ def test_kill_a_worker_resume_and_match_the_uninterrupted_weights(
     assert phase2["lr"].iloc[0] > log[log["phase"] == "utilsel"]["lr"].iloc[-1]  # the schedule restarted
 
     a = AutoModel.from_pretrained(straight)
-    base = AutoModel.from_pretrained(resolve_model("sentence-transformers/all-MiniLM-L6-v2"))
+    base = AutoModel.from_pretrained(tiny_encoder)
     moved = max(float((pa_ - pb).abs().max()) for pa_, pb in zip(a.parameters(), base.parameters()))
     assert moved > 1e-4  # training changed the weights
     # (Resuming mid-phase restores AdamW moments and the schedule: benchmarks/gpu_check.py's checkpoint
