@@ -880,11 +880,22 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: {key}: {reason}{more}"
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), schema=PipelineConfig):
-    """Read a YAML config, apply ``key=value`` overrides, validate against ``schema``."""
-    path = Path(path)
+def _deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: sections merge key by key, any other value (lists included) replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's tree; ``extends: <file>`` (relative to this file) is read first and this file's keys
+    merged on top of it, so a variant names only what it changes (jobs/configs/paper/)."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        where = f" (extended by {seen[-1]})" if seen else ""
+        raise ConfigError(f"config file not found: {path}{where}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: extends itself through {' -> '.join(str(p) for p in seen)}")
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
@@ -893,6 +904,19 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = tree.pop("extends", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends: expected one file name (got {base!r})")
+    return _deep_merge(_read_tree((path.parent / base), (*seen, path.resolve())), tree)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), schema=PipelineConfig):
+    """Read a YAML config (and the one it ``extends``), apply ``key=value`` overrides, validate against
+    ``schema``."""
+    path = Path(path)
+    tree = _read_tree(path)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")

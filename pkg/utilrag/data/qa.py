@@ -579,6 +579,12 @@ REGISTERED_QA: dict[str, RegisteredQA] = {
         "file": "nq-dev.qa.csv",
         "format": "dpr-qa",
     },
+    # NQ-open test, 3,610 questions (the paper's 2,255 NQ questions cannot be identified from public files)
+    "dpr-nq-test": {
+        "urls": ["https://dl.fbaipublicfiles.com/dpr/data/retriever/nq-test.qa.csv"],
+        "file": "nq-test.qa.csv",
+        "format": "dpr-qa",
+    },
     "dpr-wiki-passages": {
         "urls": ["https://dl.fbaipublicfiles.com/dpr/wikipedia_split/psgs_w100.tsv.gz"],
         "file": "psgs_w100.tsv.gz",
