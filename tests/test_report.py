@@ -235,7 +235,7 @@ def test_report_rewrites_its_outputs(cfg):
     assert "rag-squad-f1.png" in second["outputs"] and "rag-squad-f1.png" not in first["outputs"]
     md = store.read_text(second.path("report.md")) or ""
     assert "Not run: no committed RAG" not in md
-    assert "| dense | 5 | 55.0 | 60.0 | 12.5 | 21.2 | 19.0 | 5.0 | 20 |" in md
+    assert "| dense | 5 | 55.0 | 60.0 | 12.5 | 21.2 | 19.0 | – | 5.0 | 20 |" in md
     assert "| rag/squad/report | answer | 20 | 4,000 | 300 |" in md
     data = json.loads(store.read_text(second.path("report.json")) or "{}")
     assert data["rag"]["datasets"][0]["results"][1]["f1"] == 21.25
@@ -374,3 +374,25 @@ def test_paper_beside_ours(make_config):
     section = md.split("## Paper beside ours", 1)[1].split("\n## ", 1)[0]
     assert "Not the paper's run: different scale (scifact" in section
     assert "| retrieval | cl20 on trec-dl-2019 | UtilSel + CL 20% human | nDCG@10 | 70.0 | 69.6 |" in section
+
+
+def test_external_labels_agreement_in_the_training_section(cfg):
+    agreement = {
+        "queries": 12,
+        "precision": 0.5,
+        "recall": 0.4,
+        "positives_per_query": 2.0,
+        "positives_outside_the_pool": 0,
+        "labelled_queries_outside_the_pools": 1,
+        "pooled_queries": 24,
+    }
+    _commit(Store(cfg.output_dir).train("ext"), "train", {},
+            config={"model": "m", "dataset": "tiny", "split": "train", "labels": "external",
+                    "labels_path": "/data/authors.jsonl", "loss": "summarg"},
+            phases=[{"name": "external", "steps": 6, "offset": 0, "groups": 12, "positive_sampling": "all",
+                     "label_agreement": agreement}])  # fmt: skip
+    get_stage("report").runner()(cfg)
+    md = store.read_text(store.require(Store(cfg.output_dir).report(), "report").path("report.md")) or ""
+    assert "### External labels against the human positives" in md
+    assert "| ext | 12 | 50.0% | 40.0% | 2.00 | 0 | 1 |" in md
+    assert "external (/data/authors.jsonl)" in md

@@ -8,6 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import write_lines
+from utilrag.config import ConfigError
 from utilrag.train.dataset import make_groups, phase_positives
 
 
@@ -173,6 +175,73 @@ def test_training_data_is_built_by_a_task_and_read_by_each_worker(ray_local, mak
     short = _config(make_config, tiny_dataset, name="short", per_device_queries=16)
     with pytest.raises(TrainInputError, match=r"^train: 24 training groups are fewer than one step \(16 queries x 2"):
         build_on_a_worker(short, short.train, str(tmp_path / "c"))
+
+
+def test_external_labels_are_trained_on_and_compared_with_the_human_positives(
+    ray_local, make_config, tiny_dataset, tmp_path
+):
+    """train.labels: external reads a file of positives made elsewhere (JSONL here; TSV, TREC qrels and
+    Parquet in test_labels_files_in_every_form): its positives make the groups, a human positive it leaves
+    out is not a negative, and its agreement with the human positives is recorded with the phases."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from utilrag.data import ingest, run_pools
+    from utilrag.train.dataset import build_on_a_worker, human_positives, pools_by_query
+
+    base = _config(make_config, tiny_dataset, name="ext")
+    ingest(base)
+    run_pools(base, base.pools[0])
+    human = human_positives(base, base.train)
+    pools = pools_by_query(base, base.train)
+    # the first 12 pooled queries: a human positive plus a pool passage that is not one; q99: not pooled
+    chosen = sorted(pools)[:12]
+    rows = [{"qid": q, "docid": sorted(human[q])[0]} for q in chosen]
+    rows += [{"qid": q, "docid": next(d for d in pools[q] if d not in human[q])} for q in chosen]
+    rows.append({"qid": "q99", "docid": "0"})
+    labels = tmp_path / "authors.jsonl"
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _config(make_config, tiny_dataset, name="ext", labels="external", labels_path=str(labels), max_steps=None)
+    [phase] = build_on_a_worker(cfg, cfg.train, str(tmp_path / "groups"))
+    assert (phase["name"], phase["groups"]) == ("external", 12)  # the 12 labelled pooled queries
+    agreement = phase["label_agreement"]
+    relevant = sum(len(human[q]) for q in chosen)
+    assert agreement["queries"] == 12 and agreement["precision"] == 0.5
+    assert agreement["recall"] == round(12 / relevant, 4) and agreement["positives_per_query"] == 2.0
+    assert agreement["labelled_queries_outside_the_pools"] == 1
+    groups = pq.read_table(tmp_path / "groups" / "external_0.parquet").to_pylist()
+    texts = {ln.split("\t")[0]: ln.split("\t")[1] for ln in (tiny_dataset / "collection.tsv").read_text().splitlines()}
+    for g in groups:  # a human positive the labels left out is never shown as a negative
+        q = next(r["qid"] for r in rows if texts[r["docid"]] in g["passages"])
+        left_out = {texts[d] for d in human[q]} - {texts[r["docid"]] for r in rows if r["qid"] == q}
+        negatives = {p for p, pos in zip(g["passages"], g["positives"]) if not pos}
+        assert not (left_out & negatives)
+    with pytest.raises(ConfigError, match="labels 'external' reads labels_path"):
+        _config(make_config, tiny_dataset, labels="external")
+
+
+def test_labels_files_in_every_form(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from utilrag.data.labels import LabelsFileError, agreement, read_external_labels
+
+    tsv = write_lines(tmp_path / "l.tsv", ["q1\td1\t0.9", "q1\td2", "q2\td3"])
+    qrels = write_lines(tmp_path / "l.qrels", ["q1 0 d1 1", "q1 0 d2 1", "q2 0 d3 2", "q2 0 d4 0"])
+    table = tmp_path / "l.parquet"
+    pq.write_table(pa.table({"query_id": ["q1", "q1", "q2"], "doc_id": ["d1", "d2", "d3"], "rank": [1, 2, 1]}), table)
+    expected = {"q1": {"d1", "d2"}, "q2": {"d3"}}
+    for path in (tsv, qrels, table):
+        assert read_external_labels(str(path)) == expected, path
+    bad = write_lines(tmp_path / "bad.tsv", ["q1 d1", "q1 d2 d3 d4 d5"])
+    with pytest.raises(LabelsFileError, match=r"bad.tsv:2: expected 'qid docid \[score\]'"):
+        read_external_labels(str(bad))
+    broken = write_lines(tmp_path / "bad.jsonl", ['{"qid": "q1", "docid": "d1"}', "{oops"])
+    with pytest.raises(LabelsFileError, match=r"bad.jsonl:2: not JSON"):
+        read_external_labels(str(broken))
+    got = agreement(expected, {"q1": {"d1"}, "q2": {"d9"}}, {"q1": ["d1", "d2"], "q2": ["d3"], "q3": ["d5"]})
+    assert (got["queries"], got["precision"], got["recall"], got["positives_per_query"]) == (2, 0.3333, 0.5, 1.5)
 
 
 @pytest.mark.slow

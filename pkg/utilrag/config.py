@@ -550,7 +550,7 @@ class TrainSetting(Strict):
     """One retriever of a comparison: the train section's keys, with these ones changed."""
 
     name: str = Field(description="the run folder (output_dir/train/<name>/) and the label of its dense runs")
-    labels: Literal["human", "relsel", "utilsel", "utilrank", "graded"] | None = Field(
+    labels: Literal["human", "relsel", "utilsel", "utilrank", "graded", "external"] | None = Field(
         None, description="the positives; null: train.labels"
     )
     labels_path: str | None = Field(None, description="labels table; null: train.labels_path")
@@ -576,8 +576,11 @@ class TrainConfig(Strict):
     )
     dataset: str = Field("scifact", description="an ingested dataset with pools")
     split: str = Field("train", description="qrels split (human labels) and pools (<dataset>-<split>) to train on")
-    labels: Literal["human", "relsel", "utilsel", "utilrank", "graded"] = Field(
-        "human", description="the positives: human qrels, or an annotate stage's labels"
+    labels: Literal["human", "relsel", "utilsel", "utilrank", "graded", "external"] = Field(
+        "human",
+        description="the positives: human qrels, an annotate stage's labels, or external: labels made elsewhere "
+        "(the authors' published ones, a user's), the file at labels_path (query_id, doc_id[, score or rank]; "
+        "JSONL, TSV, TREC qrels or Parquet)",
     )
     labels_path: str | None = Field(
         None, description="labels table; null: output_dir/annotate/<dataset>-<split>/labels.parquet"
@@ -666,6 +669,12 @@ class TrainConfig(Strict):
             except ValidationError as e:
                 reason = e.errors()[0]["msg"].removeprefix("Value error, ")
                 raise ValueError(f"setting {setting.name!r}: {reason}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _external_labels_name_their_file(self) -> TrainConfig:
+        if self.labels == "external" and not self.labels_path:
+            raise ValueError("labels 'external' reads labels_path: give the file of (query_id, doc_id) positives")
         return self
 
     @model_validator(mode="after")

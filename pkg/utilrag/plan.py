@@ -22,8 +22,8 @@ from utilrag.config import (
 
 
 def annotation_stages(labels: str) -> list[str]:
-    """The annotation stages a label source needs, in chain order ([] for human labels)."""
-    if labels == "human":
+    """The annotation stages a label source needs, in chain order ([] for human and external labels)."""
+    if labels in ("human", "external"):
         return []
     needed, stage = {labels}, labels
     while stage in ANNOTATION_NEEDS:

@@ -528,6 +528,24 @@ def training(root: str, found: list[Found]) -> tuple[list[Block], dict]:
         )
     )
     blocks.append(Para("final loss: the mean of the last 10 logged steps (rank 0's batches).", "muted"))
+    external = [(r["name"], p["label_agreement"]) for r in runs for p in r["phases"][:1] if p.get("label_agreement")]
+    if external:
+        blocks += [
+            Heading("External labels against the human positives", 3),
+            Para(
+                "Labels made elsewhere (train.labels: external), compared as the annotation agreement table compares "
+                "ours: micro precision and recall of their positives against the human positives, over the pooled "
+                "queries both label."
+            ),
+            Table(
+                ["run", "queries", "precision", "recall", "positives/query", "positives outside the pool",
+                 "labelled queries not pooled"],
+                [[name, _int(a.get("queries")), _pct(a.get("precision")), _pct(a.get("recall")),
+                  _num(a.get("positives_per_query"), 2), _int(a.get("positives_outside_the_pool")),
+                  _int(a.get("labelled_queries_outside_the_pools"))] for name, a in external],
+                {1, 2, 3, 4, 5, 6},
+            ),
+        ]  # fmt: skip
     return blocks + images, {"ran": True, "runs": runs}
 
 

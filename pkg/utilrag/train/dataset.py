@@ -18,9 +18,13 @@ import pyarrow.compute as pc
 from utilrag import store
 from utilrag.config import PipelineConfig, TrainConfig
 from utilrag.data.dataset import open_dataset
+from utilrag.data.labels import agreement, read_external_labels
 from utilrag.data.tables import read_table
 from utilrag.errors import UtilragError
+from utilrag.logs import get_logger
 from utilrag.store import Committed, Store
+
+log = get_logger("train")
 
 
 class TrainInputError(UtilragError):
@@ -51,7 +55,13 @@ def labels_location(cfg: PipelineConfig, tcfg: TrainConfig) -> tuple[str, Commit
 
 
 def llm_labels(cfg: PipelineConfig, tcfg: TrainConfig) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
-    """The source's positives per query, and the passages it labelled at all (positive or not)."""
+    """The source's positives per query, and the passages it labelled at all (positive or not). External
+    labels list positives only: what they did not choose is unknown, so a query's human positives they
+    leave out are neither positive nor negative (as Exclusion)."""
+    if tcfg.labels == "external":
+        assert tcfg.labels_path is not None  # validated with the config
+        external = read_external_labels(tcfg.labels_path)
+        return external, {q: set(d) for q, d in external.items()}
     labels = read_table(labels_location(cfg, tcfg)[0])
     labels = labels.filter(pc.equal(labels.column("source"), tcfg.labels))
     positives: dict[str, set[str]] = defaultdict(set)
@@ -226,7 +236,12 @@ def build_worker_files(cfg: PipelineConfig, tcfg: TrainConfig, location: str) ->
     texts = dict(zip(queries.column("query_id").to_pylist(), queries.column("text").to_pylist()))
     del queries
     phases, offset, dealt = [], 0, []
-    for phase in phase_positives(cfg, tcfg, query_ids):
+    planned = phase_positives(cfg, tcfg, query_ids)
+    if tcfg.labels == "external":  # compared with the human positives as the annotation report does ours
+        pooled = {q: pools[q] for q in query_ids}
+        label_agreement = agreement(planned[0].positives, human_positives(cfg, tcfg), pooled)
+        log.info(f"train: external labels against the human positives: {label_agreement}")
+    for phase in planned:
         rows = make_groups(
             phase.positives, pools, tcfg.group_size, phase.mode, phase.epochs, tcfg.seed, query_ids, phase.not_negative
         )
@@ -235,6 +250,8 @@ def build_worker_files(cfg: PipelineConfig, tcfg: TrainConfig, location: str) ->
         phases.append(
             {"name": phase.name, "steps": steps, "offset": offset, "groups": len(rows), "positive_sampling": phase.mode}
         )
+        if tcfg.labels == "external" and len(phases) == 1:
+            phases[0]["label_agreement"] = label_agreement
         offset += steps
     # only the passages the groups show (pools and positives): at MS MARCO's scale a fraction of the corpus
     shown = pa.array(sorted({d for _, ws in dealt for items in ws for r in items for d in r["doc_ids"]}), pa.string())
