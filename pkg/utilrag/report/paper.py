@@ -107,7 +107,8 @@ def pairs(cfg: PipelineConfig, retrieval: dict, annotation: dict, rag: dict) -> 
             for theirs in paper["rag"]:
                 if run is None or not _matches(theirs["setting"], run):
                     continue
-                if not data["dataset"].startswith(theirs["dataset"]) or row.get("k") != theirs["k"]:
+                # NQ under any of its names here (nq-open-dev, dpr-nq-test), at the paper's k
+                if theirs["dataset"] not in data["dataset"].split("-") or row.get("k") != theirs["k"]:
                     continue
                 for key, metric in (("exact_match", "EM"), ("f1", "F1")):
                     if row.get(key) is not None:
