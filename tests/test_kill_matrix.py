@@ -225,6 +225,7 @@ def test_kill_matrix_index_and_train(cli):
     resumed = cli("train", "train.seed=1")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "step 2/2" not in resumed.stdout + resumed.stderr and read_manifest(train_dir)["status"] == "complete"
+    assert not list(Path(train_dir, "ray_results").glob("*/data"))  # the group files go with the commit
     assert (Path(train_dir) / "loss.png").stat().st_size > 1000
     seed1 = _digest(train_dir, ["model/model.safetensors"])
     assert "reusing" in cli("train", "train.seed=1", "train.max_failures=3").stdout  # run control only

@@ -160,6 +160,7 @@ def test_pipeline_on_s3_with_training_resumed_from_s3_checkpoints(
     metrics = pd.read_csv(pd.io.common.BytesIO(objects[f"{prefix}/metrics.csv"]))
     assert sorted(set(metrics["global_step"])) == [1, 2, 3, 4] and metrics["loss"].notna().all()
     assert not [k for k in objects if ".staging" in k]  # object stores: versioned prefixes, no staging
+    assert not [k for k in objects if "/ray_results/" in k and "/data/" in k]  # group files gone with the commit
     evaluate = yaml.safe_load(objects["run/evaluate/manifest.json"])
     scores = {r["label"]: r["nDCG@10"] for r in evaluate["results"]}
     assert set(scores) == {"bm25s", "s3"} and all(0 < s <= 1 for s in scores.values())

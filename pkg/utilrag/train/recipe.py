@@ -387,6 +387,9 @@ def run_train(cfg: PipelineConfig, tcfg: TrainConfig | None = None) -> tuple[str
         checkpoint=str(result.checkpoint.path) if result.checkpoint else None,
         wall_time_s=round(wall, 2),
     )
+    # The groups repeat the texts per epoch (GBs at MS MARCO's scale) and only a resume reads them: a
+    # committed run is reused, never resumed, so they go (checkpoints and the loss log stay).
+    store.remove(data_location)
     log.info(
         f"done in {wall:.0f}s; HF model at {store.join(folder, 'model')}; loss curve {store.join(folder, 'loss.png')}"
     )
