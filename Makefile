@@ -6,9 +6,10 @@ VENV   ?= .venv
 CONFIG ?= jobs/configs/local.yaml
 LOCK   ?= requirements/cpu.lock
 PYTEST_ARGS ?=
-# Cache the DeepSpeed JIT ops and our model conversions under the project's cache dir.
+# Our model conversions under the project's cache dir; DeepSpeed's JIT-built ops in the venv, whose torch
+# and DeepSpeed they are built against (built by the install, below).
 export UTILRAG_CACHE ?= $(CURDIR)/.cache/utilrag
-export TORCH_EXTENSIONS_DIR ?= $(UTILRAG_CACHE)/torch_extensions
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 export RAY_USAGE_STATS_ENABLED = 0
 # The venv's tools first on PATH for every process we start: Ray's workers see the venv's ninja, and a
 # process started from here saw the system's, whose build log format differs, so DeepSpeed's JIT op
@@ -27,6 +28,8 @@ $(STAMP): $(LOCK) pyproject.toml
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -r $(LOCK) 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	$(VENV)/bin/python -m utilrag.envcheck
+	@echo "[install] DeepSpeed's CPU shared-memory allreduce op (deepspeed_shm_comm, ~30 s of compiling, once per venv)"
+	DS_ACCELERATOR=cpu $(VENV)/bin/python -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)" > /dev/null
 	@touch $@
 
 run: install
