@@ -227,7 +227,9 @@ def test_labels_files_in_every_form(tmp_path):
 
     from utilrag.data.labels import LabelsFileError, agreement, read_external_labels
 
-    tsv = write_lines(tmp_path / "l.tsv", ["q1\td1\t0.9", "q1\td2", "q2\td3"])
+    tsv = write_lines(
+        tmp_path / "l.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t0.9", "q1\td2\t1", "q2\td3\t2", "q2\td4\t0"]
+    )
     qrels = write_lines(tmp_path / "l.qrels", ["q1 0 d1 1", "q1 0 d2 1", "q2 0 d3 2", "q2 0 d4 0"])
     table = tmp_path / "l.parquet"
     pq.write_table(pa.table({"query_id": ["q1", "q1", "q2"], "doc_id": ["d1", "d2", "d3"], "rank": [1, 2, 1]}), table)

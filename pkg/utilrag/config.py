@@ -541,6 +541,8 @@ class AnnotateConfig(Strict):
             "passage_words": self.passage_words,
             "human_positive": self.human_positive,
             **self.sampling.model_dump(),
+            # greedy decoding ignores top_p: its default moving (1.0 -> 0.95) must not redo a greedy annotation
+            **({"top_p": 1.0} if self.sampling.temperature == 0 else {}),
             **self.engine.model_dump(include={"dtype", "quantization", "max_model_len"}),
             **({"revision": self.engine.revision} if self.engine.revision else {}),  # unset: old fingerprints hold
         }

@@ -113,7 +113,9 @@ class Plan:
         """The plan as short text lines (the dry run prints them above the folder table)."""
         out = [f"stages: {' -> '.join(self.stages)}"]
         for s in self.settings:
-            needs = ", ".join(s.annotation_stages) or "none (human labels)"
+            needs = ", ".join(s.annotation_stages) or (
+                "none (human labels)" if s.labels == "human" else "none (labels from a file: labels_path)"
+            )
             missing = (
                 f"; MISSING from annotate.stages: {', '.join(s.missing_annotation)}" if s.missing_annotation else ""
             )

@@ -4,8 +4,9 @@ our own LLM labels.
 
 Accepted: Parquet with ``query_id, doc_id`` (optional ``score`` or ``rank``); JSONL of objects with a query
 id (``query_id`` / ``qid``) and a passage id (``doc_id`` / ``docid`` / ``pid``); TSV lines ``qid docid
-[score]`` or TREC qrels ``qid 0 docid grade`` (grade > 0 is a positive). Every listed pair is a positive
-(a score or rank is kept, not used to cut). A line that cannot be read is one error naming file, line and
+[score]`` (a header line is skipped; a score of 0 or below, BEIR's non-positive, is left out) or TREC qrels
+``qid 0 docid grade`` (grade > 0 is a positive). Every other listed pair is a positive (a score or rank
+does not cut). A line that cannot be read is one error naming file, line and
 reason; nothing is dropped silently.
 """
 
@@ -78,8 +79,17 @@ def read_external_labels(path: str) -> dict[str, set[str]]:
                 raise LabelsFileError(f"{path}:{n}: grade {cols[3]!r} is not a number") from None
             if grade > 0:
                 positives[cols[0]].add(cols[2])
-        elif len(cols) in (2, 3):
+        elif n == 1 and cols[0].lower() in ("query-id", "query_id", "qid", "query"):
+            continue  # a header (BEIR's qrels TSV: query-id corpus-id score)
+        elif len(cols) == 2:
             positives[cols[0]].add(cols[1])
+        elif len(cols) == 3:  # qid docid score: a score of 0 or below is a judged non-positive (BEIR)
+            try:
+                score = float(cols[2])
+            except ValueError:
+                raise LabelsFileError(f"{path}:{n}: score {cols[2]!r} is not a number") from None
+            if score > 0:
+                positives[cols[0]].add(cols[1])
         else:
             raise LabelsFileError(
                 f"{path}:{n}: expected 'qid docid [score]' or 'qid 0 docid grade' ({len(cols)} fields)"

@@ -207,14 +207,20 @@ def target_label(target: IndexTarget) -> str:
     return target.run_label()
 
 
-def target_fingerprint(icfg: IndexConfig, target: IndexTarget, embeddings: Committed) -> str:
+def target_fingerprint(
+    icfg: IndexConfig, target: IndexTarget, embeddings: Committed, queried: Dataset | None = None
+) -> str:
+    """``queried``: the dataset whose queries are searched when it is not the corpus's (its own queries
+    are in the embeddings' input already)."""
     search = {"rerank": target.rerank} if target.rerank else search_settings(icfg)
+    other = target.corpus_name() != target.dataset
     return fingerprint(
         {
             "embeddings": embeddings["input_fingerprint"],
+            **({"queried": queried.fingerprint} if other and queried is not None else {}),
             "queries": query_settings(icfg),
-            # corpus only when set: the runs of targets written before it existed stay reusable
-            "target": target.model_dump(exclude=set() if target.corpus else {"corpus"}),
+            # corpus only when another dataset's: the runs of targets written before it existed stay reusable
+            "target": target.model_dump(exclude=set() if other else {"corpus"}),
             "search": search,
         }
     )
@@ -251,7 +257,7 @@ def run_index(cfg: PipelineConfig) -> list[tuple[str, bool]]:
             label = target_label(target)
             queried = dataset if target.dataset == name else open_dataset(cfg, target.dataset)
             out = Store(cfg.output_dir).dense_run(target.dataset, target.split, label)
-            fp = target_fingerprint(icfg, target, embeddings)
+            fp = target_fingerprint(icfg, target, embeddings, queried)
             if store.reusable(out, fp) is not None:
                 log.info(f"{target.dataset}/{target.split or 'all'}: run {label!r} unchanged, reusing {out}")
                 written.append((out, True))

@@ -19,11 +19,12 @@ log = get_logger("bm25")
 def run_bm25(cfg: PipelineConfig, bcfg: BM25Config) -> tuple[str, bool]:
     """One BM25 run: output_dir/bm25/<dataset>-<split>/{run.parquet,run.trec}; (folder, reused)."""
     dataset = open_dataset(cfg, bcfg.dataset)
-    passages = open_dataset(cfg, bcfg.corpus) if bcfg.corpus else dataset
+    elsewhere = bcfg.corpus not in (None, bcfg.dataset)
+    passages = open_dataset(cfg, bcfg.corpus) if elsewhere and bcfg.corpus else dataset
     out = Store(cfg.output_dir).bm25(bcfg.dataset, bcfg.split)
     # the corpus's fingerprint and setting only when it is another dataset's: earlier runs stay reusable
-    other = {"corpus": passages.fingerprint} if bcfg.corpus else {}
-    settings = bcfg.model_dump(exclude=set() if bcfg.corpus else {"corpus"})
+    other = {"corpus": passages.fingerprint} if elsewhere else {}
+    settings = bcfg.model_dump(exclude=set() if elsewhere else {"corpus"})
     fp = fingerprint({"input": dataset.fingerprint, **other, "config": settings})
     if store.reusable(out, fp) is not None:
         log.info(f"{bcfg.dataset}/{bcfg.split}: unchanged, reusing {out}")

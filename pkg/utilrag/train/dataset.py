@@ -21,10 +21,7 @@ from utilrag.data.dataset import open_dataset
 from utilrag.data.labels import agreement, read_external_labels
 from utilrag.data.tables import read_table
 from utilrag.errors import UtilragError
-from utilrag.logs import get_logger
 from utilrag.store import Committed, Store
-
-log = get_logger("train")
 
 
 class TrainInputError(UtilragError):
@@ -239,8 +236,9 @@ def build_worker_files(cfg: PipelineConfig, tcfg: TrainConfig, location: str) ->
     planned = phase_positives(cfg, tcfg, query_ids)
     if tcfg.labels == "external":  # compared with the human positives as the annotation report does ours
         pooled = {q: pools[q] for q in query_ids}
-        label_agreement = agreement(planned[0].positives, human_positives(cfg, tcfg), pooled)
-        log.info(f"train: external labels against the human positives: {label_agreement}")
+        assert tcfg.labels_path is not None  # validated with the config
+        # the file's own positives: phase 1 may have the human mix (human_mix_percent) added
+        label_agreement = agreement(read_external_labels(tcfg.labels_path), human_positives(cfg, tcfg), pooled)
     for phase in planned:
         rows = make_groups(
             phase.positives, pools, tcfg.group_size, phase.mode, phase.epochs, tcfg.seed, query_ids, phase.not_negative
