@@ -72,24 +72,18 @@ def read_external_labels(path: str) -> dict[str, set[str]]:
             positives[q].add(d)
             continue
         cols = line.split()
-        if len(cols) == 4:  # TREC qrels: qid 0 docid grade
-            try:
-                grade = float(cols[3])
-            except ValueError:
-                raise LabelsFileError(f"{path}:{n}: grade {cols[3]!r} is not a number") from None
-            if grade > 0:
-                positives[cols[0]].add(cols[2])
-        elif n == 1 and cols[0].lower() in ("query-id", "query_id", "qid", "query"):
+        if n == 1 and cols[0].lower() in ("query-id", "query_id", "qid", "query"):
             continue  # a header (BEIR's qrels TSV: query-id corpus-id score)
-        elif len(cols) == 2:
+        if len(cols) == 2:
             positives[cols[0]].add(cols[1])
-        elif len(cols) == 3:  # qid docid score: a score of 0 or below is a judged non-positive (BEIR)
+        elif len(cols) in (3, 4):  # qid docid score (BEIR: 0 or below is judged not relevant), TREC qrels
+            doc, value = (cols[1], cols[2]) if len(cols) == 3 else (cols[2], cols[3])
             try:
-                score = float(cols[2])
+                positive = float(value) > 0
             except ValueError:
-                raise LabelsFileError(f"{path}:{n}: score {cols[2]!r} is not a number") from None
-            if score > 0:
-                positives[cols[0]].add(cols[1])
+                raise LabelsFileError(f"{path}:{n}: {value!r} is not a number (a score or grade)") from None
+            if positive:
+                positives[cols[0]].add(doc)
         else:
             raise LabelsFileError(
                 f"{path}:{n}: expected 'qid docid [score]' or 'qid 0 docid grade' ({len(cols)} fields)"
