@@ -1070,7 +1070,13 @@ def test_killed_driver_and_dead_replica_still_give_exactly_once(tmp_path, annota
     with exactly one row per (query, window), and only unfinished queries were redone. Constrained
     decoding is on, so every output must also match the selection format."""
     config = _annotate_config(
-        tmp_path / "c.yaml", annotate_data, tiny_llm, output_name="kill", sampling={"constrained": True}
+        tmp_path / "c.yaml",
+        annotate_data,
+        tiny_llm,
+        output_name="kill",
+        # greedy: sampled, the constrained output may spend its 8 tokens on short pieces of "My selection:["
+        # (the default sampling's run is the autoscaling test's)
+        sampling={"constrained": True, "temperature": 0.0},
     )
     stage_dir = annotate_data[1] / "annotate" / "trec-dl-2019-default-kill"
     parts = stage_dir / "chain.parts"
