@@ -158,6 +158,29 @@ def _matrix(cli, stage, point_stage, folder, names, setting, other, points=POINT
         assert _digest(folder, names) == clean, point
 
 
+def _summaries_read_back(root: str, stages: dict[str, str]) -> None:
+    """Each committed folder's manifest reads as its stage's typed summary (the registry's), with the
+    field that stage always fills (``stages``: stage -> field) not empty."""
+    from utilrag.report.collect import discover
+    from utilrag.stages import get_stage
+
+    found = [f for f in discover(root) if f.committed is not None]
+    assert {f.stage for f in found} >= set(stages), [f.rel for f in found]
+    for f in found:
+        summary = f.summary
+        assert isinstance(summary, get_stage(f.stage).summary) and summary.code_version != "unknown"
+        if f.stage in stages:
+            filled = [getattr(summary, name) for name in stages[f.stage].split("|")]
+            assert any(filled) and summary.wall() is not None, (f.rel, summary)
+
+
+def _named_log(proc: subprocess.CompletedProcess, out: Path, stage: str) -> None:
+    """The command names its log file at the end: under the run directory, holding the stage's lines."""
+    named = [ln.split("log: ", 1)[1] for ln in proc.stdout.splitlines() if ln.startswith(f"[{stage}] log: ")]
+    assert len(named) == 1 and Path(named[0]).parent == out / "logs", proc.stdout[-2000:]
+    assert f"utilrag.{stage} INFO" in Path(named[0]).read_text(), named[0]
+
+
 @pytest.mark.slow
 def test_kill_matrix_ingest_pools_bm25_evaluate(cli):
     store = cli.store
@@ -165,6 +188,7 @@ def test_kill_matrix_ingest_pools_bm25_evaluate(cli):
     ingest_dir = store.ingest("tiny")
     ok = cli("ingest", "ingest.reject_threshold=0.001")
     assert ok.returncode == 0, ok.stderr[-2000:]
+    _named_log(ok, Path(store.root), "ingest")
     clean = _digest(ingest_dir, ["corpus", "queries", "qrels"])
     for point in ("begin", "manifest"):
         cli("ingest", "ingest.reject_threshold=0.5", kill=f"ingest@{point}")
@@ -194,6 +218,7 @@ def test_kill_matrix_ingest_pools_bm25_evaluate(cli):
         "evaluate.metrics=[nDCG@10]",
         "evaluate.metrics=[MRR@10]",
     )
+    _summaries_read_back(store.root, {"ingest": "rows", "pools": "rows", "bm25": "rows", "evaluate": "results"})
 
 
 @pytest.mark.slow
@@ -238,6 +263,7 @@ def test_kill_matrix_index_and_train(cli):
     again = cli("train", "train.seed=1")
     assert again.returncode == 0, again.stderr[-3000:]
     assert _digest(train_dir, ["model/model.safetensors"]) == seed1
+    _summaries_read_back(store.root, {"train": "phases", "index": "encode|target|shards"})
 
 
 @pytest.mark.slow

@@ -13,12 +13,13 @@ from conftest import SHARED
 from utilrag.data.qa import (
     CORPUS_SCHEMA,
     QA_SCHEMA,
-    REGISTERED_QA,
+    READERS,
     QADataError,
     detect_format,
     read_qa,
     resolve_qa,
 )
+from utilrag.data.registry import REGISTRY
 
 SQUAD_DEV = SHARED / "squad-v1.1-dev" / "dev-v1.1.json.gz"
 NQ_DEV = SHARED / "nq-open-dev" / "NQ-open.dev.jsonl.gz"
@@ -95,24 +96,19 @@ def test_resolve_finds_either_compression_and_paths(tmp_path):
 
 
 def test_registered_sets_name_official_urls():
-    assert REGISTERED_QA["squad-v1.1-dev"]["urls"] == [
-        "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json"
+    qa_sets = {name: reg for name, reg in REGISTRY.items() if reg.kind == "qa"}  # one registry, kind ir | qa
+    assert qa_sets["squad-v1.1-dev"].downloads == [
+        ("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json", "dev-v1.1.json")
     ]
-    assert REGISTERED_QA["squad-v2.0-dev"]["urls"] == [
-        "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v2.0.json"
-    ]
-    assert REGISTERED_QA["nq-open-dev"]["file"] == "NQ-open.dev.jsonl"
-    assert REGISTERED_QA["msmarco-qna-v2.1-dev"]["urls"] == [
+    assert (
+        qa_sets["squad-v2.0-dev"].downloads[0][0] == "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v2.0.json"
+    )
+    assert qa_sets["nq-open-dev"].qa_file == "NQ-open.dev.jsonl"
+    assert qa_sets["msmarco-qna-v2.1-dev"].downloads[0][0] == (
         "https://msmarco.z22.web.core.windows.net/msmarco/dev_v2.1.json.gz"
-    ]
-    assert {e["format"] for e in REGISTERED_QA.values()} <= {
-        "squad",
-        "nq-open",
-        "dpr-qa",
-        "dpr-passages",
-        "hotpotqa",
-        "msmarco-qna",
-    }
+    )
+    assert {reg.qa_format for reg in qa_sets.values()} == set(READERS)
+    assert len(qa_sets) == 9 and REGISTRY["scifact"].kind == "ir"
 
 
 # --------------------------------------------------------------------------- SQuAD

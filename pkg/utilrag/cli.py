@@ -145,8 +145,26 @@ def _dispatch(args) -> None:
 
     setup_logging(args.log_level)
     cfg = load_config(args.config, args.overrides)
-    if args.command not in ("status", "annotate-report") and not getattr(args, "dry_run", False):
-        _check_output_dir(str(cfg.output_dir))  # every command that writes
+    if args.command in ("status", "annotate-report") or getattr(args, "dry_run", False):
+        _read_only(cfg, args)
+        return
+    _check_output_dir(str(cfg.output_dir))  # every command that writes
+    from utilrag.logs import get_logger, start_run_log
+
+    log_file = start_run_log(str(cfg.output_dir), args.command)
+    try:
+        _write(cfg, args)
+    finally:  # named on success and on failure: the warnings and workers' output that explain it
+        from utilrag.raycluster import copy_worker_logs, forward_worker_output, worker_logs_location
+
+        log = get_logger(args.command)
+        workers = None if forward_worker_output() else copy_worker_logs(log_file.removesuffix(".log") + "-workers")
+        log.info(f"log: {log_file}")
+        if not forward_worker_output():
+            log.info(f"workers' output (vLLM, Ray Train, Ray Data): {workers or worker_logs_location()}")
+
+
+def _read_only(cfg, args) -> None:
     if args.command == "pipeline" and args.dry_run:
         _dry_run(cfg, args)
     elif args.command == "status":
@@ -154,7 +172,14 @@ def _dispatch(args) -> None:
 
         states = status.status(cfg)
         print(json.dumps(status.as_json(cfg, states)) if args.json else status.render(cfg, states, "status"))
-    elif args.command == "pipeline":
+    else:
+        from utilrag.annotate import print_reports
+
+        print_reports(cfg)
+
+
+def _write(cfg, args) -> None:
+    if args.command == "pipeline":
         from utilrag.pipeline import run_pipeline
 
         run_pipeline(cfg, only=args.only, start=args.start)
@@ -162,10 +187,6 @@ def _dispatch(args) -> None:
         from utilrag.pipeline import run_pipeline
 
         run_pipeline(cfg)
-    elif args.command == "annotate-report":
-        from utilrag.annotate import print_reports
-
-        print_reports(cfg)
     else:
         from utilrag.stages import get_stage
 

@@ -38,11 +38,44 @@ def setup_logging(level: str | int = "INFO") -> None:
     root.setLevel(level.upper() if isinstance(level, str) else level)
 
 
+def start_run_log(output_dir: str, command: str) -> str:
+    """This command's log file: every ``[stage]`` line with its time, and the warnings of the libraries
+    this process loads (Python warnings, other loggers at WARNING and above), which then stay off the
+    console. Under ``<output_dir>/logs/`` for a local run directory, else (object storage) under the
+    local cache ``$UTILRAG_CACHE/logs/<run directory>/``. Returns its path (named at the end of a run)."""
+    import os
+
+    from utilrag import store
+    from utilrag.config import cache_dir
+
+    folder = (
+        os.path.join(cache_dir(), "logs", store.slug(output_dir))
+        if store.is_remote(output_dir)
+        else os.path.join(output_dir, "logs")
+    )
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{time.strftime('%Y%m%d-%H%M%S')}-{command}.log")
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    logging.getLogger(ROOT).addHandler(handler)  # ours (they do not propagate: the console has them once)
+    logging.getLogger().addHandler(handler)  # the root logger: other libraries' warnings (its level: WARNING)
+    logging.captureWarnings(True)  # warnings.warn(...) -> the "py.warnings" logger -> this file
+    return path
+
+
 def get_logger(stage: str) -> logging.Logger:
     """The stage's logger; usable from library code and Ray workers without any setup."""
     if not logging.getLogger(ROOT).handlers:
         setup_logging()
     return logging.getLogger(f"{ROOT}.{stage}")
+
+
+def clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 class Progress:
@@ -72,7 +105,10 @@ class Progress:
         self._last = time.time()
         rate = self.done / max(self._last - self.t0, 1e-9)
         of = f"/{self.total:,}" if self.total is not None else ""
-        self.log.info(f"{self.what}: {self.done:,}{of} {self.unit} ({rate:,.1f}/s)")
+        eta = ""
+        if self.total is not None and 0 < self.done < self.total and rate > 0:
+            eta = f", ETA {clock((self.total - self.done) / rate)}"
+        self.log.info(f"{self.what}: {self.done:,}{of} {self.unit} ({rate:,.1f}/s{eta})")
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:

@@ -52,7 +52,7 @@ def select_stages(
 def run_pipeline(
     cfg: PipelineConfig, only: list[str] | None = None, start: str | None = None, among: tuple[str, ...] | None = None
 ) -> list[StageResult]:
-    from utilrag.raycluster import connect, forward_worker_output, worker_logs_location
+    from utilrag.raycluster import connect
 
     t0 = time.time()
     names = select_stages(cfg, only, start, among)  # a mistyped name fails before Ray starts
@@ -64,6 +64,4 @@ def run_pipeline(
         log.info(f"{name}: {result.line()}")
         results.append(result)
     log.info(f"done in {time.time() - t0:.1f}s; outputs under {cfg.output_dir}")
-    if not forward_worker_output():
-        log.info(f"workers' logs (vLLM, Ray Train, Ray Data): {worker_logs_location()} (--log-level debug: here)")
     return results

@@ -125,7 +125,32 @@ def worker_logs_location() -> str:
         return "the logs/ folder of the Ray session on each node (`ray logs`, or the dashboard)"
 
 
+_local_session = False  # this process started the cluster: its workers' log files are on this machine
+
+
+def copy_worker_logs(dest: str) -> str | None:
+    """The workers' output files of the local cluster this process started (vLLM's and Ray Train's
+    output, warnings and tracebacks: ``worker-*.out|err``), copied into ``dest``; None when the cluster
+    is elsewhere (its nodes keep them: ``ray logs`` or the dashboard)."""
+    import glob
+    import shutil
+
+    if not _local_session:
+        return None
+    try:
+        source = worker_logs_location()
+        files = [f for pattern in ("worker-*.out", "worker-*.err") for f in glob.glob(os.path.join(source, pattern))]
+        os.makedirs(dest, exist_ok=True)
+        for f in files:
+            if os.path.getsize(f):
+                shutil.copy2(f, dest)
+    except OSError:  # only logs: the run's outputs are committed already
+        return None
+    return dest
+
+
 def connect(cfg: RayConfig) -> None:
+    global _local_session
     import ray
 
     use_node_labels(cfg.node_labels)
@@ -139,6 +164,7 @@ def connect(cfg: RayConfig) -> None:
         package = str(Path(__file__).resolve().parent)
         ray.init(address=address, log_to_driver=forward, runtime_env={"py_modules": [package], **forwarded_env()})
     else:
+        _local_session = True
         ray.init(
             num_cpus=cfg.num_cpus,
             include_dashboard=False,

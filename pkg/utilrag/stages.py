@@ -12,6 +12,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from utilrag.errors import UtilragError
+from utilrag.summaries import (
+    AnnotateSummary,
+    Bm25Summary,
+    EvaluateSummary,
+    IndexSummary,
+    IngestSummary,
+    PoolsSummary,
+    RagSummary,
+    ReportSummary,
+    StageSummary,
+    TrainSummary,
+)
 
 
 @dataclass
@@ -34,6 +46,7 @@ class Stage:
     module: str  # holds run(cfg) -> StageResult
     reads: tuple[str, ...]
     writes: tuple[str, ...]
+    summary: type[StageSummary]  # what its manifests record (utilrag.summaries): written by it, read by the report
 
     def runner(self) -> Callable:
         run = importlib.import_module(self.module).run
@@ -57,6 +70,7 @@ STAGES: tuple[Stage, ...] = (
         "utilrag.data.ingest",
         reads=("data_root",),
         writes=("ingest/<dataset>",),
+        summary=IngestSummary,
     ),
     Stage(
         "pools",
@@ -64,6 +78,7 @@ STAGES: tuple[Stage, ...] = (
         "utilrag.data.pools",
         reads=("ingest/<dataset>",),
         writes=("pools/<dataset>-<split>",),
+        summary=PoolsSummary,
     ),
     Stage(
         "bm25",
@@ -71,6 +86,7 @@ STAGES: tuple[Stage, ...] = (
         "utilrag.index.bm25",
         reads=("ingest/<dataset>",),
         writes=("bm25/<dataset>-<split>",),
+        summary=Bm25Summary,
     ),
     Stage(
         "annotate",
@@ -78,6 +94,7 @@ STAGES: tuple[Stage, ...] = (
         "utilrag.annotate",
         reads=("ingest/<dataset>", "pools/<dataset>-<split>"),
         writes=("annotate/<dataset>-<split>",),
+        summary=AnnotateSummary,
     ),
     Stage(
         "train",
@@ -85,6 +102,7 @@ STAGES: tuple[Stage, ...] = (
         "utilrag.train.recipe",
         reads=("ingest/<dataset>", "pools/<dataset>-<split>", "annotate/<dataset>-<split>"),
         writes=("train/<name>",),
+        summary=TrainSummary,
     ),
     Stage(
         "index",
@@ -92,6 +110,7 @@ STAGES: tuple[Stage, ...] = (
         "utilrag.index",
         reads=("ingest/<dataset>", "train/<name>"),
         writes=("index/<dataset>/<model>", "dense/<dataset>-<split>/<label>"),
+        summary=IndexSummary,
     ),
     Stage(
         "evaluate",
@@ -99,6 +118,7 @@ STAGES: tuple[Stage, ...] = (
         "utilrag.evaluate",
         reads=("ingest/<dataset>", "bm25/<dataset>-<split>", "dense/<dataset>-<split>/<label>"),
         writes=("evaluate",),
+        summary=EvaluateSummary,
     ),
     Stage(
         "rag",
@@ -106,6 +126,7 @@ STAGES: tuple[Stage, ...] = (
         "utilrag.rag",
         reads=("ingest/<qa dataset>", "bm25/<dataset>-<split>", "dense/<dataset>-<split>/<label>"),
         writes=("rag/<dataset>/generate", "rag/<dataset>/report"),
+        summary=RagSummary,
     ),
     Stage(
         "report",
@@ -123,6 +144,7 @@ STAGES: tuple[Stage, ...] = (
             "rag/<dataset>/report",
         ),
         writes=("report",),
+        summary=ReportSummary,
     ),
 )
 

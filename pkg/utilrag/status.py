@@ -17,9 +17,11 @@ from utilrag import lease, store
 from utilrag.config import PipelineConfig
 from utilrag.pipeline import select_stages
 from utilrag.plan import index_targets
-from utilrag.report import discover
+from utilrag.report.collect import discover
 from utilrag.report.render import Table, to_markdown
+from utilrag.stages import get_stage
 from utilrag.store import Store
+from utilrag.summaries import AnnotateSummary, IngestSummary, StageSummary
 
 
 @dataclass
@@ -72,28 +74,27 @@ def folder_state(root: str, stage: str, rel: str, in_config: bool = True) -> Fol
             alive, why = lease.holder_state(record)
             who = lease.describe(record)
             state, detail = ("running", f"{who}, {why}") if alive == "alive" else ("interrupted", f"{who}: {why}")
-    elif state == "failed":
-        detail = _failure(manifest)
-    wall = manifest.get("wall_time_s")
+    summary = get_stage(stage).summary.of(manifest)
+    if state == "failed":
+        detail = _failure(summary)
     return FolderState(
         stage,
         rel,
         state,
         detail,
         manifest.get("written_at"),
-        float(wall) if isinstance(wall, (int, float)) else None,
+        summary.wall(),
         list(manifest.get("outputs") or []),
         in_config,
     )
 
 
-def _failure(manifest: dict) -> str:
-    errors = manifest.get("errors")
-    if isinstance(errors, dict) and errors.get("rows"):
-        return f"{errors['rows']:,} error rows ({float(errors.get('share', 0)):.3%})"
-    rejected = manifest.get("rejected")
-    if isinstance(rejected, dict):
-        return "rejected rows: " + ", ".join(f"{t} {n:,}" for t, n in rejected.items() if n)
+def _failure(summary: StageSummary) -> str:
+    """Why a committed output failed its threshold: annotation's error rows, ingest's rejects."""
+    if isinstance(summary, AnnotateSummary) and summary.errors.get("rows"):
+        return f"{summary.errors['rows']:,} error rows ({float(summary.errors.get('share', 0)):.3%})"
+    if isinstance(summary, IngestSummary):
+        return "rejected rows: " + ", ".join(f"{t} {n:,}" for t, n in summary.rejected.items() if n)
     return ""
 
 

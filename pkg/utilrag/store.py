@@ -241,6 +241,39 @@ def write_manifest(folder: str | os.PathLike, **fields) -> dict:
 
 
 @dataclass
+class SideStep:
+    """A step inside a stage folder that keeps its own small manifest (annotation's ``inputs.meta``,
+    ``chain.meta`` and ``<stage>.meta``, RAG's generation): reuse when complete under the same
+    fingerprint, resume otherwise (``changed``: parts of another fingerprint must go first), begin,
+    finish. The stage folder's own commit protocol and lease still guard the step."""
+
+    meta: str  # the manifest's path
+    fingerprint: str
+    old: dict
+
+    @classmethod
+    def at(cls, meta: str | os.PathLike, fingerprint: str) -> SideStep:
+        meta = normalize(meta)
+        return cls(meta, fingerprint, read_manifest(meta) or {})
+
+    def reusable(self, *outputs: str) -> dict | None:
+        """The old manifest when the step completed under this fingerprint and its outputs exist."""
+        ok = self.old.get("fingerprint") == self.fingerprint and self.old.get("status") == "complete"
+        return self.old if ok and all(exists(o) for o in outputs) else None
+
+    @property
+    def changed(self) -> bool:
+        """Another fingerprint ran here before: what it left is not this step's to resume."""
+        return self.old.get("fingerprint") not in (None, self.fingerprint)
+
+    def begin(self, **fields) -> dict:
+        return write_manifest(self.meta, fingerprint=self.fingerprint, status="running", **fields)
+
+    def finish(self, **fields) -> dict:
+        return write_manifest(self.meta, fingerprint=self.fingerprint, status="complete", **fields)
+
+
+@dataclass
 class Committed:
     """A complete manifest and where its outputs are."""
 

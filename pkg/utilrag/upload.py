@@ -69,8 +69,12 @@ def _dataset_folder(name: str, data_root: str | None) -> tuple[Path, str]:
     root = resolve_data_root(data_root)
     if store.is_remote(root):
         raise UploadError(f"upload {name!r}: the data root {root} is already on object storage")
-    resolved = resolve(DatasetConfig(name=name), root)  # downloads a missing registered set, or says why not
-    folder = Path(resolved.root)
+    if REGISTRY[name].kind == "qa":  # one question-answering file in its folder
+        from utilrag.data.qa import resolve_qa
+
+        folder = Path(resolve_qa(name, root, allow_download=True)).parent
+    else:
+        folder = Path(resolve(DatasetConfig(name=name), root).root)  # downloads a missing set, or says why not
     return folder, REGISTRY[name].folder or name
 
 

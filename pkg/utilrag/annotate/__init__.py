@@ -31,6 +31,7 @@ from utilrag.data.tables import fingerprint, read_table
 from utilrag.logs import get_logger
 from utilrag.stages import StageResult
 from utilrag.store import Store
+from utilrag.summaries import AnnotateSummary
 
 log = get_logger("annotate")
 
@@ -146,14 +147,14 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
         # Above the threshold the outputs are kept for inspection, but the manifest says "failed" and
         # no later stage reads them (as ingest's reject threshold).
         status = "complete" if share <= acfg.scale.max_error_fraction else "failed"
-        writer.commit(
-            status=status,
+        summary = AnnotateSummary(
             rows={"labels": label_rows, "errors": error_rows},
             errors={"rows": error_rows, "by_stage": dict(errors), "share": round(share, 6)},
             summaries=summaries,
             engines=job.replica_figures(stats),
             wall_time_s=round(time.time() - t0, 2),
         )
+        writer.commit(status=status, **summary.manifest())
         print(text, flush=True)
         if status != "complete":
             raise AnnotateError(
@@ -187,7 +188,7 @@ def print_reports(cfg: PipelineConfig) -> None:
         out = target_dir(cfg, target)
         committed = store.require(out, f"annotate-report: the annotation of {target.dataset}/{target.split}")
         labels = read_table(committed.path("labels.parquet"))
-        summaries = committed.get("summaries", {})
+        summaries = AnnotateSummary.of(committed).summaries
         rows = agreement(labels, summaries)  # printed only: the committed report files stay as written
         relsel = store.join(out, "relsel.parquet")
         by_position = agreement_by_position(labels, shown_positions(read_table(relsel))) if store.exists(relsel) else []

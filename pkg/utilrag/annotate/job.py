@@ -49,7 +49,6 @@ from utilrag.annotate.stages import (
 from utilrag.config import AnnotateConfig
 from utilrag.logs import get_logger
 from utilrag.raycluster import compress_ray_data_clock
-from utilrag.store import read_manifest, write_manifest
 
 log = get_logger("annotate")
 # The reasons a query was not asked, per stage (a chain part records the last one per query).
@@ -232,16 +231,16 @@ def ensure_inputs(
 ) -> dict:
     """``<out>/inputs`` for fingerprint ``fp`` (built, or reused if already complete). ``connect``:
     called before Ray is needed (a reuse needs no cluster)."""
-    meta_path = store.join(out, "inputs.meta")
-    meta = read_manifest(meta_path) or {}
-    if meta.get("status") == "complete" and meta.get("fingerprint") == fp:
-        return meta
+    step = store.SideStep.at(store.join(out, "inputs.meta"), fp)
+    reused = step.reusable()
+    if reused is not None:
+        return reused
     connect()
     t0 = time.time()
-    write_manifest(meta_path, fingerprint=fp, status="running")
+    step.begin()
     counts = prepare_inputs(paths["pools"], paths["queries"], paths["corpus"], out, acfg, wanted)
     log.info(f"{label}: inputs of {counts['queries']:,} queries written ({time.time() - t0:.0f}s)")
-    return write_manifest(meta_path, fingerprint=fp, status="complete", **counts)
+    return step.finish(**counts)
 
 
 def sample_queries(pools_path: str, k: int | None, seed: str) -> list[str] | None:
@@ -351,13 +350,14 @@ def run_chain(
 ) -> dict:
     """Annotate every unfinished query of ``<out>/inputs`` into ``<out>/chain.parts``; returns run stats.
     ``connect``: called before Ray is needed (a complete chain needs no cluster)."""
-    inputs, parts, meta_path = store.join(out, "inputs"), store.join(out, "chain.parts"), store.join(out, "chain.meta")
-    old = read_manifest(meta_path) or {}
-    if old.get("fingerprint") == fp and old.get("status") == "complete" and store.exists(parts):
+    inputs, parts = store.join(out, "inputs"), store.join(out, "chain.parts")
+    step = store.SideStep.at(store.join(out, "chain.meta"), fp)
+    old = step.reusable(parts)
+    if old is not None:
         log.info(f"{label}: the chain is complete ({old.get('queries', 0):,} queries), reusing {parts}")
         return {"engine_s": None, "replicas": {}, "queries": old.get("queries", 0)}
-    clear_parts(parts, old.get("fingerprint") not in (None, fp), label)
-    write_manifest(meta_path, fingerprint=fp, status="running")
+    clear_parts(parts, step.changed, label)
+    step.begin()
     files, done_ids, expected, done, done_bytes = resume_plan(inputs, parts)
     if done:
         log.info(
@@ -372,7 +372,7 @@ def run_chain(
         )
         stats["queries"] = expected
     check_parts(parts, expected, label)
-    write_manifest(meta_path, fingerprint=fp, status="complete", queries=expected)
+    step.finish(queries=expected)
     return stats
 
 

@@ -28,8 +28,7 @@ from utilrag.annotate.prompts import PROMPT_VERSION
 from utilrag.annotate.stages import STAGE_SCHEMA, parse_output, stage_regex
 from utilrag.config import AnnotateConfig
 from utilrag.data.tables import read_table
-from utilrag.logs import get_logger
-from utilrag.store import read_manifest, write_manifest
+from utilrag.logs import clock, get_logger
 
 PART_SCHEMA = pa.schema([("key", pa.string()), *STAGE_SCHEMA])
 
@@ -106,19 +105,13 @@ def run_stage(
     folder = store.normalize(folder)
     final = store.join(folder, f"{stage}.parquet")
     parts = store.join(folder, f"{stage}.parts")
-    meta = store.join(folder, f"{stage}.meta")
-    old = read_manifest(meta) or {}
-    if old.get("fingerprint") == fingerprint and old.get("status") == "complete" and store.exists(final):
+    step = store.SideStep.at(store.join(folder, f"{stage}.meta"), fingerprint)
+    old = step.reusable(final)
+    if old is not None:
         log.info(f"{label} {stage}: unchanged, reusing {final}")
         return read_table(final), old["summary"]
-    clear_parts(parts, old.get("fingerprint") not in (None, fingerprint), f"{label} {stage}")
-    write_manifest(
-        meta,
-        stage=stage,
-        fingerprint=fingerprint,
-        status="running",
-        expected_rows=requests.num_rows,
-    )
+    clear_parts(parts, step.changed, f"{label} {stage}")
+    step.begin(stage=stage, expected_rows=requests.num_rows)
 
     expected = set(requests.column("key").to_pylist())
     written = read_parts(parts)
@@ -149,14 +142,7 @@ def run_stage(
     table = table.sort_by([("query_id", "ascending"), ("window", "ascending")]).drop_columns(["key"])
     write_atomic(table, final)
     summary = summarise(stage, table, time.time() - t0, new_rows, dropped, engine_s)
-    write_manifest(
-        meta,
-        stage=stage,
-        fingerprint=fingerprint,
-        status="complete",
-        expected_rows=requests.num_rows,
-        summary=summary,
-    )
+    step.finish(stage=stage, expected_rows=requests.num_rows, summary=summary)
     log.info(f"{label} {stage}: {summary_line(summary)}")
     return table, summary
 
@@ -254,8 +240,10 @@ def _generate(
             if now - last >= acfg.scale.progress_every_s:
                 last = now
                 finished = sum(1 for q, n in queries_done.items() if n >= expected_per_query[q])
+                rate = finished / max(now - t0, 1e-9)
+                eta = f"ETA {clock((queries_total - finished) / rate)}" if rate > 0 else "ETA unknown"
                 log.info(
-                    f"{label} {stage}: queries {finished:,}/{queries_total:,}, requests "
+                    f"{label} {stage}: queries {finished:,}/{queries_total:,} ({rate:,.2f}/s, {eta}), requests "
                     f"{len(seen_keys):,}/{total:,}, {tokens / max(now - (first_ready or t0), 1e-9):,.0f} tokens/s"
                 )
     except AnnotateError:

@@ -11,6 +11,7 @@ from utilrag.config import PipelineConfig
 from utilrag.data.tables import SCHEMAS, read_rows, read_table
 from utilrag.errors import UtilragError
 from utilrag.store import Committed, Store, require
+from utilrag.summaries import IngestSummary
 
 ALL_QUERIES = "all"  # a split name meaning every query of the dataset, judged or not
 
@@ -29,12 +30,15 @@ class Dataset:
 
     @property
     def relevance_threshold(self) -> int:
-        return int(self.committed["relevance_threshold"])
+        threshold = IngestSummary.of(self.committed).relevance_threshold
+        if threshold is None:
+            raise UtilragError(f"{self.committed.folder}: the ingest manifest records no relevance_threshold")
+        return threshold
 
     @property
     def ignore_identical_ids(self) -> bool:
         """Evaluation drops a retrieved document whose id is the query's (BEIR: ArguAna, Quora)."""
-        return bool(self.committed.get("ignore_identical_ids", False))
+        return IngestSummary.of(self.committed).ignore_identical_ids
 
     def has(self, table: str) -> bool:
         return self.committed.has(table)

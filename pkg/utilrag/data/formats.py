@@ -13,14 +13,22 @@ import json
 import math
 import zlib
 from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
+from typing import IO
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from utilrag import store
 from utilrag.data.tables import parse_schema
+from utilrag.errors import UtilragError
 
+GZIP_MAGIC = b"\x1f\x8b"
 RAW_CHARS = 300  # how much of a bad line is kept in the rejects table
+
+
+class UnreadableFile(UtilragError, OSError):
+    """A file that cannot be opened: one line at the CLI; an OSError to a reader that makes it a reject."""
 
 
 class RowError(ValueError):
@@ -39,15 +47,26 @@ def list_files(uri: str) -> list[str]:
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File)
 
 
-def open_lines(uri: str) -> Generator[bytes, None, None]:
-    fs, path = store.filesystem(uri)
-    stream = fs.open_input_stream(path, compression=None)
-    raw = io.BufferedReader(stream, buffer_size=1 << 20)
-    handle = gzip.GzipFile(fileobj=raw) if uri.endswith(".gz") else raw
+@contextmanager
+def open_binary(location: str) -> Iterator[IO[bytes]]:
+    """A file's content as a binary stream (local path or URI), gunzipped when it starts with the gzip
+    magic: a ``.gz`` file, or a compressed file under a plain name, reads like the plain one."""
+    fs, path = store.filesystem(location)
     try:
-        yield from handle
+        # compression=None: pyarrow would otherwise guess from the extension; we go by the bytes.
+        raw = io.BufferedReader(fs.open_input_stream(path, compression=None), buffer_size=1 << 20)
+    except OSError as e:
+        raise UnreadableFile(f"{location}: cannot open ({e})") from None
+    try:
+        # GzipFile does not close the stream it wraps, hence the finally.
+        yield gzip.GzipFile(fileobj=raw) if raw.peek(2)[:2] == GZIP_MAGIC else raw  # type: ignore[misc]
     finally:
-        handle.close()
+        raw.close()
+
+
+def open_lines(uri: str) -> Generator[bytes, None, None]:
+    with open_binary(uri) as handle:
+        yield from handle
 
 
 # --------------------------------------------------------------------------- line parsers
@@ -57,7 +76,8 @@ def _text(value, what: str) -> str:
     return value
 
 
-def _id(value, what: str) -> str:
+def row_id(value, what: str) -> str:
+    """An id as the TREC formats need it: a string or an integer, not empty, no whitespace."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str) or not value.strip():
@@ -101,12 +121,12 @@ def json_object(line: str) -> dict:
 def msmarco_collection(line: str, ctx) -> list[dict]:
     cols = _columns(line, "\t", (2, 3))  # pid text, or Tevatron's pid title text
     title, text = ("", cols[1]) if len(cols) == 2 else (cols[1], cols[2])
-    return [dict(doc_id=_id(cols[0], "doc id"), title=title, text=_nonempty(text, "passage text"))]
+    return [dict(doc_id=row_id(cols[0], "doc id"), title=title, text=_nonempty(text, "passage text"))]
 
 
 def tsv_queries(line: str, ctx) -> list[dict]:
     cols = _columns(line, "\t", (2,))
-    return [dict(query_id=_id(cols[0], "query id"), text=_nonempty(cols[1], "query text"))]
+    return [dict(query_id=row_id(cols[0], "query id"), text=_nonempty(cols[1], "query text"))]
 
 
 def trec_qrels(line: str, ctx) -> list[dict]:
@@ -114,8 +134,8 @@ def trec_qrels(line: str, ctx) -> list[dict]:
     cols = _columns(line, None, (4,))
     return [
         dict(
-            query_id=_id(cols[0], "query id"),
-            doc_id=_id(cols[2], "doc id"),
+            query_id=row_id(cols[0], "query id"),
+            doc_id=row_id(cols[2], "doc id"),
             grade=_int(cols[3], "grade"),
             split=ctx["split"],
         )
@@ -128,8 +148,8 @@ def beir_qrels(line: str, ctx) -> list[dict]:
     cols = _columns(line, "\t", (3,))
     return [
         dict(
-            query_id=_id(cols[0], "query id"),
-            doc_id=_id(cols[1], "doc id"),
+            query_id=row_id(cols[0], "query id"),
+            doc_id=row_id(cols[1], "doc id"),
             grade=_int(cols[2], "grade"),
             split=ctx["split"],
         )
@@ -146,8 +166,8 @@ def trec_run(line: str, ctx) -> list[dict]:
         raise RowError(f"score {cols[4]!r} is not finite")
     return [
         dict(
-            query_id=_id(cols[0], "query id"),
-            doc_id=_id(cols[2], "doc id"),
+            query_id=row_id(cols[0], "query id"),
+            doc_id=row_id(cols[2], "doc id"),
             rank=_int(cols[3], "rank"),
             score=score,
             run=ctx["run"],
@@ -160,7 +180,7 @@ def beir_corpus(line: str, ctx) -> list[dict]:
     title = obj.get("title") or ""
     return [
         dict(
-            doc_id=_id(obj.get("_id"), "_id"),
+            doc_id=row_id(obj.get("_id"), "_id"),
             title=_text(title, "title"),
             text=_nonempty(_text(obj.get("text"), "text"), "text"),
         )
@@ -169,7 +189,7 @@ def beir_corpus(line: str, ctx) -> list[dict]:
 
 def beir_queries(line: str, ctx) -> list[dict]:
     obj = json_object(line)
-    return [dict(query_id=_id(obj.get("_id"), "_id"), text=_nonempty(_text(obj.get("text"), "text"), "text"))]
+    return [dict(query_id=row_id(obj.get("_id"), "_id"), text=_nonempty(_text(obj.get("text"), "text"), "text"))]
 
 
 def _tevatron(line: str) -> tuple[dict, list[tuple[dict, int]]]:
@@ -186,14 +206,14 @@ def _tevatron(line: str) -> tuple[dict, list[tuple[dict, int]]]:
 
 def tevatron_queries(line: str, ctx) -> list[dict]:
     obj, _ = _tevatron(line)
-    return [dict(query_id=_id(obj["query_id"], "query_id"), text=_nonempty(_text(obj["query"], "query"), "query"))]
+    return [dict(query_id=row_id(obj["query_id"], "query_id"), text=_nonempty(_text(obj["query"], "query"), "query"))]
 
 
 def tevatron_corpus(line: str, ctx) -> list[dict]:
     _, passages = _tevatron(line)
     return [
         dict(
-            doc_id=_id(p["docid"], "docid"),
+            doc_id=row_id(p["docid"], "docid"),
             title=_text(p.get("title") or "", "title"),
             text=_nonempty(_text(p.get("text"), "text"), "passage text"),
         )
@@ -203,9 +223,9 @@ def tevatron_corpus(line: str, ctx) -> list[dict]:
 
 def tevatron_qrels(line: str, ctx) -> list[dict]:
     obj, passages = _tevatron(line)
-    qid = _id(obj["query_id"], "query_id")
+    qid = row_id(obj["query_id"], "query_id")
     return [
-        dict(query_id=qid, doc_id=_id(p["docid"], "docid"), grade=1, split=ctx["split"])
+        dict(query_id=qid, doc_id=row_id(p["docid"], "docid"), grade=1, split=ctx["split"])
         for p, grade in passages
         if grade
     ]
@@ -213,11 +233,11 @@ def tevatron_qrels(line: str, ctx) -> list[dict]:
 
 def tevatron_pools(line: str, ctx) -> list[dict]:
     obj, passages = _tevatron(line)
-    qid = _id(obj["query_id"], "query_id")
+    qid = row_id(obj["query_id"], "query_id")
     return [
         dict(
             query_id=qid,
-            doc_id=_id(p["docid"], "docid"),
+            doc_id=row_id(p["docid"], "docid"),
             position=i,
             source="human" if grade else "tevatron",
             human_grade=grade if grade else None,
@@ -234,7 +254,7 @@ def plain_corpus(record: dict, ctx) -> list[dict]:
     """A plain-layout document (data/plain.py) -> its passages: one under its id, or ``id#k`` each."""
     from utilrag.data.plain import passages
 
-    doc_id = _id(_field(record, ("id", "_id", "doc_id", "docid")), "id")
+    doc_id = row_id(_field(record, ("id", "_id", "doc_id", "docid")), "id")
     if "#" in doc_id:
         raise RowError(f"id {doc_id!r} contains '#', which marks a passage of a document")
     title = _text(_field(record, ("title",)) or "", "title")
@@ -246,7 +266,7 @@ def plain_corpus(record: dict, ctx) -> list[dict]:
 
 
 def plain_queries(record: dict, ctx) -> list[dict]:
-    query_id = _id(_field(record, ("id", "_id", "query_id", "qid")), "id")
+    query_id = row_id(_field(record, ("id", "_id", "query_id", "qid")), "id")
     text = _nonempty(_text(_field(record, ("text", "query")) or "", "text"), "text")
     return [dict(query_id=query_id, text=text)]
 

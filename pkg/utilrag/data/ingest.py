@@ -21,12 +21,13 @@ from utilrag.config import DatasetConfig, IngestConfig, PipelineConfig, resolve_
 from utilrag.data import registry
 from utilrag.data.formats import parse_file
 from utilrag.data.plain import fingerprint_text
-from utilrag.data.qa import REGISTERED_QA, read_qa, resolve_qa
+from utilrag.data.qa import read_qa, resolve_qa
 from utilrag.data.tables import REJECTS_SCHEMA, SCHEMAS, ParquetParts, fingerprint, write_table
 from utilrag.errors import UtilragError
 from utilrag.logs import get_logger
 from utilrag.stages import StageResult
 from utilrag.store import Store
+from utilrag.summaries import IngestSummary
 
 log = get_logger("ingest")
 
@@ -242,8 +243,7 @@ def ingest_dataset(resolved: registry.ResolvedDataset, out: str, icfg: IngestCon
     # Above the threshold the tables are kept for inspection, but the manifest says "failed" and no
     # later stage reads them.
     status = "complete" if share <= icfg.reject_threshold else "failed"
-    writer.commit(
-        status=status,
+    summary = IngestSummary(
         source=resolved.root,
         layout=resolved.layout,
         relevance_threshold=resolved.relevance_threshold,
@@ -255,6 +255,7 @@ def ingest_dataset(resolved: registry.ResolvedDataset, out: str, icfg: IngestCon
         files=[asdict(j) for j in resolved.jobs],
         wall_time_s=round(time.time() - started, 2),
     )
+    writer.commit(status=status, **summary.manifest())
     print_summary(resolved.name, reports)
     if status != "complete":
         raise IngestError(
@@ -316,8 +317,7 @@ def ingest_qa(ds: DatasetConfig, data_root: str, out: str, icfg: IngestConfig) -
     total = qa.num_rows + len(rejects)
     share = len(rejects) / total if total else 0.0
     status = "complete" if share <= icfg.reject_threshold else "failed"
-    writer.commit(
-        status=status,
+    summary = IngestSummary(
         source=path,
         layout="qa",
         relevance_threshold=1,
@@ -327,6 +327,7 @@ def ingest_qa(ds: DatasetConfig, data_root: str, out: str, icfg: IngestConfig) -
         stats=data.stats,
         wall_time_s=round(time.time() - t0, 2),
     )
+    writer.commit(status=status, **summary.manifest())
     for name, report in reports.items():
         log.info(f"{ds.name}/{name}: {report.rows:,} rows kept, {report.rejected:,} rejected")
     print_summary(ds.name, reports)
@@ -356,7 +357,7 @@ def ingest(cfg: PipelineConfig, names: list[str] | None = None) -> dict[str, Ing
         if names and ds.name not in names:
             continue
         out = Store(cfg.output_dir).ingest(ds.name)
-        if ds.layout == "qa" or (ds.layout == "auto" and ds.name in REGISTERED_QA):
+        if ds.layout == "qa" or (ds.layout == "auto" and registry.kind(ds.name) == "qa"):
             results[ds.name] = ingest_qa(ds, data_root, out, cfg.ingest)
             continue
         resolved = registry.resolve(ds, data_root, allow_download=cfg.ingest.download)

@@ -19,6 +19,7 @@ from utilrag.data.tables import SCHEMAS, fingerprint, write_table
 from utilrag.logs import get_logger
 from utilrag.stages import StageResult
 from utilrag.store import Store
+from utilrag.summaries import PoolsSummary
 
 log = get_logger("pools")
 
@@ -152,7 +153,7 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> tuple[str, bool]:
             keep_unlabeled=pcfg.keep_unlabeled if pcfg.keep_unlabeled is not None else not dataset.has("qrels"),
         )
     write_table(pools, writer.path("pools.parquet"))
-    writer.commit(
+    summary = PoolsSummary(
         # every pool is shuffled by random.Random(f"{seed}:{query_id}"): the order shown to the annotator
         shuffle={"seed": pcfg.seed, "rng": "random.Random(f'{seed}:{query_id}')"},
         config=pcfg.model_dump(),
@@ -160,6 +161,7 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> tuple[str, bool]:
         stats=stats,
         wall_time_s=round(time.time() - t0, 2),
     )
+    writer.commit(**summary.manifest())
     log.info(f"{pcfg.dataset}/{pcfg.split}: {stats} -> {pools.num_rows:,} rows in {time.time() - t0:.1f}s")
     return out, False
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ast
 import csv
 import gzip
-import io
 import json
 import os
 import re
@@ -23,19 +22,18 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import IO, Any, TypedDict
+from typing import Any
 
 import pyarrow as pa
 
 from utilrag import store
-from utilrag.data.formats import RAW_CHARS, RowError, json_object
+from utilrag.data.formats import RAW_CHARS, RowError, UnreadableFile, json_object, open_binary, row_id
 from utilrag.data.tables import SCHEMAS
 from utilrag.errors import UtilragError
 
 QA_SCHEMA = SCHEMAS["qa"]  # gold_doc_ids is empty where the set names no gold passage
 CORPUS_SCHEMA = SCHEMAS["corpus"]
 
-GZIP_MAGIC = b"\x1f\x8b"
 SNIFF_BYTES = 1 << 16
 MSMARCO_NO_ANSWER = "No Answer Present."
 DPR_PASSAGES_HEADER = ["id", "text", "title"]
@@ -59,9 +57,9 @@ class QAData:
         return dict(zip(self.qa.column("query_id").to_pylist(), self.qa.column("answers").to_pylist()))
 
 
-class _Rows:
-    """Collects rows column-wise and converts them in chunks, so a 21M-passage TSV never sits in
-    memory as Python objects all at once."""
+class _Columns:
+    """Rows of one schema, collected column-wise and converted in chunks, so a 21M-passage TSV never
+    sits in memory as Python objects all at once."""
 
     CHUNK = 100_000
 
@@ -88,23 +86,52 @@ class _Rows:
         return pa.Table.from_batches(self.batches, schema=self.schema)
 
 
-class _Rejects(list[dict]):
-    def __init__(self, file: str) -> None:
-        super().__init__()
-        self.file = file
+class Collector:
+    """What every QA reader writes into: questions, passages, rejects ``{file, line, reason, raw}`` and
+    counts. A record is read inside ``with out.record(line, raw):``: a RowError raised there becomes
+    that record's reject, and the reader goes on. Question and passage ids are unique here, so no
+    reader keeps its own sets; ``id_name`` is how the format calls its question id (in the reason)."""
 
-    def add(self, line: int, reason: str, raw: Any) -> None:
+    def __init__(self, location: str, fmt: str, id_name: str = "id") -> None:
+        self.location, self.format, self.id_name = location, fmt, id_name
+        self.qa, self.corpus = _Columns(QA_SCHEMA), _Columns(CORPUS_SCHEMA)
+        self.rejects: list[dict] = []
+        self.stats: Counter[str] = Counter()
+        self._questions: set[str] = set()
+        self._passages: set[str] = set()
+
+    @contextmanager
+    def record(self, line: int, raw: Any) -> Iterator[None]:
+        try:
+            yield
+        except RowError as e:
+            self.reject(line, str(e), raw)
+
+    def reject(self, line: int, reason: str, raw: Any) -> None:
         if not isinstance(raw, str):
             try:
                 raw = json.dumps(raw, ensure_ascii=False)
             except (TypeError, ValueError):
                 raw = repr(raw)
-        self.append(dict(file=self.file, line=line, reason=reason, raw=raw[:RAW_CHARS]))
+        self.rejects.append(dict(file=self.location, line=line, reason=reason, raw=raw[:RAW_CHARS]))
 
+    def question(self, qid: str, question: str, answers: list[str], gold: list[str]) -> None:
+        """One question row; a repeated id is the record's reject (the first one stays)."""
+        if qid in self._questions:
+            raise RowError(f"duplicate {self.id_name} {qid!r}")
+        self._questions.add(qid)
+        self.qa.add(qid, question, answers, gold)
 
-def _finish(fmt: str, qa: _Rows, corpus: _Rows, rejects: _Rejects, stats: Counter, **extra: Any) -> QAData:
-    stats.update(questions=qa.count, corpus=corpus.count, rejects=len(rejects))
-    return QAData(qa.table(), corpus.table(), list(rejects), dict(stats), extra, fmt)
+    def has_passage(self, doc_id: str) -> bool:
+        return doc_id in self._passages
+
+    def passage(self, doc_id: str, title: str, text: str) -> None:
+        self._passages.add(doc_id)
+        self.corpus.add(doc_id, title, text)
+
+    def finish(self, **extra: Any) -> QAData:
+        self.stats.update(questions=self.qa.count, corpus=self.corpus.count, rejects=len(self.rejects))
+        return QAData(self.qa.table(), self.corpus.table(), self.rejects, dict(self.stats), extra, self.format)
 
 
 def doc_id_of(text: str) -> str:
@@ -113,28 +140,14 @@ def doc_id_of(text: str) -> str:
 
 
 # --------------------------------------------------------------------------- reading files
-@contextmanager
-def open_binary(location: str) -> Iterator[IO[bytes]]:
-    """The file's content as a binary stream, gunzipped when it starts with the gzip magic."""
-    fs, path = store.filesystem(location)
-    try:
-        # compression=None: pyarrow would otherwise guess from the extension; we go by the bytes.
-        raw = io.BufferedReader(fs.open_input_stream(path, compression=None), buffer_size=1 << 20)
-    except OSError as e:
-        raise QADataError(f"{location}: cannot open ({e})") from None
-    try:
-        # GzipFile does not close the stream it wraps, hence the finally.
-        yield gzip.GzipFile(fileobj=raw) if raw.peek(2)[:2] == GZIP_MAGIC else raw  # type: ignore[misc]
-    finally:
-        raw.close()
-
-
 def read_bytes(location: str) -> bytes:
-    with open_binary(location) as f:
-        try:
+    try:
+        with open_binary(location) as f:
             return f.read()
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise QADataError(f"{location}: truncated or corrupt gzip ({e})") from None
+    except UnreadableFile as e:
+        raise QADataError(str(e)) from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise QADataError(f"{location}: truncated or corrupt gzip ({e})") from None
 
 
 def _read_json(location: str) -> Any:
@@ -150,7 +163,7 @@ def _read_json(location: str) -> Any:
         ) from None
 
 
-def _lines(location: str, rejects: _Rejects) -> Iterator[tuple[int, str]]:
+def _lines(location: str, out: Collector) -> Iterator[tuple[int, str]]:
     """(line number, text without the line end); undecodable and blank lines become rejects."""
     line_no = 0
     with open_binary(location) as f:
@@ -159,25 +172,17 @@ def _lines(location: str, rejects: _Rejects) -> Iterator[tuple[int, str]]:
                 try:
                     text = raw.decode("utf-8").rstrip("\r\n")
                 except UnicodeDecodeError as e:
-                    rejects.add(line_no, f"invalid UTF-8 at byte {e.start}", raw.decode("utf-8", "replace"))
+                    out.reject(line_no, f"invalid UTF-8 at byte {e.start}", raw.decode("utf-8", "replace"))
                     continue
                 if not text.strip():
-                    rejects.add(line_no, "empty line", text)
+                    out.reject(line_no, "empty line", text)
                     continue
                 yield line_no, text
         except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            rejects.add(line_no + 1, f"truncated or corrupt gzip after line {line_no}: {e}", "")
+            out.reject(line_no + 1, f"truncated or corrupt gzip after line {line_no}: {e}", "")
 
 
 # --------------------------------------------------------------------------- field checks
-def _id(value: Any, what: str) -> str:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str) or not value.strip():
-        raise RowError(f"missing or empty {what}")
-    return value
-
-
 def _question(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise RowError("missing or empty question text")
@@ -211,19 +216,17 @@ def read_squad(location: str) -> QAData:
     obj = _read_json(location)
     if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
         raise QADataError(f"{location}: not SQuAD JSON (expected an object with a 'data' list of articles)")
-    qa, corpus, rejects, stats = _Rows(QA_SCHEMA), _Rows(CORPUS_SCHEMA), _Rejects(location), Counter[str]()
-    seen_questions: set[str] = set()
-    seen_docs: set[str] = set()
+    out = Collector(location, "squad", id_name="question id")
     ordinal = 0  # questions seen so far: the reject's "line"
     for a_i, article in enumerate(obj["data"], start=1):
         if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
-            rejects.add(ordinal + 1, f"article {a_i} is not an object with a 'paragraphs' list", article)
+            out.reject(ordinal + 1, f"article {a_i} is not an object with a 'paragraphs' list", article)
             continue
         title = article.get("title")
         bad_title = None if isinstance(title, str) and title.strip() else f"article {a_i} has no title"
         for p_i, para in enumerate(article["paragraphs"]):
             if not isinstance(para, dict) or not isinstance(para.get("qas"), list):
-                rejects.add(ordinal + 1, f"article {a_i} paragraph {p_i} is not an object with a 'qas' list", para)
+                out.reject(ordinal + 1, f"article {a_i} paragraph {p_i} is not an object with a 'qas' list", para)
                 continue
             # A paragraph that cannot be a corpus row takes its questions with it, each rejected by ordinal.
             problem = bad_title
@@ -231,66 +234,51 @@ def read_squad(location: str) -> QAData:
             doc_id = doc_id_of(f"{title}#{p_i}")
             if problem is None and (not isinstance(context, str) or not context.strip()):
                 problem = f"article {a_i} paragraph {p_i} has an empty or missing context"
-            if problem is None and doc_id in seen_docs:
+            if problem is None and out.has_passage(doc_id):
                 problem = f"duplicate doc id {doc_id!r} (two articles titled {title!r})"
             if problem is None:
-                corpus.add(doc_id, title, context)
-                seen_docs.add(doc_id)
+                out.passage(doc_id, str(title), str(context))
             elif not para["qas"]:
-                rejects.add(ordinal + 1, problem, para)
+                out.reject(ordinal + 1, problem, para)
             for q in para["qas"]:
                 ordinal += 1
-                try:
+                with out.record(ordinal, q):
                     if problem:
                         raise RowError(problem)
                     if not isinstance(q, dict):
                         raise RowError("question is not an object")
-                    qid = _id(q.get("id"), "question id")
+                    qid = row_id(q.get("id"), "question id")
                     question = _question(q.get("question"))
                     answers = _squad_answers(q)
-                    if q.get("is_impossible") is True:
-                        stats["unanswerable"] += 1  # SQuAD v2: kept, scored as "no answer"
-                    elif not answers:
+                    impossible = q.get("is_impossible") is True  # SQuAD v2: kept, scored as "no answer"
+                    if not answers and not impossible:
                         raise RowError("no answers (and not marked is_impossible)")
-                    if qid in seen_questions:
-                        raise RowError(f"duplicate question id {qid!r}")
-                except RowError as e:
-                    rejects.add(ordinal, str(e), q)
-                    continue
-                seen_questions.add(qid)
-                stats["answers"] += len(answers)
-                qa.add(qid, question, answers, [doc_id])
-    return _finish("squad", qa, corpus, rejects, stats)
+                    out.question(qid, question, answers, [doc_id])
+                    out.stats.update(unanswerable=int(impossible), answers=len(answers))
+    return out.finish()
 
 
 # --------------------------------------------------------------------------- NQ-open
 def read_nq_open(location: str) -> QAData:
     """NQ-open JSONL ``{"question", "answer": [...]}``; query_id ``nq-<line>`` unless the line has an "id"."""
-    qa, corpus, rejects, stats = _Rows(QA_SCHEMA), _Rows(CORPUS_SCHEMA), _Rejects(location), Counter[str]()
-    seen: set[str] = set()
-    for line_no, text in _lines(location, rejects):
-        try:
+    out = Collector(location, "nq-open")
+    for line_no, text in _lines(location, out):
+        with out.record(line_no, text):
             obj = json_object(text)
-            qid = _id(obj["id"], "id") if "id" in obj else f"nq-{line_no}"
+            qid = row_id(obj["id"], "id") if "id" in obj else f"nq-{line_no}"
             question = _question(obj.get("question"))
             answers = _strings(obj.get("answer"), "answer")
-            if qid in seen:
-                raise RowError(f"duplicate id {qid!r}")
-        except RowError as e:
-            rejects.add(line_no, str(e), text)
-            continue
-        seen.add(qid)
-        stats["answers"] += len(answers)
-        qa.add(qid, question, answers, [])
-    return _finish("nq-open", qa, corpus, rejects, stats)
+            out.question(qid, question, answers, [])
+            out.stats["answers"] += len(answers)
+    return out.finish()
 
 
 # --------------------------------------------------------------------------- DPR
 def read_dpr_qa(location: str) -> QAData:
     """DPR's ``*.qa.csv``: ``question<TAB>['answer', ...]`` (a Python literal); query_id ``dpr-<line>``."""
-    qa, corpus, rejects, stats = _Rows(QA_SCHEMA), _Rows(CORPUS_SCHEMA), _Rejects(location), Counter[str]()
-    for line_no, text in _lines(location, rejects):
-        try:
+    out = Collector(location, "dpr-qa")
+    for line_no, text in _lines(location, out):
+        with out.record(line_no, text):
             cols = _tsv(text)
             if len(cols) != 2:
                 raise RowError(f"expected 2 tab-separated columns (question, answers), found {len(cols)}")
@@ -300,38 +288,28 @@ def read_dpr_qa(location: str) -> QAData:
             except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
                 raise RowError("answers are not a Python literal list") from None
             answers = _strings(value, "answers")
-        except RowError as e:
-            rejects.add(line_no, str(e), text)
-            continue
-        stats["answers"] += len(answers)
-        qa.add(f"dpr-{line_no}", question, answers, [])
-    return _finish("dpr-qa", qa, corpus, rejects, stats)
+            out.question(f"dpr-{line_no}", question, answers, [])
+            out.stats["answers"] += len(answers)
+    return out.finish()
 
 
 def read_dpr_passages(location: str) -> QAData:
     """DPR's ``psgs_w100.tsv`` (header ``id<TAB>text<TAB>title``) as a corpus; no questions."""
-    qa, corpus, rejects, stats = _Rows(QA_SCHEMA), _Rows(CORPUS_SCHEMA), _Rejects(location), Counter[str]()
-    seen: set[str] = set()
-    for line_no, text in _lines(location, rejects):
-        try:
+    out = Collector(location, "dpr-passages")
+    for line_no, text in _lines(location, out):
+        with out.record(line_no, text):
             cols = _tsv(text)
             if line_no == 1 and cols == DPR_PASSAGES_HEADER:
                 continue  # the header, and only it
             if len(cols) != 3:
                 raise RowError(f"expected 3 tab-separated columns (id, text, title), found {len(cols)}")
-            doc_id = _id(cols[0], "passage id")
-            if any(c.isspace() for c in doc_id):
-                raise RowError(f"passage id {doc_id!r} contains whitespace")
+            doc_id = row_id(cols[0], "passage id")
             if not cols[1].strip():
                 raise RowError("empty passage text")
-            if doc_id in seen:
+            if out.has_passage(doc_id):
                 raise RowError(f"duplicate passage id {doc_id!r}")
-        except RowError as e:
-            rejects.add(line_no, str(e), text)
-            continue
-        seen.add(doc_id)
-        corpus.add(doc_id, cols[2], cols[1])
-    return _finish("dpr-passages", qa, corpus, rejects, stats)
+            out.passage(doc_id, cols[2], cols[1])
+    return out.finish()
 
 
 # --------------------------------------------------------------------------- HotpotQA
@@ -364,43 +342,35 @@ def read_hotpotqa(location: str) -> QAData:
     items = _read_json(location)
     if not isinstance(items, list):
         raise QADataError(f"{location}: not HotpotQA JSON (expected a list of question objects)")
-    qa, corpus, rejects, stats = _Rows(QA_SCHEMA), _Rows(CORPUS_SCHEMA), _Rejects(location), Counter[str]()
-    seen: set[str] = set()
+    out = Collector(location, "hotpotqa", id_name="_id")
     texts: dict[str, str] = {}
     golds: list[str] = []
     for ordinal, item in enumerate(items, start=1):
-        try:
+        with out.record(ordinal, item):
             if not isinstance(item, dict):
                 raise RowError("item is not an object")
-            qid = _id(item.get("_id"), "_id")
+            qid = row_id(item.get("_id"), "_id")
             question = _question(item.get("question"))
             answer = item.get("answer")
             if answer is not None and not isinstance(answer, str):
                 raise RowError("answer is not a string")
             context = _hotpot_context(item.get("context"))
             gold = _hotpot_supporting(item.get("supporting_facts"))
-            if qid in seen:
-                raise RowError(f"duplicate _id {qid!r}")
-        except RowError as e:
-            rejects.add(ordinal, str(e), item)
-            continue
-        seen.add(qid)
-        if answer is None:
-            stats["no_answer"] += 1  # the test sets publish no answers
-        for title, text in context:
-            doc_id = doc_id_of(title)
-            if not text.strip():
-                stats["empty_paragraphs"] += 1
-            elif doc_id not in texts:
-                texts[doc_id] = text
-                corpus.add(doc_id, title, text)
-            elif texts[doc_id] != text:
-                stats["title_conflicts"] += 1  # same title, other text: the first one stays
-        golds.extend(gold)
-        qa.add(qid, question, [answer] if answer is not None else [], gold)
+            out.question(qid, question, [answer] if answer is not None else [], gold)
+            out.stats["no_answer"] += answer is None  # the test sets publish no answers
+            for title, text in context:
+                doc_id = doc_id_of(title)
+                if not text.strip():
+                    out.stats["empty_paragraphs"] += 1
+                elif doc_id not in texts:
+                    texts[doc_id] = text
+                    out.passage(doc_id, title, text)
+                elif texts[doc_id] != text:
+                    out.stats["title_conflicts"] += 1  # same title, other text: the first one stays
+            golds.extend(gold)
     # fullwiki contexts are retrieved paragraphs: a supporting title need not be among them.
-    stats["gold_not_in_corpus"] = sum(g not in texts for g in golds)
-    return _finish("hotpotqa", qa, corpus, rejects, stats)
+    out.stats["gold_not_in_corpus"] = sum(g not in texts for g in golds)
+    return out.finish()
 
 
 # --------------------------------------------------------------------------- MS MARCO QnA
@@ -433,52 +403,39 @@ def read_msmarco_qna(location: str) -> QAData:
     well_formed_col = obj.get("wellFormedAnswers")
     if not isinstance(well_formed_col, dict):
         well_formed_col = {}
-    qa, corpus, rejects, stats = _Rows(QA_SCHEMA), _Rows(CORPUS_SCHEMA), _Rejects(location), Counter[str]()
-    seen: set[str] = set()
+    out = Collector(location, "msmarco-qna", id_name="query_id")
     well_formed: dict[str, list[str]] = {}
     keys = list(obj["query"])
     for ordinal, key in enumerate(keys, start=1):
         row = {c: obj[c].get(key) for c in (*columns, "wellFormedAnswers") if c in obj}
-        try:
+        with out.record(ordinal, row):
             missing = [c for c in columns if key not in obj[c]]
             if missing:
                 raise RowError(f"row {key!r} has no {', '.join(missing)}")
-            qid = _id(row["query_id"], "query_id")
+            qid = row_id(row["query_id"], "query_id")
             question = _question(row["query"])
             answers = _marco_answers(row["answers"])
             wf = _marco_well_formed(well_formed_col.get(key))
-            passages = _marco_passages(row["passages"])
-            if qid in seen:
-                raise RowError(f"duplicate query_id {qid!r}")
-        except RowError as e:
-            rejects.add(ordinal, str(e), row)
-            continue
-        seen.add(qid)
-        if not answers:
-            stats["no_answer"] += 1  # "No Answer Present." (or an empty list): kept with answers=[]
-        if wf:
-            well_formed[qid] = wf
-        gold = []
-        for p_i, passage in enumerate(passages):
-            doc_id = doc_id_of(f"{qid}-{p_i}")
-            if not passage["passage_text"].strip():
-                stats["empty_passages"] += 1
-                continue
-            corpus.add(doc_id, "", passage["passage_text"])
-            if passage.get("is_selected") == 1:
-                gold.append(doc_id)
-        qa.add(qid, question, answers, gold)
+            passages = [(doc_id_of(f"{qid}-{i}"), p) for i, p in enumerate(_marco_passages(row["passages"]))]
+            kept = [(doc_id, p) for doc_id, p in passages if p["passage_text"].strip()]
+            out.question(qid, question, answers, [doc_id for doc_id, p in kept if p.get("is_selected") == 1])
+            # "No Answer Present." (or an empty list): kept with answers=[]
+            out.stats.update(no_answer=int(not answers), empty_passages=len(passages) - len(kept))
+            if wf:
+                well_formed[qid] = wf
+            for doc_id, p in kept:
+                out.passage(doc_id, "", p["passage_text"])
     # rows present in another column but not in "query" would otherwise vanish unseen
     known = set(keys)
     orphans = sorted({k for c in columns[1:] for k in obj[c] if k not in known})
     for key in orphans:
-        rejects.add(len(keys) + 1, f"row {key!r} has no query", {c: obj[c].get(key) for c in columns})
-    stats["well_formed"] = len(well_formed)
-    return _finish("msmarco-qna", qa, corpus, rejects, stats, well_formed=well_formed)
+        out.reject(len(keys) + 1, f"row {key!r} has no query", {c: obj[c].get(key) for c in columns})
+    out.stats["well_formed"] = len(well_formed)
+    return out.finish(well_formed=well_formed)
 
 
 # --------------------------------------------------------------------------- detection and dispatch
-READERS: dict[str, Callable[[str], QAData]] = {
+READERS: dict[str, Callable[[str], QAData]] = {  # Registered.qa_format
     "squad": read_squad,
     "nq-open": read_nq_open,
     "dpr-qa": read_dpr_qa,
@@ -492,11 +449,13 @@ _SQUAD_HEAD = re.compile(r'\{\s*"(data|version)"\s*:')
 
 
 def _head(location: str) -> str:
-    with open_binary(location) as f:
-        try:
+    try:
+        with open_binary(location) as f:
             head = f.read(SNIFF_BYTES)
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise QADataError(f"{location}: truncated or corrupt gzip ({e})") from None
+    except UnreadableFile as e:
+        raise QADataError(str(e)) from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise QADataError(f"{location}: truncated or corrupt gzip ({e})") from None
     return head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
 
 
@@ -535,112 +494,46 @@ def read_qa(location: str, format: str = "auto") -> QAData:
 
 
 # --------------------------------------------------------------------------- registered sets
-class RegisteredQA(TypedDict):
-    urls: list[str]  # the official public download(s)
-    file: str  # the published file name, looked for as is and gzip-compressed (or uncompressed)
-    format: str
-
-
-REGISTERED_QA: dict[str, RegisteredQA] = {
-    "squad-v1.1-dev": {
-        "urls": ["https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json"],
-        "file": "dev-v1.1.json",
-        "format": "squad",
-    },
-    "squad-v2.0-dev": {
-        "urls": ["https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v2.0.json"],
-        "file": "dev-v2.0.json",
-        "format": "squad",
-    },
-    "nq-open-dev": {
-        "urls": [
-            "https://raw.githubusercontent.com/google-research-datasets/natural-questions/master/nq_open/NQ-open.dev.jsonl"
-        ],
-        "file": "NQ-open.dev.jsonl",
-        "format": "nq-open",
-    },
-    "hotpotqa-dev-distractor": {
-        "urls": ["http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_distractor_v1.json"],
-        "file": "hotpot_dev_distractor_v1.json",
-        "format": "hotpotqa",
-    },
-    "hotpotqa-dev-fullwiki": {
-        "urls": ["http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_fullwiki_v1.json"],
-        "file": "hotpot_dev_fullwiki_v1.json",
-        "format": "hotpotqa",
-    },
-    "msmarco-qna-v2.1-dev": {
-        "urls": ["https://msmarco.z22.web.core.windows.net/msmarco/dev_v2.1.json.gz"],
-        "file": "dev_v2.1.json.gz",
-        "format": "msmarco-qna",
-    },
-    "dpr-nq-dev": {
-        "urls": ["https://dl.fbaipublicfiles.com/dpr/data/retriever/nq-dev.qa.csv"],
-        "file": "nq-dev.qa.csv",
-        "format": "dpr-qa",
-    },
-    # NQ-open test, 3,610 questions (the paper's 2,255 NQ questions cannot be identified from public files)
-    "dpr-nq-test": {
-        "urls": ["https://dl.fbaipublicfiles.com/dpr/data/retriever/nq-test.qa.csv"],
-        "file": "nq-test.qa.csv",
-        "format": "dpr-qa",
-    },
-    "dpr-wiki-passages": {
-        "urls": ["https://dl.fbaipublicfiles.com/dpr/wikipedia_split/psgs_w100.tsv.gz"],
-        "file": "psgs_w100.tsv.gz",
-        "format": "dpr-passages",
-    },
-}
-
-
 def _file_names(published: str) -> list[str]:
     base = published[: -len(".gz")] if published.endswith(".gz") else published
     return [published, base if published.endswith(".gz") else f"{base}.gz"]
 
 
-def _download(url: str, target: str) -> str:
-    """One official file, written aside and renamed into place (a cut download never looks complete)."""
-    import shutil
-    import urllib.error
-    import urllib.request
-
-    from utilrag.logs import get_logger
-
-    get_logger("ingest").info(f"download {url}")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    partial = target + ".part"
-    try:
-        with urllib.request.urlopen(url, timeout=60) as resp, open(partial, "wb") as out:
-            shutil.copyfileobj(resp, out, 1 << 20)
-    except (urllib.error.URLError, OSError) as e:
-        raise QADataError(f"download of {url} failed ({e}); put the file at {target}") from None
-    os.replace(partial, target)
-    return target
-
-
 def resolve_qa(
     name_or_path: str | os.PathLike, data_root: str | os.PathLike | None, allow_download: bool = False
 ) -> str:
-    """The local file of a registered set under ``<data_root>/<name>/`` (fetched from its official URL
-    when missing and allowed), or an existing path as given."""
+    """The local file of a registered QA set (``kind: qa`` in data/registry.py) under
+    ``<data_root>/<name>/`` (fetched from its official URL when missing and allowed), or an existing
+    path as given."""
+    from pathlib import Path
+
+    from utilrag.data.registry import REGISTRY, download
+
     name_or_path = str(name_or_path)
-    entry = REGISTERED_QA.get(name_or_path)
-    if entry is None:
+    entry = REGISTRY.get(name_or_path)
+    if entry is None or entry.kind != "qa":
         if store.exists(name_or_path):
             return name_or_path
         raise QADataError(
-            f"{name_or_path}: neither an existing file nor a registered QA set ({', '.join(REGISTERED_QA)})"
+            f"{name_or_path}: neither an existing file nor a registered QA set ({', '.join(registered_qa())})"
         )
     if not data_root:
         raise QADataError(f"{name_or_path}: a registered QA set needs a data root folder to look in")
     folder = store.join(str(data_root), name_or_path)
-    for name in _file_names(entry["file"]):
+    for name in _file_names(entry.qa_file):
         candidate = store.join(folder, name)
         if store.exists(candidate):
             return candidate
     if allow_download and not store.is_remote(folder):
-        return _download(entry["urls"][0], os.path.join(folder, entry["urls"][0].rsplit("/", 1)[-1]))
+        download(name_or_path, Path(folder))
+        return store.join(folder, entry.qa_file)
+    urls = " and ".join(url for url, _ in entry.downloads)
     raise QADataError(
-        f"{name_or_path}: {folder} has no {' or '.join(_file_names(entry['file']))}; "
-        f"download it from {' and '.join(entry['urls'])}"
+        f"{name_or_path}: {folder} has no {' or '.join(_file_names(entry.qa_file))}; download it from {urls}"
     )
+
+
+def registered_qa() -> list[str]:
+    from utilrag.data.registry import REGISTRY
+
+    return [name for name, reg in REGISTRY.items() if reg.kind == "qa"]

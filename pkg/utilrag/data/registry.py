@@ -24,6 +24,7 @@ BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{
 MSMARCO_TAR = "https://msmarco.z22.web.core.windows.net/msmarcoranking/collectionandqueries.tar.gz"
 DL19_QRELS = "https://trec.nist.gov/data/deep/2019qrels-pass.txt"
 DL19_QUERIES = "https://msmarco.z22.web.core.windows.net/msmarcoranking/msmarco-test2019-queries.tsv.gz"
+HOTPOTQA = "http://curtis.ml.cmu.edu/datasets/hotpot"
 DL20_QRELS = "https://trec.nist.gov/data/deep/2020qrels-pass.txt"
 DL20_QUERIES = "https://msmarco.z22.web.core.windows.net/msmarcoranking/msmarco-test2020-queries.tsv.gz"
 
@@ -48,6 +49,20 @@ class Registered:
     ignore_identical_ids: bool = False
     folder: str | None = None  # under data_root; null: the name (CQADupStack forums share one download)
     titles: bool = True  # passage titles kept (DatasetConfig.titles)
+    # ir: a corpus / queries / qrels layout (data/formats.py); qa: one question-answering file with
+    # answers, read by data/qa.py in ``qa_format`` (a published file, looked for as is or (un)gzipped)
+    kind: str = "ir"
+    qa_format: str = ""
+
+    @property
+    def qa_file(self) -> str:
+        return self.downloads[0][1]
+
+
+def _qa(url: str, fmt: str, file: str = "") -> Registered:
+    """A question-answering set: one official file under data_root/<name>/."""
+    file = file or url.rsplit("/", 1)[-1]
+    return Registered("qa", kind="qa", qa_format=fmt, downloads=[(url, file)], needs=f"{file} (or its .gz)")
 
 
 def _trec_dl(qrels_url: str, queries_url: str) -> Registered:
@@ -103,7 +118,29 @@ REGISTRY: dict[str, Registered] = {
         needs="*.jsonl[.gz] of {query_id, query, positive_passages, negative_passages} "
         "(the Tevatron/msmarco-passage train split)",
     ),
+    # QA sets for RAG (layout qa): questions, answers and, where the set has them, passages.
+    "squad-v1.1-dev": _qa("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json", "squad"),
+    "squad-v2.0-dev": _qa("https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v2.0.json", "squad"),
+    "nq-open-dev": _qa(
+        "https://raw.githubusercontent.com/google-research-datasets/natural-questions/master/nq_open/NQ-open.dev.jsonl",
+        "nq-open",
+    ),
+    "hotpotqa-dev-distractor": _qa(
+        "http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_distractor_v1.json", "hotpotqa"
+    ),
+    "hotpotqa-dev-fullwiki": _qa("http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_fullwiki_v1.json", "hotpotqa"),
+    "msmarco-qna-v2.1-dev": _qa("https://msmarco.z22.web.core.windows.net/msmarco/dev_v2.1.json.gz", "msmarco-qna"),
+    "dpr-nq-dev": _qa("https://dl.fbaipublicfiles.com/dpr/data/retriever/nq-dev.qa.csv", "dpr-qa"),
+    # NQ-open test, 3,610 questions (the paper's 2,255 NQ questions cannot be identified from public files)
+    "dpr-nq-test": _qa("https://dl.fbaipublicfiles.com/dpr/data/retriever/nq-test.qa.csv", "dpr-qa"),
+    "dpr-wiki-passages": _qa("https://dl.fbaipublicfiles.com/dpr/wikipedia_split/psgs_w100.tsv.gz", "dpr-passages"),
 }
+
+
+def kind(name: str) -> str | None:
+    """ir or qa for a registered name; None for any other."""
+    reg = REGISTRY.get(name)
+    return reg.kind if reg else None
 
 
 @dataclass

@@ -24,6 +24,7 @@ from utilrag.evaluate.significance import format_paired_tests, paired_tests
 from utilrag.plan import evaluate_runs
 from utilrag.stages import StageResult
 from utilrag.store import Store
+from utilrag.summaries import EvaluateSummary
 
 
 class EvaluateError(UtilragError):
@@ -244,8 +245,8 @@ def run_evaluation(cfg: PipelineConfig, runs: list[RunToEvaluate] | None = None)
         pacsv.write_csv(pa.Table.from_pylist(rows), out / "metrics.csv")
         pq.write_table(pa.Table.from_pylist(per_query_rows), out / "per_query.parquet")
         plot_metrics(rows, metrics, out / "metrics.png")
-    writer.commit(
-        runs=[r.model_dump() for r in runs],
+    summary = EvaluateSummary(
+        runs=[r.model_dump(mode="json") for r in runs],
         metrics=metrics,
         baseline=cfg.evaluate.baseline,
         settings_baseline=cfg.evaluate.settings_baseline if any(r.setting for r in runs) else None,
@@ -253,6 +254,7 @@ def run_evaluation(cfg: PipelineConfig, runs: list[RunToEvaluate] | None = None)
         results=rows,
         wall_time_s=round(time.time() - t0, 2),
     )
+    writer.commit(**summary.manifest())
     print(table, flush=True)
     return rows
 

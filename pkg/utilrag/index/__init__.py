@@ -31,6 +31,7 @@ from utilrag.logs import get_logger
 from utilrag.plan import index_targets
 from utilrag.stages import StageResult
 from utilrag.store import Committed, Store
+from utilrag.summaries import IndexSummary
 
 __all__ = ["run", "run_index", "ModelError", "ShardError"]
 
@@ -78,7 +79,7 @@ def encode_corpus(
         what=f"{dataset.name} corpus",
         dtype=compute_dtype(icfg),
     )
-    return writer.commit(encode=stats, config=settings), False
+    return writer.commit(**IndexSummary(encode=stats, config=settings).manifest()), False
 
 
 def precision_setting(icfg: IndexConfig) -> dict:
@@ -196,7 +197,7 @@ def build_or_load_index(
         files, icfg.index_type, icfg.nlist, icfg.pq_m, icfg.hnsw_m, expected_dim=embeddings["encode"]["dim"]
     )
     index.save(writer.path("shards"))
-    writer.commit(config=settings, shards=stats, wall_time_s=round(time.time() - t0, 2))
+    writer.commit(**IndexSummary(config=settings, shards=stats, wall_time_s=round(time.time() - t0, 2)).manifest())
     index.saved_to = writer.committed.path("shards") if writer.committed else index.saved_to
     for s in stats:
         log.info(f"{dataset}: shard {s['shard']}: {s['vectors']:,} vectors x {s['dim']}, {s['bytes'] / 2**20:.1f} MiB")
@@ -281,13 +282,14 @@ def run_index(cfg: PipelineConfig) -> list[tuple[str, bool]]:
                     run = dense_search_run(index, qids, queries, target.k or icfg.k, label)
                 write_table(run, writer.path("run.parquet"))
                 write_trec_run(run, writer.path("run.trec"))
-                writer.commit(
-                    target=target.model_dump(),
+                summary = IndexSummary(
+                    target=target.model_dump(mode="json"),
                     model=icfg.model,
                     index_type=None if target.rerank else icfg.index_type,
                     rows={"runs": run.num_rows, "queries": len(qids)},
                     wall_time_s=round(time.time() - t0, 2),
                 )
+                writer.commit(**summary.manifest())
                 log.info(
                     f"{target.dataset}/{target.split or 'all'}: run {label!r}: {len(qids):,} queries, "
                     f"{run.num_rows:,} results in {time.time() - t0:.1f}s -> {writer.folder}"

@@ -12,6 +12,7 @@ from utilrag.data.tables import fingerprint, write_table
 from utilrag.logs import get_logger
 from utilrag.stages import StageResult
 from utilrag.store import Store
+from utilrag.summaries import Bm25Summary
 
 log = get_logger("bm25")
 
@@ -37,11 +38,12 @@ def run_bm25(cfg: PipelineConfig, bcfg: BM25Config) -> tuple[str, bool]:
     write_table(run, writer.path("run.parquet"))
     write_trec_run(run, writer.path("run.trec"))
     wall = time.time() - t0
-    writer.commit(
+    summary = Bm25Summary(
         config=settings,
         rows={"runs": run.num_rows, "queries": len(qids), "corpus": corpus.num_rows},
         wall_time_s=round(wall, 2),
     )
+    writer.commit(**summary.manifest())
     log.info(
         f"{bcfg.dataset}/{bcfg.split}: {len(qids):,} queries over {corpus.num_rows:,} docs, "
         f"{run.num_rows:,} results in {wall:.1f}s"

@@ -36,6 +36,7 @@ from utilrag.rag.prompts import RAG_PROMPT_VERSION, generator_messages
 from utilrag.rag.qa_metrics import answer_recall, exact_match_score, f1_score, marco_evaluate
 from utilrag.stages import StageResult
 from utilrag.store import Store
+from utilrag.summaries import RagSummary
 
 log = get_logger("rag")
 
@@ -323,7 +324,7 @@ def run(cfg: PipelineConfig) -> StageResult:
     if tests:
         pq.write_table(pa.Table.from_pylist(tests), out / "significance.parquet")
     plot_f1(table, out / "f1.png")
-    writer.commit(results=table, generation=summary, wall_time_s=round(time.time() - t0, 2))
+    writer.commit(**RagSummary(results=table, generation=summary, wall_time_s=round(time.time() - t0, 2)).manifest())
     print(text, flush=True)
     return StageResult(
         "rag", [writer.folder, generate_dir], {"generations": requests.num_rows}, wall_s=time.time() - t0

@@ -28,6 +28,7 @@ from utilrag.logs import get_logger
 from utilrag.raycluster import node_selector
 from utilrag.stages import StageResult
 from utilrag.store import Store
+from utilrag.summaries import TrainSummary
 from utilrag.train.engine import (
     CheckpointClock,
     encoder_spec,
@@ -380,13 +381,14 @@ def run_train(cfg: PipelineConfig, tcfg: TrainConfig | None = None) -> tuple[str
             "output_dir must be shared storage (mounted on every node) or an object-store URI"
         )
     wall = time.time() - t0
-    writer.commit(
-        config=tcfg.model_dump(),
+    summary = TrainSummary(
+        config=tcfg.model_dump(mode="json"),
         model_path=model_path,
         phases=phases,
         checkpoint=str(result.checkpoint.path) if result.checkpoint else None,
         wall_time_s=round(wall, 2),
     )
+    writer.commit(**summary.manifest())
     # The groups repeat the texts per epoch (GBs at MS MARCO's scale) and only a resume reads them: a
     # committed run is reused, never resumed, so they go (checkpoints and the loss log stay).
     store.remove(data_location)
