@@ -39,7 +39,7 @@ def old_package(ref: str, folder: Path) -> Path:
 def config(path: Path, out: Path, model: str, queries: int, name: str, batch_size: int, max_tokens: int) -> Path:
     import yaml
 
-    from utilrag.config import REPO_ROOT
+    from utilrag.paths import REPO_ROOT
 
     section = {
         "model": model,

@@ -186,11 +186,12 @@ def main() -> None:
     import faiss
     import ray
 
-    from utilrag.config import DatasetConfig, IndexConfig, resolve_data_root
+    from utilrag.config import DatasetConfig, IndexConfig
     from utilrag.data import registry
     from utilrag.data.formats import parse_file
     from utilrag.index.encode import encode_table, read_embeddings, texts_for
     from utilrag.index.shards import ShardedIndex
+    from utilrag.paths import resolve_data_root
     from utilrag.raycluster import quiet_ray_data
 
     args.nlist = args.nlist or IndexConfig().nlist

@@ -3,7 +3,7 @@
     python scripts/gen_config_reference.py          # rewrite the table between the markers
     python scripts/gen_config_reference.py --check  # exit 1 if the table is stale
 
-The table is ``utilrag.config.config_reference()``, put between ``<!-- config-reference:start -->``
+The table is ``utilrag.config_reference.config_reference()``, put between ``<!-- config-reference:start -->``
 and ``<!-- config-reference:end -->`` in docs/configuration.md. Nothing else is written.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "pkg"))
 
-from utilrag.config import config_reference  # noqa: E402
+from utilrag.config_reference import config_reference  # noqa: E402
 
 PAGE = ROOT / "docs" / "configuration.md"
 START = "<!-- config-reference:start -->"

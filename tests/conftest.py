@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from readiness import NotReady, log_tail, wait_http, wait_until
-from utilrag.config import REPO_ROOT, load_config
+from utilrag.config import load_config
+from utilrag.paths import REPO_ROOT
 
 SHARED = REPO_ROOT.parent / "shared" / "datasets"
 

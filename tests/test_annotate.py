@@ -37,10 +37,12 @@ from utilrag.annotate.stages import (
     windows,
 )
 from utilrag.annotate.tiny import make_tiny_llm, qwen_tokenizer_dir
-from utilrag.config import REPO_ROOT, AnnotateConfig, AnnotateTarget
-
+from utilrag.config import AnnotateConfig, AnnotateTarget
 
 # --------------------------------------------------------------------------- prompts and parsing
+from utilrag.paths import REPO_ROOT
+
+
 def test_relsel_prompt_is_the_papers_multi_turn_chat():
     messages = prompts.relsel_messages("what is a cat", ["Cats purr.", "Dogs bark."])
     assert [m["role"] for m in messages] == ["user", "assistant"] * 4 + ["user"]

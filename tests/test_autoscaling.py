@@ -47,7 +47,7 @@ import yaml
 
 from conftest import free_port, ray_job_submit, start_ray_head, stop_cluster_group
 from utilrag.annotate.engine import AnnotateError
-from utilrag.config import REPO_ROOT
+from utilrag.paths import REPO_ROOT
 
 FAKE_CLUSTER = Path(__file__).parent / "data" / "fake-multinode.yaml"
 GPU_TYPE, CPU_TYPE, ACCELERATOR = "gpu-a100-80g-x8", "cpu-ingest", "A100-80G"

@@ -27,7 +27,8 @@ import jsonschema
 import pytest
 import yaml
 
-from utilrag.config import REPO_ROOT, AnnotateConfig, PipelineConfig, load_config
+from utilrag.config import AnnotateConfig, PipelineConfig, load_config
+from utilrag.paths import REPO_ROOT
 
 CLUSTER = REPO_ROOT / "cluster"
 AWS = CLUSTER / "aws-autoscaler.yaml"

@@ -4,15 +4,9 @@ import sys
 import pytest
 import yaml
 
-from utilrag.config import (
-    REPO_ROOT,
-    AnnotateConfig,
-    ConfigError,
-    PipelineConfig,
-    config_json_schema,
-    config_reference,
-    load_config,
-)
+from utilrag.config import AnnotateConfig, ConfigError, PipelineConfig, load_config
+from utilrag.config_reference import config_json_schema, config_reference
+from utilrag.paths import REPO_ROOT
 from utilrag.plan import evaluate_runs, index_targets, make_plan
 
 LOCAL = REPO_ROOT / "jobs" / "configs" / "local.yaml"
@@ -175,7 +169,7 @@ def test_the_configuration_reference_is_generated():
 
 
 def test_a_data_root_uri_stays_a_uri(monkeypatch, tmp_path):
-    from utilrag.config import resolve_data_root
+    from utilrag.paths import resolve_data_root
 
     assert resolve_data_root("s3://bucket/datasets/") == "s3://bucket/datasets"
     assert resolve_data_root("gs://bucket/d") == "gs://bucket/d"

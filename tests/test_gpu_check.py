@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from utilrag.config import REPO_ROOT
+from utilrag.paths import REPO_ROOT
 
 
 @pytest.mark.slow

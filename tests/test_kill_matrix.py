@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from conftest import TINY_TRAIN, start_ray_head, stop_cluster, wait_paused
-from utilrag.config import REPO_ROOT
+from utilrag.paths import REPO_ROOT
 from utilrag.store import Store, read_manifest
 
 POINTS = ("begin", "commit", "manifest")

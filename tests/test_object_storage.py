@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from conftest import S3_BUCKET, S3_SECRET, TINY_TRAIN, start_ray_head, stop_cluster, wait_paused
-from utilrag.config import REPO_ROOT
+from utilrag.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -54,7 +54,7 @@ def _upload(args) -> None:
 
 
 def _config(args) -> None:
-    from utilrag.config import config_json_schema, config_reference
+    from utilrag.config_reference import config_json_schema, config_reference
 
     print(json.dumps(config_json_schema(), indent=2) if args.schema else config_reference())
 

@@ -46,7 +46,7 @@ def start_run_log(output_dir: str, command: str) -> str:
     import os
 
     from utilrag import store
-    from utilrag.config import cache_dir
+    from utilrag.paths import cache_dir
 
     folder = (
         os.path.join(cache_dir(), "logs", store.slug(output_dir))

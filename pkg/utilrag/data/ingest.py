@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from utilrag import store
-from utilrag.config import DatasetConfig, IngestConfig, PipelineConfig, resolve_data_root
+from utilrag.config import DatasetConfig, IngestConfig, PipelineConfig
 from utilrag.data import registry
 from utilrag.data.formats import parse_file
 from utilrag.data.plain import fingerprint_text
@@ -25,6 +25,7 @@ from utilrag.data.qa import read_qa, resolve_qa
 from utilrag.data.tables import REJECTS_SCHEMA, SCHEMAS, ParquetParts, fingerprint, write_table
 from utilrag.errors import UtilragError
 from utilrag.logs import get_logger
+from utilrag.paths import resolve_data_root
 from utilrag.stages import StageResult
 from utilrag.store import Store
 from utilrag.summaries import IngestSummary
