@@ -55,6 +55,7 @@ def rag_cfg(tmp_path_factory, shared_datasets, ray_local):
                 "engine": {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "kv_cache_gib": 1},
                 "scale": {"batch_size": 8},
                 "permutations": 200,
+                "bertscore": {"model": "sentence-transformers/all-MiniLM-L6-v2", "num_layers": 6},
             },
         }
     )
@@ -76,7 +77,7 @@ def test_rag_end_to_end_on_squad(rag_cfg, capsys):
     run_bm25(rag_cfg, rag_cfg.bm25[0])  # SQuAD's questions over the copy's passages
     run(rag_cfg)
     printed = capsys.readouterr().out
-    assert "| retriever | k | recall@k | answer recall@k | EM | F1 | ROUGE-L | BLEU-3 | BLEU-4 | n |" in printed
+    assert "| EM | F1 | ROUGE-L | BLEU-3 | BLEU-4 | BERTScore | n |" in printed
 
     report = store.require(Store(rag_cfg.output_dir).rag("squad-v1.1-dev", "report"), "report")
     results = json.loads(Path(report.path("results.json")).read_text())
@@ -92,6 +93,7 @@ def test_rag_end_to_end_on_squad(rag_cfg, capsys):
     assert by_row[("oracle", 1)]["recall@k"] == 100.0  # the QA set's own gold paragraph
     assert by_row[("oracle", 1)]["answer_recall@k"] == 100.0  # SQuAD answers are spans of their paragraph
     assert by_row[("bm25s", 3)]["bleu_3"] is not None
+    assert all(0 < r["bertscore"] <= 100 for r in results)  # the packaged MiniLM, layer 6
 
     # Answer recall@k recomputed from the BM25 run over the copy and the copy's texts, same 6 questions.
     from utilrag.data.dataset import open_dataset

@@ -361,3 +361,37 @@ def test_rag_scores_recall_against_the_gold_ids_only_on_the_qa_sets_own_passages
     other = score(questions, rows, generated, [texts, texts], same_ids=False)
     assert [r["recall"] for r in other] == [None, None, 1.0, 1.0]
     assert [r["answer_recall"] for r in other] == [r["answer_recall"] for r in own]
+
+
+# --------------------------------------------------------------------------- BERTScore
+MINILM = {"model": "sentence-transformers/all-MiniLM-L6-v2", "num_layers": 6}
+
+
+def test_bert_score_takes_the_best_reference_and_averages_over_answered_questions():
+    from utilrag.rag.qa_metrics import bert_score_f1
+
+    same = bert_score_f1({"q": ["the cat sat on the mat"]}, {"q": "the cat sat on the mat"}, **MINILM)
+    assert same == pytest.approx(1.0, abs=1e-4)
+    good = bert_score_f1({"q": ["Denver Broncos"]}, {"q": "the Broncos"}, **MINILM)
+    bad = bert_score_f1({"q": ["a recipe for pancakes"]}, {"q": "the Broncos"}, **MINILM)
+    assert good is not None and bad is not None and good > bad
+    # the best-matching reference counts, whatever the others
+    both = bert_score_f1({"q": ["a recipe for pancakes", "Denver Broncos"]}, {"q": "the Broncos"}, **MINILM)
+    assert both == pytest.approx(good, abs=1e-6)
+    # a question without a reference is left out of the mean; none at all: None
+    mean = bert_score_f1(
+        {"a": ["the cat sat on the mat"], "b": ["Denver Broncos"], "c": []},
+        {"a": "the cat sat on the mat", "b": "the Broncos", "c": "anything"},
+        **MINILM,
+    )
+    assert mean == pytest.approx((same + good) / 2, abs=1e-4)
+    assert bert_score_f1({"c": []}, {"c": "anything"}, **MINILM) is None
+
+
+def test_bert_score_config_names_the_missing_layer():
+    from utilrag.config import BertScoreConfig, bert_score_layers
+
+    assert bert_score_layers()["roberta-large"] == 17  # read from bert-score's own table, without importing it
+    assert BertScoreConfig().model == "roberta-large"  # bert-score's English default: its layer is known
+    with pytest.raises(ValueError, match="set rag.bertscore.num_layers"):
+        BertScoreConfig(model="sentence-transformers/all-MiniLM-L6-v2")

@@ -700,6 +700,44 @@ class RagRetriever(Strict):
     label: str | None = Field(None, description="the row's name in the report; null: the run's name")
 
 
+def bert_score_layers() -> dict[str, int]:
+    """bert-score's table of the models it knows and the layer it uses for each (``model2layers``), read
+    from its source: importing the package loads torch and transformers (seconds), too slow for a config."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("bert_score")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    source = Path(spec.submodule_search_locations[0], "utils.py").read_text(encoding="utf-8")
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "model2layers" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return {}
+
+
+class BertScoreConfig(Strict):
+    """BERTScore of the answers against their references (Zhang et al. 2020, the bert-score package):
+    the paper reports it for MS MARCO QA (rag-msmarco-qa)."""
+
+    model: str = Field(
+        "roberta-large",
+        description="the encoder: a name bert-score knows (roberta-large: its English default, downloaded by name), "
+        "or any local, packaged or hub encoder with num_layers",
+    )
+    num_layers: int | None = Field(
+        None, ge=1, description="the layer whose token embeddings are matched; null: bert-score's for a known model"
+    )
+    batch_size: int = Field(64, ge=1, description="answers per forward pass")
+
+    @model_validator(mode="after")
+    def _layers_known(self) -> BertScoreConfig:
+        if self.num_layers is None:
+            if self.model not in bert_score_layers():
+                raise ValueError(f"model {self.model!r} is not one bert-score knows: set rag.bertscore.num_layers")
+        return self
+
+
 class RagConfig(Strict):
     """RAG evaluation (docs/method.md §5): retrieve top-k, generate with vLLM, score the answers."""
 
@@ -723,6 +761,7 @@ class RagConfig(Strict):
         "closed-book", description="the row the others are tested against (paired tests on F1); null: none"
     )
     permutations: int = Field(10_000, ge=100, description="randomisation test samples")
+    bertscore: BertScoreConfig | None = Field(None, description="BERTScore of the answers too; null: not computed")
     model: str = Field(description="generator: HF folder, hub name, or a packaged model")
     sampling: Sampling = Field(Sampling(answer_max_tokens=64), description="decoding (greedy by default, as the paper)")
     engine: AnnotateEngine = Field(AnnotateEngine(), description="the vLLM engine replicas")

@@ -25,7 +25,7 @@ from utilrag.annotate.engine import check_model, resolve_llm
 from utilrag.annotate.prompts import cut_words
 from utilrag.annotate.runner import run_stage
 from utilrag.annotate.stages import REQUEST_SCHEMA
-from utilrag.config import AnnotateConfig, PipelineConfig, RagConfig, RunToEvaluate
+from utilrag.config import AnnotateConfig, BertScoreConfig, PipelineConfig, RagConfig, RunToEvaluate
 from utilrag.data.dataset import Dataset, open_dataset
 from utilrag.data.tables import fingerprint
 from utilrag.errors import UtilragError
@@ -33,7 +33,7 @@ from utilrag.evaluate import load_run
 from utilrag.evaluate.significance import format_paired_tests, paired_tests
 from utilrag.logs import get_logger
 from utilrag.rag.prompts import RAG_PROMPT_VERSION, generator_messages
-from utilrag.rag.qa_metrics import answer_recall, exact_match_score, f1_score, marco_evaluate
+from utilrag.rag.qa_metrics import answer_recall, bert_score_f1, exact_match_score, f1_score, marco_evaluate
 from utilrag.stages import StageResult
 from utilrag.store import Store
 from utilrag.summaries import RagSummary
@@ -182,9 +182,11 @@ def _percent(records: list[dict], key: str) -> float | None:
     return 100 * sum(values) / len(values) if values else None
 
 
-def summarise(records: list[dict], rows: list[dict], answers: dict[str, list[str]]) -> list[dict]:
-    """One line per row: means in percent, and ROUGE-L / BLEU-4 as MS MARCO QnA scores them (the
-    paper's MS MARCO QA metrics; corpus-level, over the questions that have an answer)."""
+def summarise(
+    records: list[dict], rows: list[dict], answers: dict[str, list[str]], bertscore: BertScoreConfig | None = None
+) -> list[dict]:
+    """One line per row: means in percent, ROUGE-L / BLEU-3 / BLEU-4 as MS MARCO QnA scores them and,
+    when configured, BERTScore F1 (the paper's MS MARCO QA metrics; over the questions that have an answer)."""
     table = []
     for row in rows:
         mine = [r for r in records if r["label"] == row["label"] and r["k"] == row["k"]]
@@ -198,10 +200,19 @@ def summarise(records: list[dict], rows: list[dict], answers: dict[str, list[str
                 "rouge_l": 100 * marco["rouge_l"] if marco else None,
                 "bleu_3": 100 * marco["bleu_3"] if marco else None,
                 "bleu_4": 100 * marco["bleu_4"] if marco else None,
+                "bertscore": _bertscore(refs, mine, bertscore),
                 "n": len(mine),
             }
         )
     return table
+
+
+def _bertscore(refs: dict[str, list[str]], mine: list[dict], bcfg: BertScoreConfig | None) -> float | None:
+    if bcfg is None or not any(refs.values()):
+        return None
+    predictions = {r["query_id"]: r["prediction"] for r in mine}
+    f1 = bert_score_f1(refs, predictions, bcfg.model, bcfg.num_layers, bcfg.batch_size)
+    return None if f1 is None else 100 * f1
 
 
 def format_results(table: list[dict]) -> str:
@@ -209,14 +220,14 @@ def format_results(table: list[dict]) -> str:
         return "–" if v is None else f"{v:.1f}"
 
     lines = [
-        "| retriever | k | recall@k | answer recall@k | EM | F1 | ROUGE-L | BLEU-3 | BLEU-4 | n |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| retriever | k | recall@k | answer recall@k | EM | F1 | ROUGE-L | BLEU-3 | BLEU-4 | BERTScore | n |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table:
         lines.append(
             f"| {r['retriever']} | {r['k']} | {cell(r['recall@k'])} | {cell(r['answer_recall@k'])} | "
             f"{cell(r['exact_match'])} | {cell(r['f1'])} | {cell(r['rouge_l'])} | {cell(r.get('bleu_3'))} | "
-            f"{cell(r['bleu_4'])} | {r['n']} |"
+            f"{cell(r['bleu_4'])} | {cell(r.get('bertscore'))} | {r['n']} |"
         )
     return "\n".join(lines)
 
@@ -308,7 +319,7 @@ def run(cfg: PipelineConfig) -> StageResult:
 
     records = score(questions, rows, generated, passages, same_ids=corpus is dataset)
     answers = dict(zip(questions.column("query_id").to_pylist(), questions.column("answers").to_pylist()))
-    table = summarise(records, rows, answers)
+    table = summarise(records, rows, answers, rcfg.bertscore)
     tests = significance(records, rows, rcfg)
     text = format_results(table)
     if tests:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
@@ -214,6 +215,34 @@ def marco_evaluate(references: Mapping[str, Sequence[str]], candidates: Mapping[
 
 
 # --------------------------------------------------------------------------- retrieval
+@functools.cache
+def _bert_scorer(model: str, num_layers: int | None, batch_size: int):
+    from bert_score import BERTScorer
+
+    from utilrag.encoder_spec import resolve_model
+
+    # A model bert-score knows is passed by name (it picks the layer); any other by its local folder.
+    location = model if num_layers is None else resolve_model(model)
+    return BERTScorer(model_type=location, num_layers=num_layers, batch_size=batch_size, idf=False)
+
+
+def bert_score_f1(
+    references: Mapping[str, Sequence[str]],
+    candidates: Mapping[str, str],
+    model: str,
+    num_layers: int | None = None,
+    batch_size: int = 64,
+) -> float | None:
+    """BERTScore F1 (bert-score, no idf weighting, no baseline rescaling): each answer against its
+    references (the best-matching one), mean over the questions that have a reference; None if none."""
+    qids = [q for q in candidates if references.get(q)]
+    if not qids:
+        return None
+    scorer = _bert_scorer(model, num_layers, batch_size)
+    _, _, f1 = scorer.score([candidates[q] for q in qids], [list(references[q]) for q in qids])
+    return float(f1.mean())
+
+
 def answer_recall(passages: Sequence[str], answers: Sequence[str]) -> bool:
     """True when some gold answer occurs in some passage. DPR's "has answer" convention (the answer's
     tokens appear as a contiguous run of the passage's tokens), with SQuAD normalisation in place of

@@ -328,6 +328,9 @@ def training(root: str, data: dict, pictures: dict[str, Picture]) -> list[Block]
     return blocks + images
 
 
+RAG_SCORES = ("recall@k", "answer_recall@k", "exact_match", "f1", "rouge_l", "bleu_3", "bleu_4", "bertscore")
+
+
 def rag(root: str, data: dict, pictures: dict[str, Picture]) -> list[Block]:
     blocks: list[Block] = [Heading("RAG")]
     if not data["ran"]:
@@ -337,17 +340,26 @@ def rag(root: str, data: dict, pictures: dict[str, Picture]) -> list[Block]:
         blocks.append(Para("Scores in percent; k: passages given to the generator (0: closed book)."))
         blocks.append(
             Table(
-                ["retriever", "k", "recall@k", "answer recall@k", "EM", "F1", "ROUGE-L", "BLEU-3", "BLEU-4", "n"],
+                [
+                    "retriever",
+                    "k",
+                    "recall@k",
+                    "answer recall@k",
+                    "EM",
+                    "F1",
+                    "ROUGE-L",
+                    "BLEU-3",
+                    "BLEU-4",
+                    "BERTScore",
+                    "n",
+                ],
                 [
                     [str(r.get("retriever")), str(r.get("k"))]
-                    + [
-                        _num(r.get(key), 1)
-                        for key in ("recall@k", "answer_recall@k", "exact_match", "f1", "rouge_l", "bleu_3", "bleu_4")
-                    ]
+                    + [_num(r.get(key), 1) for key in RAG_SCORES]
                     + [_int(r.get("n"))]
                     for r in d["results"]
                 ],
-                set(range(1, 10)),
+                set(range(1, 11)),
             )
         )
         blocks += _image(pictures, f"rag-{d['dataset']}-f1")
