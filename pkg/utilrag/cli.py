@@ -158,9 +158,10 @@ def _dispatch(args) -> None:
         from utilrag.raycluster import copy_worker_logs, forward_worker_output, worker_logs_location
 
         log = get_logger(args.command)
-        workers = None if forward_worker_output() else copy_worker_logs(log_file.removesuffix(".log") + "-workers")
         log.info(f"log: {log_file}")
-        if not forward_worker_output():
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized() and not forward_worker_output():  # Ray was started or joined
+            workers = copy_worker_logs(log_file.removesuffix(".log") + "-workers")
             log.info(f"workers' output (vLLM, Ray Train, Ray Data): {workers or worker_logs_location()}")
 
 

@@ -57,7 +57,7 @@ def start_run_log(output_dir: str, command: str) -> str:
     path = os.path.join(folder, f"{time.strftime('%Y%m%d-%H%M%S')}-{command}.log")
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    handler.setLevel(logging.DEBUG)
+    handler.setLevel(logging.INFO)
     logging.getLogger(ROOT).addHandler(handler)  # ours (they do not propagate: the console has them once)
     logging.getLogger().addHandler(handler)  # the root logger: other libraries' warnings (its level: WARNING)
     logging.captureWarnings(True)  # warnings.warn(...) -> the "py.warnings" logger -> this file
