@@ -386,6 +386,11 @@ def test_bert_score_takes_the_best_reference_and_averages_over_answered_question
     )
     assert mean == pytest.approx((same + good) / 2, abs=1e-4)
     assert bert_score_f1({"c": []}, {"c": "anything"}, **MINILM) is None
+    # an empty answer scores 0 (bert-score's rule), and counts in the mean
+    with_empty = bert_score_f1(
+        {"a": ["the cat sat on the mat"], "d": ["x y"]}, {"a": "the cat sat on the mat", "d": " "}, **MINILM
+    )
+    assert with_empty == pytest.approx(same / 2, abs=1e-4)
 
 
 def test_bert_score_config_names_the_missing_layer():

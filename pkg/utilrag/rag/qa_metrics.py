@@ -234,13 +234,20 @@ def bert_score_f1(
     batch_size: int = 64,
 ) -> float | None:
     """BERTScore F1 (bert-score, no idf weighting, no baseline rescaling): each answer against its
-    references (the best-matching one), mean over the questions that have a reference; None if none."""
-    qids = [q for q in candidates if references.get(q)]
+    references (the best-matching one), mean over the questions that have a reference; None if none.
+    An empty answer scores 0, as bert-score sets it (and is not encoded: bert-score's empty-input path
+    needs a tokenizer method transformers 5 removed)."""
+    refs = {q: [r for r in references.get(q) or [] if r.strip()] for q in candidates}
+    qids = [q for q in candidates if refs[q]]
     if not qids:
         return None
-    scorer = _bert_scorer(model, num_layers, batch_size)
-    _, _, f1 = scorer.score([candidates[q] for q in qids], [list(references[q]) for q in qids])
-    return float(f1.mean())
+    said = [q for q in qids if candidates[q].strip()]
+    total = 0.0
+    if said:
+        scorer = _bert_scorer(model, num_layers, batch_size)
+        _, _, f1 = scorer.score([candidates[q] for q in said], [refs[q] for q in said])
+        total = float(f1.sum())
+    return total / len(qids)
 
 
 def answer_recall(passages: Sequence[str], answers: Sequence[str]) -> bool:
