@@ -481,3 +481,11 @@ def test_detection_ignores_the_name(tmp_path):
     assert detect_format(path) == "nq-open"
     pretty = write(tmp_path / "squad-pretty.txt", json.dumps(squad_doc("2.0"), indent=2))
     assert detect_format(pretty) == "squad"
+
+
+def test_question_ids_with_whitespace_are_rejects(tmp_path):
+    """Query ids go into TREC runs and qrels, which split on whitespace: such an id is a reject, named."""
+    lines = ['{"id": "a b", "question": "q?", "answer": ["x"]}', '{"id": "c", "question": "q?", "answer": ["y"]}']
+    d = read_qa(write(tmp_path / "nq.jsonl", "\n".join(lines) + "\n"))
+    assert reasons(d) == [(1, "id 'a b' contains whitespace")]
+    assert d.qa.column("query_id").to_pylist() == ["c"]

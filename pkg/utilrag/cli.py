@@ -149,9 +149,10 @@ def _dispatch(args) -> None:
         _read_only(cfg, args)
         return
     _check_output_dir(str(cfg.output_dir))  # every command that writes
-    from utilrag.logs import get_logger, start_run_log
+    from utilrag.logs import get_logger, start_run_log, stop_run_log
 
-    log_file = start_run_log(str(cfg.output_dir), args.command)
+    handler = start_run_log(str(cfg.output_dir), args.command)
+    log_file = handler.baseFilename
     try:
         _write(cfg, args)
     finally:  # named on success and on failure: the warnings and workers' output that explain it
@@ -163,6 +164,7 @@ def _dispatch(args) -> None:
         if ray is not None and ray.is_initialized() and not forward_worker_output():  # Ray was started or joined
             workers = copy_worker_logs(log_file.removesuffix(".log") + "-workers")
             log.info(f"workers' output (vLLM, Ray Train, Ray Data): {workers or worker_logs_location()}")
+        stop_run_log(handler)
 
 
 def _read_only(cfg, args) -> None:

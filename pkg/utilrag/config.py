@@ -708,7 +708,7 @@ def bert_score_layers() -> dict[str, int]:
 
     spec = importlib.util.find_spec("bert_score")
     if spec is None or not spec.submodule_search_locations:
-        return {}
+        raise ValueError("rag.bertscore needs the bert-score package (pip install bert-score; in both locks)")
     source = Path(spec.submodule_search_locations[0], "utils.py").read_text(encoding="utf-8")
     for node in ast.parse(source).body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "model2layers" for t in node.targets):

@@ -38,16 +38,18 @@ def setup_logging(level: str | int = "INFO") -> None:
     root.setLevel(level.upper() if isinstance(level, str) else level)
 
 
-def start_run_log(output_dir: str, command: str) -> str:
+def start_run_log(output_dir: str, command: str) -> logging.FileHandler:
     """This command's log file: every ``[stage]`` line with its time, and the warnings of the libraries
     this process loads (Python warnings, other loggers at WARNING and above), which then stay off the
     console. Under ``<output_dir>/logs/`` for a local run directory, else (object storage) under the
-    local cache ``$UTILRAG_CACHE/logs/<run directory>/``. Returns its path (named at the end of a run)."""
+    local cache ``$UTILRAG_CACHE/logs/<run directory>/``. Returns its handler (``baseFilename``: the path,
+    named at the end of a run); ``stop_run_log`` closes it."""
     import os
 
     from utilrag import store
     from utilrag.paths import cache_dir
 
+    output_dir = store.normalize(output_dir)  # ~ expanded, as the stages write it
     folder = (
         os.path.join(cache_dir(), "logs", store.slug(output_dir))
         if store.is_remote(output_dir)
@@ -61,7 +63,15 @@ def start_run_log(output_dir: str, command: str) -> str:
     logging.getLogger(ROOT).addHandler(handler)  # ours (they do not propagate: the console has them once)
     logging.getLogger().addHandler(handler)  # the root logger: other libraries' warnings (its level: WARNING)
     logging.captureWarnings(True)  # warnings.warn(...) -> the "py.warnings" logger -> this file
-    return path
+    return handler
+
+
+def stop_run_log(handler: logging.FileHandler) -> None:
+    """The command's log file closed; a later command in this process writes its own."""
+    for logger in (logging.getLogger(ROOT), logging.getLogger()):
+        logger.removeHandler(handler)
+    logging.captureWarnings(False)
+    handler.close()
 
 
 def get_logger(stage: str) -> logging.Logger:

@@ -140,10 +140,12 @@ def copy_worker_logs(dest: str) -> str | None:
     try:
         source = worker_logs_location()
         files = [f for pattern in ("worker-*.out", "worker-*.err") for f in glob.glob(os.path.join(source, pattern))]
+        files = [f for f in files if os.path.getsize(f)]
+        if not files:
+            return None
         os.makedirs(dest, exist_ok=True)
         for f in files:
-            if os.path.getsize(f):
-                shutil.copy2(f, dest)
+            shutil.copy2(f, dest)
     except OSError:  # only logs: the run's outputs are committed already
         return None
     return dest

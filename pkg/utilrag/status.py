@@ -13,6 +13,8 @@ from __future__ import annotations
 import posixpath
 from dataclasses import asdict, dataclass, field
 
+from pydantic import ValidationError
+
 from utilrag import lease, store
 from utilrag.config import PipelineConfig
 from utilrag.pipeline import select_stages
@@ -74,7 +76,11 @@ def folder_state(root: str, stage: str, rel: str, in_config: bool = True) -> Fol
             alive, why = lease.holder_state(record)
             who = lease.describe(record)
             state, detail = ("running", f"{who}, {why}") if alive == "alive" else ("interrupted", f"{who}: {why}")
-    summary = get_stage(stage).summary.of(manifest)
+    try:
+        summary = get_stage(stage).summary.of(manifest)
+    except ValidationError as e:  # hand-edited, or written by other code
+        summary = StageSummary()
+        detail = f"manifest not readable as a {stage} summary ({e.errors()[0]['loc']})"
     if state == "failed":
         detail = _failure(summary)
     return FolderState(

@@ -33,7 +33,14 @@ from utilrag.evaluate import load_run
 from utilrag.evaluate.significance import format_paired_tests, paired_tests
 from utilrag.logs import get_logger
 from utilrag.rag.prompts import RAG_PROMPT_VERSION, generator_messages
-from utilrag.rag.qa_metrics import answer_recall, bert_score_f1, exact_match_score, f1_score, marco_evaluate
+from utilrag.rag.qa_metrics import (
+    answer_recall,
+    bert_score_f1,
+    bert_scorer,
+    exact_match_score,
+    f1_score,
+    marco_evaluate,
+)
 from utilrag.stages import StageResult
 from utilrag.store import Store
 from utilrag.summaries import RagSummary
@@ -281,6 +288,8 @@ def run(cfg: PipelineConfig) -> StageResult:
         raise RagError(f"rag: dataset {rcfg.dataset!r} has no qa table; ingest it with layout: qa")
     model_path = resolve_llm(rcfg.model)
     check_model(model_path, rcfg.engine.use_gpu)
+    if rcfg.bertscore is not None:  # loaded before the generations: a model that cannot load fails first
+        bert_scorer(rcfg.bertscore.model, rcfg.bertscore.num_layers, rcfg.bertscore.batch_size)
     questions = sample_questions(dataset.table("qa"), rcfg)
     corpus = open_dataset(cfg, rcfg.corpus) if rcfg.corpus and rcfg.corpus != rcfg.dataset else dataset
     rows = settings(cfg, dataset, questions)

@@ -216,14 +216,20 @@ def marco_evaluate(references: Mapping[str, Sequence[str]], candidates: Mapping[
 
 # --------------------------------------------------------------------------- retrieval
 @functools.cache
-def _bert_scorer(model: str, num_layers: int | None, batch_size: int):
+def bert_scorer(model: str, num_layers: int | None, batch_size: int):
+    """bert-score's scorer, loaded once per process; a model that cannot be loaded is one QAMetricError."""
     from bert_score import BERTScorer
 
     from utilrag.encoder_spec import resolve_model
 
     # A model bert-score knows is passed by name (it picks the layer); any other by its local folder.
-    location = model if num_layers is None else resolve_model(model)
-    return BERTScorer(model_type=location, num_layers=num_layers, batch_size=batch_size, idf=False)
+    try:
+        location = model if num_layers is None else resolve_model(model)
+        return BERTScorer(model_type=location, num_layers=num_layers, batch_size=batch_size, idf=False)
+    except (OSError, ValueError, AssertionError, IndexError) as e:
+        raise QAMetricError(
+            f"rag.bertscore: model {model!r} (layer {num_layers or 'default'}) not loaded: {e}"
+        ) from None
 
 
 def bert_score_f1(
@@ -244,7 +250,7 @@ def bert_score_f1(
     said = [q for q in qids if candidates[q].strip()]
     total = 0.0
     if said:
-        scorer = _bert_scorer(model, num_layers, batch_size)
+        scorer = bert_scorer(model, num_layers, batch_size)
         _, _, f1 = scorer.score([candidates[q] for q in said], [refs[q] for q in said])
         total = float(f1.sum())
     return total / len(qids)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
 from utilrag import store
 from utilrag.config import PipelineConfig
@@ -114,9 +115,14 @@ def discover(root: str) -> list[Found]:
             if store.read_manifest(location) is None:
                 continue
             try:
-                found.append(Found(stage, rel, store.require(location, rel)))
+                committed = store.require(location, rel)
+                get_stage(stage).summary.of(committed)  # readable as its stage's summary, or left out
+                found.append(Found(stage, rel, committed))
             except UtilragError as e:
                 found.append(Found(stage, rel, None, str(e)))
+            except ValidationError as e:  # hand-edited, or written by other code: shown as not readable
+                why = f"{rel}: manifest not readable as a {stage} summary ({e.errors()[0]['loc']})"
+                found.append(Found(stage, rel, None, why))
     return found
 
 
