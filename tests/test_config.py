@@ -233,6 +233,7 @@ def test_train_settings_are_runs_with_their_keys_changed():
             "train.settings=[{name: human}, {name: util, labels: utilsel, curriculum_human_percent: 20},"
             " {name: one, loss: single, positives: one}]",
             "index.trained_targets=[{dataset: scifact, split: test}, {dataset: trec-dl-2019, rerank: bm25}]",
+            "index.targets=[{dataset: scifact, split: test, label: minilm}]",  # none naming a trained model
         ],
     )
     human, util, one = cfg.train.runs()

@@ -240,11 +240,13 @@ def _generate(
             if now - last >= acfg.scale.progress_every_s:
                 last = now
                 finished = sum(1 for q, n in queries_done.items() if n >= expected_per_query[q])
-                rate = finished / max(now - t0, 1e-9)
-                eta = f"ETA {clock((queries_total - finished) / rate)}" if rate > 0 else "ETA unknown"
+                # The rate and ETA go by requests: a question finishes only with its last row (k, retriever)
+                rate = new_rows / max(now - t0, 1e-9)
+                eta = f"ETA {clock((total - len(seen_keys)) / rate)}" if rate > 0 else "ETA unknown"
                 log.info(
-                    f"{label} {stage}: queries {finished:,}/{queries_total:,} ({rate:,.2f}/s, {eta}), requests "
-                    f"{len(seen_keys):,}/{total:,}, {tokens / max(now - (first_ready or t0), 1e-9):,.0f} tokens/s"
+                    f"{label} {stage}: requests {len(seen_keys):,}/{total:,} ({rate:,.2f}/s, {eta}), queries "
+                    f"{finished:,}/{queries_total:,} complete, "
+                    f"{tokens / max(now - (first_ready or t0), 1e-9):,.0f} tokens/s"
                 )
     except AnnotateError:
         raise
