@@ -9,6 +9,7 @@ Where things are on disk (the checkout, the data root, the cache): ``utilrag.pat
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -700,6 +701,7 @@ class RagRetriever(Strict):
     label: str | None = Field(None, description="the row's name in the report; null: the run's name")
 
 
+@functools.cache
 def bert_score_layers() -> dict[str, int]:
     """bert-score's table of the models it knows and the layer it uses for each (``model2layers``), read
     from its source: importing the package loads torch and transformers (seconds), too slow for a config."""

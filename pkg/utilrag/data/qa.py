@@ -22,12 +22,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from utilrag import store
 from utilrag.data.formats import RAW_CHARS, RowError, UnreadableFile, json_object, open_binary, row_id
+from utilrag.data.registry import REGISTRY, download
 from utilrag.data.tables import SCHEMAS
 from utilrag.errors import UtilragError
 
@@ -505,10 +507,6 @@ def resolve_qa(
     """The local file of a registered QA set (``kind: qa`` in data/registry.py) under
     ``<data_root>/<name>/`` (fetched from its official URL when missing and allowed), or an existing
     path as given."""
-    from pathlib import Path
-
-    from utilrag.data.registry import REGISTRY, download
-
     name_or_path = str(name_or_path)
     entry = REGISTRY.get(name_or_path)
     if entry is None or entry.kind != "qa":
@@ -534,6 +532,4 @@ def resolve_qa(
 
 
 def registered_qa() -> list[str]:
-    from utilrag.data.registry import REGISTRY
-
     return [name for name, reg in REGISTRY.items() if reg.kind == "qa"]

@@ -62,11 +62,7 @@ class Found:
     rel: str  # relative to the run directory, e.g. annotate/scifact-train
     committed: Committed | None
     why: str = ""
-
-    @property
-    def summary(self) -> StageSummary:
-        assert self.committed is not None
-        return get_stage(self.stage).summary.of(self.committed)
+    summary: StageSummary = field(default_factory=StageSummary)  # its stage's, read once by discover
 
 
 @dataclass
@@ -116,8 +112,7 @@ def discover(root: str) -> list[Found]:
                 continue
             try:
                 committed = store.require(location, rel)
-                get_stage(stage).summary.of(committed)  # readable as its stage's summary, or left out
-                found.append(Found(stage, rel, committed))
+                found.append(Found(stage, rel, committed, summary=get_stage(stage).summary.of(committed)))
             except UtilragError as e:
                 found.append(Found(stage, rel, None, str(e)))
             except ValidationError as e:  # hand-edited, or written by other code: shown as not readable
@@ -140,8 +135,8 @@ def _picture(pictures: dict[str, Picture], key: str, c: Committed, name: str, al
         pictures[key] = Picture(alt, store.slug(key) + ".png", data)
 
 
-def _committed(found: list[Found], stage: str) -> list[tuple[str, Committed]]:
-    return [(f.rel, f.committed) for f in found if f.stage == stage and f.committed is not None]
+def _committed(found: list[Found], stage: str) -> list[tuple[str, Committed, StageSummary]]:
+    return [(f.rel, f.committed, f.summary) for f in found if f.stage == stage and f.committed is not None]
 
 
 # --------------------------------------------------------------------------- annotator size
@@ -201,8 +196,8 @@ def retrieval(cfg: PipelineConfig, found: list[Found], pictures: dict[str, Pictu
     done = _committed(found, "evaluate")
     if not done:
         return {"ran": False}
-    _, c = done[0]
-    s = EvaluateSummary.of(c)
+    _, c, s = done[0]
+    assert isinstance(s, EvaluateSummary)
     rows = s.results
     metrics = s.metrics or [k for k in (rows[0] if rows else {}) if k not in ("label", "dataset", "split", "queries")]
     baseline = s.baseline if "baseline" in c.manifest else cfg.evaluate.baseline  # what evaluate tested against
@@ -252,7 +247,8 @@ def annotation(found: list[Found]) -> dict:
     if not done:
         return {"ran": False, "targets": []}
     targets = []
-    for rel, c in done:
+    for rel, c, summary in done:
+        assert isinstance(summary, AnnotateSummary)
         report = (store.read_json(c.path("report.json")) if c.has("report.json") else None) or {}
         model = str(report.get("model") or "unknown")
         targets.append(
@@ -264,7 +260,7 @@ def annotation(found: list[Found]) -> dict:
                 "agreement": report.get("agreement") or [],
                 "agreement_by_shown_position": report.get("agreement_by_shown_position") or [],
                 "graded_kappa": report.get("graded_kappa"),
-                "stages": report.get("stages") or AnnotateSummary.of(c).summaries,
+                "stages": report.get("stages") or summary.summaries,
             }
         )
     return {"ran": True, "targets": targets}
@@ -288,8 +284,8 @@ def training(found: list[Found], pictures: dict[str, Picture]) -> dict:
     if not done:
         return {"ran": False, "runs": []}
     runs: list[dict] = []
-    for rel, c in done:
-        s = TrainSummary.of(c)
+    for rel, c, s in done:
+        assert isinstance(s, TrainSummary)
         losses = _losses(c)
         tail = losses[-min(10, len(losses)) :] if losses else []
         name = rel.split("/", 1)[1]
@@ -312,13 +308,13 @@ def training(found: list[Found], pictures: dict[str, Picture]) -> dict:
 
 
 def rag(found: list[Found], pictures: dict[str, Picture]) -> dict:
-    done = [(rel, c) for rel, c in _committed(found, "rag") if rel.endswith("/report")]
+    done = [d for d in _committed(found, "rag") if d[0].endswith("/report")]
     if not done:
         return {"ran": False, "datasets": []}
     datasets = []
-    for rel, c in done:
+    for rel, c, s in done:
+        assert isinstance(s, RagSummary)
         dataset = rel.split("/")[1]
-        s = RagSummary.of(c)
         _picture(pictures, f"rag-{dataset}-f1", c, "f1.png", f"RAG F1 and EM of {dataset}")
         datasets.append({"folder": rel, "dataset": dataset, "results": s.results, "generation": s.generation})
     return {"ran": True, "datasets": datasets}
