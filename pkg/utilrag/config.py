@@ -221,6 +221,9 @@ class IndexTarget(Strict):
 # The annotation chain, in order, and the stage each stage's prompt builds on (UtilSel and UtilRank
 # read the pseudo-answer, which reads RelSel): the annotate stage runs it, the plan derives from it.
 ANNOTATION_STAGES = ["relsel", "answer", "utilsel", "utilrank", "graded"]
+# Also on the chain, but not an annotate.stages choice: the querygen stage's question writing (one
+# request per pool passage and prompt variant).
+QUESTION_STAGE = "question"
 ANNOTATION_NEEDS = {"answer": "relsel", "utilsel": "answer", "utilrank": "answer"}
 
 TRAINED_MODEL = "train:"  # IndexTarget.model prefix: a retriever fitted by the train stage in this run
@@ -546,6 +549,63 @@ class AnnotateConfig(Strict):
         }
 
 
+class QueryGenConfig(Strict):
+    """Questions written by an LLM for sampled passages, when a corpus has none (InPars / Promptagator
+    style, docs/method.md "Query generation"), on the annotation chain's runner (annotate.engine / scale)."""
+
+    dataset: str = Field(description="an ingested dataset (your own corpus): its passages are sampled")
+    model: str | None = Field(
+        None, description="the question-writing LLM; null: annotate.model (HF folder, hub name or packaged model)"
+    )
+    passages: int = Field(1000, ge=1, description="a seeded sample of this many passages gets questions")
+    per_passage: int = Field(
+        1, ge=1, le=3, description="questions per passage: each from another order of the few-shot examples"
+    )
+    heldout_percent: float = Field(
+        20.0,
+        ge=0,
+        lt=100,
+        description="documents (not passages) whose questions are evaluation queries (qrels split gen-test); the "
+        "others' are training queries (gen-train): no retriever is scored on questions from its training documents",
+    )
+    filter: Literal["bm25", "none"] = Field(
+        "bm25",
+        description="keep a question only when BM25 ranks its source passage in the top filter_k; none: keep all",
+    )
+    filter_k: int = Field(20, ge=1, description="the BM25 filter's depth")
+    min_words: int = Field(3, ge=1, description="a shorter question is dropped (counted)")
+    max_tokens: int = Field(48, ge=8, description="output tokens of one question")
+    temperature: float = Field(
+        0.0,
+        ge=0,
+        description="0: greedy (InPars), the prompt variants make a passage's questions differ; above 0: sampled "
+        "(Promptagator)",
+    )
+    seed: int = Field(0, description="seed of the passage sample and of the held-out documents")
+
+
+class JudgeTarget(Strict):
+    dataset: str = Field(description="an ingested dataset whose runs are judged")
+    split: str = Field(description="the queries judged: a qrels split (gen-test for generated queries) or 'all'")
+    max_queries: int | None = Field(None, ge=1, description="a seeded subset of the queries; null: all")
+
+
+class JudgeConfig(Strict):
+    """Evaluation without qrels: the union of every evaluated run's top passages per query, graded 0-3 by
+    the pointwise judge (UMBRELA-style, annotate's graded prompt), written as qrels with their provenance."""
+
+    model: str | None = Field(
+        None,
+        description="the judging LLM; null: annotate.model (then it judges its own labels' retrievers: circular, "
+        "and said so). Set apart from the annotator when you can",
+    )
+    targets: list[JudgeTarget] = Field([], description="the dataset splits whose runs are judged")
+    depth: int = Field(10, ge=1, description="each evaluated run's top-k per query enters the judged pool")
+    threshold: int = Field(
+        2, ge=1, le=3, description="a judged grade counted relevant (binary metrics, and the kappa against qrels)"
+    )
+
+
 class TrainSetting(Strict):
     """One retriever of a comparison: the train section's keys, with these ones changed."""
 
@@ -806,7 +866,9 @@ class PipelineConfig(Strict):
     bm25: list[BM25Config] = Field([], description="BM25 runs (bm25s), one per dataset split")
     index: IndexConfig = Field(IndexConfig(), description="dense retrieval: encoding, the sharded index, search")
     evaluate: EvaluateConfig = Field(EvaluateConfig(), description="metrics and significance tests")
+    querygen: QueryGenConfig | None = Field(None, description="questions for a corpus that has none; null: none")
     annotate: AnnotateConfig | None = Field(None, description="the LLM annotation stage; null: none")
+    judge: JudgeConfig | None = Field(None, description="LLM-judged qrels for evaluation without them; null: none")
     train: TrainConfig = Field(TrainConfig(), description="retriever training")
     rag: RagConfig | None = Field(None, description="the RAG evaluation; null: none")
     report: ReportConfig = Field(ReportConfig(), description="the report stage (report.md / .html / .json)")
@@ -870,6 +932,14 @@ class PipelineConfig(Strict):
                 if key in seen:
                     raise ValueError(f"{section}: two entries write {'/'.join(str(k) for k in key)}; give them labels")
                 seen.add(key)
+        return self
+
+    @model_validator(mode="after")
+    def _llm_stages_have_a_model(self) -> PipelineConfig:
+        for name in ("querygen", "judge"):
+            section = getattr(self, name)
+            if section is not None and section.model is None and self.annotate is None:
+                raise ValueError(f"{name}.model: no model (set it, or an annotate section whose model it takes)")
         return self
 
     @field_validator("output_dir")

@@ -21,6 +21,10 @@ def configured(cfg: PipelineConfig, name: str) -> bool:
         return bool(getattr(cfg, name))
     if name == "annotate":
         return cfg.annotate is not None and bool(cfg.annotate.targets)
+    if name == "querygen":
+        return cfg.querygen is not None
+    if name == "judge":
+        return cfg.judge is not None and bool(cfg.judge.targets)
     if name == "train":
         return "train" in cfg.model_fields_set  # the section has defaults: only when written
     if name == "index":

@@ -44,6 +44,7 @@ def planned(cfg: PipelineConfig, stages: list[str]) -> list[tuple[str, str]]:
     annotate = cfg.annotate
     folders: dict[str, list[str]] = {
         "ingest": [at.ingest(d.name) for d in cfg.ingest.datasets],
+        "querygen": [at.querygen(cfg.querygen.dataset, "queries")] if cfg.querygen else [],
         "pools": [at.pools(p.dataset, p.split) for p in cfg.pools],
         "bm25": [at.bm25(b.dataset, b.split) for b in cfg.bm25],
         "annotate": [at.annotate(t.dataset, t.split, annotate.output_name) for t in annotate.targets]
@@ -51,6 +52,7 @@ def planned(cfg: PipelineConfig, stages: list[str]) -> list[tuple[str, str]]:
         else [],
         "train": [at.train(r.name) for r in cfg.train.runs()],
         "index": [at.dense_run(t.dataset, t.split, t.run_label()) for t in index_targets(cfg)],
+        "judge": [at.judge(t.dataset, t.split, "qrels") for t in cfg.judge.targets] if cfg.judge else [],
         "evaluate": [at.evaluate()],
         "rag": [at.rag(cfg.rag.dataset, "report")] if cfg.rag else [],
         "report": [at.report()],

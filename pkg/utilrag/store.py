@@ -547,6 +547,14 @@ class Store:
     def bm25(self, dataset: str, split: str | None) -> str:
         return self._at("bm25", f"{dataset}-{split}")
 
+    def querygen(self, dataset: str, part: str) -> str:
+        """pool (the sampled passages), questions (the chain's output), queries (what later stages read)."""
+        return self._at("querygen", dataset, part)
+
+    def judge(self, dataset: str, split: str, part: str) -> str:
+        """pool (the runs' top passages), grades (the chain's output), qrels (what evaluate reads)."""
+        return self._at("judge", f"{dataset}-{split}", part)
+
     def annotate(self, dataset: str, split: str, output_name: str | None = None) -> str:
         suffix = f"-{output_name}" if output_name else ""
         return self._at("annotate", f"{dataset}-{split}{suffix}")

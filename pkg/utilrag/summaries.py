@@ -76,6 +76,26 @@ class AnnotateSummary(StageSummary):
         return max(self.wall_time_s or 0.0, stages) if (self.wall_time_s is not None or stages) else None
 
 
+class QueryGenSummary(StageSummary):
+    model: str | None = None
+    prompt_version: str | None = None
+    config: dict = {}
+    rows: Counts = {}  # queries (ingested + kept), generated, kept, gen-train, gen-test
+    dropped: Counts = {}  # reason -> questions
+
+
+class JudgeSummary(StageSummary):
+    model: str | None = None
+    annotator: str | None = None
+    circular: bool = False  # the judge is the annotator
+    prompt_version: str | None = None
+    depth: int | None = None
+    threshold: int | None = None
+    runs: list[str] = []  # the runs whose top passages were pooled
+    rows: Counts = {}  # queries, pairs, runs, qrels, unparsed, relevant
+    agreement: dict | None = None  # against the dataset's qrels (kappa, confusion); None: it has none
+
+
 class TrainSummary(StageSummary):
     config: dict = {}  # the train setting as run (train.settings entry merged over train)
     model_path: str | None = None

@@ -11,6 +11,7 @@ query), ``chain.parts/`` (one part per block of queries) with their ``.meta`` ma
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from utilrag import lease, store
 from utilrag.annotate import job
@@ -35,7 +36,7 @@ from utilrag.summaries import AnnotateSummary
 
 log = get_logger("annotate")
 
-__all__ = ["run_annotate", "annotate_target", "print_reports", "target_dir", "AnnotateError"]
+__all__ = ["run_annotate", "annotate_target", "annotate_pools", "Chain", "print_reports", "target_dir", "AnnotateError"]
 
 
 def annotate_config(cfg: PipelineConfig) -> AnnotateConfig:
@@ -74,23 +75,53 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
     if not dataset.has("corpus"):
         raise AnnotateError(f"annotate: dataset {target.dataset!r} has no corpus")
     check_stage_needs(acfg)  # before begin: a config mistake keeps the committed labels
-    out = target_dir(cfg, target)
-    # inputs/ and chain.parts/ are written before the labels' begin: the folder's lease covers them too.
-    with lease.holding(store.normalize(out), "annotate"):
-        t0 = time.time()
-        paths = {
+    chain = Chain(
+        out=target_dir(cfg, target),
+        paths={
             "pools": pools_done.path("pools.parquet"),
-            "queries": dataset.committed.path("queries"),
-            "corpus": dataset.committed.path("corpus"),
-        }
+            "queries": dataset.location("queries"),
+            "corpus": dataset.location("corpus"),
+        },
+        pools_fingerprint=pools_done["input_fingerprint"],
+        key=target.model_dump(),
+        label=label,
+        max_queries=target.max_queries,
+        sample_seed=f"annotate:{target.dataset}:{target.split}",
+    )
+    return annotate_pools(cfg, acfg, chain, model_path, engine_factory)
+
+
+@dataclass
+class Chain:
+    """What one run of the annotation chain reads and where it writes: the annotate stage's targets, and
+    the querygen and judge stages' own pools (their prompts run on the same runner)."""
+
+    out: str  # the committed folder: labels, stage tables, report
+    paths: dict[str, str]  # pools, queries, corpus
+    pools_fingerprint: str
+    key: dict  # what else names the input (the annotate target as written)
+    label: str
+    max_queries: int | None
+    sample_seed: str
+    stage: str = "annotate"  # the stage writing ``out`` (its lease and manifest)
+
+
+def annotate_pools(
+    cfg: PipelineConfig, acfg: AnnotateConfig, chain: Chain, model_path: str, engine_factory=None
+) -> str:
+    """The chain over one pools table: inputs -> stage rows per block of queries -> labels and report."""
+    out, paths, label = chain.out, chain.paths, chain.label
+    # inputs/ and chain.parts/ are written before the labels' begin: the folder's lease covers them too.
+    with lease.holding(store.normalize(out), chain.stage):
+        t0 = time.time()
         inputs_fp = fingerprint(
             {
-                "pools": pools_done["input_fingerprint"],
-                "target": target.model_dump(),
+                "pools": chain.pools_fingerprint,
+                "target": chain.key,
                 "inputs": acfg.model_dump(include={"passage_words", "human_positive"}),
             }
         )
-        wanted = job.sample_queries(paths["pools"], target.max_queries, f"annotate:{target.dataset}:{target.split}")
+        wanted = job.sample_queries(paths["pools"], chain.max_queries, chain.sample_seed)
 
         def ray_up() -> None:  # Ray only for work left: a finished target starts no cluster
             from utilrag.raycluster import connect
@@ -114,7 +145,7 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
         stats = job.run_chain(out, chain_fp, acfg, model_path, label, graded_ids, run, engine_factory, ray_up)
         # The labels and report are this folder's committed outputs; inputs/, chain.parts and the stage
         # tables beside them have their own manifests, so a rerun resumes them exactly once.
-        writer = store.begin(out, "annotate", None)
+        writer = store.begin(out, chain.stage, None)
         staging = writer.local_path(".")
         annotated, rejects, cut = job.write_rejects(inputs, str(staging / "rejects.parquet"))
         log.info(
@@ -155,7 +186,8 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
             wall_time_s=round(time.time() - t0, 2),
         )
         writer.commit(status=status, **summary.manifest())
-        print(text, flush=True)
+        if chain.stage == "annotate":  # the agreement tables; the other stages print their own
+            print(text, flush=True)
         if status != "complete":
             raise AnnotateError(
                 f"{label}: {error_rows:,} of {annotated:,} queries are error rows ({share:.3%}), above "

@@ -30,7 +30,7 @@ from utilrag.annotate import prompts
 from utilrag.annotate.engine import EngineFill
 from utilrag.annotate.prompts import PROMPT_VERSION
 from utilrag.annotate.stages import STAGE_ORDER, STAGE_SCHEMA, parse_output, windows
-from utilrag.config import AnnotateConfig
+from utilrag.config import QUESTION_STAGE, AnnotateConfig
 
 STAGE_ROW = pa.struct([f for f in STAGE_SCHEMA if f.name != "query_id"])
 CHAIN_SCHEMA = pa.schema(
@@ -49,7 +49,7 @@ CHAIN_SCHEMA = pa.schema(
     ]
 )
 STATS_SCHEMA = ["queries", "rows", "tokens", "pid", "ready_at", "busy_s", "alive_s", "engine_starts", "fill"]
-WAVES = (("relsel", "graded"), ("answer",), ("utilsel", "utilrank"))
+WAVES = (("relsel", "graded", QUESTION_STAGE), ("answer",), ("utilsel", "utilrank"))
 
 
 @dataclass
@@ -74,7 +74,7 @@ def row_meta(stage: str, acfg: AnnotateConfig) -> dict:
     sampling = stage_sampling(stage, acfg)
     return {
         "model": acfg.model,
-        "prompt_version": PROMPT_VERSION,
+        "prompt_version": prompts.QUESTION_PROMPT_VERSION if stage == QUESTION_STAGE else PROMPT_VERSION,
         "constrained": bool(acfg.sampling.constrained),
         "sampling": json.dumps({k: v for k, v in sampling.items() if k != "regex"}, sort_keys=True),
     }
@@ -120,6 +120,12 @@ class BlockState:
             return [
                 self._request(i, stage, w, ids, lambda p: prompts.relsel_messages(query, p))
                 for w, ids in enumerate(windows(pool, size))
+            ]
+        if stage == QUESTION_STAGE:  # querygen: a question per passage; its "query" text is the prompt variant
+            variant = int(query)
+            return [
+                self._request(i, stage, position, [d], lambda p: prompts.question_messages(p[0], variant))
+                for position, d in enumerate(pool)
             ]
         if stage == "graded":
             if self.graded_ids is not None and self.rows[i]["query_id"] not in self.graded_ids:

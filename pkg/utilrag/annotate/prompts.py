@@ -14,6 +14,7 @@ PROMPT_VERSION = "zhang2025-v1"
 SELECTION_REGEX = r"My selection:\[(\[[0-9]{1,2}\](,\[[0-9]{1,2}\])*)?\]\.?"
 RANKING_REGEX = r"\[[0-9]{1,2}\]( > \[[0-9]{1,2}\])*"
 GRADE_REGEX = r"##final score: [0-3]"
+QUESTION_REGEX = r"[A-Za-z][A-Za-z0-9 ,'()/-]{5,150}\?"  # one line, one question mark at its end
 
 
 def cut_words(text: str, max_words: int) -> tuple[str, bool]:
@@ -158,3 +159,58 @@ def graded_messages(query: str, passage: str) -> list[dict]:
             ),
         },
     ]
+
+
+# --------------------------------------------------------------------------- query generation
+# The querygen stage's prompt (InPars / Promptagator style: a few (passage, question) examples, then the
+# passage), ours. Versioned apart from the paper's prompts: changing it redoes the questions, not the labels.
+QUESTION_PROMPT_VERSION = "utilrag-questions-v1"
+QUESTION_EXAMPLES = (
+    (
+        "The kidneys filter about 180 litres of blood plasma a day. Most of the water and salts are taken back "
+        "into the blood in the tubules, so only one to two litres leave the body as urine.",
+        "how much urine do the kidneys make per day",
+    ),
+    (
+        "Cast iron contains more than 2% carbon, which makes it hard and brittle but easy to pour into moulds. "
+        "Wrought iron has almost no carbon and can be bent and hammered without cracking.",
+        "why is cast iron more brittle than wrought iron",
+    ),
+    (
+        "The treaty was signed in 1648 in Osnabrück and Münster and ended the Thirty Years' War. It recognised "
+        "the sovereignty of the states of the Holy Roman Empire over their own territory.",
+        "which treaty ended the thirty years war",
+    ),
+)
+
+
+def question_messages(passage: str, variant: int = 0) -> list[dict]:
+    """One search question the passage answers. ``variant`` k rotates the examples by k (the
+    examples' order is the only difference): the querygen stage's second and third question of a
+    passage come from the same wording, primed differently, so greedy decoding can still differ."""
+    k = variant % len(QUESTION_EXAMPLES)
+    examples = QUESTION_EXAMPLES[k:] + QUESTION_EXAMPLES[:k]
+    shots = "\n\n".join(f"Passage: {p}\nQuestion: {q}" for p, q in examples)
+    return [
+        {
+            "role": "user",
+            "content": (
+                "Write one question that a person might type into a search engine and that the passage "
+                "answers. Use the passage's own subject; do not copy a whole sentence. Output the question only, "
+                "on one line.\n\n"
+                f"{shots}\n\nPassage: {passage}\nQuestion:"
+            ),
+        }
+    ]
+
+
+def clean_question(raw: str) -> str:
+    """The question in a model's answer: its first non-empty line, without a "Question:" label, quotes
+    or list marks."""
+    import re
+
+    for line in raw.splitlines():
+        line = re.sub(r"^\s*(?:[-*\d.)]+\s*)?(?:question\s*\d*\s*:\s*)?", "", line, flags=re.I).strip().strip("\"'`")
+        if line:
+            return " ".join(line.split())
+    return ""

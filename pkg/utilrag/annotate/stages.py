@@ -19,9 +19,10 @@ import pyarrow.dataset as pads
 
 from utilrag.annotate import prompts
 from utilrag.annotate.parsing import parse_grade, parse_ids, top_percent
-from utilrag.config import ANNOTATION_NEEDS, ANNOTATION_STAGES, AnnotateConfig, AnnotateTarget
+from utilrag.config import ANNOTATION_NEEDS, ANNOTATION_STAGES, QUESTION_STAGE, AnnotateConfig, AnnotateTarget
 
-STAGE_ORDER, NEEDS = ANNOTATION_STAGES, ANNOTATION_NEEDS  # the chain, defined with the config (the plan reads it)
+# the chain, defined with the config (the plan reads it); the querygen stage's questions run on it too
+STAGE_ORDER, NEEDS = [*ANNOTATION_STAGES, QUESTION_STAGE], ANNOTATION_NEEDS
 
 REQUEST_SCHEMA = pa.schema(
     [
@@ -205,6 +206,7 @@ def stage_regex(stage: str) -> str | None:
         "utilsel": prompts.SELECTION_REGEX,
         "utilrank": prompts.RANKING_REGEX,
         "graded": prompts.GRADE_REGEX,
+        QUESTION_STAGE: prompts.QUESTION_REGEX,
     }.get(stage)
 
 
@@ -227,6 +229,9 @@ def parse_output(stage: str, raw: str, doc_ids: list[str], finish_reason: str) -
         row["parse_status"] = "ok" if row["answer"] else "empty"
     elif stage == "graded":
         row["grade"], row["parse_status"] = parse_grade(raw)
+    elif stage == QUESTION_STAGE:
+        row["answer"] = prompts.clean_question(raw)
+        row["parse_status"] = "ok" if row["answer"] else "empty"
     else:
         parsed = parse_ids(raw, len(doc_ids), allow_empty_selection=stage != "utilrank")
         row.update(

@@ -14,6 +14,7 @@ from utilrag.store import Committed, Store, require
 from utilrag.summaries import IngestSummary
 
 ALL_QUERIES = "all"  # a split name meaning every query of the dataset, judged or not
+GENERATED_TABLES = ("queries", "qrels")  # what the querygen stage's output replaces
 
 
 class DatasetInputError(UtilragError):
@@ -21,12 +22,24 @@ class DatasetInputError(UtilragError):
 
 
 class Dataset:
-    def __init__(self, name: str, committed: Committed):
-        self.name, self.committed = name, committed
+    """``generated``: the querygen stage's output, when it wrote questions for this dataset: its queries
+    and qrels tables (the ingested ones plus the generated questions and their source passages) stand
+    in for the ingested ones."""
+
+    def __init__(self, name: str, committed: Committed, generated: Committed | None = None):
+        self.name, self.committed, self.generated = name, committed, generated
 
     @property
     def fingerprint(self) -> str:
+        if self.generated is not None:
+            return f"{self.committed['input_fingerprint']}+{self.generated['input_fingerprint']}"
         return self.committed["input_fingerprint"]
+
+    def location(self, table: str) -> str:
+        """Where one of the dataset's tables is (a folder of Parquet parts)."""
+        if self.generated is not None and table in GENERATED_TABLES:
+            return self.generated.path(table)
+        return self.committed.path(table)
 
     @property
     def relevance_threshold(self) -> int:
@@ -41,6 +54,8 @@ class Dataset:
         return IngestSummary.of(self.committed).ignore_identical_ids
 
     def has(self, table: str) -> bool:
+        if self.generated is not None and table in GENERATED_TABLES:
+            return self.generated.has(table)
         return self.committed.has(table)
 
     def table(self, table: str, columns: list[str] | None = None) -> pa.Table:
@@ -48,7 +63,7 @@ class Dataset:
         if not self.has(table):
             empty = SCHEMAS[table].empty_table()
             return empty.select(columns) if columns else empty
-        return read_table(self.committed.path(table), columns=columns)
+        return read_table(self.location(table), columns=columns)
 
     def passages(self, doc_ids: set[str]) -> dict[str, str]:
         """The text of these passages (streamed from the corpus: only they are held)."""
@@ -89,9 +104,15 @@ class Dataset:
         return sorted(set(self.table("runs", columns=["run"]).column("run").to_pylist()))
 
 
-def open_dataset(cfg: PipelineConfig, name: str) -> Dataset:
-    """An ingested dataset, or one line: not ingested, ingest interrupted, or failed its threshold."""
-    return Dataset(name, require(Store(cfg.output_dir).ingest(name), f"dataset {name!r}"))
+def open_dataset(cfg: PipelineConfig, name: str, generated: bool = True) -> Dataset:
+    """An ingested dataset, or one line: not ingested, ingest interrupted, or failed its threshold.
+    With the questions the querygen stage wrote for it, when the config asks for them (``generated``:
+    False for the querygen stage itself)."""
+    ingested = require(Store(cfg.output_dir).ingest(name), f"dataset {name!r}")
+    if generated and cfg.querygen is not None and cfg.querygen.dataset == name:
+        written = require(Store(cfg.output_dir).querygen(name, "queries"), f"the generated questions of {name!r}")
+        return Dataset(name, ingested, written)
+    return Dataset(name, ingested)
 
 
 def qrels_split(table: pa.Table, split: str | None) -> pa.Table:

@@ -213,23 +213,32 @@ def run_evaluation(cfg: PipelineConfig, runs: list[RunToEvaluate] | None = None)
     runs = runs if runs is not None else evaluate_runs(cfg)  # as written, and the trained retrievers' (utilrag.plan)
     metrics = cfg.evaluate.metrics
     rows, per_query_rows = [], []
+    from utilrag.evaluate.judge import judged_qrels
+
+    scored: list[RunToEvaluate] = []  # one per row (a run scored on judged qrels too has two)
     for spec in runs:
         dataset = open_dataset(cfg, spec.dataset)
-        qrels = dataset.qrels(spec.split)
         run = load_run(cfg, dataset, spec)
         if dataset.ignore_identical_ids:  # as BEIR's evaluation: a query is not its own hit
             run = run.filter(pc.not_equal(run.column("query_id"), run.column("doc_id")))
-        means, per_query = evaluate(qrels, run, metrics, dataset.relevance_threshold)
-        label = spec.label or spec.run
-        rows.append(
-            {"label": label, "dataset": spec.dataset, "split": spec.split or "all", "queries": len(per_query), **means}
+        qrels = dataset.qrels(spec.split)
+        judged = judged_qrels(cfg, spec.dataset, spec.split)
+        against = (
+            [] if qrels.num_rows == 0 and judged is not None else [(spec.dataset, qrels, dataset.relevance_threshold)]
         )
-        for qid, values in per_query.items():
-            for m, v in values.items():
-                per_query_rows.append(
-                    {"label": label, "dataset": spec.dataset, "query_id": qid, "metric": m, "value": v}
-                )
-    tests = significance(cfg, runs, rows, per_query_rows)
+        if judged is not None:  # the LLM's qrels: a dataset of their own in the tables (and the tests)
+            against.append((f"{spec.dataset} (LLM-judged)", *judged))
+        for name, table, threshold in against:
+            means, per_query = evaluate(table, run, metrics, threshold)
+            label = spec.label or spec.run
+            rows.append(
+                {"label": label, "dataset": name, "split": spec.split or "all", "queries": len(per_query), **means}
+            )
+            scored.append(spec)
+            for qid, values in per_query.items():
+                for m, v in values.items():
+                    per_query_rows.append({"label": label, "dataset": name, "query_id": qid, "metric": m, "value": v})
+    tests = significance(cfg, scored, rows, per_query_rows)
     rows += group_means(rows, metrics)
     rows += beir_means(rows, metrics)
     table = format_table(rows, metrics)

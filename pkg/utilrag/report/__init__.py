@@ -176,7 +176,48 @@ def retrieval(root: str, data: dict, pictures: dict[str, Picture]) -> tuple[list
             blocks.append(Para(f"No paired tests of these runs against the baseline {baseline!r}.", "muted"))
         else:
             blocks.append(Para("No paired tests: evaluate.baseline is not set.", "muted"))
-    return blocks + settings_blocks + _image(pictures, "evaluate-metrics"), headline
+    return blocks + settings_blocks + judged(data.get("judged", [])) + _image(pictures, "evaluate-metrics"), headline
+
+
+def judged(targets: list[dict]) -> list[Block]:
+    """The LLM-judged qrels: what was pooled and by whom, and the judge against the dataset's qrels."""
+    blocks: list[Block] = []
+    for t in targets:
+        rows = t["rows"]
+        blocks += [
+            Heading(f"LLM-judged qrels: {t['folder']}", 3),
+            Para(
+                f"The top {t['depth']} of {', '.join(t['runs'])} per query ({_int(rows.get('queries'))} queries, "
+                f"{_int(rows.get('pairs'))} passages) graded 0-3 by {t['model']}; grade >= {t['threshold']} counts "
+                f"relevant. Rows '<dataset> (LLM-judged)' in the tables above are scored on these qrels; "
+                f"{_int(rows.get('unparsed'))} judgments did not parse (unjudged)."
+            ),
+        ]
+        if t["circular"]:
+            blocks.append(
+                Para(
+                    "The judge is the annotator: retrievers trained on its labels are graded by it (circular).", "warn"
+                )
+            )
+        a = t.get("agreement")
+        if a:
+            blocks.append(
+                Para(
+                    f"Against the dataset's qrels: Cohen's kappa {a['kappa']} ({a['rule']}), agreement "
+                    f"{_num(a['agreement'])} over {_int(a['pairs'])} judged passages (judge relevant "
+                    f"{_int(a['judge_relevant'])}, qrels relevant {_int(a['qrels_relevant'])}); graded kappa "
+                    f"{a['graded_kappa']} over the {_int(a['graded_pairs'])} passages the qrels grade."
+                )
+            )
+            grades = sorted({c["judge"] for c in a["confusion"]})
+            cell = {(c["qrels"], c["judge"]): c["passages"] for c in a["confusion"]}
+            cells = [
+                [h] + [_int(cell.get((h, j), 0)) for j in grades] for h in sorted({c["qrels"] for c in a["confusion"]})
+            ]
+            blocks.append(Table(["qrels grade \\ judge grade", *grades], cells, set(range(1, len(grades) + 1))))
+        else:
+            blocks.append(Para("The dataset has no qrels for these queries: no agreement to measure.", "muted"))
+    return blocks
 
 
 def annotation(root: str, data: dict) -> list[Block]:

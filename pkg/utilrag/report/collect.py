@@ -24,7 +24,14 @@ from utilrag.config import PipelineConfig
 from utilrag.errors import UtilragError
 from utilrag.stages import STAGES, get_stage
 from utilrag.store import Committed, Store
-from utilrag.summaries import AnnotateSummary, EvaluateSummary, RagSummary, StageSummary, TrainSummary
+from utilrag.summaries import (
+    AnnotateSummary,
+    EvaluateSummary,
+    JudgeSummary,
+    RagSummary,
+    StageSummary,
+    TrainSummary,
+)
 
 PAPER_ANNOTATOR = "Qwen2.5-32B"
 LARGE_ANNOTATOR = 7e9  # parameters: below this the labels are not the paper's kind of labels
@@ -34,10 +41,12 @@ LAYOUT = (
     ("ingest", "ingest", 1),
     ("pools", "pools", 1),
     ("bm25", "bm25", 1),
+    ("querygen", "querygen", 2),  # querygen/<dataset>/{pool,questions,queries}
     ("annotate", "annotate", 1),
     ("train", "train", 1),
     ("index", "index", 3),  # index/<dataset>/<model>/{embeddings,faiss-...}
     ("index", "dense", 2),  # dense/<dataset>-<split>/<label>
+    ("judge", "judge", 2),  # judge/<dataset>-<split>/{pool,grades,qrels}
     ("evaluate", "evaluate", 0),
     ("rag", "rag", 2),  # rag/<dataset>/report (generate/ keeps per-stage .meta manifests only)
 )
@@ -230,8 +239,17 @@ def retrieval(cfg: PipelineConfig, found: list[Found], pictures: dict[str, Pictu
             }
         )
     _picture(pictures, "evaluate-metrics", c, "metrics.png", "retrieval metrics per run")
+    judged = [
+        {
+            "folder": rel,
+            **js.model_dump(include={"model", "circular", "depth", "threshold", "runs", "rows", "agreement"}),
+        }
+        for rel, _, js in _committed(found, "judge")
+        if isinstance(js, JudgeSummary) and rel.endswith("/qrels")
+    ]
     return {
         "ran": True,
+        "judged": judged,
         "folder": "evaluate",
         "baseline": baseline,
         "settings_baseline": s.settings_baseline,
@@ -349,6 +367,9 @@ def cost(cfg: PipelineConfig, found: list[Found], annotated: dict, rag_data: dic
     tokens = []
     sources = [(t["folder"], t["stages"]) for t in annotated.get("targets", [])]
     sources += [(d["folder"], {"answer": d["generation"]}) for d in rag_data.get("datasets", []) if d.get("generation")]
+    for f in found:  # the chains of query generation and judging: their tokens count too
+        if f.committed is not None and f.rel.endswith(("/questions", "/grades")):
+            sources.append((f.rel, AnnotateSummary.of(f.committed).summaries))
     for folder, stages in sources:
         for name, s in stages.items():
             tokens.append({"folder": folder, "stage": name, **{k: s.get(k) for k in TOKEN_KEYS}})
