@@ -500,9 +500,10 @@ class AnnotateConfig(Strict):
         description="the annotating LLM: HF folder, hub name, or a packaged model (HuggingFaceTB/SmolLM2-135M-Instruct)"
     )
     targets: list[AnnotateTarget] = Field([], description="the pools to annotate")
-    stages: list[Literal["relsel", "answer", "utilsel", "utilrank", "graded"]] = Field(
-        ["relsel", "answer", "utilsel", "utilrank"],
-        description="the stages to run (graded: the pointwise 0-3 judge, an addition)",
+    stages: list[Literal["relsel", "answer", "utilsel", "utilrank", "graded"]] | None = Field(
+        None,
+        description="the stages to run (graded: the pointwise 0-3 judge, an addition); null: those the train "
+        "settings' labels need (utilsel: relsel, answer, utilsel), all four without a train section",
     )
     output_name: str | None = Field(
         None,
@@ -530,6 +531,11 @@ class AnnotateConfig(Strict):
     )
     engine: AnnotateEngine = Field(default_factory=AnnotateEngine, description="the vLLM engine of each replica")
     scale: AnnotateScale = Field(default_factory=AnnotateScale, description="the actor pool and fault tolerance")
+
+    def chain_stages(self) -> list[str]:
+        """The stages the chain runs: set by the annotate stage from utilrag.plan.annotate_stages (or by
+        querygen / judge) before the chain sees this section; [] while unresolved."""
+        return list(self.stages or [])
 
     def content_settings(self) -> dict[str, Any]:
         """The settings that change what a stage's rows contain, flat (the stage fingerprint's keys).

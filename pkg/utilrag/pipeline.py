@@ -7,7 +7,7 @@ import time
 from utilrag.config import PipelineConfig
 from utilrag.errors import UtilragError
 from utilrag.logs import get_logger
-from utilrag.plan import evaluate_runs, index_targets
+from utilrag.plan import annotate_stages, evaluate_runs, index_targets
 from utilrag.stages import STAGES, StageResult, get_stage
 
 log = get_logger("pipeline")
@@ -20,7 +20,7 @@ def configured(cfg: PipelineConfig, name: str) -> bool:
     if name in ("pools", "bm25"):
         return bool(getattr(cfg, name))
     if name == "annotate":
-        return cfg.annotate is not None and bool(cfg.annotate.targets)
+        return cfg.annotate is not None and bool(cfg.annotate.targets) and bool(annotate_stages(cfg))
     if name == "querygen":
         return cfg.querygen is not None
     if name == "judge":

@@ -32,6 +32,19 @@ def annotation_stages(labels: str) -> list[str]:
     return [s for s in ANNOTATION_STAGES if s in needed]
 
 
+def annotate_stages(cfg: PipelineConfig) -> list[str]:
+    """The annotation stages this config runs: annotate.stages as written; null: those its train settings'
+    labels need (a label setting pays for no stage it does not read), the four without a train section."""
+    if cfg.annotate is None:
+        return []
+    if cfg.annotate.stages is not None:
+        return [s for s in ANNOTATION_STAGES if s in cfg.annotate.stages]
+    if "train" not in cfg.model_fields_set:
+        return ["relsel", "answer", "utilsel", "utilrank"]
+    needed = {s for run in cfg.train.runs() if not run.labels_path for s in annotation_stages(run.labels)}
+    return [s for s in ANNOTATION_STAGES if s in needed]
+
+
 def _trained(cfg: PipelineConfig) -> list[tuple[str, IndexTarget, RunToEvaluate]]:
     """(setting, its index target, its evaluation run) for each train setting x trained target."""
     found: list[tuple[str, IndexTarget, RunToEvaluate]] = []
@@ -101,6 +114,7 @@ def encodings(targets: list[IndexTarget]) -> list[Encoding]:
 @dataclass
 class Plan:
     stages: list[str]
+    annotation: list[str] = field(default_factory=list)  # the annotation stages run (annotate_stages)
     settings: list[SettingPlan] = field(default_factory=list)
     index_targets: list[dict] = field(default_factory=list)
     encodings: list[Encoding] = field(default_factory=list)
@@ -112,6 +126,8 @@ class Plan:
     def lines(self) -> list[str]:
         """The plan as short text lines (the dry run prints them above the folder table)."""
         out = [f"stages: {' -> '.join(self.stages)}"]
+        if self.annotation:
+            out.append(f"annotation: {' -> '.join(self.annotation)}")
         for s in self.settings:
             needs = ", ".join(s.annotation_stages) or (
                 "none (human labels)" if s.labels == "human" else "none (labels from a file: labels_path)"
@@ -145,7 +161,7 @@ def _some(items: list[str], shown: int = 6) -> str:
 
 
 def make_plan(cfg: PipelineConfig, stages: list[str]) -> Plan:
-    annotated = set(cfg.annotate.stages) if cfg.annotate else set()
+    annotated = set(annotate_stages(cfg))
     settings = []
     if "train" in cfg.model_fields_set:
         trained = _trained(cfg)
@@ -166,6 +182,7 @@ def make_plan(cfg: PipelineConfig, stages: list[str]) -> Plan:
     searched = index_targets(cfg) if "index" in stages else []
     return Plan(
         stages=list(stages),
+        annotation=annotate_stages(cfg) if "annotate" in stages else [],
         settings=settings,
         index_targets=[t.model_dump() for t in searched],
         encodings=encodings(searched),

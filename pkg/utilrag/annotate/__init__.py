@@ -30,6 +30,7 @@ from utilrag.config import AnnotateConfig, AnnotateTarget, PipelineConfig
 from utilrag.data.dataset import open_dataset
 from utilrag.data.tables import fingerprint, read_table
 from utilrag.logs import get_logger
+from utilrag.plan import annotate_stages
 from utilrag.stages import StageResult
 from utilrag.store import Store
 from utilrag.summaries import AnnotateSummary
@@ -40,9 +41,10 @@ __all__ = ["run_annotate", "annotate_target", "annotate_pools", "Chain", "print_
 
 
 def annotate_config(cfg: PipelineConfig) -> AnnotateConfig:
+    """The annotate section with the stages this config runs (annotate.stages, or the plan's)."""
     if cfg.annotate is None:
         raise AnnotateError("the config has no annotate section (annotate: {model, targets: [{dataset, split}]})")
-    return cfg.annotate
+    return cfg.annotate.model_copy(update={"stages": annotate_stages(cfg)})
 
 
 def target_dir(cfg: PipelineConfig, target: AnnotateTarget) -> str:
@@ -56,9 +58,11 @@ def run(cfg: PipelineConfig) -> StageResult:
 
 
 def run_annotate(cfg: PipelineConfig) -> list[str]:
-    acfg = cfg.annotate
-    if acfg is None or not acfg.targets:
+    if cfg.annotate is None or not cfg.annotate.targets:
         raise AnnotateError("the config has no annotate section with targets (annotate.targets: [{dataset, split}])")
+    acfg = annotate_config(cfg)
+    if not acfg.stages:
+        raise AnnotateError("annotate: no stage to run (no train setting reads LLM labels; set annotate.stages)")
     model_path = resolve_llm(acfg.model)
     check_model(model_path, acfg.engine.use_gpu)
     return [annotate_target(cfg, target, model_path) for target in acfg.targets]
@@ -129,7 +133,7 @@ def annotate_pools(
             connect(cfg.ray)
 
         job.ensure_inputs(out, inputs_fp, paths, acfg, wanted, label, ray_up)
-        stages = [s for s in STAGE_ORDER if s in acfg.stages]
+        stages = [s for s in STAGE_ORDER if s in acfg.chain_stages()]
         chain_fp = fingerprint(
             {
                 "inputs": inputs_fp,
@@ -204,7 +208,7 @@ def check_stage_needs(acfg: AnnotateConfig) -> None:
     """Every stage asked for has its input stage asked for too (the chain runs them together)."""
     for stage in STAGE_ORDER:
         need = NEEDS.get(stage)
-        if stage in acfg.stages and need and need not in acfg.stages:
+        if stage in acfg.chain_stages() and need and need not in acfg.chain_stages():
             raise AnnotateError(
                 f"annotate.stages asks for {stage!r}, which needs the {need!r} stage's output; add "
                 f"{need!r} to annotate.stages"
@@ -213,9 +217,9 @@ def check_stage_needs(acfg: AnnotateConfig) -> None:
 
 def print_reports(cfg: PipelineConfig) -> None:
     """``utilrag annotate-report``: the agreement tables of the finished annotations, re-rendered."""
-    acfg = cfg.annotate
-    if acfg is None or not acfg.targets:
+    if cfg.annotate is None or not cfg.annotate.targets:
         raise AnnotateError("the config has no annotate section with targets")
+    acfg = annotate_config(cfg)
     for target in acfg.targets:
         out = target_dir(cfg, target)
         committed = store.require(out, f"annotate-report: the annotation of {target.dataset}/{target.split}")

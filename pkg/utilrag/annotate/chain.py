@@ -111,7 +111,10 @@ class BlockState:
         """Query ``i``'s requests of one wave, given its earlier waves' results."""
         row = self.rows[i]
         return [
-            r for s in wave if s in self.acfg.stages for r in self._stage_requests(i, s, row["query"], row["doc_ids"])
+            r
+            for s in wave
+            if s in self.acfg.chain_stages()
+            for r in self._stage_requests(i, s, row["query"], row["doc_ids"])
         ]
 
     def _stage_requests(self, i: int, stage: str, query: str, pool: list[str]) -> list[Request]:
@@ -211,7 +214,7 @@ def run_block(
 ) -> pa.Table:
     """Every asked stage of a block's queries; ``generate`` answers one wave's requests at once."""
     state = BlockState(block.to_pylist(), acfg, graded_ids)
-    meta: dict[str, dict] = {stage: row_meta(stage, acfg) for stage in acfg.stages}
+    meta: dict[str, dict] = {stage: row_meta(stage, acfg) for stage in acfg.chain_stages()}
     for n, wave in enumerate(WAVES):
         requests = state.requests(wave)
         if requests:
@@ -236,7 +239,7 @@ async def run_block_async(
     """run_block with every query on its own: a query's next wave starts when its own requests are
     done, while the block's other queries are anywhere in theirs. Same rows as run_block."""
     state = BlockState(block.to_pylist(), acfg, graded_ids)
-    meta: dict[str, dict] = {stage: row_meta(stage, acfg) for stage in acfg.stages}
+    meta: dict[str, dict] = {stage: row_meta(stage, acfg) for stage in acfg.chain_stages()}
 
     async def one_query(i: int) -> None:
         for n, wave in enumerate(WAVES):
@@ -410,7 +413,9 @@ class ChainAnnotator:
         self.engine = (engine_factory or VLLMEngine)(model, engine)
         self.engine.check()  # a start failure raises here: Ray Data's start budget applies (see above)
         self.graded_ids = set(graded_ids) if graded_ids is not None else None
-        self.sampling: dict[str, Any] = {s: self.engine.sampling_params(stage_sampling(s, acfg)) for s in acfg.stages}
+        self.sampling: dict[str, Any] = {
+            s: self.engine.sampling_params(stage_sampling(s, acfg)) for s in acfg.chain_stages()
+        }
         self.calls = 0
         # The queries running alone now (their keys): several blocks share an async replica, and an
         # engine death is charged to every one of them (one in flight with a poisoned one is charged too:

@@ -567,7 +567,7 @@ def finalize(
 ) -> tuple[dict[str, StageTally], ReportTally, int, Counter]:
     """The stage tables, labels and error rows from the chain's parts, one part at a time; returns the
     tallies, the label rows and the error rows by stage. An error row's query has no labels."""
-    stages: list[str] = [s for s in STAGE_ORDER if s in acfg.stages]
+    stages: list[str] = [s for s in STAGE_ORDER if s in acfg.chain_stages()]
     streams = {s: ParquetStream(store.join(out, f"{s}.parquet"), STAGE_SCHEMA) for s in stages}
     labels = ParquetStream(labels_path, LABELS_SCHEMA)
     errors = ParquetStream(errors_path, ERRORS_SCHEMA)

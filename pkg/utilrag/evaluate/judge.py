@@ -130,7 +130,8 @@ def run_target(cfg: PipelineConfig, jcfg: JudgeConfig, target: JudgeTarget) -> t
         log.info(f"{target.dataset}/{target.split}: unchanged, reusing {out}")
         return out, True
     t0 = time.time()
-    annotator = cfg.annotate.model if cfg.annotate is not None else None
+    # the annotator: the model whose labels trained this run's retrievers (an annotate section with targets)
+    annotator = cfg.annotate.model if cfg.annotate is not None and cfg.annotate.targets else None
     circular = annotator is not None and acfg.model == annotator
     if circular:
         log.warning(
