@@ -1,6 +1,6 @@
 """Annotation benchmark: the Ray Data + vLLM pipeline vs bare vLLM, scaling, and a GPU cost model.
 
-    python benchmarks/annotate_throughput.py [--quick] [--queries 12] [--batch-size 4] [--prefill-tok-s 4000 ...]
+    python benchmarks/annotate_throughput.py [--quick] [--queries 12] [--batch-size 4]
 
 Figures (last line, one JSON object):
 - pipeline_efficiency: prompt+output tokens/s of the whole annotation job (Ray Data, a replica actor,
@@ -22,12 +22,9 @@ Figures (last line, one JSON object):
 - engine_starts_per_replica (goal 1) and engine_idle_fraction (goal <= 0.05): from the job's manifest:
   vLLM engines started per replica process over the four stages, and 1 - seconds with a request in
   flight / seconds the engine was up.
-- gpu_hours_msmarco: the cost model: tokens per query x 491,007 MS MARCO train queries at the
-  per-replica prefill/decode rates x GPUs per replica (the paper: 53 h on 8 A800 = 424). The
-  prefill rate is measured: Qwen2.5-32B's architecture in bf16, plain PyTorch + SDPA, on the GPU
-  of the newest ``benchmarks/results/gpu_check-*.json`` (an H200: 9,287 prompt tokens/s), times
-  GPUs per replica, times an ASSUMED vLLM efficiency over that plain forward (default 0.8: paged
-  attention, scheduling and tensor-parallel communication). The decode rate stays assumed.
+- gpu_hours_msmarco: these tokens per query x 491,007 MS MARCO train queries through the one cost
+  model, ``utilrag.cost`` (prefill measured on an H200 in bf16; vLLM efficiency and decode assumed;
+  the prefix cache not counted): benchmarks/annotation_cost.py is the cost model's own benchmark.
 """
 
 from __future__ import annotations
@@ -214,42 +211,12 @@ def identical(a: dict, b: dict) -> float:
     return sum(a.get(k) == b.get(k) for k in keys) / max(len(keys), 1)
 
 
-def measured_prefill() -> tuple[float, str] | None:
-    """Prompt tokens/s per GPU from the newest GPU check that measured the 32B prefill."""
-    for path in sorted(RESULTS.glob("gpu_check-*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-        result = json.loads(path.read_text())
-        prefill = result.get("checks", {}).get("prefill", {})
-        if prefill.get("ok") and result.get("mode") == "gpu":
-            return float(prefill["prompt_tokens_per_s"]), f"{path.name} ({result['card']}, {result['date']})"
-    return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes; about 5 minutes on 2 cores")
     parser.add_argument("--queries", type=int, default=None, help="DL19 queries for the efficiency figure")
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--batch-size", type=int, default=None, help="queries per replica call (a block)")
-    parser.add_argument(
-        "--prefill-tok-s",
-        type=float,
-        default=None,
-        help="cost model: prompt tokens/s of one replica (default: measured per GPU by "
-        "gpu_check.py x GPUs per replica x --vllm-efficiency)",
-    )
-    parser.add_argument(
-        "--vllm-efficiency",
-        type=float,
-        default=0.8,
-        help="cost model: vLLM's prefill rate / the plain PyTorch forward's (ASSUMED)",
-    )
-    parser.add_argument(
-        "--decode-tok-s",
-        type=float,
-        default=800.0,
-        help="cost model: generated tokens/s of one replica, batched (assumed)",
-    )
-    parser.add_argument("--gpus-per-replica", type=int, default=2)
     parser.add_argument("--msmarco-queries", type=int, default=491_007)
     args = parser.parse_args()
     n_queries = args.queries or (4 if args.quick else 12)
@@ -323,21 +290,13 @@ def main() -> None:
         per_query[rows] = r["generate_s"] / queries
         print(f"[bench] {rows} pool rows ({queries} queries): {per_query[rows]:.3f} s/query generating", flush=True)
 
-    measured = measured_prefill()
-    if args.prefill_tok_s is not None:
-        prefill_tok_s, prefill_source = args.prefill_tok_s, "given (--prefill-tok-s)"
-    elif measured:
-        prefill_tok_s = measured[0] * args.gpus_per_replica * args.vllm_efficiency
-        prefill_source = (
-            f"measured {measured[0]:,.0f} tokens/s per GPU in {measured[1]} x {args.gpus_per_replica} "
-            f"GPUs x {args.vllm_efficiency} assumed vLLM efficiency"
-        )
-    else:
-        prefill_tok_s, prefill_source = 4000.0, "assumed (no GPU check result)"
+    # the one cost model (utilrag.cost; benchmarks/annotation_cost.py counts the paper config's tokens exactly)
+    from utilrag.cost import Rates
+    from utilrag.cost import gpu_hours as cost_hours
+
     prompt_total = sum(tokens_per_query.values())
     output_total = sum(ASSUMED_OUTPUT_TOKENS.values())
-    replica_s = prompt_total / prefill_tok_s + output_total / args.decode_tok_s
-    gpu_hours = args.msmarco_queries * replica_s * args.gpus_per_replica / 3600
+    gpu_hours = cost_hours(args.msmarco_queries, prompt_total, 0.0, output_total)
     ray.shutdown()
     result = {
         "model": args.model,
@@ -358,11 +317,9 @@ def main() -> None:
         "cost_model": {
             "prompt_tokens_per_query": prompt_total,
             "output_tokens_per_query_assumed": output_total,
-            "prefill_tok_s": round(prefill_tok_s, 1),
-            "prefill_source": prefill_source,
-            "decode_tok_s": args.decode_tok_s,
-            "decode_source": "assumed",
-            "gpus_per_replica": args.gpus_per_replica,
+            "prefix_cache": "not counted (benchmarks/annotation_cost.py counts it)",
+            **Rates().as_dict(),
+            "model": "utilrag.cost: prefill measured (H200 bf16), vLLM efficiency and decode assumed",
             "queries": args.msmarco_queries,
         },
         "gpu_hours_msmarco": round(gpu_hours, 1),

@@ -18,7 +18,8 @@ queries from DL19's topics) rendered with the paper's prompts and Qwen2.5's chat
 
 GPU-hours per stage set (Table 2's settings need RelSel + answer + UtilSel / UtilRank; both: the
 default config) = (prompt - cacheable tokens) / prefill rate + output tokens / decode rate, times
-491,007 queries. The prefill rate is MEASURED: Qwen2.5-32B's architecture in bf16 on one GPU (the
+491,007 queries: ``utilrag.cost``, the model the report uses too.
+The prefill rate is MEASURED: Qwen2.5-32B's architecture in bf16 on one GPU (the
 newest ``benchmarks/results/gpu_check-*.json``: 9,287 prompt tokens/s on an H200, whose bf16 dense
 peak equals the H100's), times an ASSUMED vLLM efficiency over that plain forward (no vLLM runs on the
 lent GPU). The decode rate is ASSUMED. The FP8 rate is not measured (no GPU lent): left null, never
@@ -152,8 +153,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=2000, help="sampled MS MARCO-shaped pools")
     ap.add_argument("--config", default=str(ROOT / "jobs" / "configs" / "msmarco-qwen32b.yaml"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vllm-efficiency", type=float, default=0.8, help="ASSUMED: vLLM's prefill over a plain forward")
-    ap.add_argument("--decode-tok-s", type=float, default=800.0, help="ASSUMED: output tokens/s per GPU")
+    ap.add_argument("--vllm-efficiency", type=float, default=None, help="ASSUMED: vLLM's prefill over a plain forward")
+    ap.add_argument("--decode-tok-s", type=float, default=None, help="ASSUMED: output tokens/s per GPU")
     ap.add_argument("--answer-tokens", type=int, default=60, help="ASSUMED: pseudo-answer length")
     ap.add_argument("--quick", action="store_true", help="100 pools")
     ap.add_argument(
@@ -162,7 +163,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.queries = 100
+    from utilrag import cost
     from utilrag.config import load_config
+
+    args.vllm_efficiency = args.vllm_efficiency or cost.ASSUMED_VLLM_EFFICIENCY
+    args.decode_tok_s = args.decode_tok_s or cost.ASSUMED_DECODE_TOKENS_PER_S
     from utilrag.plan import annotate_stages
 
     t0 = time.time()
@@ -173,14 +178,16 @@ def main() -> None:
     runs = next((name for name, stages in STAGE_SETS.items() if stages == [s for s in planned if s != "graded"]), None)
     prefill, source = measured_prefill()
     tokens = count_tokens(sample_pools(args.queries, args.seed, acfg.passage_words), acfg.window, args.answer_tokens)
-    rate = prefill * args.vllm_efficiency
+    from utilrag.cost import Rates, gpu_hours
+
+    rates = Rates(prefill, args.vllm_efficiency, args.decode_tok_s)
     sets = {}
     for name, stages in STAGE_SETS.items():
         per = {s: tokens[f"{name}/{s}"] for s in stages}
         prompt = sum(p["prompt"] for p in per.values())
         cacheable = sum(p["cacheable"] for p in per.values())
         output = sum(p["output"] for p in per.values())
-        hours = QUERIES * ((prompt - cacheable) / rate + output / args.decode_tok_s) / 3600
+        hours = gpu_hours(QUERIES, prompt, cacheable, output, rates)
         sets[name] = {
             "stages": per,
             "prompt_tokens_per_query": round(prompt, 1),
@@ -188,7 +195,7 @@ def main() -> None:
             "cacheable_share": round(cacheable / prompt, 4),
             "output_tokens_per_query": round(output, 1),
             "gpu_hours_bf16": round(hours, 1),
-            "gpu_hours_bf16_no_prefix_cache": round(QUERIES * (prompt / rate + output / args.decode_tok_s) / 3600, 1),
+            "gpu_hours_bf16_no_prefix_cache": round(gpu_hours(QUERIES, prompt, 0, output, rates), 1),
             "gpu_hours_fp8": None,  # unmeasured: no GPU lent to measure the FP8 prefill
             "over_goal": round(hours / GOAL_H100_HOURS, 2),
         }

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from utilrag import cost
 from utilrag.errors import UtilragError
 
 
@@ -843,16 +844,24 @@ class ReportConfig(Strict):
         [], description="lines printed at the top of the report (a local run's caps, what it leaves out)"
     )
 
-    gpu_tokens_per_s: float = Field(
-        2500.0,
+    prefill_tokens_per_s: float = Field(
+        cost.MEASURED_PREFILL_TOKENS_PER_S,
         gt=0,
-        description="ASSUMED annotation throughput of one GPU (prompt + output tokens/s) for the report's GPU-hour "
-        "estimate at MS MARCO scale; the default is a placeholder for throughput_of, not a measurement: replace it "
-        "with one",
+        description="MEASURED prompt tokens/s of one GPU (utilrag.cost: Qwen2.5-32B in bf16 on an H200, plain "
+        "PyTorch) for the GPU-hour estimate at MS MARCO scale; set your own GPU's measurement",
+    )
+    vllm_efficiency: float = Field(
+        cost.ASSUMED_VLLM_EFFICIENCY,
+        gt=0,
+        le=1,
+        description="ASSUMED share of that prefill rate vLLM reaches (no vLLM ran on the GPU)",
+    )
+    decode_tokens_per_s: float = Field(
+        cost.ASSUMED_DECODE_TOKENS_PER_S, gt=0, description="ASSUMED output tokens/s of one GPU"
     )
     throughput_of: str = Field(
-        "Qwen2.5-32B-Instruct-GPTQ-Int8 with vLLM on one A100-80G",
-        description="the model and GPU that gpu_tokens_per_s is for (printed beside the estimate)",
+        cost.MEASURED_PREFILL_OF,
+        description="what prefill_tokens_per_s was measured on (printed beside the estimate)",
     )
     scale_queries: int = Field(
         491_007, gt=0, description="queries of the GPU-hour estimate (MS MARCO passage train: 491,007)"

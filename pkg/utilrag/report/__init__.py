@@ -8,7 +8,7 @@ network) and ``report.json`` (the numbers). Sections: header (run directory, cod
 config, date), retrieval (with paired-test marks against ``evaluate.baseline``), annotation agreement
 (the paper's Table 1 form, with a plain warning when the annotator is small), training, RAG, the paper
 beside ours, and cost (wall time per stage, LLM tokens, and a GPU-hour estimate for MS MARCO scale at
-an *assumed* throughput, ``report.gpu_tokens_per_s``). A section whose stage has no committed output
+the measured prefill rate and assumed factors of ``utilrag.cost``). A section whose stage has no committed output
 says so in one line. Always recomputed: it is cheap.
 """
 
@@ -460,30 +460,38 @@ def cost(cfg: PipelineConfig, data: dict) -> list[Block]:
         return [*blocks, Para("No estimate: no annotation with token counts.", "muted")]
     blocks.append(
         Para(
-            f"Assumed, not measured: {rcfg.gpu_tokens_per_s:,g} tokens/s is a placeholder throughput for "
-            f"{rcfg.throughput_of}. Replace report.gpu_tokens_per_s with a measured rate before quoting "
-            "these hours. The tokens per query are measured in this run (with this run's annotator and prompts).",
+            f"Prefill rate MEASURED: {rcfg.prefill_tokens_per_s:,g} prompt tokens/s per GPU ({rcfg.throughput_of}); "
+            f"ASSUMED: vLLM reaches {rcfg.vllm_efficiency:.0%} of it and decodes {rcfg.decode_tokens_per_s:,g} "
+            "output tokens/s per GPU. The tokens per query are measured in this run (with this run's annotator and "
+            "prompts; the prefix cache's share as this run's engine reported it).",
             "warn",
         )
     )
     blocks.append(
         Table(
-            ["annotation", "annotator", "tokens/query (measured)", "queries", "tokens/s (assumed)", "GPU-hours"],
+            ["annotation", "annotator", "prompt tokens/query", "cached", "output tokens/query", "queries", "GPU-hours"],
             [
                 [
                     e["folder"],
                     e["model"],
-                    _num(e["tokens_per_query"], 1),
+                    _num(e["prompt_tokens_per_query"], 1),
+                    _num(e["cached_tokens_per_query"], 1),
+                    _num(e["output_tokens_per_query"], 1),
                     _int(e["queries"]),
-                    f"{e['assumed_tokens_per_s']:,g}",
                     _num(e["gpu_hours"], 1),
                 ]
                 for e in estimates
             ],
-            {2, 3, 4, 5},
+            {2, 3, 4, 5, 6},
         )
     )
-    blocks.append(Para("GPU-hours = queries × (prompt + output) tokens per query ÷ tokens/s ÷ 3600.", "muted"))
+    blocks.append(
+        Para(
+            "GPU-hours = queries × ((prompt − cached) tokens ÷ (prefill rate × vLLM efficiency) + output tokens ÷ "
+            "decode rate) ÷ 3600 (utilrag.cost, the model benchmarks/annotation_cost.py uses).",
+            "muted",
+        )
+    )
     for e in estimates:
         if e["measured_tokens_per_s"]:
             blocks.append(

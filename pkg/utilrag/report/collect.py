@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from utilrag import store
 from utilrag.config import PipelineConfig
+from utilrag.cost import Rates, gpu_hours
 from utilrag.errors import UtilragError
 from utilrag.stages import STAGES, get_stage
 from utilrag.store import Committed, Store
@@ -338,17 +339,17 @@ def rag(found: list[Found], pictures: dict[str, Picture]) -> dict:
     return {"ran": True, "datasets": datasets}
 
 
-def tokens_per_query(stages: dict[str, dict]) -> float:
-    """Prompt + output tokens per query over every LLM stage (each stage's tokens over its own queries)."""
-    return sum(
-        (s.get("prompt_tokens", 0) + s.get("output_tokens", 0)) / s["queries"]
-        for s in stages.values()
-        if s.get("queries")
-    )
-
-
-def gpu_hours(queries: int, per_query: float, tokens_per_s: float) -> float:
-    return queries * per_query / tokens_per_s / 3600
+def tokens_per_query(stages: dict[str, dict]) -> dict[str, float]:
+    """Prompt, prefix-cached and output tokens per query over every LLM stage (each stage's tokens over
+    its own queries)."""
+    out = {"prompt": 0.0, "cached": 0.0, "output": 0.0}
+    for s in stages.values():
+        if s.get("queries"):
+            prompt = s.get("prompt_tokens", 0)
+            out["prompt"] += prompt / s["queries"]
+            out["cached"] += prompt * (s.get("prefix_cache_hit_rate") or 0.0) / s["queries"]
+            out["output"] += s.get("output_tokens", 0) / s["queries"]
+    return out
 
 
 def cost(cfg: PipelineConfig, found: list[Found], annotated: dict, rag_data: dict) -> dict:
@@ -373,26 +374,32 @@ def cost(cfg: PipelineConfig, found: list[Found], annotated: dict, rag_data: dic
     for folder, stages in sources:
         for name, s in stages.items():
             tokens.append({"folder": folder, "stage": name, **{k: s.get(k) for k in TOKEN_KEYS}})
+    rates = Rates(rcfg.prefill_tokens_per_s, rcfg.vllm_efficiency, rcfg.decode_tokens_per_s)
     estimates = []
     for t in annotated.get("targets", []):
         per_query = tokens_per_query(t["stages"])
-        if not per_query:
+        if not per_query["prompt"]:
             continue
         generated = [s for s in t["stages"].values() if s.get("tokens_per_s") and s.get("generate_s")]
         measured = None
         if generated and len(generated) == len(t["stages"]):
             total_tokens = sum(s.get("prompt_tokens", 0) + s.get("output_tokens", 0) for s in generated)
             measured = total_tokens / sum(s["generate_s"] for s in generated)
+        total = per_query["prompt"] + per_query["output"]
         estimates.append(
             {
                 "folder": t["folder"],
                 "model": t["model"],
-                "tokens_per_query": per_query,
+                "tokens_per_query": total,
+                "prompt_tokens_per_query": per_query["prompt"],
+                "cached_tokens_per_query": per_query["cached"],
+                "output_tokens_per_query": per_query["output"],
                 "queries": rcfg.scale_queries,
-                "assumed_tokens_per_s": rcfg.gpu_tokens_per_s,
-                "gpu_hours": gpu_hours(rcfg.scale_queries, per_query, rcfg.gpu_tokens_per_s),
+                "gpu_hours": gpu_hours(
+                    rcfg.scale_queries, per_query["prompt"], per_query["cached"], per_query["output"], rates
+                ),
                 "measured_tokens_per_s": measured,
-                "hours_at_measured_rate": gpu_hours(rcfg.scale_queries, per_query, measured) if measured else None,
+                "hours_at_measured_rate": rcfg.scale_queries * total / measured / 3600 if measured else None,
             }
         )
     return {
@@ -403,9 +410,10 @@ def cost(cfg: PipelineConfig, found: list[Found], annotated: dict, rag_data: dic
         "tokens": tokens,
         "gpu_hours": estimates,
         "assumption": {
-            "gpu_tokens_per_s": rcfg.gpu_tokens_per_s,
-            "throughput_of": rcfg.throughput_of,
-            "measured": False,
+            **rates.as_dict(),
+            "prefill_measured_on": rcfg.throughput_of,
+            "measured": ["prefill_tokens_per_s"],
+            "assumed": ["vllm_efficiency", "decode_tokens_per_s"],
         },
     }
 
