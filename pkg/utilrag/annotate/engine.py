@@ -197,6 +197,8 @@ def engine_kwargs(acfg: AnnotateConfig) -> dict:
 def engine_env(acfg: AnnotateConfig) -> dict[str, str]:
     env = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
     engine = acfg.engine
+    if engine.in_process:  # LLM.generate's EngineCore in the replica's process: no second vLLM import at start
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if not engine.use_gpu:
         # vLLM-CPU otherwise reserves 92% of RAM for its KV cache and binds one core.
         env["VLLM_CPU_KVCACHE_SPACE"] = str(engine.kv_cache_gib)
