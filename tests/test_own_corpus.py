@@ -178,3 +178,30 @@ def test_querygen_on_a_dataset_without_a_corpus_is_one_line(make_config, tmp_pat
     )
     with pytest.raises(UtilragError, match="dataset 'x'"):
         run(cfg)
+
+
+def test_the_own_corpus_config_plans_the_whole_path(tmp_path):
+    from utilrag.config import load_config
+    from utilrag.paths import REPO_ROOT
+    from utilrag.pipeline import select_stages
+    from utilrag.plan import make_plan
+
+    cfg = load_config(REPO_ROOT / "jobs" / "configs" / "own-corpus.yaml", [f"ingest.datasets.0.path={tmp_path}"])
+    stages = select_stages(cfg)
+    assert stages == [
+        "ingest",
+        "querygen",
+        "pools",
+        "bm25",
+        "annotate",
+        "train",
+        "index",
+        "judge",
+        "evaluate",
+        "report",
+    ]
+    lines = make_plan(cfg, stages).lines()
+    assert "annotation: relsel -> answer -> utilsel" in lines  # the stages its settings need, no more
+    assert any(line.startswith("querygen: 1 question(s) for each of 200 sampled passages of own") for line in lines)
+    judge = next(line for line in lines if line.startswith("judge own/gen-test"))
+    assert "top 10 of bm25s, minilm, utilsel, source" in judge and "circular" in judge

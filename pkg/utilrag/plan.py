@@ -115,6 +115,8 @@ def encodings(targets: list[IndexTarget]) -> list[Encoding]:
 class Plan:
     stages: list[str]
     annotation: list[str] = field(default_factory=list)  # the annotation stages run (annotate_stages)
+    querygen: dict | None = None  # the questions written: dataset, passages, model, splits
+    judging: list[dict] = field(default_factory=list)  # per judge target: its runs, depth, model, circular
     settings: list[SettingPlan] = field(default_factory=list)
     index_targets: list[dict] = field(default_factory=list)
     encodings: list[Encoding] = field(default_factory=list)
@@ -126,6 +128,13 @@ class Plan:
     def lines(self) -> list[str]:
         """The plan as short text lines (the dry run prints them above the folder table)."""
         out = [f"stages: {' -> '.join(self.stages)}"]
+        if self.querygen:
+            q = self.querygen
+            out.append(
+                f"querygen: {q['per_passage']} question(s) for each of {q['passages']:,} sampled passages of "
+                f"{q['dataset']} by {q['model']}; {q['heldout_percent']:g}% of its documents held out (gen-test), "
+                "the rest gen-train"
+            )
         if self.annotation:
             out.append(f"annotation: {' -> '.join(self.annotation)}")
         for s in self.settings:
@@ -147,6 +156,12 @@ class Plan:
                 else ""
             )
             out.append(f"index: {len(self.encodings)} corpus encoding(s){note}, {len(self.index_targets)} search(es)")
+        for j in self.judging:
+            circular = " (the annotator: circular)" if j["circular"] else ""
+            out.append(
+                f"judge {j['dataset']}/{j['split']}: top {j['depth']} of {', '.join(j['runs']) or 'no run'} by "
+                f"{j['model']}{circular}"
+            )
         if self.evaluate_runs:
             scored = [f"{r['dataset']}/{r['label'] or r['run']}" for r in self.evaluate_runs]
             out.append(f"evaluate: {_some(scored)}")
@@ -180,9 +195,26 @@ def make_plan(cfg: PipelineConfig, stages: list[str]) -> Plan:
                 )
             )
     searched = index_targets(cfg) if "index" in stages else []
+    annotator = cfg.annotate.model if cfg.annotate is not None and cfg.annotate.targets else None
+    qcfg, jcfg = cfg.querygen, cfg.judge
+    querygen = None
+    if qcfg is not None and "querygen" in stages:
+        querygen = {**qcfg.model_dump(), "model": qcfg.model or (cfg.annotate.model if cfg.annotate else None)}
+    judging = []
+    if jcfg is not None and "judge" in stages:
+        model = jcfg.model or (cfg.annotate.model if cfg.annotate else None)
+        for t in jcfg.targets:
+            runs = [
+                r.label or r.run for r in evaluate_runs(cfg) if r.dataset == t.dataset and (r.split or "all") == t.split
+            ]
+            judging.append(
+                {**t.model_dump(), "runs": runs, "depth": jcfg.depth, "model": model, "circular": model == annotator}
+            )
     return Plan(
         stages=list(stages),
         annotation=annotate_stages(cfg) if "annotate" in stages else [],
+        querygen=querygen,
+        judging=judging,
         settings=settings,
         index_targets=[t.model_dump() for t in searched],
         encodings=encodings(searched),
