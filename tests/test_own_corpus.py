@@ -205,3 +205,17 @@ def test_the_own_corpus_config_plans_the_whole_path(tmp_path):
     assert any(line.startswith("querygen: 1 question(s) for each of 200 sampled passages of own") for line in lines)
     judge = next(line for line in lines if line.startswith("judge own/gen-test"))
     assert "top 10 of bm25s, minilm, utilsel, source" in judge and "circular" in judge
+
+
+def test_a_question_keeps_its_leading_numbers_and_loses_list_marks():
+    from utilrag.annotate.prompts import clean_question
+
+    cases = {
+        "1918 flu pandemic deaths?": "1918 flu pandemic deaths?",
+        "3D printing cost?": "3D printing cost?",
+        ".NET runtime?": ".NET runtime?",
+        "1. what is x?": "what is x?",
+        "- Question: why y?\nmore": "why y?",
+        '\n  "Question 2: how z?"': "how z?",
+    }
+    assert {raw: clean_question(raw) for raw in cases} == cases

@@ -418,7 +418,8 @@ class AnnotateEngine(Strict):
         False,
         description="with async_engine: false, vLLM's EngineCore runs in the replica's own process "
         "(VLLM_ENABLE_V1_MULTIPROCESSING=0): a start ~15 s shorter on CPU (one vLLM import, not two); small CPU "
-        "runs and tests. An engine death then ends the replica, which Ray restarts",
+        "runs and tests only: an engine death then ends the replica before it is counted (engine_deaths_per_replica "
+        "and query_tries do not see it), and Ray retries its block",
     )
     enable_prefix_caching: bool = Field(True, description="reuse the KV cache of shared prompt prefixes")
     enforce_eager: bool = Field(False, description="skip torch.compile: engine start in seconds (CPU, tests)")
@@ -513,10 +514,10 @@ class AnnotateConfig(Strict):
         description="the annotating LLM: HF folder, hub name, or a packaged model (HuggingFaceTB/SmolLM2-135M-Instruct)"
     )
     targets: list[AnnotateTarget] = Field([], description="the pools to annotate")
-    stages: list[Literal["relsel", "answer", "utilsel", "utilrank", "graded"]] | None = Field(
-        None,
-        description="the stages to run (graded: the pointwise 0-3 judge, an addition); null: those the train "
-        "settings' labels need (utilsel: relsel, answer, utilsel), all four without a train section",
+    stages: list[Literal["relsel", "answer", "utilsel", "utilrank", "graded"]] | Literal["needed"] = Field(
+        ["relsel", "answer", "utilsel", "utilrank"],
+        description="the stages to run (graded: the pointwise 0-3 judge, an addition); needed: those the train "
+        "settings' labels need (utilsel: relsel, answer, utilsel), the four without a train section",
     )
     output_name: str | None = Field(
         None,
@@ -548,7 +549,7 @@ class AnnotateConfig(Strict):
     def chain_stages(self) -> list[str]:
         """The stages the chain runs: set by the annotate stage from utilrag.plan.annotate_stages (or by
         querygen / judge) before the chain sees this section; [] while unresolved."""
-        return list(self.stages or [])
+        return list(self.stages) if isinstance(self.stages, list) else []
 
     def content_settings(self) -> dict[str, Any]:
         """The settings that change what a stage's rows contain, flat (the stage fingerprint's keys).
@@ -619,7 +620,11 @@ class JudgeConfig(Strict):
         "and said so). Set apart from the annotator when you can",
     )
     targets: list[JudgeTarget] = Field([], description="the dataset splits whose runs are judged")
-    depth: int = Field(10, ge=1, description="each evaluated run's top-k per query enters the judged pool")
+    depth: int = Field(
+        10,
+        ge=2,
+        description="each evaluated run's top-k per query enters the judged pool (a pool of one is not judged)",
+    )
     threshold: int = Field(
         2, ge=1, le=3, description="a judged grade counted relevant (binary metrics, and the kappa against qrels)"
     )

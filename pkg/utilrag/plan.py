@@ -33,11 +33,11 @@ def annotation_stages(labels: str) -> list[str]:
 
 
 def annotate_stages(cfg: PipelineConfig) -> list[str]:
-    """The annotation stages this config runs: annotate.stages as written; null: those its train settings'
+    """The annotation stages this config runs: annotate.stages as written; "needed": those its train settings'
     labels need (a label setting pays for no stage it does not read), the four without a train section."""
     if cfg.annotate is None:
         return []
-    if cfg.annotate.stages is not None:
+    if cfg.annotate.stages != "needed":
         return [s for s in ANNOTATION_STAGES if s in cfg.annotate.stages]
     if "train" not in cfg.model_fields_set:
         return ["relsel", "answer", "utilsel", "utilrank"]

@@ -77,6 +77,7 @@ class AnnotateSummary(StageSummary):
 
 
 class QueryGenSummary(StageSummary):
+    ingest_fingerprint: str | None = None  # the ingest the questions were written from (a new one: stale)
     model: str | None = None
     prompt_version: str | None = None
     config: dict = {}

@@ -14,7 +14,7 @@ PROMPT_VERSION = "zhang2025-v1"
 SELECTION_REGEX = r"My selection:\[(\[[0-9]{1,2}\](,\[[0-9]{1,2}\])*)?\]\.?"
 RANKING_REGEX = r"\[[0-9]{1,2}\]( > \[[0-9]{1,2}\])*"
 GRADE_REGEX = r"##final score: [0-3]"
-QUESTION_REGEX = r"[A-Za-z][A-Za-z0-9 ,'()/-]{5,150}\?"  # one line, one question mark at its end
+QUESTION_REGEX = r"[^\s?][^\n?]{5,200}\?"  # one line (any script), one question mark at its end
 
 
 def cut_words(text: str, max_words: int) -> tuple[str, bool]:
@@ -210,7 +210,8 @@ def clean_question(raw: str) -> str:
     import re
 
     for line in raw.splitlines():
-        line = re.sub(r"^\s*(?:[-*\d.)]+\s*)?(?:question\s*\d*\s*:\s*)?", "", line, flags=re.I).strip().strip("\"'`")
+        line = re.sub(r"^\s*(?:(?:[-*\u2022]|\d+[.)])\s+)?(?:question\s*\d*\s*:\s*)?", "", line, flags=re.I)
+        line = line.strip().strip("\"'`")
         if line:
             return " ".join(line.split())
     return ""

@@ -138,7 +138,6 @@ def run_querygen(cfg: PipelineConfig, qcfg: QueryGenConfig) -> tuple[str, bool]:
     if store.reusable(out, fp) is not None:
         log.info(f"{qcfg.dataset}: unchanged, reusing {out}")
         return out, True
-    t0 = time.time()
     model_path = resolve_llm(acfg.model)
     check_model(model_path, acfg.engine.use_gpu)
     if cfg.annotate is not None and acfg.model == cfg.annotate.model:
@@ -160,9 +159,19 @@ def run_querygen(cfg: PipelineConfig, qcfg: QueryGenConfig) -> tuple[str, bool]:
     )
     questions = annotate_pools(cfg, acfg, chain, model_path)
     rows = read_table(store.join(questions, f"{QUESTION_STAGE}.parquet"), ["query_id", "doc_ids", "answer"])
+    t0 = time.time()  # the chain's own folder has its time: this one's is the screening
     generated, counts = screen(rows, dataset, qcfg)
-    writer = store.begin(out, "querygen", fp)
     kept = generated.filter(pc.field("kept"))
+    splits = Counter(kept.column("split").to_pylist())
+    if not splits[TRAIN_SPLIT] or (qcfg.heldout_percent > 0 and not splits[TEST_SPLIT]):
+        drops = ", ".join(f"{n:,} {why}" for why, n in sorted(counts.items())) or "none dropped"
+        raise UtilragError(
+            f"querygen: {splits[TRAIN_SPLIT]:,} {TRAIN_SPLIT} and {splits[TEST_SPLIT]:,} {TEST_SPLIT} questions kept "
+            "of "
+            f"{generated.num_rows:,} ({drops}); raise querygen.passages, or loosen filter / filter_k / min_words "
+            f"(every question and its fate: {store.join(questions, f'{QUESTION_STAGE}.parquet')})"
+        )
+    writer = store.begin(out, "querygen", fp)
     ingested_q, ingested_qrels = dataset.table("queries"), dataset.table("qrels")
     clash = set(ingested_q.column("query_id").to_pylist()) & set(kept.column("query_id").to_pylist())
     if clash:
@@ -172,7 +181,8 @@ def run_querygen(cfg: PipelineConfig, qcfg: QueryGenConfig) -> tuple[str, bool]:
         {
             "query_id": kept.column("query_id"),
             "doc_id": kept.column("doc_id"),
-            "grade": pa.array([1] * kept.num_rows, pa.int32()),
+            # relevant at the dataset's own threshold (1 for a corpus of your own)
+            "grade": pa.array([max(1, dataset.relevance_threshold)] * kept.num_rows, pa.int32()),
             "split": kept.column("split"),
         },
         schema=SCHEMAS["qrels"],
@@ -180,8 +190,8 @@ def run_querygen(cfg: PipelineConfig, qcfg: QueryGenConfig) -> tuple[str, bool]:
     write_table(queries, writer.path("queries/part-0.parquet"))
     write_table(pa.concat_tables([ingested_qrels, source]), writer.path("qrels/part-0.parquet"))
     write_table(generated, writer.path("generated.parquet"))
-    splits = Counter(kept.column("split").to_pylist())
     summary = QueryGenSummary(
+        ingest_fingerprint=dataset.fingerprint,
         model=acfg.model,
         prompt_version=QUESTION_PROMPT_VERSION,
         config=qcfg.model_dump(),

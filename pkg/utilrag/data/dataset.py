@@ -35,6 +35,11 @@ class Dataset:
             return f"{self.committed['input_fingerprint']}+{self.generated['input_fingerprint']}"
         return self.committed["input_fingerprint"]
 
+    @property
+    def corpus_fingerprint(self) -> str:
+        """The ingest's own fingerprint: what the passages depend on (new questions leave them as they were)."""
+        return self.committed["input_fingerprint"]
+
     def location(self, table: str) -> str:
         """Where one of the dataset's tables is (a folder of Parquet parts)."""
         if self.generated is not None and table in GENERATED_TABLES:
@@ -111,6 +116,11 @@ def open_dataset(cfg: PipelineConfig, name: str, generated: bool = True) -> Data
     ingested = require(Store(cfg.output_dir).ingest(name), f"dataset {name!r}")
     if generated and cfg.querygen is not None and cfg.querygen.dataset == name:
         written = require(Store(cfg.output_dir).querygen(name, "queries"), f"the generated questions of {name!r}")
+        if written.get("ingest_fingerprint") not in (None, ingested["input_fingerprint"]):
+            raise DatasetInputError(
+                f"the generated questions of {name!r} ({written.folder}) were written from an earlier ingest of it; "
+                "run the querygen stage again"
+            )
         return Dataset(name, ingested, written)
     return Dataset(name, ingested)
 

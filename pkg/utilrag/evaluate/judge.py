@@ -104,6 +104,11 @@ def build_pool(
             for name, value in zip(rows, (q, d, position, "judge", grades.get((q, d)))):
                 rows[name].append(value)
     stats = {"queries": len(by_query), "pairs": len(best), "runs": len(runs)}
+    if not best:
+        raise UtilragError(
+            f"judge: the runs {[r.label or r.run for r in runs]} retrieve nothing for the {len(qids):,} queries of "
+            f"{target.dataset}/{target.split}: no pool to judge"
+        )
     return pa.table(rows, schema=SCHEMAS["pools"]), [r.label or r.run for r in runs], stats
 
 
@@ -129,7 +134,6 @@ def run_target(cfg: PipelineConfig, jcfg: JudgeConfig, target: JudgeTarget) -> t
     if store.reusable(out, fp) is not None:
         log.info(f"{target.dataset}/{target.split}: unchanged, reusing {out}")
         return out, True
-    t0 = time.time()
     # the annotator: the model whose labels trained this run's retrievers (an annotate section with targets)
     annotator = cfg.annotate.model if cfg.annotate is not None and cfg.annotate.targets else None
     circular = annotator is not None and acfg.model == annotator
@@ -161,6 +165,7 @@ def run_target(cfg: PipelineConfig, jcfg: JudgeConfig, target: JudgeTarget) -> t
         stage="judge",
     )
     grades_dir = annotate_pools(cfg, acfg, chain, model_path)
+    t0 = time.time()  # the chain's own folder has its time: this one's is turning grades into qrels
     graded = read_table(store.join(grades_dir, "graded.parquet"), ["query_id", "doc_ids", "grade"])
     judged = {
         (q, ids[0]): g for q, ids, g in zip(*(graded.column(c).to_pylist() for c in ["query_id", "doc_ids", "grade"]))
@@ -178,6 +183,13 @@ def run_target(cfg: PipelineConfig, jcfg: JudgeConfig, target: JudgeTarget) -> t
     human = {(q, d): g for q, d, g in zip(*(pool.column(c).to_pylist() for c in ["query_id", "doc_id", "human_grade"]))}
     has_qrels = dataset.has("qrels") and dataset.qrels(target.split).num_rows > 0
     agreement = agree(judged, human, jcfg.threshold, dataset.relevance_threshold) if has_qrels else None
+    if agreement is not None:  # generated questions' qrels are their source passages, not judgments
+        generated = dataset.generated is not None and target.split.startswith("gen-")
+        agreement["against"] = (
+            "the questions' source passages (one weak positive each, not judgments)"
+            if generated
+            else "the dataset's qrels"
+        )
     writer = store.begin(out, "judge", fp)
     write_table(qrels, writer.path("qrels/part-0.parquet"))
     staging = writer.local_path(".")
@@ -249,11 +261,12 @@ def agree(
 def render_agreement(label: str, model: str, agreement: dict | None) -> str:
     if agreement is None:
         return f"LLM-judged qrels of {label} ({model}): the dataset has no qrels to compare them with"
+    share = "-" if agreement["agreement"] is None else f"{agreement['agreement']:.1%}"
     lines = [
-        f"LLM judge vs qrels: {label} ({model})",
+        f"LLM judge vs {agreement.get('against', 'the qrels')}: {label} ({model})",
         "",
         f"Cohen's kappa {agreement['kappa']} (binary; {agreement['rule']}), agreement "
-        f"{agreement['agreement']:.1%} over {agreement['pairs']:,} judged passages; judge relevant "
+        f"{share} over {agreement['pairs']:,} judged passages; judge relevant "
         f"{agreement['judge_relevant']:,}, qrels relevant {agreement['qrels_relevant']:,}. Graded kappa over the "
         f"{agreement['graded_pairs']:,} passages the qrels grade: {agreement['graded_kappa']}",
         "",
@@ -275,8 +288,16 @@ def judged_qrels(cfg: PipelineConfig, dataset: str, split: str | None) -> tuple[
     name = split or "all"
     if jcfg is None or not any(t.dataset == dataset and t.split == name for t in jcfg.targets):
         return None
+    target = next(t for t in jcfg.targets if t.dataset == dataset and t.split == name)
     folder = Store(cfg.output_dir).judge(dataset, name, "qrels")
     committed = store.require(folder, f"the judged qrels of {dataset}/{name} (run the judge stage)")
+    pooled, wanted = JudgeSummary.of(committed).runs, [r.label or r.run for r in judged_runs(cfg, target)]
+    if sorted(pooled) != sorted(wanted):  # a run the judge never saw would count every passage as not relevant
+        raise UtilragError(
+            f"the judged qrels of {dataset}/{name} pooled the runs {sorted(pooled)}, but evaluate scores "
+            f"{sorted(wanted)}: "
+            "run the judge stage again"
+        )
     return read_table(committed.path("qrels")), jcfg.threshold
 
 

@@ -51,7 +51,7 @@ def encode_corpus(
         "passage_model": model_identity(passage_model),
         **precision_setting(icfg),
     }
-    fp = fingerprint({"input": dataset.fingerprint, "encode": settings})
+    fp = fingerprint({"input": dataset.corpus_fingerprint, "encode": settings})
     old = store.reusable(out, fp)
     if old is not None:
         log.info(f"{dataset.name}: corpus embeddings unchanged, reusing {out}")

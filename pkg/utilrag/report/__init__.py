@@ -203,8 +203,9 @@ def judged(targets: list[dict]) -> list[Block]:
         if a:
             blocks.append(
                 Para(
-                    f"Against the dataset's qrels: Cohen's kappa {a['kappa']} ({a['rule']}), agreement "
-                    f"{_num(a['agreement'])} over {_int(a['pairs'])} judged passages (judge relevant "
+                    f"Against {a.get('against', 'the qrels')}: Cohen's kappa {a['kappa']} ({a['rule']}), agreement "
+                    f"{_num(a['agreement']) if a['agreement'] is not None else '-'} over {_int(a['pairs'])} judged "
+                    "passages (judge relevant "
                     f"{_int(a['judge_relevant'])}, qrels relevant {_int(a['qrels_relevant'])}); graded kappa "
                     f"{a['graded_kappa']} over the {_int(a['graded_pairs'])} passages the qrels grade."
                 )
