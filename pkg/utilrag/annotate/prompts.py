@@ -210,7 +210,8 @@ def clean_question(raw: str) -> str:
     import re
 
     for line in raw.splitlines():
-        line = re.sub(r"^\s*(?:(?:[-*\u2022]|\d+[.)])\s+)?(?:question\s*\d*\s*:\s*)?", "", line, flags=re.I)
+        line = line.strip().strip("\"'`")
+        line = re.sub(r"^(?:(?:[-*\u2022]|\d+[.)])\s+)?(?:question\s*\d*\s*:\s*)?", "", line, flags=re.I)
         line = line.strip().strip("\"'`")
         if line:
             return " ".join(line.split())
