@@ -43,6 +43,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 QUERIES = 491_007
 BLOCK = 16  # vLLM's KV-cache block: prefix caching reuses whole blocks
 PAPER = {"relsel": 6.2, "utilsel": 2.9, "utilrank_ranked": 6.2}  # Qwen-2.5-32B, docs/method.md §6
+LAYOUTS = ("paper", "shared_prefix")  # annotate.layout (utilrag.annotate.prompts.arrange)
 STAGE_SETS = {
     "relsel+answer+utilsel": ["relsel", "answer", "utilsel"],
     "relsel+answer+utilrank": ["relsel", "answer", "utilrank"],
@@ -82,7 +83,7 @@ def sample_pools(n: int, seed: int, passage_words: int) -> list[tuple[str, list[
     return [(rng.choice(queries), rng.sample(passages, 31)) for _ in range(n)]
 
 
-def count_tokens(pools, window: int, answer_tokens: int) -> dict:
+def count_tokens(pools, window: int, answer_tokens: int, layout: str = "paper") -> dict:
     """Per stage: prompt, cacheable and output tokens per query (the job's order through one cache)."""
     from transformers import AutoTokenizer
 
@@ -93,7 +94,8 @@ def count_tokens(pools, window: int, answer_tokens: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
 
     def encode(messages) -> list[int]:
-        return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        arranged = prompts.arrange(messages, layout)
+        return tokenizer.apply_chat_template(arranged, tokenize=True, add_generation_prompt=True, return_dict=False)
 
     def length(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
@@ -177,33 +179,38 @@ def main() -> None:
     planned = annotate_stages(cfg)  # what this config runs: its stages as written, or its settings' needs
     runs = next((name for name, stages in STAGE_SETS.items() if stages == [s for s in planned if s != "graded"]), None)
     prefill, source = measured_prefill()
-    tokens = count_tokens(sample_pools(args.queries, args.seed, acfg.passage_words), acfg.window, args.answer_tokens)
     from utilrag.cost import Rates, gpu_hours
 
     rates = Rates(prefill, args.vllm_efficiency, args.decode_tok_s)
-    sets = {}
-    for name, stages in STAGE_SETS.items():
-        per = {s: tokens[f"{name}/{s}"] for s in stages}
-        prompt = sum(p["prompt"] for p in per.values())
-        cacheable = sum(p["cacheable"] for p in per.values())
-        output = sum(p["output"] for p in per.values())
-        hours = gpu_hours(QUERIES, prompt, cacheable, output, rates)
-        sets[name] = {
-            "stages": per,
-            "prompt_tokens_per_query": round(prompt, 1),
-            "cacheable_tokens_per_query": round(cacheable, 1),
-            "cacheable_share": round(cacheable / prompt, 4),
-            "output_tokens_per_query": round(output, 1),
-            "gpu_hours_bf16": round(hours, 1),
-            "gpu_hours_bf16_no_prefix_cache": round(gpu_hours(QUERIES, prompt, 0, output, rates), 1),
-            "gpu_hours_fp8": None,  # unmeasured: no GPU lent to measure the FP8 prefill
-            "over_goal": round(hours / GOAL_H100_HOURS, 2),
-        }
+    pools = sample_pools(args.queries, args.seed, acfg.passage_words)
+    layouts = {}
+    for layout in LAYOUTS:
+        tokens = count_tokens(pools, acfg.window, args.answer_tokens, layout)
+        sets = {}
+        for name, stages in STAGE_SETS.items():
+            per = {s: tokens[f"{name}/{s}"] for s in stages}
+            prompt = sum(p["prompt"] for p in per.values())
+            cacheable = sum(p["cacheable"] for p in per.values())
+            output = sum(p["output"] for p in per.values())
+            hours = gpu_hours(QUERIES, prompt, cacheable, output, rates)
+            sets[name] = {
+                "stages": per,
+                "prompt_tokens_per_query": round(prompt, 1),
+                "cacheable_tokens_per_query": round(cacheable, 1),
+                "cacheable_share": round(cacheable / prompt, 4),
+                "output_tokens_per_query": round(output, 1),
+                "gpu_hours_bf16": round(hours, 1),
+                "gpu_hours_bf16_no_prefix_cache": round(gpu_hours(QUERIES, prompt, 0, output, rates), 1),
+                "gpu_hours_fp8": None,  # unmeasured: no GPU lent to measure the FP8 prefill
+                "over_goal": round(hours / GOAL_H100_HOURS, 2),
+            }
+        layouts[layout] = sets
+    sets = layouts["paper"]
     result = {
         "benchmark": "annotation_cost",
         "config": str(Path(args.config).relative_to(ROOT)),
         "model": acfg.model,
-        "layout": "paper (the prompts of docs/method.md; the prefix-sharing layout is not built)",
+        "layout": f"{acfg.layout} (the config's); both under 'layouts', the paper's under 'stage_sets'",
         "pools": args.queries,
         "passage_words": acfg.passage_words,
         "window": acfg.window,
@@ -221,23 +228,22 @@ def main() -> None:
         "config_stage_set": runs,
         "config_gpu_hours_bf16": sets[runs]["gpu_hours_bf16"] if runs else None,
         "stage_sets": sets,
+        "layouts": {
+            layout: {k: {m: v[m] for m in v if m != "stages"} for k, v in by.items()} for layout, by in layouts.items()
+        },
         "wall_s": round(time.time() - t0, 1),
     }
     name = "annotation_cost-quick.json" if args.quick else "annotation_cost.json"
     out = Path(args.out) if args.out else RESULTS / name
     out.write_text(json.dumps(result, indent=2) + "\n")
-    for key, s in sets.items():
-        print(
-            f"{key}: {s['prompt_tokens_per_query']:,.0f} prompt tokens/query ({s['cacheable_share']:.1%} cacheable), "
-            f"{s['output_tokens_per_query']:,.0f} output -> {s['gpu_hours_bf16']:,.0f} H100/H200-hours in bf16 "
-            f"({s['over_goal']:.2f}x the {GOAL_H100_HOURS:.0f}-hour goal)"
-        )
-    print(
-        json.dumps(
-            {k: v for k, v in result.items() if k != "stage_sets"}
-            | {"stage_sets": {k: {m: v[m] for m in v if m != "stages"} for k, v in sets.items()}}
-        )
-    )
+    for layout, by in layouts.items():
+        for key, s in by.items():
+            print(
+                f"{layout} {key}: {s['prompt_tokens_per_query']:,.0f} prompt tokens/query ({s['cacheable_share']:.1%} "
+                f"cacheable), {s['output_tokens_per_query']:,.0f} output -> {s['gpu_hours_bf16']:,.0f} H100/H200-hours "
+                f"in bf16 ({s['over_goal']:.2f}x the {GOAL_H100_HOURS:.0f}-hour goal)"
+            )
+    print(json.dumps({k: v for k, v in result.items() if k != "stage_sets"}))
 
 
 if __name__ == "__main__":

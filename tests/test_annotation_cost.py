@@ -42,5 +42,24 @@ def test_quick_cost_model(tmp_path):
     one = saved["stage_sets"]["relsel+answer+utilsel"]
     assert 4000 < one["prompt_tokens_per_query"] < both["prompt_tokens_per_query"] < 8000
     assert 0 < both["cacheable_share"] < 0.5 and one["gpu_hours_bf16"] < both["gpu_hours_bf16"]
+    # the prefix-sharing layout: the same words in another turn order, more of them cacheable, fewer hours
+    paper, shared = (saved["layouts"][k]["relsel+answer+utilsel+utilrank"] for k in ("paper", "shared_prefix"))
+    assert shared["prompt_tokens_per_query"] == pytest.approx(paper["prompt_tokens_per_query"], rel=0.002)
+    assert shared["cacheable_share"] > paper["cacheable_share"] and shared["gpu_hours_bf16"] < paper["gpu_hours_bf16"]
     relsel = both["stages"]["relsel"]
     assert relsel["prompt"] > 3000 and relsel["output"] > 10  # two windows of ~16 passages of 300 words at most
+
+
+def test_the_shared_prefix_layout_moves_the_passages_first_and_keeps_every_turn():
+    from utilrag.annotate import prompts
+
+    passages = ["alpha beta", "gamma delta", "epsilon"]
+    util = prompts.utilsel_messages("q?", passages, "an answer")
+    rank = prompts.utilrank_messages("q?", passages, "an answer")
+    assert prompts.arrange(util, "paper") is util
+    shared_util, shared_rank = prompts.arrange(util, "shared_prefix"), prompts.arrange(rank, "shared_prefix")
+    assert sorted(map(str, shared_util)) == sorted(map(str, util))  # the same turns, words unchanged
+    assert [m["content"] for m in shared_util[:6:2]] == ["[1] alpha beta", "[2] gamma delta", "[3] epsilon"]
+    assert shared_util[:6] == shared_rank[:6] and util[:6] != rank[:6]  # now a common prefix
+    question = prompts.question_messages("a passage")
+    assert prompts.arrange(question, "shared_prefix") == question  # no passage turns: unchanged

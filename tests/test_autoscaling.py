@@ -46,6 +46,7 @@ import pytest
 import yaml
 
 from conftest import free_port, ray_job_submit, start_ray_head, stop_cluster_group
+from readiness import NotReady, wait_until
 from utilrag.annotate.engine import AnnotateError
 from utilrag.paths import REPO_ROOT
 
@@ -297,9 +298,23 @@ def test_gpu_nodes_on_demand_node_loss_exactly_once_and_scale_down(shared_datase
         assert all(_get(n, "state") == "DEAD" for n in workers.values())
 
         # The autoscaler's own account (monitor.log): launches by type, the lost node, the idle ones.
-        monitor = (Path(temp_dir) / "session_latest" / "logs" / "monitor.log").read_text(errors="replace")
-        launched = Counter(re.findall(r"Launching 1 nodes, type (\S+)\.", monitor))
+        monitor_log = Path(temp_dir) / "session_latest" / "logs" / "monitor.log"
+
+        def launches(_: float = 0.0) -> Counter:
+            """Nodes launched by type: a launcher line may start several ("Launching 2 nodes, type ...")."""
+            found: Counter = Counter()
+            for n, kind in re.findall(r"Launching (\d+) nodes, type (\S+)\.", monitor_log.read_text(errors="replace")):
+                found[kind] += int(n)
+            return found
+
+        try:  # the monitor writes its lines on its own time: wait for the replacement's
+            launched = wait_until(
+                "the monitor's GPU launches", lambda t: launches() if launches()[GPU_TYPE] >= 2 else None, deadline_s=60
+            )
+        except NotReady:
+            launched = launches()
         assert launched[GPU_TYPE] >= 2, launched
+        monitor = monitor_log.read_text(errors="replace")
         removed = dict(re.findall(r"Terminating the node with id (\S+) and ip \S+ \((.+?)\)", monitor))
         assert killed in removed and all(removed.get(i) == "idle" for i in set(workers) - {killed}), removed
         print(

@@ -525,6 +525,12 @@ class AnnotateConfig(Strict):
         "else output_dir/annotate/<dataset>-<split>-<output_name>",
     )
     window: int = Field(16, ge=2, description="at most this many passages per listwise prompt (31 -> 16 + 15)")
+    layout: Literal["paper", "shared_prefix"] = Field(
+        "paper",
+        description="the prompts' turn order: paper (as the paper); shared_prefix: the same turns and words with the "
+        "passages first, so UtilSel and UtilRank over the same RelSel set share a cached prefix (an option: "
+        "benchmarks/annotation_cost.py counts its tokens, benchmarks/layout_agreement.py its labels)",
+    )
     passage_words: int = Field(300, ge=1, description="passages are cut to this many words (the cut is recorded)")
     human_positive: Literal["random", "inclusion", "exclusion"] = Field(
         "random",
@@ -566,6 +572,7 @@ class AnnotateConfig(Strict):
             **({"top_p": 1.0} if self.sampling.temperature == 0 else {}),
             **self.engine.model_dump(include={"dtype", "quantization", "max_model_len"}),
             **({"revision": self.engine.revision} if self.engine.revision else {}),  # unset: old fingerprints hold
+            **({"layout": self.layout} if self.layout != "paper" else {}),  # the paper's: old fingerprints hold
         }
 
 

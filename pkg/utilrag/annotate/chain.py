@@ -101,7 +101,8 @@ class BlockState:
         row = self.rows[i]
         text = dict(zip(row["doc_ids"], row["passages"]))
         cut = dict(zip(row["doc_ids"], row["cut"]))
-        return Request(i, stage, window, ids, build([text[d] for d in ids]), sum(bool(cut[d]) for d in ids))
+        messages = prompts.arrange(build([text[d] for d in ids]), self.acfg.layout)
+        return Request(i, stage, window, ids, messages, sum(bool(cut[d]) for d in ids))
 
     def requests(self, wave: tuple[str, ...]) -> list[Request]:
         """The requests of one wave, given the earlier waves' results (stages not asked for: none)."""

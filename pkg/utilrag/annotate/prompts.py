@@ -25,6 +25,32 @@ def cut_words(text: str, max_words: int) -> tuple[str, bool]:
     return " ".join(words[:max_words]), True
 
 
+LAYOUTS = ("paper", "shared_prefix")
+
+
+def arrange(messages: list[dict], layout: str = "paper") -> list[dict]:
+    """A stage's chat in the given layout. ``paper``: as written above. ``shared_prefix``: the same turns,
+    the same words, with the passage turns moved to the front, so that prompts showing the same
+    passages (UtilSel and UtilRank over a query's RelSel set) share their longest part as a prefix and
+    vLLM's prefix cache prefills it once. An option the paper does not have (its labels may differ:
+    benchmarks/layout_agreement.py measures by how much)."""
+    if layout == "paper":
+        return messages
+    passages: list[dict] = []
+    rest: list[dict] = []
+    i = 0
+    while i < len(messages):
+        m = messages[i]
+        n = messages[i + 1] if i + 1 < len(messages) else {"role": "", "content": ""}
+        if m["role"] == "user" and m["content"].startswith("[") and n["content"].startswith("Received passage ["):
+            passages += [m, n]
+            i += 2
+        else:
+            rest.append(m)
+            i += 1
+    return passages + rest
+
+
 def _passage_turns(passages: list[str]) -> list[dict]:
     turns = []
     for rank, passage in enumerate(passages, start=1):

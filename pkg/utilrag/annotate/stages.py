@@ -147,7 +147,10 @@ def load_inputs(
 
 
 # --------------------------------------------------------------------------- requests
-def _request(rows: dict, qid: str, window: int, doc_ids: list[str], messages: list[dict], inputs: TargetInputs):
+def _request(
+    rows: dict, qid: str, window: int, doc_ids: list[str], messages: list[dict], inputs: TargetInputs, layout="paper"
+):
+    messages = prompts.arrange(messages, layout)
     rows["key"].append(f"{qid}\t{window}")
     rows["query_id"].append(qid)
     rows["window"].append(window)
@@ -176,10 +179,18 @@ def build_requests(
         text = [inputs.passages[d] for d in pool]
         if stage == "relsel":
             for w, ids in enumerate(windows(pool, acfg.window)):
-                _request(rows, q, w, ids, prompts.relsel_messages(query, [inputs.passages[d] for d in ids]), inputs)
+                _request(
+                    rows,
+                    q,
+                    w,
+                    ids,
+                    prompts.relsel_messages(query, [inputs.passages[d] for d in ids]),
+                    inputs,
+                    acfg.layout,
+                )
         elif stage == "graded":
             for position, d in enumerate(pool):
-                _request(rows, q, position, [d], prompts.graded_messages(query, text[position]), inputs)
+                _request(rows, q, position, [d], prompts.graded_messages(query, text[position]), inputs, acfg.layout)
         else:
             chosen = [d for d in pool if d in relsel.get(q, set())]
             if not chosen:
@@ -187,7 +198,13 @@ def build_requests(
                 continue
             if stage == "answer":
                 _request(
-                    rows, q, 0, chosen, prompts.answer_messages(query, [inputs.passages[d] for d in chosen]), inputs
+                    rows,
+                    q,
+                    0,
+                    chosen,
+                    prompts.answer_messages(query, [inputs.passages[d] for d in chosen]),
+                    inputs,
+                    acfg.layout,
                 )
                 continue
             answer = answers.get(q)
@@ -196,7 +213,7 @@ def build_requests(
                 continue
             build = prompts.utilsel_messages if stage == "utilsel" else prompts.utilrank_messages
             for w, ids in enumerate(windows(chosen, acfg.window)):
-                _request(rows, q, w, ids, build(query, [inputs.passages[d] for d in ids], answer), inputs)
+                _request(rows, q, w, ids, build(query, [inputs.passages[d] for d in ids], answer), inputs, acfg.layout)
     return pa.table(rows, schema=REQUEST_SCHEMA), dict(skipped)
 
 
