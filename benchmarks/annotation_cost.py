@@ -110,7 +110,7 @@ def count_tokens(pools, window: int, answer_tokens: int, layout: str = "paper") 
     for query, texts in pools:
         # the RelSel set: the paper's average size (6.2 = 6 or 7, in proportion)
         k = 6 + (rng.random() < PAPER["relsel"] - 6)
-        chosen = texts[:k]
+        chosen = [texts[i] for i in sorted(rng.sample(range(len(texts)), k))]  # anywhere in the pool, in its order
         util_k = 2 + (rng.random() < PAPER["utilsel"] - 2)
         requests = {
             "relsel": [prompts.relsel_messages(query, w) for w in windows(texts, window)],
