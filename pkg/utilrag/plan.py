@@ -16,6 +16,7 @@ from utilrag.config import (
     ANNOTATION_STAGES,
     TRAINED_MODEL,
     IndexTarget,
+    JudgeTarget,
     PipelineConfig,
     RunToEvaluate,
 )
@@ -43,6 +44,16 @@ def annotate_stages(cfg: PipelineConfig) -> list[str]:
         return ["relsel", "answer", "utilsel", "utilrank"]
     needed = {s for run in cfg.train.runs() if not run.labels_path for s in annotation_stages(run.labels)}
     return [s for s in ANNOTATION_STAGES if s in needed]
+
+
+def annotator(cfg: PipelineConfig) -> str | None:
+    """The model whose labels this config's retrievers learn from (an annotate section with targets)."""
+    return cfg.annotate.model if cfg.annotate is not None and cfg.annotate.targets else None
+
+
+def judged_runs(cfg: PipelineConfig, target: JudgeTarget) -> list[RunToEvaluate]:
+    """The evaluated runs of a judge target's dataset split (a run of split null scores every query: 'all')."""
+    return [r for r in evaluate_runs(cfg) if r.dataset == target.dataset and (r.split or "all") == target.split]
 
 
 def _trained(cfg: PipelineConfig) -> list[tuple[str, IndexTarget, RunToEvaluate]]:
@@ -195,7 +206,6 @@ def make_plan(cfg: PipelineConfig, stages: list[str]) -> Plan:
                 )
             )
     searched = index_targets(cfg) if "index" in stages else []
-    annotator = cfg.annotate.model if cfg.annotate is not None and cfg.annotate.targets else None
     qcfg, jcfg = cfg.querygen, cfg.judge
     querygen = None
     if qcfg is not None and "querygen" in stages:
@@ -204,12 +214,9 @@ def make_plan(cfg: PipelineConfig, stages: list[str]) -> Plan:
     if jcfg is not None and "judge" in stages:
         model = jcfg.model or (cfg.annotate.model if cfg.annotate else None)
         for t in jcfg.targets:
-            runs = [
-                r.label or r.run for r in evaluate_runs(cfg) if r.dataset == t.dataset and (r.split or "all") == t.split
-            ]
-            judging.append(
-                {**t.model_dump(), "runs": runs, "depth": jcfg.depth, "model": model, "circular": model == annotator}
-            )
+            runs = [r.label or r.run for r in judged_runs(cfg, t)]
+            circular = model == annotator(cfg)
+            judging.append({**t.model_dump(), "runs": runs, "depth": jcfg.depth, "model": model, "circular": circular})
     return Plan(
         stages=list(stages),
         annotation=annotate_stages(cfg) if "annotate" in stages else [],

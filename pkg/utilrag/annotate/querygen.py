@@ -225,9 +225,10 @@ def screen(rows: pa.Table, dataset, qcfg: QueryGenConfig) -> tuple[pa.Table, Cou
             reason = "empty"
         elif len(text.split()) < qcfg.min_words:
             reason = "too short"
-        elif normalized(text) in seen:
+        elif (words := normalized(text)) in seen:
             reason = "duplicate"
-        seen.add(normalized(text))
+        else:
+            seen.add(words)
         values = (
             f"gen-{digest}",
             text,
@@ -241,38 +242,32 @@ def screen(rows: pa.Table, dataset, qcfg: QueryGenConfig) -> tuple[pa.Table, Cou
         )
         for name, value in zip(out, values):
             out[name].append(value)
-    table = pa.table(out, schema=GENERATED_SCHEMA)
     if qcfg.filter == "bm25":
-        table = bm25_filter(table, dataset, qcfg)
-    for reason in table.column("reason").to_pylist():
+        bm25_filter(out, dataset, qcfg)
+    for reason in out["reason"]:
         if reason:
             dropped[reason] += 1
-    return table, dropped
+    return pa.table(out, schema=GENERATED_SCHEMA), dropped
 
 
-def bm25_filter(table: pa.Table, dataset, qcfg: QueryGenConfig) -> pa.Table:
-    """InPars' consistency filter, with BM25: a question whose source passage BM25 does not rank in
-    its top ``filter_k`` over the whole corpus is dropped (``bm25_rank`` records the rank either way)."""
-    live = [i for i, k in enumerate(table.column("kept").to_pylist()) if k]
+def bm25_filter(out: dict[str, list], dataset, qcfg: QueryGenConfig) -> None:
+    """InPars' consistency filter, with BM25, on ``screen``'s columns in place: a question whose source
+    passage BM25 does not rank in its top ``filter_k`` over the whole corpus is dropped (``bm25_rank``
+    records the rank either way)."""
+    live = [i for i, kept in enumerate(out["kept"]) if kept]
     if not live:
-        return table
-    qids = [table.column("query_id")[i].as_py() for i in live]
-    texts = [table.column("text")[i].as_py() for i in live]
+        return
     run = bm25_search(
-        dataset.table("corpus"), qids, texts, BM25Config(dataset=qcfg.dataset, split="all", k=qcfg.filter_k)
+        dataset.table("corpus"),
+        [out["query_id"][i] for i in live],
+        [out["text"][i] for i in live],
+        BM25Config(dataset=qcfg.dataset, split="all", k=qcfg.filter_k),
     )
     found = {(q, d): r for q, d, r in zip(*(run.column(c).to_pylist() for c in ["query_id", "doc_id", "rank"]))}
-    kept, reasons, ranks = (table.column(c).to_pylist() for c in ["kept", "reason", "bm25_rank"])
     for i in live:
-        rank = found.get((table.column("query_id")[i].as_py(), table.column("doc_id")[i].as_py()))
-        ranks[i] = rank
+        rank = out["bm25_rank"][i] = found.get((out["query_id"][i], out["doc_id"][i]))
         if rank is None:
-            kept[i], reasons[i] = False, f"source passage not in BM25's top {qcfg.filter_k}"
-    for name, values in (("kept", kept), ("reason", reasons), ("bm25_rank", ranks)):
-        table = table.set_column(
-            table.schema.get_field_index(name), name, pa.array(values, GENERATED_SCHEMA.field(name).type)
-        )
-    return table
+            out["kept"][i], out["reason"][i] = False, f"source passage not in BM25's top {qcfg.filter_k}"
 
 
 def run(cfg: PipelineConfig) -> StageResult:

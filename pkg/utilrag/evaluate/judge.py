@@ -32,12 +32,12 @@ from utilrag.annotate import Chain, annotate_pools
 from utilrag.annotate.engine import check_model, resolve_llm
 from utilrag.annotate.prompts import PROMPT_VERSION
 from utilrag.annotate.report import cohen_kappa
-from utilrag.config import AnnotateConfig, JudgeConfig, JudgeTarget, PipelineConfig, RunToEvaluate
+from utilrag.config import AnnotateConfig, JudgeConfig, JudgeTarget, PipelineConfig
 from utilrag.data.dataset import Dataset, open_dataset
 from utilrag.data.tables import SCHEMAS, fingerprint, read_table, write_table
 from utilrag.errors import UtilragError
 from utilrag.logs import get_logger
-from utilrag.plan import evaluate_runs
+from utilrag.plan import annotator, judged_runs
 from utilrag.stages import StageResult
 from utilrag.store import Store
 from utilrag.summaries import JudgeSummary
@@ -45,11 +45,6 @@ from utilrag.summaries import JudgeSummary
 log = get_logger("judge")
 
 GRADES = (0, 1, 2, 3)
-
-
-def judged_runs(cfg: PipelineConfig, target: JudgeTarget) -> list[RunToEvaluate]:
-    """The evaluated runs of a target's dataset split (a run of split null scores every query: 'all')."""
-    return [r for r in evaluate_runs(cfg) if r.dataset == target.dataset and (r.split or "all") == target.split]
 
 
 def judge_config(cfg: PipelineConfig, jcfg: JudgeConfig) -> AnnotateConfig:
@@ -134,9 +129,8 @@ def run_target(cfg: PipelineConfig, jcfg: JudgeConfig, target: JudgeTarget) -> t
     if store.reusable(out, fp) is not None:
         log.info(f"{target.dataset}/{target.split}: unchanged, reusing {out}")
         return out, True
-    # the annotator: the model whose labels trained this run's retrievers (an annotate section with targets)
-    annotator = cfg.annotate.model if cfg.annotate is not None and cfg.annotate.targets else None
-    circular = annotator is not None and acfg.model == annotator
+    labeller = annotator(cfg)
+    circular = labeller is not None and acfg.model == labeller
     if circular:
         log.warning(
             f"judge: the judge is the annotator ({acfg.model}): it grades retrievers trained on its own labels, "
@@ -199,7 +193,7 @@ def run_target(cfg: PipelineConfig, jcfg: JudgeConfig, target: JudgeTarget) -> t
     )
     summary = JudgeSummary(
         model=acfg.model,
-        annotator=annotator,
+        annotator=labeller,
         circular=circular,
         prompt_version=PROMPT_VERSION,
         depth=jcfg.depth,
