@@ -204,7 +204,9 @@ def one_size(queries: int, work: Path, batch_size: int) -> dict:
         chain_s = time.time() - t2
         t3 = time.time()
         annotated, rejects, _ = job.write_rejects(str(Path(out) / "inputs"), str(Path(out) / "rejects.parquet"))
-        tallies, _, label_rows = job.finalize(out, str(Path(out) / "labels.parquet"), acfg, "run")
+        tallies, _, label_rows, _ = job.finalize(
+            out, str(Path(out) / "labels.parquet"), str(Path(out) / "errors.parquet"), acfg, "run"
+        )
         finalize_s = time.time() - t3
     requests = sum(t.counts["rows"] for t in tallies.values())
     spill = spilled_mib()

@@ -575,9 +575,8 @@ def test_finalize_reads_its_parts_from_object_storage(s3_env, tmp_path):
     from conftest import S3_BUCKET
     from utilrag import store
     from utilrag.annotate.chain import part_name, run_block
-    from utilrag.annotate.job import check_parts, finalize
+    from utilrag.annotate.job import check_parts, finalize, write_atomic
     from utilrag.annotate.prepare import prepare_local
-    from utilrag.annotate.runner import write_atomic
 
     pools, queries, corpus = _pools_queries_corpus()
     acfg = AnnotateConfig(model="m", window=2, passage_words=5, stages=["relsel", "answer", "utilsel", "utilrank"])
@@ -1258,27 +1257,28 @@ class _SlowStandInEngine(_StandInEngine):
 
 
 @pytest.mark.slow
-def test_an_input_file_longer_than_ray_datas_no_progress_guard(tmp_path, annotate_data):
-    """Time compressed by F = 300. One input file of 20 queries in blocks of 4 is one Ray Data task
-    that hands its output over when it ends: 5 blocks x 2 generate waves (RelSel, the answer) x 1 s of
-    the stand-in engine = ~10 s, as a ~1,000-query input file takes 35-70 min on one A100 replica.
-    Ray Data's own guard, 30 min -> 6 s, fails that job (ExecutionTimeoutError); with
-    annotate.scale.no_progress_timeout_s at the default's 3 h -> 36 s the same job (in a folder of its
-    own, so that it runs whole) completes, exactly once."""
-    from utilrag.config import AnnotateScale
-
+def test_a_job_longer_than_ray_datas_no_progress_guard_completes_block_by_block(tmp_path, annotate_data):
+    """Time compressed by F = 300. One input file of 20 queries in blocks of 4 takes 5 blocks x 2
+    generate waves (RelSel, the answer) x 1 s of the stand-in engine = ~10 s, as a ~1,000-query input
+    file takes 35-70 min on one A100 replica: longer than Ray Data's own guard (30 min -> 6 s). Each
+    replica task is one block (a streaming repartition), whose output reaches Ray Data when the block
+    ends (2 s, as a 16-query block's 30-60 s there), so the job completes under that default guard,
+    exactly once. (When a task was a whole input file, this job failed with ExecutionTimeoutError: the
+    negative control, run before the change.) A guard shorter than one block (0.5 s) fails the job: the
+    guard is on, and set from annotate.scale.no_progress_timeout_s."""
     F = 300
 
     def run(guard_s: float, name: str) -> str:
         return _stand_in_job(tmp_path, annotate_data, name, _SlowStandInEngine, no_progress_timeout_s=guard_s)
 
     with pytest.raises(AnnotateError, match="ExecutionTimeoutError"):
-        run(1800 / F, "ray-default-guard")  # Ray Data's default guard
+        run(0.5, "guard-shorter-than-a-block")
     t0 = time.time()
-    out = run(AnnotateScale.model_fields["no_progress_timeout_s"].default / F, "our-guard")
-    assert time.time() - t0 > 1800 / F  # the task outlasted the default guard, and the job went on
+    out = run(1800 / F, "ray-default-guard")  # Ray Data's default guard, compressed
+    assert time.time() - t0 > 1800 / F  # the job outlasted the guard, and went on
     stage_dir = Path(out)
     assert len(list((stage_dir / "inputs").glob("part-*.parquet"))) == 1  # one input file, all 20 queries
+    assert len(list((stage_dir / "chain.parts").glob("part-*.parquet"))) == 5  # one part per block of 4
     _check_exactly_once(stage_dir, "relsel", 20, expected=20)
 
 

@@ -134,14 +134,22 @@ def test_rag_end_to_end_on_squad(rag_cfg, capsys):
         expected = bert_score_f1(answers, mine, "sentence-transformers/all-MiniLM-L6-v2", 6)
         assert row["bertscore"] == pytest.approx(100 * expected) and 0 <= row["bertscore"] <= 100
 
-    generations = pq.read_table(Path(Store(rag_cfg.output_dir).rag("squad-v1.1-dev", "generate")) / "answer.parquet")
+    # The generations ran as a one-stage chain: one chain query per question and row, one part per block.
+    generate = Path(Store(rag_cfg.output_dir).rag("squad-v1.1-dev", "generate"))
+    generations = pq.read_table(generate / "rag.parquet")
     assert set(generations.column("prompt_version").to_pylist()) == {"rag-1"}
     assert generations.num_rows == 4 * 6 and set(generations.column("finish_reason").to_pylist()) <= {"stop", "length"}
+    keys = generations.column("query_id").to_pylist()
+    assert len(set(keys)) == 24 and {k.split("\t")[1] for k in keys} == {"0", "1", "2", "3"}
+    assert len(list((generate / "chain.parts").glob("part-*.parquet"))) == 3  # 24 queries, blocks of 8
+    assert pq.read_table(generate / "errors.parquet").num_rows == 0
+    manifest = json.loads(Path(report.path("manifest.json")).read_text())
+    assert manifest["generation"]["rows"] == 24 and manifest["generation"]["error_rows"] == 0
 
     # A rerun reuses the generations (exactly-once parts, same fingerprint) and gives the same table.
     run(rag_cfg)
     again = capsys.readouterr().out
-    assert "unchanged, reusing" in again
+    assert "the chain is complete (24 queries), reusing" in again
     assert json.loads(Path(report.path("results.json")).read_text()) == results
 
 

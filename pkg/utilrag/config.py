@@ -225,6 +225,8 @@ ANNOTATION_STAGES = ["relsel", "answer", "utilsel", "utilrank", "graded"]
 # Also on the chain, but not an annotate.stages choice: the querygen stage's question writing (one
 # request per pool passage and prompt variant).
 QUESTION_STAGE = "question"
+# ... and the RAG stage's generator: one request per question and setting, over that setting's passages.
+RAG_STAGE = "rag"
 ANNOTATION_NEEDS = {"answer": "relsel", "utilsel": "answer", "utilrank": "answer"}
 
 TRAINED_MODEL = "train:"  # IndexTarget.model prefix: a retriever fitted by the train stage in this run
@@ -409,7 +411,7 @@ class AnnotateEngine(Strict):
     max_num_seqs: int | None = Field(None, ge=1, description="vLLM's most requests in one batch; null: vLLM's")
     async_engine: bool = Field(
         True,
-        description="annotate (rag ignores it): vLLM's AsyncLLM: each query moves to its next stage as soon "
+        description="vLLM's AsyncLLM: each query moves to its next stage as soon "
         "as its requests finish, and "
         "several blocks share the engine (scale.blocks_per_replica); false: LLM.generate, one call per "
         "stage wave of a block",
@@ -452,28 +454,28 @@ class AnnotateScale(Strict):
     batch_size: int = Field(
         16,
         ge=1,
-        description="annotate: queries per actor call (every stage of them), one Parquet part per call; "
-        "rag: requests per actor call (progress and resume granularity)",
+        description="queries per actor call (every stage of them; a RAG query is one question and setting), one "
+        "Parquet part per call (progress and resume granularity)",
     )
     blocks_per_replica: int = Field(
         2,
         ge=1,
-        description="annotate with engine.async_engine (rag ignores it): blocks of queries in flight on one "
+        description="with engine.async_engine: blocks of queries in flight on one "
         "replica at once (the next block's requests fill the engine while the last one's stragglers finish)",
     )
     progress_every_s: float = Field(10.0, gt=0, description="seconds between progress lines")
     no_progress_timeout_s: float = Field(
-        10800.0,
-        description="annotate: Ray Data's no-progress guard (DataContext.execution_no_progress_timeout_s, 1,800 s "
-        "by default), which fails the job when no output leaves any operator for this long; -1 disables it. A "
-        "replica task is one input file of ~1,000 queries and hands its output over only when it ends: 35-70 min "
-        "on one A100-80G replica, after GPU nodes launch (5-15 min) and a 32B model loads (10+ min)",
+        3600.0,
+        description="Ray Data's no-progress guard (DataContext.execution_no_progress_timeout_s, 1,800 s by "
+        "default), which fails the job when no output leaves any operator for this long; -1 disables it. A "
+        "replica task is one block (batch_size queries: ~30-60 s on an A100-80G replica), but the first one "
+        "ends only after GPU nodes launch (5-15 min) and a 32B model loads (10-20 min)",
     )
 
     query_tries: int = Field(
         3,
         ge=1,
-        description="annotate (rag ignores it): tries of a query whose requests fail (an exception, or its engine "
+        description="tries of a query whose requests fail (an exception, or its engine "
         "dying with it in flight) before it becomes an error row (errors.parquet: query, stage, reason) and the job "
         "goes on",
     )
@@ -481,20 +483,20 @@ class AnnotateScale(Strict):
         0.001,
         ge=0,
         le=1,
-        description="annotate (rag ignores it): fail the job (after writing errors.parquet) above this share of "
+        description="fail the job (after writing errors.parquet) above this share of "
         "error rows, like ingest.reject_threshold",
     )
     engine_deaths_per_replica: int = Field(
         3,
         ge=0,
-        description="annotate (rag ignores it): engine deaths one replica may have (a block's first death counts; "
+        description="engine deaths one replica may have (a block's first death counts; "
         "later deaths of the same block and of its queries run alone are the input's); each exits the replica, "
         "which Ray restarts with its block retried; one more fails the job (a machine that keeps killing engines)",
     )
     engine_start_retries: int = Field(
         2,
         ge=-1,
-        description="annotate (rag ignores it): consecutive replicas whose engine fails to start that are replaced "
+        description="consecutive replicas whose engine fails to start that are replaced "
         "by fresh ones (Ray Data's DataContext.max_consecutive_actor_init_deaths, 0 by default) before the job fails "
         "with the engine's message; -1: no limit",
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from utilrag import lease, store
 from utilrag.annotate import job
 from utilrag.annotate.engine import AnnotateError, check_model, resolve_llm
+from utilrag.annotate.job import summary_line
 from utilrag.annotate.prompts import PROMPT_VERSION
 from utilrag.annotate.report import (
     agreement,
@@ -24,7 +25,6 @@ from utilrag.annotate.report import (
     render_markdown,
     write_report,
 )
-from utilrag.annotate.runner import summary_line
 from utilrag.annotate.stages import NEEDS, STAGE_ORDER, shown_positions
 from utilrag.config import AnnotateConfig, AnnotateTarget, PipelineConfig
 from utilrag.data.dataset import open_dataset

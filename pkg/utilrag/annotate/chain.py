@@ -3,7 +3,8 @@
 A block (``scale.batch_size`` queries) goes through three generate waves on the same engine, each
 wave one ``generate`` call mixing stages (per-request sampling):
 
-1. RelSel windows (and the graded judge's prompts, which need nothing earlier);
+1. RelSel windows (and the prompts that need nothing earlier: the graded judge's, querygen's questions,
+   the RAG stage's answers);
 2. the pseudo-answer of each query RelSel chose something for;
 3. UtilSel and UtilRank windows over the RelSel choice, with the answer.
 
@@ -30,7 +31,7 @@ from utilrag.annotate import prompts
 from utilrag.annotate.engine import EngineFill
 from utilrag.annotate.prompts import PROMPT_VERSION
 from utilrag.annotate.stages import STAGE_ORDER, STAGE_SCHEMA, parse_output, windows
-from utilrag.config import QUESTION_STAGE, AnnotateConfig
+from utilrag.config import QUESTION_STAGE, RAG_STAGE, AnnotateConfig
 
 STAGE_ROW = pa.struct([f for f in STAGE_SCHEMA if f.name != "query_id"])
 CHAIN_SCHEMA = pa.schema(
@@ -49,7 +50,7 @@ CHAIN_SCHEMA = pa.schema(
     ]
 )
 STATS_SCHEMA = ["queries", "rows", "tokens", "pid", "ready_at", "busy_s", "alive_s", "engine_starts", "fill"]
-WAVES = (("relsel", "graded", QUESTION_STAGE), ("answer",), ("utilsel", "utilrank"))
+WAVES = (("relsel", "graded", QUESTION_STAGE, RAG_STAGE), ("answer",), ("utilsel", "utilrank"))
 
 
 @dataclass
@@ -66,15 +67,18 @@ def stage_sampling(stage: str, acfg: AnnotateConfig) -> dict:
     from utilrag.annotate.engine import sampling_kwargs
     from utilrag.annotate.stages import stage_regex
 
-    max_tokens = acfg.sampling.answer_max_tokens if stage == "answer" else acfg.sampling.max_tokens
+    max_tokens = acfg.sampling.answer_max_tokens if stage in ("answer", RAG_STAGE) else acfg.sampling.max_tokens
     return sampling_kwargs(acfg, max_tokens, stage_regex(stage))
+
+
+PROMPT_VERSIONS = {QUESTION_STAGE: prompts.QUESTION_PROMPT_VERSION, RAG_STAGE: prompts.RAG_PROMPT_VERSION}
 
 
 def row_meta(stage: str, acfg: AnnotateConfig) -> dict:
     sampling = stage_sampling(stage, acfg)
     return {
         "model": acfg.model,
-        "prompt_version": prompts.QUESTION_PROMPT_VERSION if stage == QUESTION_STAGE else PROMPT_VERSION,
+        "prompt_version": PROMPT_VERSIONS.get(stage, PROMPT_VERSION),
         "constrained": bool(acfg.sampling.constrained),
         "sampling": json.dumps({k: v for k, v in sampling.items() if k != "regex"}, sort_keys=True),
     }
@@ -125,6 +129,8 @@ class BlockState:
                 self._request(i, stage, w, ids, lambda p: prompts.relsel_messages(query, p))
                 for w, ids in enumerate(windows(pool, size))
             ]
+        if stage == RAG_STAGE:  # the RAG generator over the query's own passages (none: closed book)
+            return [self._request(i, stage, 0, list(pool), lambda p: prompts.rag_messages(query, p))]
         if stage == QUESTION_STAGE:  # querygen: a question per passage; its "query" text is the prompt variant
             variant = int(query)
             return [
@@ -553,7 +559,7 @@ class ChainAnnotator:
     def _write(self, table: pa.Table) -> dict[str, np.ndarray]:
         """The block's part, written atomically under its queries' name; its counts for the driver."""
         from utilrag import store
-        from utilrag.annotate.runner import write_atomic
+        from utilrag.annotate.job import write_atomic
 
         query_ids = table.column("query_id").to_pylist()
         write_atomic(table, store.join(self.parts, part_name(query_ids)))

@@ -16,8 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from utilrag.config import AnnotateConfig
 from utilrag.errors import UtilragError
 from utilrag.logs import get_logger
@@ -273,8 +271,7 @@ class VLLMEngine:
     """One vLLM engine in this process: chat messages in, raw text and counts out.
 
     A start error is kept (``error``) as one line and raised by ``check()``: the annotation replica
-    calls it in its constructor (Ray Data then replaces it, up to scale.engine_start_retries times),
-    RAG's predictor on its first batch."""
+    calls it in its constructor (Ray Data then replaces it, up to scale.engine_start_retries times)."""
 
     def __init__(self, model: str, engine: dict):
         self.error: str | None = None
@@ -495,31 +492,3 @@ def crash_once(marker: str | os.PathLike) -> None:
         return
     path.write_text(str(os.getpid()))
     os._exit(1)
-
-
-class LLMPredictor:
-    """One engine replica for a single stage (the RAG stage's generator). Input rows: ``messages``
-    (JSON chat). Output: the raw text and counts."""
-
-    def __init__(self, model: str, engine: dict, sampling: dict, fail: dict | None = None):
-        self.engine = VLLMEngine(model, engine)
-        self.sampling = make_sampling_params(sampling) if not self.engine.error else None
-        self.error = self.engine.error
-        self.ready_at = self.engine.ready_at
-        self.fail = fail
-        self.batches = 0
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.engine.check()
-        self.batches += 1
-        if self.fail and self.batches == self.fail["after_batches"]:
-            crash_once(self.fail["marker"])
-        n = len(batch["messages"])
-        t0 = time.time()
-        out = self.engine.generate([json.loads(m) for m in batch["messages"]], [self.sampling] * n)
-        generate_s = time.time() - t0
-        columns = {k: np.asarray(v) for k, v in out.items()}
-        columns["key"] = batch["key"]
-        columns["actor_ready_at"] = np.full(n, self.ready_at)
-        columns["generate_s"] = np.full(n, generate_s)
-        return columns

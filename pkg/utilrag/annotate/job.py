@@ -36,7 +36,6 @@ from utilrag.annotate.chain import CHAIN_SCHEMA, AsyncChainAnnotator, ChainAnnot
 from utilrag.annotate.engine import AnnotateError, actor_resources, engine_kwargs, fill_figures
 from utilrag.annotate.prepare import INPUT_SCHEMA, prepare_inputs, udf
 from utilrag.annotate.report import ReportTally
-from utilrag.annotate.runner import clear_parts, engine_failure
 from utilrag.annotate.stages import (
     LABELS_SCHEMA,
     REJECTS_SCHEMA,
@@ -60,6 +59,48 @@ SKIPS = {
 
 
 # --------------------------------------------------------------------------- small helpers
+def write_atomic(table: pa.Table, location: str) -> None:
+    """All of a file or none of it: locally written aside and renamed into place; on object storage
+    one upload, which becomes visible only when complete."""
+    fs, path = store.filesystem(location)
+    if store.is_remote(location):
+        pq.write_table(table, path, filesystem=fs)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def clear_parts(parts: str, changed: bool, label: str) -> None:
+    """Before a (re)run writes parts: all of them go if what they were made from changed; otherwise only
+    the temporary files of parts being written when the last run was killed."""
+    if changed and store.exists(parts):
+        log.info(f"{label}: inputs or settings changed; discarding {parts}")
+        store.remove(parts)
+    for stale in store.list_names(parts):
+        if stale.startswith(".tmp-"):
+            store.remove(store.join(parts, stale))
+
+
+def engine_failure(label: str, err: Exception) -> AnnotateError:
+    """The engine's own message, not Ray's traceback around it (``label``: the job's target)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for line in lines:
+        if "the vLLM engine did not start: " in line and "{self.error}" not in line:
+            return AnnotateError(f"{label}: " + line[line.index("the vLLM engine did not start: ") :])
+    return AnnotateError(f"{label}: the job failed: {type(err).__name__}: {' | '.join(lines[-3:])}")
+
+
+def summary_line(s: dict) -> str:
+    rate = f" ({s['generate_s']:.0f}s generating, {s['tokens_per_s']:,.0f} tokens/s)" if s.get("tokens_per_s") else ""
+    return (
+        f"{s['rows']:,} rows ({s['new_rows']:,} new, {s['resumed_rows']:,} resumed) over {s['queries']:,} queries; "
+        f"parse failures {s['parse_failure_rate']:.1%} {s['parse_status']}; {s['prompt_tokens_per_query']:,.0f} "
+        f"prompt tokens/query, prefix-cache hits {s['prefix_cache_hit_rate']:.1%}; {s['wall_s']:.0f}s{rate}"
+    )
+
+
 def parquet_files(location: str) -> list[str]:
     """The Parquet files of a folder (not the temporary ones), sorted, as locations."""
     return sorted(
@@ -171,7 +212,7 @@ def part_labels(part: pa.Table, stages: dict[str, pa.Table], acfg: AnnotateConfi
 
 
 class StageTally:
-    """A stage's summary (runner.summarise's keys), added up one part at a time."""
+    """A stage's summary, added up one part at a time."""
 
     def __init__(self) -> None:
         self.counts: Counter = Counter()
@@ -241,6 +282,24 @@ def ensure_inputs(
     counts = prepare_inputs(paths["pools"], paths["queries"], paths["corpus"], out, acfg, wanted)
     log.info(f"{label}: inputs of {counts['queries']:,} queries written ({time.time() - t0:.0f}s)")
     return step.finish(**counts)
+
+
+def write_inputs(out: str, fp: str, rows: pa.Table, label: str, rows_per_file: int = 1_000) -> dict:
+    """``<out>/inputs`` from rows its caller built (INPUT_SCHEMA; the RAG stage: one per question and
+    setting), in files of ``rows_per_file`` rows; reused while ``fp`` holds."""
+    step = store.SideStep.at(store.join(out, "inputs.meta"), fp)
+    reused = step.reusable()
+    if reused is not None:
+        return reused
+    step.begin()
+    inputs = store.join(out, "inputs")
+    store.remove(inputs)
+    for j, start in enumerate(range(0, rows.num_rows, rows_per_file)):
+        part = rows.slice(start, rows_per_file)
+        part = part.set_column(part.schema.get_field_index("part"), "part", pa.array([j] * part.num_rows, pa.int32()))
+        write_atomic(part.cast(INPUT_SCHEMA), store.join(inputs, f"part-{j:05d}.parquet"))
+    log.info(f"{label}: inputs of {rows.num_rows:,} queries written")
+    return step.finish(queries=rows.num_rows)
 
 
 def sample_queries(pools_path: str, k: int | None, seed: str) -> list[str] | None:
@@ -396,9 +455,14 @@ def _annotate(
     columns = [n for n in INPUT_SCHEMA.names if n != "rejects"]
     ds = ray.data.read_parquet([store.filesystem(f)[1] for f in files], filesystem=fs).select_columns(columns)
     ds = ds.map_batches(udf(keep_todo), batch_format="pyarrow", fn_kwargs={"done": done_ids})
+    # Tasks sized to blocks: an input file (~1,000 queries) would be one replica task whose output
+    # reaches Ray Data only when it ends (35-70 min on an A100 replica: past Ray Data's no-progress
+    # guard), and a retry would redo all of it. A streaming repartition makes every task one block.
+    ds = ds.repartition(target_num_rows_per_block=acfg.scale.batch_size)
     # The async replica runs blocks as coroutines (at most scale.blocks_per_replica at once, see
-    # AsyncChainAnnotator), and takes a second task while one ends, so no task boundary drains it.
-    concurrent = 2 if acfg.engine.async_engine else None
+    # AsyncChainAnnotator) and holds one more task, so no task boundary drains it; the sync one runs
+    # one block at a time. Bounded: a replica lost takes at most this many blocks in flight with it.
+    in_flight = acfg.scale.blocks_per_replica + 1 if acfg.engine.async_engine else 1
     ds = ds.map_batches(
         AsyncChainAnnotator if acfg.engine.async_engine else ChainAnnotator,
         batch_size=acfg.scale.batch_size,
@@ -416,12 +480,12 @@ def _annotate(
         compute=ray.data.ActorPoolStrategy(
             min_size=acfg.scale.replicas[0],
             max_size=acfg.scale.replicas[1],
-            max_concurrent_calls_per_actor=concurrent,
+            max_concurrent_calls_per_actor=in_flight if acfg.engine.async_engine else None,
+            max_tasks_in_flight_per_actor=in_flight,
         ),
         **actor_resources(acfg),
     )
-    # A replica task is one input file (~1,000 queries), and its output reaches Ray Data only when it
-    # ends: Ray Data's own no-progress guard (30 min) would fail the job during the first task.
+    # Ray Data's no-progress guard: the first output waits for GPU nodes and a model load (see the config)
     ds.context.execution_no_progress_timeout_s = acfg.scale.no_progress_timeout_s
     # A replica whose engine fails to start raises in its constructor; Ray Data replaces it this many
     # times in a row (its default, 0, fails the job at the first) before failing with that error.
@@ -457,7 +521,7 @@ def _annotate(
     except AnnotateError:
         raise
     except Exception as e:  # noqa: BLE001 -- Ray wraps the engine's error; surface the engine's words
-        raise engine_failure("annotate", e) from None
+        raise engine_failure(label, e) from None
     finally:
         watch.stop()
     for replica in replicas.values():
@@ -563,13 +627,14 @@ ERRORS_SCHEMA = pa.schema([("query_id", pa.string()), ("stage", pa.string()), ("
 
 
 def finalize(
-    out: str, labels_path: str, errors_path: str, acfg: AnnotateConfig, run: str
+    out: str, labels_path: str | None, errors_path: str, acfg: AnnotateConfig, run: str
 ) -> tuple[dict[str, StageTally], ReportTally, int, Counter]:
     """The stage tables, labels and error rows from the chain's parts, one part at a time; returns the
-    tallies, the label rows and the error rows by stage. An error row's query has no labels."""
+    tallies, the label rows and the error rows by stage. An error row's query has no labels.
+    ``labels_path`` None: no labels (the RAG stage's answers are no judgments)."""
     stages: list[str] = [s for s in STAGE_ORDER if s in acfg.chain_stages()]
     streams = {s: ParquetStream(store.join(out, f"{s}.parquet"), STAGE_SCHEMA) for s in stages}
-    labels = ParquetStream(labels_path, LABELS_SCHEMA)
+    labels = ParquetStream(labels_path, LABELS_SCHEMA) if labels_path else None
     errors = ParquetStream(errors_path, ERRORS_SCHEMA)
     errors_by_stage: Counter = Counter()
     tallies = {s: StageTally() for s in stages}
@@ -595,14 +660,16 @@ def finalize(
             for reason, n in skipped.items():
                 if s in SKIPS and reason in SKIPS[s]:
                     tallies[s].skipped[reason] += n
-        rows = part_labels(part, tables, acfg)
-        labels.write(rows)
-        report.add(rows, shown_positions(tables["relsel"]) if "relsel" in tables else None)
+        if labels is not None:
+            rows = part_labels(part, tables, acfg)
+            labels.write(rows)
+            report.add(rows, shown_positions(tables["relsel"]) if "relsel" in tables else None)
     for stream in streams.values():
         stream.close()
-    labels.close()
+    if labels is not None:
+        labels.close()
     errors.close()
-    return tallies, report, labels.rows, errors_by_stage
+    return tallies, report, labels.rows if labels is not None else 0, errors_by_stage
 
 
 def stage_summaries(tallies: dict[str, StageTally], wall_s: float, engine_s: float | None) -> dict[str, dict]:

@@ -190,6 +190,31 @@ def graded_messages(query: str, passage: str) -> list[dict]:
 # --------------------------------------------------------------------------- query generation
 # The querygen stage's prompt (InPars / Promptagator style: a few (passage, question) examples, then the
 # passage), ours. Versioned apart from the paper's prompts: changing it redoes the questions, not the labels.
+# --------------------------------------------------------------------------- the RAG generator
+# The paper generates RAG answers greedily "with the pseudo-answer prompt wording" (docs/method.md §5):
+# the answer prompt above, with the retrieved passages as its information. Closed-book (no passages)
+# keeps the same turns and drops the information sentence. Its own version: bump it when a wording
+# here changes (it is in the RAG stage's fingerprint and rows).
+RAG_PROMPT_VERSION = "rag-1"
+
+
+def rag_messages(question: str, passages: list[str]) -> list[dict]:
+    if passages:
+        return answer_messages(question, passages)
+    return [
+        {
+            "role": "user",
+            "content": "You are a faithful question and answer assistant. Answer the question with one or "
+            "few sentences.",
+        },
+        {"role": "assistant", "content": "Yes, i am the faithful question and answer assistant."},
+        {
+            "role": "user",
+            "content": f"Answer the following question with one or few sentences.\n Question: {question}\n\n Answer:",
+        },
+    ]
+
+
 QUESTION_PROMPT_VERSION = "utilrag-questions-v1"
 QUESTION_EXAMPLES = (
     (

@@ -19,10 +19,18 @@ import pyarrow.dataset as pads
 
 from utilrag.annotate import prompts
 from utilrag.annotate.parsing import parse_grade, parse_ids, top_percent
-from utilrag.config import ANNOTATION_NEEDS, ANNOTATION_STAGES, QUESTION_STAGE, AnnotateConfig, AnnotateTarget
+from utilrag.config import (
+    ANNOTATION_NEEDS,
+    ANNOTATION_STAGES,
+    QUESTION_STAGE,
+    RAG_STAGE,
+    AnnotateConfig,
+    AnnotateTarget,
+)
 
-# the chain, defined with the config (the plan reads it); the querygen stage's questions run on it too
-STAGE_ORDER, NEEDS = [*ANNOTATION_STAGES, QUESTION_STAGE], ANNOTATION_NEEDS
+# the chain, defined with the config (the plan reads it); the querygen stage's questions and the RAG
+# stage's answers run on it too
+STAGE_ORDER, NEEDS = [*ANNOTATION_STAGES, QUESTION_STAGE, RAG_STAGE], ANNOTATION_NEEDS
 
 REQUEST_SCHEMA = pa.schema(
     [
@@ -241,7 +249,7 @@ def parse_output(stage: str, raw: str, doc_ids: list[str], finish_reason: str) -
     if finish_reason == "prompt_too_long":
         row["parse_status"] = "prompt_too_long"
         return row
-    if stage == "answer":
+    if stage in ("answer", RAG_STAGE):
         row["answer"] = raw.strip()
         row["parse_status"] = "ok" if row["answer"] else "empty"
     elif stage == "graded":

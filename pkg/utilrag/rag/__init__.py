@@ -1,12 +1,13 @@
 """RAG stage (docs/method.md §5): for a sample of an ingested QA dataset's questions, give the
 generator the top-k passages of each configured run (BM25 or dense; over the QA set's own passages or
 another dataset's corpus, ``rag.corpus``), plus a closed-book floor and an oracle ceiling; generate
-greedily with vLLM on the annotation engine path (Ray Data actor pool,
-exactly once, resumable); score answers with the official SQuAD v1.1 EM/F1 and retrieval with
-recall@k against the gold passages and answer recall@k.
+greedily on the annotation chain's runner (a one-stage chain: each question and setting is one chain
+query; the same replicas, exactly-once parts, engine-death handling and error rows); score answers with
+the official SQuAD v1.1 EM/F1 and retrieval with recall@k against the gold passages and answer recall@k.
 
-Outputs: output_dir/rag/<dataset>/generate/ (the generations, resumable parts) and
-output_dir/rag/<dataset>/report/ (per_query.parquet, results.{md,csv,json}, f1.png, significance).
+Outputs: output_dir/rag/<dataset>/generate/ (the chain's inputs/ and chain.parts/, ``rag.parquet``: one
+row per generation, ``errors.parquet``) and output_dir/rag/<dataset>/report/ (per_query.parquet,
+results.{md,csv,json}, f1.png, significance).
 """
 
 from __future__ import annotations
@@ -18,21 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from utilrag import store
+from utilrag import lease, store
+from utilrag.annotate import job
 from utilrag.annotate.engine import check_model, resolve_llm
-from utilrag.annotate.prompts import cut_words
-from utilrag.annotate.runner import run_stage
-from utilrag.annotate.stages import REQUEST_SCHEMA
-from utilrag.config import AnnotateConfig, BertScoreConfig, PipelineConfig, RagConfig, RunToEvaluate
+from utilrag.annotate.prepare import INPUT_SCHEMA
+from utilrag.annotate.prompts import RAG_PROMPT_VERSION, cut_words, rag_messages
+from utilrag.config import RAG_STAGE, AnnotateConfig, BertScoreConfig, PipelineConfig, RagConfig, RunToEvaluate
 from utilrag.data.dataset import Dataset, open_dataset
-from utilrag.data.tables import fingerprint
+from utilrag.data.tables import fingerprint, read_table
 from utilrag.errors import UtilragError
 from utilrag.evaluate import load_run
 from utilrag.evaluate.significance import format_paired_tests, paired_tests
 from utilrag.logs import get_logger
-from utilrag.rag.prompts import RAG_PROMPT_VERSION, generator_messages
 from utilrag.rag.qa_metrics import (
     answer_recall,
     bert_score_f1,
@@ -117,19 +118,86 @@ def row_passages(rows: list[dict], corpus: Dataset, own: Dataset) -> list[dict[s
     return [gold if row["gold"] else retrieved for row in rows]
 
 
-def build_requests(questions: pa.Table, rows: list[dict], passages: list[dict[str, str]], words: int) -> pa.Table:
-    out: dict[str, list[Any]] = {name: [] for name in REQUEST_SCHEMA.names}
+def chain_inputs(questions: pa.Table, rows: list[dict], passages: list[dict[str, str]], words: int) -> pa.Table:
+    """The chain's inputs: one query per (question, report row), id ``<question id>\t<row index>``, its
+    passages cut to ``words`` (none for the closed-book row)."""
+    out: dict[str, list[Any]] = {name: [] for name in INPUT_SCHEMA.names}
     texts = dict(zip(questions.column("query_id").to_pylist(), questions.column("question").to_pylist()))
     for index, (row, texts_of) in enumerate(zip(rows, passages)):
         for q, docs in row["docs"].items():
             cut = [cut_words(texts_of[d], words) for d in docs]
-            out["key"].append(f"{q}\t{index}")
-            out["query_id"].append(q)
-            out["window"].append(index)  # the report row this generation belongs to
-            out["doc_ids"].append(docs)
-            out["messages"].append(json.dumps(generator_messages(texts[q], [t for t, _ in cut]), ensure_ascii=False))
-            out["passages_cut"].append(sum(c for _, c in cut))
-    return pa.table(out, schema=REQUEST_SCHEMA)
+            values = {
+                "query_id": f"{q}\t{index}",
+                "part": 0,
+                "annotate": True,
+                "query": texts[q],
+                "doc_ids": list(docs),
+                "passages": [t for t, _ in cut],
+                "cut": [c for _, c in cut],
+                "all_pool": list(docs),
+                "human": [],
+                "judged": [],
+                "judged_grades": [],
+                "rejects": [],
+            }
+            for name in INPUT_SCHEMA.names:
+                out[name].append(values[name])
+    return pa.table(out, schema=INPUT_SCHEMA)
+
+
+def prompts_fingerprint(inputs: pa.Table) -> str:
+    """What the generator is asked: every chain query's prompt."""
+    return fingerprint(
+        [
+            json.dumps(rag_messages(q, p), ensure_ascii=False)
+            for q, p in zip(inputs.column("query").to_pylist(), inputs.column("passages").to_pylist())
+        ]
+    )
+
+
+def generate(cfg: PipelineConfig, acfg: AnnotateConfig, inputs: pa.Table, folder: str, fp: str, model_path: str):
+    """The answers of every chain query (a one-stage chain in ``folder``); returns the stage table (by
+    question and row) and its summary. An error row (a generation whose requests kept failing) has no
+    answer; above ``scale.max_error_fraction`` of them the stage fails."""
+    label = f"rag {cfg.rag.dataset if cfg.rag else ''}".strip()
+    t0 = time.time()
+    with lease.holding(store.normalize(folder), "rag"):
+        job.write_inputs(folder, fp, inputs, label)
+        chain_fp = fingerprint({"inputs": fp, "settings": acfg.content_settings(), "stages": [RAG_STAGE]})
+        run = job.new_run_id()
+
+        def ray_up() -> None:  # Ray only for work left: finished generations start no cluster
+            from utilrag.raycluster import connect
+
+            connect(cfg.ray)
+
+        stats = job.run_chain(folder, chain_fp, acfg, model_path, label, None, run, None, ray_up)
+        errors_path = store.join(folder, "errors.parquet")
+        tallies, _, _, errors = job.finalize(folder, None, errors_path, acfg, run)
+        summary = job.stage_summaries(tallies, time.time() - t0, stats.get("engine_s"))[RAG_STAGE]
+        summary["error_rows"] = sum(errors.values())
+        summary["engines"] = job.replica_figures(stats)
+        log.info(f"{label}: {job.summary_line(summary)}")
+        if summary["error_rows"]:
+            share = summary["error_rows"] / max(inputs.num_rows, 1)
+            log.info(f"{label}: {summary['error_rows']:,} generations failed ({share:.3%}) -> {errors_path}")
+            if share > acfg.scale.max_error_fraction:
+                raise RagError(
+                    f"{label}: {summary['error_rows']:,} of {inputs.num_rows:,} generations are error rows "
+                    f"({share:.3%}), above rag.scale.max_error_fraction {acfg.scale.max_error_fraction:.3%}; see "
+                    f"{errors_path}"
+                )
+        return by_setting(read_table(store.join(folder, f"{RAG_STAGE}.parquet"))), summary
+
+
+def by_setting(table: pa.Table) -> pa.Table:
+    """The stage table's chain query ids (``<question id>\t<row index>``) as question id and row index
+    (``window``): what ``score`` reads."""
+    split = pc.split_pattern(table.column("query_id"), "\t", max_splits=1)
+    table = table.set_column(0, "query_id", pc.list_element(split, 0))
+    return table.set_column(
+        table.schema.get_field_index("window"), "window", pc.cast(pc.list_element(split, 1), pa.int32())
+    )
 
 
 def score(
@@ -151,7 +219,8 @@ def score(
     records = []
     for index, (row, texts_of) in enumerate(zip(rows, passages)):
         for q, docs in row["docs"].items():
-            prediction, tokens, finish = by_key[(q, index)]
+            # an error row (its requests kept failing: errors.parquet) answers nothing
+            prediction, tokens, finish = by_key.get((q, index), ("", 0, "error"))
             prediction = prediction or ""
             gold_answers = answers[q] or []
             em = max((exact_match_score(prediction, g) for g in gold_answers), default=0.0)
@@ -294,12 +363,12 @@ def run(cfg: PipelineConfig) -> StageResult:
     corpus = open_dataset(cfg, rcfg.corpus) if rcfg.corpus and rcfg.corpus != rcfg.dataset else dataset
     rows = settings(cfg, dataset, questions)
     passages = row_passages(rows, corpus, dataset)
-    requests = build_requests(questions, rows, passages, rcfg.passage_words)
+    inputs = chain_inputs(questions, rows, passages, rcfg.passage_words)
     log.info(
         f"{rcfg.dataset}: {questions.num_rows:,} questions"
         + (f" over {corpus.name!r}'s passages" if corpus is not dataset else "")
         + f" x {len(rows)} settings "
-        f"({', '.join(row['label'] + '@' + str(row['k']) for row in rows)}) = {requests.num_rows:,} generations"
+        f"({', '.join(row['label'] + '@' + str(row['k']) for row in rows)}) = {inputs.num_rows:,} generations"
     )
     acfg = AnnotateConfig(
         model=rcfg.model,
@@ -307,24 +376,19 @@ def run(cfg: PipelineConfig) -> StageResult:
         sampling=rcfg.sampling.model_dump(),
         engine=rcfg.engine,
         scale=rcfg.scale,
-    )
+    ).model_copy(update={"stages": [RAG_STAGE]})
     layout = Store(cfg.output_dir)
     generate_dir = layout.rag(rcfg.dataset, "generate")
     fp = fingerprint(
         {
             "dataset": dataset.fingerprint,
             **({"corpus": corpus.fingerprint} if corpus is not dataset else {}),
-            "requests": fingerprint(requests.column("messages").to_pylist()),
+            "requests": prompts_fingerprint(inputs),
             "prompt_version": RAG_PROMPT_VERSION,
             "settings": acfg.content_settings(),
         }
     )
-    from utilrag.raycluster import connect
-
-    connect(cfg.ray)
-    generated, summary = run_stage(
-        "answer", requests, generate_dir, fp, acfg, model_path, f"rag {rcfg.dataset}", RAG_PROMPT_VERSION
-    )
+    generated, summary = generate(cfg, acfg, inputs, generate_dir, fp, model_path)
 
     records = score(questions, rows, generated, passages, same_ids=corpus is dataset)
     answers = dict(zip(questions.column("query_id").to_pylist(), questions.column("answers").to_pylist()))
@@ -346,9 +410,7 @@ def run(cfg: PipelineConfig) -> StageResult:
     plot_f1(table, out / "f1.png")
     writer.commit(**RagSummary(results=table, generation=summary, wall_time_s=round(time.time() - t0, 2)).manifest())
     print(text, flush=True)
-    return StageResult(
-        "rag", [writer.folder, generate_dir], {"generations": requests.num_rows}, wall_s=time.time() - t0
-    )
+    return StageResult("rag", [writer.folder, generate_dir], {"generations": inputs.num_rows}, wall_s=time.time() - t0)
 
 
 def format_significance(tests: list[dict], baseline: str) -> str:
