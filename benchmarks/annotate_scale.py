@@ -85,8 +85,9 @@ class StandInEngine:
         return {k: v[0] for k, v in self.generate([chat], [sampling]).items()}
 
 
-def synthetic(folder: Path, queries: int, seed: int = 0) -> dict[str, str]:
-    """pools / queries / corpus Parquet files at MS MARCO shape, written in slices (bounded memory)."""
+def synthetic(folder: Path, queries: int, seed: int = 0, ids_in_text: bool = False) -> dict[str, str]:
+    """pools / queries / corpus Parquet files at MS MARCO shape, written in slices (bounded memory);
+    ``ids_in_text``: each query's text starts with its id (the rehearsal's stand-in logs it)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -133,7 +134,9 @@ def synthetic(folder: Path, queries: int, seed: int = 0) -> dict[str, str]:
                     rows["source"].append("human" if position == 0 else "bm25")
                     rows["human_grade"].append(1 if position == 0 else None)
             pools.write_table(pa.table(rows, schema=pools_schema))
-            texts.write_table(pa.table({"query_id": qids, "text": [" ".join(rng.choices(WORDS, k=6)) for _ in qids]}))
+            words = [" ".join(rng.choices(WORDS, k=6)) for _ in qids]
+            text = [f"{q} {w}" for q, w in zip(qids, words)] if ids_in_text else words
+            texts.write_table(pa.table({"query_id": qids, "text": text}))
     return paths
 
 

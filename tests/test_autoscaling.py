@@ -34,18 +34,23 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from conftest import free_port, ray_job_submit, start_ray_head, stop_cluster_group
+from fakecluster import cluster_processes as _cluster_processes
+from fakecluster import get as _get
+from fakecluster import kill_node as _kill_node
+from fakecluster import launches as _launches
+from fakecluster import node_type as _node_type
+from fakecluster import nodes as _nodes
+from fakecluster import replicas as _replicas
 from readiness import NotReady, wait_until
 from utilrag.annotate.engine import AnnotateError
 from utilrag.paths import REPO_ROOT
@@ -103,66 +108,6 @@ def _pipeline_config(path: Path, shared: Path, out: Path, model: str) -> Path:
         )
     )
     return path
-
-
-def _get(obj, name):
-    return obj[name] if isinstance(obj, dict) else getattr(obj, name)
-
-
-def _nodes(address: str) -> list:
-    from ray.util.state import list_nodes
-
-    return list_nodes(address=address, detail=True, limit=1000, raise_on_missing_output=False)
-
-
-def _replicas(address: str) -> list:
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=address, detail=True, limit=10000, raise_on_missing_output=False)
-    return [a for a in actors if "ChainAnnotator" in (_get(a, "class_name") or "")]
-
-
-def _node_type(node, config: dict) -> str:
-    """The node type whose resources the node has (the fake provider does not label the type)."""
-    total = _get(node, "resources_total") or {}
-    own = {k: v for k, v in total.items() if k in ("CPU", "GPU") or k.startswith("accelerator_type:")}
-    for name, spec in config["available_node_types"].items():
-        if own == {k: v for k, v in spec["resources"].items() if v}:
-            return name
-    return f"unknown {own}"
-
-
-def _cluster_processes(temp_dir: str) -> list:
-    return [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in c for c in (p.info["cmdline"] or []))]
-
-
-def _kill_node(temp_dir: str, node_id: str) -> list[str]:
-    """SIGKILL every process of one fake node of this cluster at once: those that carry the node's id in
-    RAY_OVERRIDE_NODE_ID_FOR_TESTING (set by the fake provider: its raylet, agents, workers) and all
-    their descendants (vLLM's subprocesses, if any). Returns their names."""
-    roots = []
-    for p in psutil.process_iter(["cmdline"]):
-        if not any(temp_dir in part for part in (p.info["cmdline"] or [])):
-            continue
-        try:
-            if p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
-                roots.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    victims = {p.pid: p for p in roots}
-    for p in roots:
-        try:
-            victims.update({c.pid: c for c in p.children(recursive=True)})
-        except psutil.NoSuchProcess:
-            pass
-    names = []
-    for p in victims.values():
-        try:
-            names.append(p.name())
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    return names
 
 
 @pytest.mark.slow
@@ -301,11 +246,7 @@ def test_gpu_nodes_on_demand_node_loss_exactly_once_and_scale_down(shared_datase
         monitor_log = Path(temp_dir) / "session_latest" / "logs" / "monitor.log"
 
         def launches(_: float = 0.0) -> Counter:
-            """Nodes launched by type: a launcher line may start several ("Launching 2 nodes, type ...")."""
-            found: Counter = Counter()
-            for n, kind in re.findall(r"Launching (\d+) nodes, type (\S+)\.", monitor_log.read_text(errors="replace")):
-                found[kind] += int(n)
-            return found
+            return _launches(temp_dir)
 
         try:  # the monitor writes its lines on its own time: wait for the replacement's
             launched = wait_until(

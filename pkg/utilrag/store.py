@@ -106,6 +106,11 @@ def exists(location: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def is_file(location: str) -> bool:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
 def remove(location: str) -> None:
     """Delete a file or a folder (missing is fine)."""
     fs, path = filesystem(location)

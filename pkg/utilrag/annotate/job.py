@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from utilrag import store
 from utilrag.annotate.chain import CHAIN_SCHEMA, AsyncChainAnnotator, ChainAnnotator
 from utilrag.annotate.engine import AnnotateError, actor_resources, engine_kwargs, fill_figures
-from utilrag.annotate.prepare import INPUT_SCHEMA, prepare_inputs, udf
+from utilrag.annotate.prepare import INPUT_SCHEMA, parquet_files, prepare_inputs, read_parquet_tasks, udf
 from utilrag.annotate.report import ReportTally
 from utilrag.annotate.stages import (
     LABELS_SCHEMA,
@@ -98,15 +98,6 @@ def summary_line(s: dict) -> str:
         f"{s['rows']:,} rows ({s['new_rows']:,} new, {s['resumed_rows']:,} resumed) over {s['queries']:,} queries; "
         f"parse failures {s['parse_failure_rate']:.1%} {s['parse_status']}; {s['prompt_tokens_per_query']:,.0f} "
         f"prompt tokens/query, prefix-cache hits {s['prefix_cache_hit_rate']:.1%}; {s['wall_s']:.0f}s{rate}"
-    )
-
-
-def parquet_files(location: str) -> list[str]:
-    """The Parquet files of a folder (not the temporary ones), sorted, as locations."""
-    return sorted(
-        store.join(location, n)
-        for n in store.list_names(location)
-        if n.endswith(".parquet") and not n.startswith((".", "_"))
     )
 
 
@@ -451,9 +442,8 @@ def _annotate(
 ) -> dict:
     import ray
 
-    fs, _ = store.filesystem(files[0])
     columns = [n for n in INPUT_SCHEMA.names if n != "rejects"]
-    ds = ray.data.read_parquet([store.filesystem(f)[1] for f in files], filesystem=fs).select_columns(columns)
+    ds = read_parquet_tasks(files, columns)
     ds = ds.map_batches(udf(keep_todo), batch_format="pyarrow", fn_kwargs={"done": done_ids})
     # Tasks sized to blocks: an input file (~1,000 queries) would be one replica task whose output
     # reaches Ray Data only when it ends (35-70 min on an A100 replica: past Ray Data's no-progress

@@ -178,6 +178,39 @@ def prepare_local(
     return query_rows(joined, texts, 0, acfg)
 
 
+def parquet_files(location: str) -> list[str]:
+    """The Parquet files of a folder (not the temporary ones), sorted, as locations; a file: itself."""
+    if store.is_file(location):
+        return [location]
+    return sorted(
+        store.join(location, n)
+        for n in store.list_names(location)
+        if n.endswith(".parquet") and not n.startswith((".", "_"))
+    )
+
+
+def _read_files(batch: pa.Table, *, columns: list[str]) -> pa.Table:
+    tables = []
+    for location in batch.column("path").to_pylist():
+        fs, path = store.filesystem(location)
+        tables.append(pq.read_table(path, columns=columns, filesystem=fs))
+    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
+
+
+def read_parquet_tasks(locations: str | list[str], columns: list[str]) -> Any:
+    """Parquet files (a folder, a file, or a list of files) as a Ray Data dataset read by map tasks,
+    one file per task. Not ray.data.read_parquet: it reads the files' footers on a pool of its own
+    actors (FooterReader) that carry no label selector, so on a cluster with labelled node types
+    autoscaler v2 places them on a GPU-type node once the CPU type is full (benchmarks/rehearsal.py
+    saw one GPU node launched for them), and v1 removed their node mid-read at short idle timeouts
+    (ActorDiedError: FooterReader). Map tasks carry the driver's label selector (CPU nodes)."""
+    import ray
+
+    files = parquet_files(locations) if isinstance(locations, str) else list(locations)
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
+    return ds.map_batches(udf(_read_files), batch_size=1, batch_format="pyarrow", fn_kwargs={"columns": columns})
+
+
 # --------------------------------------------------------------------------- the Ray job
 def _write(table: pa.Table, location: str) -> None:
     fs, path = store.filesystem(location)
@@ -312,13 +345,8 @@ def prepare_inputs(
 
         queries = on_a_cpu_node(_prepare_one_bucket, pools_path, queries_path, corpus_path, inputs, acfg, wanted)
         return {"queries": queries, "doc_buckets": 1, "query_buckets": 1}
-    fs_pools, p_pools = store.filesystem(pools_path)
-    fs_corpus, p_corpus = store.filesystem(corpus_path)
-    fs_queries, p_queries = store.filesystem(queries_path)
     steps = [
-        ray.data.read_parquet(p_corpus, filesystem=fs_corpus)
-        .select_columns(["doc_id", "title", "text"])
-        .map_batches(
+        read_parquet_tasks(corpus_path, ["doc_id", "title", "text"]).map_batches(
             udf(_bucket_corpus),
             batch_format="pyarrow",
             fn_kwargs=dict(
@@ -329,18 +357,14 @@ def prepare_inputs(
                 name="b",
             ),
         ),
-        ray.data.read_parquet(p_pools, filesystem=fs_pools)
-        .select_columns(POOL_COLUMNS)
-        .map_batches(
+        read_parquet_tasks(pools_path, POOL_COLUMNS).map_batches(
             udf(_bucket_pools),
             batch_format="pyarrow",
             fn_kwargs=dict(
                 wanted=wanted, key="doc_id", buckets=doc_buckets, folder=store.join(prep, "pools"), name="b"
             ),
         ),
-        ray.data.read_parquet(p_queries, filesystem=fs_queries)
-        .select_columns(["query_id", "text"])
-        .map_batches(
+        read_parquet_tasks(queries_path, ["query_id", "text"]).map_batches(
             udf(_bucket_batch),
             batch_format="pyarrow",
             fn_kwargs=dict(key="query_id", buckets=query_buckets, folder=store.join(prep, "queries"), name="c"),

@@ -1,0 +1,90 @@
+"""A fake multi-node cluster's state and its faults, read the way the autoscaler and Ray's state API
+see them: shared by tests/test_autoscaling.py and benchmarks/rehearsal.py (which start the cluster
+with conftest.start_ray_head and Ray's fake_multinode provider)."""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections import Counter
+from pathlib import Path
+
+import psutil
+
+
+def get(obj, name):
+    """A field of a state-API record (a dict or an object, by Ray version)."""
+    return obj[name] if isinstance(obj, dict) else getattr(obj, name)
+
+
+def nodes(address: str) -> list:
+    from ray.util.state import list_nodes
+
+    return list_nodes(address=address, detail=True, limit=1000, raise_on_missing_output=False)
+
+
+def replicas(address: str) -> list:
+    """The annotation replicas (Ray Data's actors of the chain's annotator)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=address, detail=True, limit=10000, raise_on_missing_output=False)
+    return [a for a in actors if "ChainAnnotator" in (get(a, "class_name") or "")]
+
+
+def node_type(node, config: dict) -> str:
+    """The node type whose resources the node has (the fake provider does not label the type)."""
+    total = get(node, "resources_total") or {}
+    own = {k: v for k, v in total.items() if k in ("CPU", "GPU") or k.startswith("accelerator_type:")}
+    for name, spec in config["available_node_types"].items():
+        if own == {k: v for k, v in spec["resources"].items() if v}:
+            return name
+    return f"unknown {own}"
+
+
+def kill_node(temp_dir: str, node_id: str) -> list[str]:
+    """SIGKILL every process of one fake node of this cluster at once: those that carry the node's id in
+    RAY_OVERRIDE_NODE_ID_FOR_TESTING (set by the fake provider: its raylet, agents, workers) and all
+    their descendants (vLLM's subprocesses, if any). Returns their names."""
+    roots = []
+    for p in psutil.process_iter(["cmdline"]):
+        if not any(temp_dir in part for part in (p.info["cmdline"] or [])):
+            continue
+        try:
+            if p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
+                roots.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    victims = {p.pid: p for p in roots}
+    for p in roots:
+        try:
+            victims.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    names = []
+    for p in victims.values():
+        try:
+            names.append(p.name())
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    return names
+
+
+def monitor_log(temp_dir: str) -> Path:
+    return Path(temp_dir) / "session_latest" / "logs" / "monitor.log"
+
+
+def launches(temp_dir: str) -> Counter:
+    """Nodes the autoscaler launched, by type, from its monitor.log: a launcher line may start several
+    (v1: "Launching 2 nodes, type T.", v2: "Launching 1 nodes of type T.")."""
+    found: Counter = Counter()
+    path = monitor_log(temp_dir)
+    text = path.read_text(errors="replace") if path.exists() else ""
+    for n, kind in re.findall(r"Launching (\d+) nodes(?:, type| of type) ([\w.-]+?)\.", text):
+        found[kind] += int(n)
+    return found
+
+
+def cluster_processes(temp_dir: str) -> list:
+    """The processes that name this cluster's temp dir (its head's and its fake nodes')."""
+    return [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in c for c in (p.info["cmdline"] or []))]
