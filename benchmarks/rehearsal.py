@@ -50,7 +50,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "pkg"))
+# --package (the negative control: another checkout's package, e.g. before a change) reaches the driver
+# processes through this variable
+sys.path.insert(0, os.environ.get("UTILRAG_REHEARSAL_PACKAGE") or str(ROOT / "pkg"))
 sys.path.insert(0, str(ROOT / "tests"))  # the fake cluster's helpers (conftest, fakecluster)
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -156,21 +158,11 @@ def engine_cores() -> list:
     return found
 
 
-def cluster_config(gcs: int, F: float, v2: bool) -> dict:
+def cluster_config(gcs: int, F: float) -> dict:
     import yaml
 
     config = yaml.safe_load(FAKE_CLUSTER.read_text())
     config["provider"]["gcs_address"] = f"127.0.0.1:{gcs}"
-    if v2:  # as ray.cluster_utils.AutoscalingCluster(autoscaler_v2=True) sets it up
-        from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
-
-        config["provider"].update(
-            # "external": the wheel lacks the fake_multinode type's defaults file (example.yaml)
-            type="external",
-            module="ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
-            head_node_id=FAKE_HEAD_NODE_ID,
-            launch_multiple=True,
-        )
     config["idle_timeout_minutes"] = 10 / F  # AWS: 10 min
     gpu = config["available_node_types"][GPU_TYPE]
     gpu["max_workers"] = REPLICAS + 1  # room for a replacement while a lost node is still listed
@@ -197,7 +189,7 @@ def rehearse(queries: int, F: float, work: Path, v2: bool = True) -> dict:
 
     from annotate_scale import synthetic
     from conftest import free_port, start_ray_head, stop_cluster_group
-    from fakecluster import get, kill_node, launches, node_type, nodes, replicas
+    from fakecluster import autoscaler_v2, get, kill_node, launches, node_type, nodes, replicas
 
     t_start = time.time()
     data = work / "data"
@@ -207,22 +199,16 @@ def rehearse(queries: int, F: float, work: Path, v2: bool = True) -> dict:
     engine_dir.mkdir()
     out = work / "out"
     gcs = free_port()
-    config = cluster_config(gcs, F, v2)
-    autoscaling = work / "autoscaling.yaml"
-    autoscaling.write_text(yaml.safe_dump(config))
+    config = cluster_config(gcs, F)
     autoscaler_env = {
         "RAY_FAKE_CLUSTER": "1",
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
         "AUTOSCALER_HEARTBEAT_TIMEOUT_S": str(max(1, round(30 / F))),
     }
     if v2:
-        from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
-
-        autoscaler_env.update(
-            RAY_enable_autoscaler_v2="1",
-            RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_NODE_ID,
-            RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_NODE_ID,
-        )
+        autoscaler_env.update(autoscaler_v2(config))
+    autoscaling = work / "autoscaling.yaml"
+    autoscaling.write_text(yaml.safe_dump(config))
     temp_dir, gcs, dash, env = start_ray_head(
         dashboard=True,
         num_cpus=0,
@@ -458,11 +444,17 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=None, help="default 20,000 (the full run)")
     parser.add_argument("--F", type=float, default=60.0, help="time compression (default 60)")
     parser.add_argument("--autoscaler", choices=["v1", "v2"], default="v2", help="default v2 (as `ray up`)")
+    parser.add_argument(
+        "--package", default=None, help="run another checkout's utilrag package (a negative control), e.g. /tmp/old/pkg"
+    )
     parser.add_argument("--out", default=None, help="the JSON's path (default benchmarks/results/rehearsal*.json)")
     args = parser.parse_args()
     if args.driver:
         driver(args.driver)
         return
+    if args.package:
+        os.environ["UTILRAG_REHEARSAL_PACKAGE"] = str(Path(args.package).resolve())
+        sys.path.insert(0, os.environ["UTILRAG_REHEARSAL_PACKAGE"])
     queries = args.queries or (4000 if args.quick else 1200 if args.capped else 20000)
     with tempfile.TemporaryDirectory(prefix="rehearsal-", dir="/tmp") as tmp:
         result = rehearse(queries, args.F, Path(tmp), v2=args.autoscaler == "v2")

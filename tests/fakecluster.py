@@ -88,3 +88,35 @@ def launches(temp_dir: str) -> Counter:
 def cluster_processes(temp_dir: str) -> list:
     """The processes that name this cluster's temp dir (its head's and its fake nodes')."""
     return [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in c for c in (p.info["cmdline"] or []))]
+
+
+def autoscaler_v2(config: dict) -> dict[str, str]:
+    """Autoscaler v2 (what `ray up` runs in Ray 2.60, and KubeRay) on Ray's fake provider, set up as
+    ray.cluster_utils.AutoscalingCluster(autoscaler_v2=True) does it: ``config``'s provider gains the head's
+    fixed node id and one launch per node; returns the head's environment. The provider is loaded as an
+    "external" one: v2 fills a fake_multinode config in from that type's defaults file
+    (fake_multi_node/example.yaml), which the 2.60 wheel does not ship."""
+    from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+
+    config["provider"].update(
+        type="external",
+        module="ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+        head_node_id=FAKE_HEAD_NODE_ID,
+        launch_multiple=True,
+    )
+    return {
+        "RAY_enable_autoscaler_v2": "1",
+        "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
+        "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
+    }
+
+
+def terminated(temp_dir: str) -> tuple[list[str], Counter]:
+    """Autoscaler v2's removals from its monitor.log: the node ids it terminated, and the idle removals by
+    type ("Removing 1 nodes of type T (idle)."); a lost node is terminated without an idle line."""
+    path = monitor_log(temp_dir)
+    text = path.read_text(errors="replace") if path.exists() else ""
+    idle: Counter = Counter()
+    for n, kind in re.findall(r"Removing (\d+) nodes of type ([\w.-]+) \(idle\)", text):
+        idle[kind] += int(n)
+    return re.findall(r"NodeProvider: (\S+): Terminating node", text), idle
