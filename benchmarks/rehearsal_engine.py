@@ -40,7 +40,7 @@ CORE_MARKER = "utilrag-rehearsal-core"
 # The core: stdin "id seconds" lines in, stdout "id" lines out when done; it ignores stdin closing (an
 # orphan keeps running, as vLLM's EngineCore would, until something kills it).
 CORE = r"""
-import json, sys, threading, time
+import json, os, sys, threading, time
 load_s, max_seqs, stats = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 time.sleep(load_s)
 print("ready", flush=True)
@@ -50,7 +50,11 @@ def read():
     for line in sys.stdin:
         rid, seconds = line.split()
         with lock:
-            waiting.append((rid, float(seconds)))
+            if seconds == "abort":  # a cancelled request (vLLM's AsyncLLM aborts them too)
+                running.pop(rid, None)
+                waiting[:] = [w for w in waiting if w[0] != rid]
+            else:
+                waiting.append((rid, float(seconds)))
 threading.Thread(target=read, daemon=True).start()
 area = alive = 0.0
 last = written = time.time()
@@ -77,8 +81,9 @@ while True:
         sys.stdout.flush()
     if now - written > 0.5:
         written = now
-        with open(stats, "w") as f:
+        with open(stats + ".tmp", "w") as f:  # whole or not at all: a core may be SIGKILLed any time
             json.dump({"area": area, "alive": alive, "max_num_seqs": max_seqs}, f)
+        os.replace(stats + ".tmp", stats)
 """
 
 OUTPUTS = {
@@ -113,6 +118,7 @@ class StandInEngine:
         self.folder = Path(s["folder"])
         self.error: str | None = None
         self.starts, self.busy_s, self.dead = 0, 0.0, False
+        self.in_flight, self._busy_since = 0, 0.0
         self.max_num_seqs = int(engine.get("max_num_seqs") or 64)
         self.pending: dict[str, tuple[Any, list]] = {}
         self.lock = threading.Lock()
@@ -151,7 +157,7 @@ class StandInEngine:
         waits = []
         for chat in messages:
             event = threading.Event()
-            waits.append((event, self._submit(chat, event.set)))
+            waits.append((event, self._submit(chat, event.set)[1:]))
         outs = []
         for event, (box, out) in waits:
             event.wait()
@@ -166,15 +172,43 @@ class StandInEngine:
         def wake() -> None:  # on the reader thread
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
 
-        box, out = self._submit(chat, wake)
-        await done
+        rid, box, out = self._submit(chat, wake)
+        self._enter()
+        try:
+            await done
+        except asyncio.CancelledError:  # the block failed elsewhere: its other requests are aborted
+            self._abort(rid)
+            raise
+        finally:
+            self._leave()
         return self._result(box, out)
 
+    def _enter(self) -> None:
+        if self.in_flight == 0:
+            self._busy_since = time.time()
+        self.in_flight += 1
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.busy_s += time.time() - self._busy_since
+
     def busy(self) -> float:
-        return self.busy_s
+        """Seconds with a request in flight (as AsyncVLLMEngine counts them)."""
+        return self.busy_s + (time.time() - self._busy_since if self.in_flight else 0.0)
+
+    def _abort(self, rid: str) -> None:
+        with self.lock:
+            self.pending.pop(rid, None)
+        try:
+            assert self.core is not None and self.core.stdin is not None
+            self.core.stdin.write(f"{rid} abort\n")
+            self.core.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
 
     # ------------------------------------------------------------------ the core
-    def _submit(self, chat: list, wake) -> tuple[list, dict]:
+    def _submit(self, chat: list, wake) -> tuple[str, list, dict]:
         """Send one request to the core; ``wake()`` is called (on the reader thread) when it ends."""
         text = json.dumps(chat)
         if self.settings["poison"] in text:
@@ -208,7 +242,7 @@ class StandInEngine:
             self.core.stdin.flush()
         except (BrokenPipeError, OSError):
             self._died()
-        return box, out
+        return rid, box, out
 
     @staticmethod
     def _result(box: list, out: dict) -> dict:
@@ -218,12 +252,17 @@ class StandInEngine:
 
     def _read(self) -> None:
         assert self.core is not None and self.core.stdout is not None
-        for line in self.core.stdout:
-            with self.lock:
-                entry = self.pending.pop(line.strip(), None)
-            if entry:
-                entry[0]()
-        self._died()
+        try:
+            for line in self.core.stdout:
+                with self.lock:
+                    entry = self.pending.pop(line.strip(), None)
+                if entry:
+                    try:
+                        entry[0]()
+                    except RuntimeError:  # its event loop is closed: nobody waits for it
+                        pass
+        finally:
+            self._died()  # the core is gone (or this thread failed): every waiter hears of it
 
     def _died(self) -> None:
         with self.lock:
@@ -231,4 +270,7 @@ class StandInEngine:
             pending, self.pending = list(self.pending.values()), {}
         for wake, box in pending:
             box.append("dead")
-            wake()
+            try:
+                wake()
+            except RuntimeError:
+                pass

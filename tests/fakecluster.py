@@ -11,6 +11,20 @@ from pathlib import Path
 
 import psutil
 
+# How fast a fake cluster notices a lost node: GCS health checks every second, dead after 5 misses (Ray's
+# default: every 3 s).
+SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
+
+
+def autoscaler_env(heartbeat_timeout_s: float) -> dict[str, str]:
+    """The fake provider's head environment: the autoscaler checks every second (its floor) and takes a
+    node it has not heard from for ``heartbeat_timeout_s`` as lost (30 s by default)."""
+    return {
+        "RAY_FAKE_CLUSTER": "1",
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        "AUTOSCALER_HEARTBEAT_TIMEOUT_S": str(max(1, round(heartbeat_timeout_s))),
+    }
+
 
 def get(obj, name):
     """A field of a state-API record (a dict or an object, by Ray version)."""

@@ -1249,7 +1249,7 @@ def _stand_in_job(tmp_path, data, name: str, engine_factory, stages=("relsel", "
 class _SlowStandInEngine(_StandInEngine):
     """The stand-in with a fixed latency per generate call (a stand-in: only the job's timing is under test)."""
 
-    delay_s = 1.0
+    delay_s = 2.0
 
     def generate(self, messages: list, sampling: list) -> dict:
         time.sleep(self.delay_s)
@@ -1258,21 +1258,21 @@ class _SlowStandInEngine(_StandInEngine):
 
 @pytest.mark.slow
 def test_a_job_longer_than_ray_datas_no_progress_guard_completes_block_by_block(tmp_path, annotate_data):
-    """Time compressed by F = 300. One input file of 20 queries in blocks of 4 takes 5 blocks x 2
-    generate waves (RelSel, the answer) x 1 s of the stand-in engine = ~10 s, as a ~1,000-query input
-    file takes 35-70 min on one A100 replica: longer than Ray Data's own guard (30 min -> 6 s). Each
+    """Time compressed by F = 150. One input file of 20 queries in blocks of 4 takes 5 blocks x 2
+    generate waves (RelSel, the answer) x 2 s of the stand-in engine = ~20 s, as a ~1,000-query input
+    file takes 35-70 min on one A100 replica: longer than Ray Data's own guard (30 min -> 12 s). Each
     replica task is one block (a streaming repartition), whose output reaches Ray Data when the block
-    ends (2 s, as a 16-query block's 30-60 s there), so the job completes under that default guard,
-    exactly once. (When a task was a whole input file, this job failed with ExecutionTimeoutError: the
-    negative control, run before the change.) A guard shorter than one block (0.5 s) fails the job: the
-    guard is on, and set from annotate.scale.no_progress_timeout_s."""
-    F = 300
+    ends (4 s), so the job completes under that default guard, exactly once (12 s also covers the
+    replica's start and its first block on a busy machine). When a task was a whole input file, the same
+    job failed with ExecutionTimeoutError (the negative control, run before the change). A guard shorter
+    than one block (1 s) fails the job: the guard is on, and set from annotate.scale.no_progress_timeout_s."""
+    F = 150
 
     def run(guard_s: float, name: str) -> str:
         return _stand_in_job(tmp_path, annotate_data, name, _SlowStandInEngine, no_progress_timeout_s=guard_s)
 
     with pytest.raises(AnnotateError, match="ExecutionTimeoutError"):
-        run(0.5, "guard-shorter-than-a-block")
+        run(1.0, "guard-shorter-than-a-block")
     t0 = time.time()
     out = run(1800 / F, "ray-default-guard")  # Ray Data's default guard, compressed
     assert time.time() - t0 > 1800 / F  # the job outlasted the guard, and went on

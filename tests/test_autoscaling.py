@@ -44,7 +44,7 @@ import pytest
 import yaml
 
 from conftest import free_port, ray_job_submit, start_ray_head, stop_cluster_group
-from fakecluster import autoscaler_v2
+from fakecluster import SYSTEM_CONFIG, autoscaler_env, autoscaler_v2
 from fakecluster import cluster_processes as _cluster_processes
 from fakecluster import get as _get
 from fakecluster import kill_node as _kill_node
@@ -61,11 +61,7 @@ FAKE_CLUSTER = Path(__file__).parent / "data" / "fake-multinode.yaml"
 GPU_TYPE, CPU_TYPE, ACCELERATOR = "gpu-a100-80g-x8", "cpu-ingest", "A100-80G"
 QUERIES, WINDOWS = 8, 2  # 31-passage pools in windows of 16: 16 + 15
 EXPECTED = QUERIES * WINDOWS
-# How fast the cluster notices a lost node: GCS health checks every second, dead after 5 misses (Ray's
-# default: every 3 s); the autoscaler removes a node it has not heard of for 10 s (default 30 s).
-SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
-# The autoscaler checks every second; a node it has not heard from for 10 s is lost (30 s by default).
-AUTOSCALER_ENV = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "10"}
+AUTOSCALER_ENV = autoscaler_env(heartbeat_timeout_s=10)  # a node unheard of for 10 s is lost
 
 
 @pytest.fixture(scope="module")

@@ -236,7 +236,7 @@ def test_report_rewrites_its_outputs(cfg):
     md = store.read_text(second.path("report.md")) or ""
     assert "Not run: no committed RAG" not in md
     assert "| dense | 5 | 55.0 | 60.0 | 12.5 | 21.2 | 19.0 | – | 5.0 | – | 20 |" in md
-    assert "| rag/squad/report | answer | 20 | 4,000 | 300 |" in md
+    assert "| rag/squad/report | rag | 20 | 4,000 | 300 |" in md
     data = json.loads(store.read_text(second.path("report.json")) or "{}")
     assert data["rag"]["datasets"][0]["results"][1]["f1"] == 21.25
     assert not [n for n in store.list_names(Store(root).report()) if n.startswith(".staging")]

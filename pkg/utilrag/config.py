@@ -860,7 +860,10 @@ class RagConfig(Strict):
     model: str = Field(description="generator: HF folder, hub name, or a packaged model")
     sampling: Sampling = Field(Sampling(answer_max_tokens=64), description="decoding (greedy by default, as the paper)")
     engine: AnnotateEngine = Field(AnnotateEngine(), description="the vLLM engine replicas")
-    scale: AnnotateScale = Field(AnnotateScale(), description="the actor pool")
+    scale: AnnotateScale = Field(
+        AnnotateScale(),
+        description="the actor pool and fault tolerance (RAG runs on the annotation chain's runner: a one-stage chain)",
+    )
 
 
 class ReportConfig(Strict):

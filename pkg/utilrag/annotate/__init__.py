@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 
 from utilrag import lease, store
 from utilrag.annotate import job
@@ -31,6 +32,7 @@ from utilrag.data.dataset import open_dataset
 from utilrag.data.tables import fingerprint, read_table
 from utilrag.logs import get_logger
 from utilrag.plan import annotate_stages
+from utilrag.raycluster import connect
 from utilrag.stages import StageResult
 from utilrag.store import Store
 from utilrag.summaries import AnnotateSummary
@@ -126,12 +128,7 @@ def annotate_pools(
             }
         )
         wanted = job.sample_queries(paths["pools"], chain.max_queries, chain.sample_seed)
-
-        def ray_up() -> None:  # Ray only for work left: a finished target starts no cluster
-            from utilrag.raycluster import connect
-
-            connect(cfg.ray)
-
+        ray_up = partial(connect, cfg.ray)  # Ray only for work left: a finished target starts no cluster
         job.ensure_inputs(out, inputs_fp, paths, acfg, wanted, label, ray_up)
         stages = [s for s in STAGE_ORDER if s in acfg.chain_stages()]
         chain_fp = fingerprint(
@@ -181,7 +178,15 @@ def annotate_pools(
         )
         # Above the threshold the outputs are kept for inspection, but the manifest says "failed" and
         # no later stage reads them (as ingest's reject threshold).
-        status = "complete" if share <= acfg.scale.max_error_fraction else "failed"
+        over = job.over_error_budget(
+            label,
+            error_rows,
+            annotated,
+            acfg.scale.max_error_fraction,
+            store.join(out, "errors.parquet"),
+            "annotate.scale.max_error_fraction",
+        )
+        status = "failed" if over else "complete"
         summary = AnnotateSummary(
             rows={"labels": label_rows, "errors": error_rows},
             errors={"rows": error_rows, "by_stage": dict(errors), "share": round(share, 6)},
@@ -192,12 +197,8 @@ def annotate_pools(
         writer.commit(status=status, **summary.manifest())
         if chain.stage == "annotate":  # the agreement tables; the other stages print their own
             print(text, flush=True)
-        if status != "complete":
-            raise AnnotateError(
-                f"{label}: {error_rows:,} of {annotated:,} queries are error rows ({share:.3%}), above "
-                f"annotate.scale.max_error_fraction {acfg.scale.max_error_fraction:.3%}; see "
-                f"{store.join(out, 'errors.parquet')}"
-            )
+        if over:
+            raise AnnotateError(over)
         log.info(
             f"{label}: labels {label_rows:,} rows -> {store.join(out, 'labels.parquet')} ({time.time() - t0:.0f}s)"
         )

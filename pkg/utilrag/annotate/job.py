@@ -532,8 +532,8 @@ def duration(seconds: float) -> str:
 
 
 class PartsWatch:
-    """Progress while the chain runs, from the parts written: a replica's stats reach the driver only
-    when its Ray Data task ends (a whole input file), so a thread lists the parts every ``every_s``
+    """Progress while the chain runs, from the parts written (a part is written when its block ends,
+    before its Ray Data task hands its stats over), so a thread lists the parts every ``every_s``
     seconds, reads each new part's row count from its footer once, and logs queries done/total, the
     rate since this run started, the ETA and the GPU-hours so far (the pool at its largest)."""
 
@@ -689,6 +689,20 @@ def replica_figures(stats: dict) -> dict:
         "engine_idle_fraction": round(1 - busy / alive, 4) if alive else None,
         **fill_figures([r["fill"] for r in replicas.values() if r.get("fill")]),
     }
+
+
+def over_error_budget(
+    label: str, error_rows: int, total: int, max_fraction: float, errors_path: str, key: str
+) -> str | None:
+    """The one line failing a chain job with more error rows than ``max_fraction`` of ``total`` (the
+    config ``key``, as ingest's reject threshold); None within it."""
+    share = error_rows / total if total else 0.0
+    if share <= max_fraction:
+        return None
+    return (
+        f"{label}: {error_rows:,} of {total:,} queries are error rows ({share:.3%}), above {key} "
+        f"{max_fraction:.3%}; see {errors_path}"
+    )
 
 
 def new_run_id() -> str:

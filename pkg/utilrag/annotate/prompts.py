@@ -187,9 +187,6 @@ def graded_messages(query: str, passage: str) -> list[dict]:
     ]
 
 
-# --------------------------------------------------------------------------- query generation
-# The querygen stage's prompt (InPars / Promptagator style: a few (passage, question) examples, then the
-# passage), ours. Versioned apart from the paper's prompts: changing it redoes the questions, not the labels.
 # --------------------------------------------------------------------------- the RAG generator
 # The paper generates RAG answers greedily "with the pseudo-answer prompt wording" (docs/method.md §5):
 # the answer prompt above, with the retrieved passages as its information. Closed-book (no passages)
@@ -215,6 +212,9 @@ def rag_messages(question: str, passages: list[str]) -> list[dict]:
     ]
 
 
+# --------------------------------------------------------------------------- query generation
+# The querygen stage's prompt (InPars / Promptagator style: a few (passage, question) examples, then the
+# passage), ours. Versioned apart from the paper's prompts: changing it redoes the questions, not the labels.
 QUESTION_PROMPT_VERSION = "utilrag-questions-v1"
 QUESTION_EXAMPLES = (
     (

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from utilrag.rag.qa_metrics import (
     f1_score,
     marco_evaluate,
 )
+from utilrag.raycluster import connect
 from utilrag.stages import StageResult
 from utilrag.store import Store
 from utilrag.summaries import RagSummary
@@ -165,12 +167,7 @@ def generate(cfg: PipelineConfig, acfg: AnnotateConfig, inputs: pa.Table, folder
         job.write_inputs(folder, fp, inputs, label)
         chain_fp = fingerprint({"inputs": fp, "settings": acfg.content_settings(), "stages": [RAG_STAGE]})
         run = job.new_run_id()
-
-        def ray_up() -> None:  # Ray only for work left: finished generations start no cluster
-            from utilrag.raycluster import connect
-
-            connect(cfg.ray)
-
+        ray_up = partial(connect, cfg.ray)  # Ray only for work left: finished generations start no cluster
         stats = job.run_chain(folder, chain_fp, acfg, model_path, label, None, run, None, ray_up)
         errors_path = store.join(folder, "errors.parquet")
         tallies, _, _, errors = job.finalize(folder, None, errors_path, acfg, run)
@@ -179,21 +176,24 @@ def generate(cfg: PipelineConfig, acfg: AnnotateConfig, inputs: pa.Table, folder
         summary["engines"] = job.replica_figures(stats)
         log.info(f"{label}: {job.summary_line(summary)}")
         if summary["error_rows"]:
-            share = summary["error_rows"] / max(inputs.num_rows, 1)
-            log.info(f"{label}: {summary['error_rows']:,} generations failed ({share:.3%}) -> {errors_path}")
-            if share > acfg.scale.max_error_fraction:
-                raise RagError(
-                    f"{label}: {summary['error_rows']:,} of {inputs.num_rows:,} generations are error rows "
-                    f"({share:.3%}), above rag.scale.max_error_fraction {acfg.scale.max_error_fraction:.3%}; see "
-                    f"{errors_path}"
-                )
+            log.info(f"{label}: {summary['error_rows']:,} generations failed -> {errors_path}")
+            over = job.over_error_budget(
+                label,
+                summary["error_rows"],
+                inputs.num_rows,
+                acfg.scale.max_error_fraction,
+                errors_path,
+                "rag.scale.max_error_fraction",
+            )
+            if over:
+                raise RagError(over)
         return by_setting(read_table(store.join(folder, f"{RAG_STAGE}.parquet"))), summary
 
 
 def by_setting(table: pa.Table) -> pa.Table:
     """The stage table's chain query ids (``<question id>\t<row index>``) as question id and row index
     (``window``): what ``score`` reads."""
-    split = pc.split_pattern(table.column("query_id"), "\t", max_splits=1)
+    split = pc.split_pattern(table.column("query_id"), "\t", max_splits=1, reverse=True)  # the row: after the last
     table = table.set_column(0, "query_id", pc.list_element(split, 0))
     return table.set_column(
         table.schema.get_field_index("window"), "window", pc.cast(pc.list_element(split, 1), pa.int32())

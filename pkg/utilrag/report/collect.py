@@ -367,7 +367,7 @@ def cost(cfg: PipelineConfig, found: list[Found], annotated: dict, rag_data: dic
                 entry["wall_time_s"] += float(wall)
     tokens = []
     sources = [(t["folder"], t["stages"]) for t in annotated.get("targets", [])]
-    sources += [(d["folder"], {"answer": d["generation"]}) for d in rag_data.get("datasets", []) if d.get("generation")]
+    sources += [(d["folder"], {"rag": d["generation"]}) for d in rag_data.get("datasets", []) if d.get("generation")]
     for f in found:  # the chains of query generation and judging: their tokens count too
         if f.committed is not None and f.rel.endswith(("/questions", "/grades")):
             sources.append((f.rel, AnnotateSummary.of(f.committed).summaries))
