@@ -189,12 +189,14 @@ def parquet_files(location: str) -> list[str]:
     )
 
 
-def _read_files(batch: pa.Table, *, columns: list[str]) -> pa.Table:
-    tables = []
+def _read_files(batch: pa.Table, *, columns: list[str]) -> Iterable[pa.Table]:
+    """The files' rows, a row group at a time (an ingested corpus file holds up to a million rows)."""
     for location in batch.column("path").to_pylist():
         fs, path = store.filesystem(location)
-        tables.append(pq.read_table(path, columns=columns, filesystem=fs))
-    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
+        with fs.open_input_file(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            for group in range(parquet.num_row_groups):
+                yield parquet.read_row_group(group, columns=columns)
 
 
 def read_parquet_tasks(locations: str | list[str], columns: list[str]) -> Any:
