@@ -159,11 +159,10 @@ def engine_cores(folder: Path) -> list:
     return found
 
 
-def cluster_config(gcs: int, F: float) -> dict:
+def cluster_config(F: float) -> dict:
     import yaml
 
     config = yaml.safe_load(FAKE_CLUSTER.read_text())
-    config["provider"]["gcs_address"] = f"127.0.0.1:{gcs}"
     config["idle_timeout_minutes"] = 10 / F  # AWS: 10 min
     gpu = config["available_node_types"][GPU_TYPE]
     gpu["max_workers"] = REPLICAS + 1  # room for a replacement while a lost node is still listed
@@ -186,21 +185,10 @@ def rehearse(queries: int, F: float, work: Path, v2: bool = True) -> dict:
     import psutil
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-    import yaml
 
     from annotate_scale import synthetic
-    from conftest import free_port, start_ray_head, stop_cluster_group
-    from fakecluster import (
-        SYSTEM_CONFIG,
-        autoscaler_env,
-        autoscaler_v2,
-        get,
-        kill_node,
-        launches,
-        node_type,
-        nodes,
-        replicas,
-    )
+    from conftest import stop_cluster_group
+    from fakecluster import get, kill_node, launches, node_type, nodes, replicas, start_fake_cluster
 
     t_start = time.time()
     data = work / "data"
@@ -209,25 +197,7 @@ def rehearse(queries: int, F: float, work: Path, v2: bool = True) -> dict:
     engine_dir = work / "engine"
     engine_dir.mkdir()
     out = work / "out"
-    gcs = free_port()
-    config = cluster_config(gcs, F)
-    head_env = autoscaler_env(heartbeat_timeout_s=30 / F)
-    if v2:
-        head_env.update(autoscaler_v2(config))
-    autoscaling = work / "autoscaling.yaml"
-    autoscaling.write_text(yaml.safe_dump(config))
-    temp_dir, gcs, dash, env = start_ray_head(
-        dashboard=True,
-        num_cpus=0,
-        extra_args=(
-            "--num-gpus=0",
-            f"--autoscaling-config={autoscaling}",
-            f"--system-config={json.dumps(SYSTEM_CONFIG, separators=(',', ':'))}",
-        ),
-        extra_env=head_env,
-        gcs_port=gcs,
-        new_session=True,
-    )
+    temp_dir, gcs, dash, env, config = start_fake_cluster(cluster_config(F), work, 30 / F, v2)
     address = f"http://127.0.0.1:{dash}"
     overrides = [
         f"output_dir={out}",

@@ -134,3 +134,38 @@ def terminated(temp_dir: str) -> tuple[list[str], Counter]:
     for n, kind in re.findall(r"Removing (\d+) nodes of type ([\w.-]+) \(idle\)", text):
         idle[kind] += int(n)
     return re.findall(r"NodeProvider: (\S+): Terminating node", text), idle
+
+
+def start_fake_cluster(
+    config: dict, folder: Path, heartbeat_timeout_s: float, v2: bool = True
+) -> tuple[str, int, int, dict, dict]:
+    """A CPU-less head (its own session and process group) whose autoscaler runs Ray's fake provider on
+    ``config`` (its node types; the head's GCS port is filled in, the config written into ``folder``).
+    Returns (temp_dir, gcs port, dashboard port, env for clients, the config as run). Stop it with
+    conftest.stop_cluster_group(temp_dir)."""
+    import json
+
+    import yaml
+
+    from conftest import free_port, start_ray_head
+
+    gcs = free_port()
+    config["provider"]["gcs_address"] = f"127.0.0.1:{gcs}"  # the fake nodes join this head, not 6379
+    head_env = autoscaler_env(heartbeat_timeout_s)
+    if v2:
+        head_env.update(autoscaler_v2(config))
+    autoscaling = folder / "autoscaling.yaml"
+    autoscaling.write_text(yaml.safe_dump(config))
+    temp_dir, gcs, dash, env = start_ray_head(
+        dashboard=True,
+        num_cpus=0,
+        extra_args=(
+            "--num-gpus=0",
+            f"--autoscaling-config={autoscaling}",
+            f"--system-config={json.dumps(SYSTEM_CONFIG, separators=(',', ':'))}",
+        ),
+        extra_env=head_env,
+        gcs_port=gcs,
+        new_session=True,
+    )
+    return temp_dir, gcs, dash, env, config

@@ -43,8 +43,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import free_port, ray_job_submit, start_ray_head, stop_cluster_group
-from fakecluster import SYSTEM_CONFIG, autoscaler_env, autoscaler_v2
+from conftest import ray_job_submit, stop_cluster_group
 from fakecluster import cluster_processes as _cluster_processes
 from fakecluster import get as _get
 from fakecluster import kill_node as _kill_node
@@ -52,6 +51,7 @@ from fakecluster import launches as _launches
 from fakecluster import node_type as _node_type
 from fakecluster import nodes as _nodes
 from fakecluster import replicas as _replicas
+from fakecluster import start_fake_cluster
 from fakecluster import terminated as _terminated
 from readiness import NotReady, wait_until
 from utilrag.annotate.engine import AnnotateError
@@ -61,7 +61,6 @@ FAKE_CLUSTER = Path(__file__).parent / "data" / "fake-multinode.yaml"
 GPU_TYPE, CPU_TYPE, ACCELERATOR = "gpu-a100-80g-x8", "cpu-ingest", "A100-80G"
 QUERIES, WINDOWS = 8, 2  # 31-passage pools in windows of 16: 16 + 15
 EXPECTED = QUERIES * WINDOWS
-AUTOSCALER_ENV = autoscaler_env(heartbeat_timeout_s=10)  # a node unheard of for 10 s is lost
 
 
 @pytest.fixture(scope="module")
@@ -108,23 +107,8 @@ def _pipeline_config(path: Path, shared: Path, out: Path, model: str) -> Path:
 
 @pytest.mark.slow
 def test_gpu_nodes_on_demand_node_loss_exactly_once_and_scale_down(shared_datasets, tiny_model, tmp_path):
-    config = yaml.safe_load(FAKE_CLUSTER.read_text())
-    gcs = free_port()
-    config["provider"]["gcs_address"] = f"127.0.0.1:{gcs}"  # the fake nodes join this head, not 6379
-    head_env = {**AUTOSCALER_ENV, **autoscaler_v2(config)}
-    autoscaling = tmp_path / "autoscaling.yaml"
-    autoscaling.write_text(yaml.safe_dump(config))
-    temp_dir, gcs, dash, env = start_ray_head(
-        dashboard=True,
-        num_cpus=0,
-        extra_args=(
-            "--num-gpus=0",
-            f"--autoscaling-config={autoscaling}",
-            f"--system-config={json.dumps(SYSTEM_CONFIG, separators=(',', ':'))}",
-        ),
-        extra_env=head_env,
-        gcs_port=gcs,
-        new_session=True,
+    temp_dir, gcs, dash, env, config = start_fake_cluster(
+        yaml.safe_load(FAKE_CLUSTER.read_text()), tmp_path, heartbeat_timeout_s=10
     )
     address = f"http://127.0.0.1:{dash}"
     ray = os.path.join(str(Path(sys.executable).parent), "ray")
