@@ -234,7 +234,7 @@ def rehearse(queries: int, F: float, work: Path, v2: bool = True) -> dict:
     parts = stage_dir / "chain.parts"
     log = work / "driver.log"
     events: list[dict] = []
-    actor_pids: dict[int, str] = {}  # replica pid -> node id (every replica seen)
+    actor_pids: set[int] = set()  # every replica process seen
     watch = Watch(parts)
     injected: list[str] = []
     try:
@@ -255,7 +255,7 @@ def rehearse(queries: int, F: float, work: Path, v2: bool = True) -> dict:
                 continue
             for a in alive:
                 if get(a, "pid"):
-                    actor_pids[int(get(a, "pid"))] = get(a, "node_id")
+                    actor_pids.add(int(get(a, "pid")))
             gpu_alive = [n for n in live_nodes if get(n, "state") == "ALIVE" and node_type(n, config) == GPU_TYPE]
             peak_gpu = max(peak_gpu, len({get(a, "node_id") for a in alive}))
             if resubmitted and not resubmit_placed:
@@ -413,9 +413,8 @@ def part_times(parts: Path) -> dict[str, float]:
     return when
 
 
-def lost_by_event(engine_dir: Path, events: list[dict], parts: Path) -> list[set[str]]:
+def lost_by_event(starts: dict[str, list[tuple[float, int]]], events: list[dict], parts: Path) -> list[set[str]]:
     """Per kill: the queries in flight on the killed units (started there, not yet in a part)."""
-    starts = first_requests(engine_dir)
     written = part_times(parts) if parts.is_dir() else {}
     lost = []
     for e in events:
@@ -436,7 +435,7 @@ def redone_and_lost(engine_dir: Path, events: list[dict], parts: Path, poison: s
     aside), and per kill the queries in flight on the killed units."""
     starts = first_requests(engine_dir)
     redone = {q for q, tries in starts.items() if len(tries) > 1 and q != poison}
-    return redone, lost_by_event(engine_dir, events, parts)
+    return redone, lost_by_event(starts, events, parts)
 
 
 def paper_batch_size() -> int:

@@ -180,7 +180,7 @@ def prepare_local(
 
 def parquet_files(location: str) -> list[str]:
     """The Parquet files of a folder (not the temporary ones), sorted, as locations; a file: itself."""
-    if store.is_file(location):
+    if location.endswith(".parquet") and store.is_file(location):  # a folder costs no extra round trip
         return [location]
     return sorted(
         store.join(location, n)

@@ -157,11 +157,12 @@ def prompts_fingerprint(inputs: pa.Table) -> str:
     )
 
 
-def generate(cfg: PipelineConfig, acfg: AnnotateConfig, inputs: pa.Table, folder: str, fp: str, model_path: str):
+def generate(
+    cfg: PipelineConfig, acfg: AnnotateConfig, inputs: pa.Table, folder: str, fp: str, model_path: str, label: str
+):
     """The answers of every chain query (a one-stage chain in ``folder``); returns the stage table (by
     question and row) and its summary. An error row (a generation whose requests kept failing) has no
     answer; above ``scale.max_error_fraction`` of them the stage fails."""
-    label = f"rag {cfg.rag.dataset if cfg.rag else ''}".strip()
     t0 = time.time()
     with lease.holding(store.normalize(folder), "rag"):
         job.write_inputs(folder, fp, inputs, label)
@@ -388,7 +389,7 @@ def run(cfg: PipelineConfig) -> StageResult:
             "settings": acfg.content_settings(),
         }
     )
-    generated, summary = generate(cfg, acfg, inputs, generate_dir, fp, model_path)
+    generated, summary = generate(cfg, acfg, inputs, generate_dir, fp, model_path, f"rag {rcfg.dataset}")
 
     records = score(questions, rows, generated, passages, same_ids=corpus is dataset)
     answers = dict(zip(questions.column("query_id").to_pylist(), questions.column("answers").to_pylist()))
