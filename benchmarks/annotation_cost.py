@@ -48,6 +48,7 @@ STAGE_SETS = {
     "relsel+answer+utilsel": ["relsel", "answer", "utilsel"],
     "relsel+answer+utilrank": ["relsel", "answer", "utilrank"],
     "relsel+answer+utilsel+utilrank": ["relsel", "answer", "utilsel", "utilrank"],
+    "qametric": ["qametric"],  # the QA-metric baseline: one answer per pool passage (31 generations a query)
 }
 GOAL_H100_HOURS = 70.0
 
@@ -83,7 +84,7 @@ def sample_pools(n: int, seed: int, passage_words: int) -> list[tuple[str, list[
     return [(rng.choice(queries), rng.sample(passages, 31)) for _ in range(n)]
 
 
-def count_tokens(pools, window: int, answer_tokens: int, layout: str = "paper") -> dict:
+def count_tokens(pools, window: int, answer_tokens: int, layout: str = "paper", short_answer_tokens: int = 16) -> dict:
     """Per stage: prompt, cacheable and output tokens per query (the job's order through one cache)."""
     from transformers import AutoTokenizer
 
@@ -117,6 +118,7 @@ def count_tokens(pools, window: int, answer_tokens: int, layout: str = "paper") 
             "answer": [prompts.answer_messages(query, chosen)],
             "utilsel": [prompts.utilsel_messages(query, w, answer) for w in windows(chosen, window)],
             "utilrank": [prompts.utilrank_messages(query, w, answer) for w in windows(chosen, window)],
+            "qametric": [prompts.rag_messages(query, [t]) for t in texts],
         }
         selection_windows = windows(list(range(1, 32)), window)
         outputs = {
@@ -127,6 +129,7 @@ def count_tokens(pools, window: int, answer_tokens: int, layout: str = "paper") 
             "answer": answer_tokens,
             "utilsel": length("My selection:[" + ",".join(f"[{i}]" for i in range(1, util_k + 1)) + "]."),
             "utilrank": length(" > ".join(f"[{i}]" for i in range(1, k + 1))),
+            "qametric": short_answer_tokens * len(texts),
         }
         encoded = {stage: [encode(m) for m in messages] for stage, messages in requests.items()}
         for name, stages in STAGE_SETS.items():
@@ -158,6 +161,9 @@ def main() -> None:
     ap.add_argument("--vllm-efficiency", type=float, default=None, help="ASSUMED: vLLM's prefill over a plain forward")
     ap.add_argument("--decode-tok-s", type=float, default=None, help="ASSUMED: output tokens/s per GPU")
     ap.add_argument("--answer-tokens", type=int, default=60, help="ASSUMED: pseudo-answer length")
+    ap.add_argument(
+        "--short-answer-tokens", type=int, default=16, help="ASSUMED: a QA-metric answer's length (one passage each)"
+    )
     ap.add_argument("--quick", action="store_true", help="100 pools")
     ap.add_argument(
         "--out", default=None, help="the JSON file; default benchmarks/results/annotation_cost[-quick].json"
@@ -185,7 +191,7 @@ def main() -> None:
     pools = sample_pools(args.queries, args.seed, acfg.passage_words)
     layouts = {}
     for layout in LAYOUTS:
-        tokens = count_tokens(pools, acfg.window, args.answer_tokens, layout)
+        tokens = count_tokens(pools, acfg.window, args.answer_tokens, layout, args.short_answer_tokens)
         sets = {}
         for name, stages in STAGE_SETS.items():
             per = {s: tokens[f"{name}/{s}"] for s in stages}
@@ -220,6 +226,7 @@ def main() -> None:
             "vllm_efficiency_over_plain_forward": args.vllm_efficiency,
             "decode_tokens_per_s_per_gpu": args.decode_tok_s,
             "pseudo_answer_tokens": args.answer_tokens,
+            "qametric_answer_tokens": args.short_answer_tokens,
             "h100_prefill_equals_h200": "same bf16 dense peak (989 TFLOPS); prefill is compute-bound",
         },
         "unmeasured": {"fp8_prefill_tokens_per_s": None},

@@ -229,6 +229,51 @@ def test_labels_with_the_papers_options():
     assert not [r for r in agreement_by_position(exclusion, shown) if r["source"] == "relsel"]
 
 
+def test_qametric_labels_score_each_passages_answer_against_the_gold_answers():
+    """The QA-metric baseline: the passages whose answer scores the query's best F1 (>= min_score) are the
+    positives (rule best), or every passage at min_score or more (rule threshold); rank = order by score."""
+    from utilrag.annotate.stages import qametric_labels
+
+    inputs, pools = _inputs()  # q1: a b c d (human a), q2: e f g (human f)
+    answers = {"a": "Paris", "b": "in Paris, France", "c": "Lyon", "d": ""}
+    done = {
+        "qametric": _stage_table(
+            [
+                *[{"query_id": "q1", "window": i, "doc_ids": [d], "answer": answers[d]} for i, d in enumerate("abcd")],
+                *[{"query_id": "q2", "window": i, "doc_ids": [d], "answer": "no idea"} for i, d in enumerate("efg")],
+            ]
+        )
+    }
+    gold = {"q1": ["Paris", "the city of Paris"], "q2": ["42"]}
+    acfg = AnnotateConfig(model="m")
+    assert qametric_labels(answers, gold["q1"], acfg) == {
+        "a": (1.0, 1),
+        "b": (pytest.approx(2 * (1 / 3) * 1 / (1 / 3 + 1)), 2),  # "in paris france" vs "paris": P 1/3, R 1
+        "c": (0.0, 3),
+        "d": (0.0, 4),
+    }
+
+    def positives(cfg: AnnotateConfig) -> dict:
+        rows = build_labels(inputs, done, pools, cfg, gold).to_pylist()
+        return {
+            q: {r["doc_id"] for r in rows if r["source"] == "qametric" and r["query_id"] == q and r["positive"]}
+            for q in ("q1", "q2")
+        }
+
+    assert positives(acfg) == {"q1": {"a"}, "q2": set()}  # best: a; q2's answers score 0: no positive
+    threshold = acfg.model_copy(
+        update={"qametric": acfg.qametric.model_copy(update={"rule": "threshold", "min_score": 0.4})}
+    )
+    assert positives(threshold) == {"q1": {"a", "b"}, "q2": set()}
+    em = acfg.model_copy(update={"qametric": acfg.qametric.model_copy(update={"metric": "em"})})
+    assert positives(em) == {"q1": {"a"}, "q2": set()}
+    inclusion = acfg.model_copy(update={"human_positive": "inclusion"})
+    assert positives(inclusion) == {"q1": {"a"}, "q2": {"f"}}
+    assert qametric_labels({"a": "x"}, [], acfg) == {"a": (0.0, 1)}  # no gold answer: nothing answers it
+    rows = {r["source"]: r for r in agreement(build_labels(inputs, done, pools, acfg, gold), {})}
+    assert rows["qametric"]["precision"] == 1.0 and rows["qametric"]["recall"] == 0.5  # a of {a, f}
+
+
 def test_cohen_kappa_by_hand():
     # observed agreement 0.75, chance agreement 0.5 -> 0.5
     assert cohen_kappa([1, 1, 0, 0], [1, 0, 0, 0], [0, 1]) == pytest.approx(0.5)
@@ -358,6 +403,8 @@ def _stand_in(stage: str, messages: list[dict]) -> str:
         return "" if h % 5 == 0 else f"answer {h % 97}"
     if stage == "graded":
         return f"##final score: {h % 4}"
+    if stage == "qametric":
+        return f"answer {h % 3}"
     n = sum(1 for m in messages if m["role"] == "user" and m["content"].startswith("["))
     picks = [i for i in range(1, n + 1) if (h >> i) % 3 != 0]
     if stage == "utilrank":
@@ -423,7 +470,9 @@ def test_inputs_rows_match_todays_load_inputs(tmp_path):
         assert new_rejects == sorted(old.rejects) and len(new_rejects) >= 4
 
 
-@pytest.mark.parametrize("stages", [["relsel"], ["relsel", "answer", "utilsel", "utilrank", "graded"]])
+@pytest.mark.parametrize(
+    "stages", [["relsel"], ["relsel", "answer", "utilsel", "utilrank", "graded", "qametric"]], ids=["one", "all"]
+)
 def test_the_chain_gives_todays_stage_rows_and_labels(stages):
     """One block through run_block (the replica's waves) == today's stage-by-stage requests, given
     the same answer per prompt; and the labels cut per part == today's build_labels."""
@@ -454,8 +503,12 @@ def test_the_chain_gives_todays_stage_rows_and_labels(stages):
     all_pools = {
         q: [d for d in pools.filter(pc.equal(pools["query_id"], q))["doc_id"].to_pylist()] for q in inputs.pools
     }
-    old_labels = build_labels(inputs, old, all_pools, acfg)
-    new_labels = part_labels(part, tables, acfg)
+    gold = {q: ["answer 1"] for q in inputs.pools}  # the QA-metric stage's answers are scored against it
+    old_labels = build_labels(inputs, old, all_pools, acfg, gold)
+    new_labels = part_labels(part, tables, acfg, gold)
+    if "qametric" in stages:
+        scored = [r for r in new_labels.to_pylist() if r["source"] == "qametric"]
+        assert scored and any(r["positive"] for r in scored) and not all(r["positive"] for r in scored)
     assert new_labels.sort_by(
         [("query_id", "ascending"), ("source", "ascending"), ("doc_id", "ascending")]
     ).to_pylist() == (

@@ -7,13 +7,14 @@ oracle rows."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from utilrag.annotate.tiny import make_tiny_llm
-from utilrag.rag.qa_metrics import exact_match_score, f1_score
+from utilrag.qa_metrics import exact_match_score, f1_score
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +39,22 @@ def rag_cfg(tmp_path_factory, shared_datasets, ray_local):
             "output_dir": str(out),
             "ingest": {
                 "datasets": [
-                    {"name": "squad-v1.1-dev", "layout": "qa"},
+                    {"name": "squad-v1.1-dev", "layout": "qa", "qa_test_percent": 20},
                     {"name": "squad-copy", "path": str(copy.parent), "layout": "plain", "passage_words": 2000},
                 ]
             },
             "bm25": [{"dataset": "squad-v1.1-dev", "split": "dev", "corpus": "squad-copy", "k": 5}],
+            # the QA-metric label baseline: training questions' pools from BM25 over SQuAD's own paragraphs
+            "pools": [{"dataset": "squad-v1.1-dev", "split": "train", "size": 6, "max_queries": 4}],
+            "annotate": {
+                "model": str(model),
+                "targets": [{"dataset": "squad-v1.1-dev", "split": "train"}],
+                "stages": ["qametric"],
+                "passage_words": 60,
+                "qametric": {"max_tokens": 6},
+                "engine": {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "kv_cache_gib": 1},
+                "scale": {"batch_size": 8},
+            },
             "rag": {
                 "dataset": "squad-v1.1-dev",
                 "corpus": "squad-copy",
@@ -72,7 +84,8 @@ def test_rag_end_to_end_on_squad(rag_cfg, capsys):
     ingested = ingest(rag_cfg)
     result = ingested["squad-v1.1-dev"]
     assert result.tables["qa"].rows == 10_570 and result.tables["corpus"].rows == 2_067
-    assert result.tables["qrels"].rows == 10_570  # one gold paragraph per question
+    # one gold paragraph per question in "dev", and again in "train" or "test" (qa_test_percent: 20)
+    assert result.tables["qrels"].rows == 2 * 10_570
     assert ingested["squad-copy"].tables["corpus"].rows == 2_067
     run_bm25(rag_cfg, rag_cfg.bm25[0])  # SQuAD's questions over the copy's passages
     run(rag_cfg)
@@ -96,7 +109,7 @@ def test_rag_end_to_end_on_squad(rag_cfg, capsys):
 
     # Answer recall@k recomputed from the BM25 run over the copy and the copy's texts, same 6 questions.
     from utilrag.data.dataset import open_dataset
-    from utilrag.rag.qa_metrics import answer_recall
+    from utilrag.qa_metrics import answer_recall
 
     per_query = pq.read_table(report.path("per_query.parquet")).to_pylist()
     qids = sorted({r["query_id"] for r in per_query})
@@ -127,7 +140,7 @@ def test_rag_end_to_end_on_squad(rag_cfg, capsys):
         assert r["f1"] == pytest.approx(max(f1_score(r["prediction"], g) for g in answers[r["query_id"]]))
         assert r["exact_match"] == max(float(exact_match_score(r["prediction"], g)) for g in answers[r["query_id"]])
     # BERTScore per row: the packaged MiniLM (layer 6) on that row's answers against the gold answers.
-    from utilrag.rag.qa_metrics import bert_score_f1
+    from utilrag.qa_metrics import bert_score_f1
 
     for (label, k), row in by_row.items():
         mine = {r["query_id"]: r["prediction"] for r in per_query if (r["label"], r["k"]) == (label, k)}
@@ -151,6 +164,56 @@ def test_rag_end_to_end_on_squad(rag_cfg, capsys):
     again = capsys.readouterr().out
     assert "the chain is complete (24 queries), reusing" in again
     assert json.loads(Path(report.path("results.json")).read_text()) == results
+
+
+@pytest.mark.slow
+def test_qametric_labels_on_squad_split_by_paragraph(rag_cfg):
+    """The QA-metric label baseline on a QA set: SQuAD's questions split into train / test by paragraph, the
+    train questions' pools from BM25 over its paragraphs, the generator's answer from each pool passage scored
+    against the gold answers (the tiny random model: plumbing; the local SmolLM2 run is in the notes)."""
+    from utilrag import store
+    from utilrag.annotate import run_annotate
+    from utilrag.data import ingest
+    from utilrag.data.dataset import open_dataset
+    from utilrag.data.pools import run_pools
+    from utilrag.store import Store
+
+    ingest(rag_cfg)  # the first test's, reused
+    dataset = open_dataset(rag_cfg, "squad-v1.1-dev")
+    qrels = dataset.table("qrels").to_pylist()
+    side = {r["doc_id"]: r["split"] for r in qrels if r["split"] != "dev"}
+    for r in qrels:  # every question of a paragraph is on its paragraph's side
+        assert r["split"] == "dev" or side[r["doc_id"]] == r["split"]
+    test_share = sum(v == "test" for v in side.values()) / len(side)
+    assert len(side) == 2_067 and 0.15 < test_share < 0.25
+    counts = Counter(r["split"] for r in qrels)
+    assert counts["dev"] == 10_570 and counts["train"] + counts["test"] == 10_570
+
+    run_pools(rag_cfg, rag_cfg.pools[0])
+    [out] = run_annotate(rag_cfg)
+    stage = pq.read_table(Path(out) / "qametric.parquet")
+    assert stage.num_rows == 4 * 6  # one answer per pool passage
+    assert set(stage.column("prompt_version").to_pylist()) == {"rag-1"}
+    assert {json.loads(s)["temperature"] for s in stage.column("sampling").to_pylist()} == {0.0}  # greedy
+    assert all(len(ids) == 1 for ids in stage.column("doc_ids").to_pylist())
+    # the labels, recomputed from the answers and the gold answers: best F1 >= 0.5, rank by F1
+    qa = dataset.table("qa")
+    gold = dict(zip(qa.column("query_id").to_pylist(), qa.column("answers").to_pylist()))
+    by_query: dict[str, dict[str, float]] = {}
+    for r in stage.to_pylist():
+        by_query.setdefault(r["query_id"], {})[r["doc_ids"][0]] = max(
+            f1_score(r["answer"] or "", g) for g in gold[r["query_id"]]
+        )
+    labels = [r for r in pq.read_table(Path(out) / "labels.parquet").to_pylist() if r["source"] == "qametric"]
+    assert len(labels) == 24
+    for r in labels:
+        scores = by_query[r["query_id"]]
+        best = max(scores.values())
+        assert r["positive"] == (scores[r["doc_id"]] >= max(best, 0.5))
+    report = json.loads((Path(out) / "report.json").read_text())
+    assert "qametric" in {row["source"] for row in report["agreement"]}
+    committed = store.require(Store(rag_cfg.output_dir).annotate("squad-v1.1-dev", "train", None), "annotate")
+    assert committed["status"] == "complete"
 
 
 def test_eval_qa_cli_on_the_real_dev_file(shared_datasets, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Answer metrics (utilrag.rag.qa_metrics) against the official formulas written out here, and
+"""Answer metrics (utilrag.qa_metrics) against the official formulas written out here, and
 ``eval_qa`` on prediction files built from the real SQuAD dev set. No Ray."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 from conftest import SHARED
 from utilrag.rag.eval_qa import eval_qa, format_eval_qa, read_predictions
-from utilrag.rag.qa_metrics import (
+from utilrag.qa_metrics import (
     QAMetricError,
     answer_recall,
     bleu,
@@ -368,7 +368,7 @@ MINILM = {"model": "sentence-transformers/all-MiniLM-L6-v2", "num_layers": 6}
 
 
 def test_bert_score_takes_the_best_reference_and_averages_over_answered_questions():
-    from utilrag.rag.qa_metrics import bert_score_f1
+    from utilrag.qa_metrics import bert_score_f1
 
     same = bert_score_f1({"q": ["the cat sat on the mat"]}, {"q": "the cat sat on the mat"}, **MINILM)
     assert same == pytest.approx(1.0, abs=1e-4)

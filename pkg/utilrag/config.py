@@ -135,6 +135,14 @@ class DatasetConfig(Strict):
         description="keep passage titles (encoded as 'title text'); false: text alone. null: the registry's "
         "(tevatron-msmarco: false, as the 8.8M MS MARCO collection the retriever is evaluated on has none), else true",
     )
+    qa_test_percent: float | None = Field(
+        None,
+        gt=0,
+        lt=100,
+        description="qa layout: also split the questions by their gold passage into qrels splits 'train' and 'test' "
+        "(this share of the passages' questions, by a stable hash), so a retriever trained on one split is scored "
+        "on questions about other passages; 'dev' keeps them all. null: 'dev' only",
+    )
     queries_only: bool = Field(
         False,
         description="ingest queries, qrels and runs but not the passages: they are another dataset's (TREC DL "
@@ -221,7 +229,8 @@ class IndexTarget(Strict):
 
 # The annotation chain, in order, and the stage each stage's prompt builds on (UtilSel and UtilRank
 # read the pseudo-answer, which reads RelSel): the annotate stage runs it, the plan derives from it.
-ANNOTATION_STAGES = ["relsel", "answer", "utilsel", "utilrank", "graded"]
+QA_METRIC_STAGE = "qametric"  # the QA-metric label baseline: an answer from each pool passage alone
+ANNOTATION_STAGES = ["relsel", "answer", "utilsel", "utilrank", "graded", QA_METRIC_STAGE]
 # Also on the chain, but not an annotate.stages choice: the querygen stage's question writing (one
 # request per pool passage and prompt variant).
 QUESTION_STAGE = "question"
@@ -509,6 +518,28 @@ class AnnotateScale(Strict):
         return value
 
 
+class QAMetricLabels(Strict):
+    """The downstream-QA-metric label baseline (docs/method.md "QA-metric labels"): the generator answers the
+    question from each pool passage alone (greedy, the RAG prompt), each answer is scored against the gold
+    answers, and the passages that answer best are the positives."""
+
+    answers: str | None = Field(
+        None,
+        description="the ingested QA dataset whose qa table gives the gold answers, by query id (MS MARCO QnA "
+        "for MS MARCO's training queries); null: the annotated dataset itself",
+    )
+    metric: Literal["f1", "em", "rouge_l"] = Field(
+        "f1", description="an answer's score: SQuAD token F1, exact match, or ROUGE-L (MS MARCO's), max over golds"
+    )
+    rule: Literal["best", "threshold"] = Field(
+        "best",
+        description="best: the passages whose answer scores the query's best score (ties all count), when that "
+        "score reaches min_score; threshold: every passage scoring min_score or more",
+    )
+    min_score: float = Field(0.5, gt=0, le=1, description="the lowest score that makes a positive")
+    max_tokens: int = Field(32, ge=1, description="output tokens of one answer (a short answer is what is scored)")
+
+
 class AnnotateConfig(Strict):
     """The LLM annotation stage (docs/method.md §1-2): vLLM replicas on a Ray Data actor pool."""
 
@@ -516,9 +547,10 @@ class AnnotateConfig(Strict):
         description="the annotating LLM: HF folder, hub name, or a packaged model (HuggingFaceTB/SmolLM2-135M-Instruct)"
     )
     targets: list[AnnotateTarget] = Field([], description="the pools to annotate")
-    stages: list[Literal["relsel", "answer", "utilsel", "utilrank", "graded"]] | Literal["needed"] = Field(
+    stages: list[Literal["relsel", "answer", "utilsel", "utilrank", "graded", "qametric"]] | Literal["needed"] = Field(
         ["relsel", "answer", "utilsel", "utilrank"],
-        description="the stages to run (graded: the pointwise 0-3 judge, an addition); needed: those the train "
+        description="the stages to run (graded: the pointwise 0-3 judge, an addition; qametric: the QA-metric "
+        "baseline's answer from each pool passage alone, annotate.qametric); needed: those the train "
         "settings' labels need (utilsel: relsel, answer, utilsel), the four without a train section",
     )
     output_name: str | None = Field(
@@ -548,6 +580,9 @@ class AnnotateConfig(Strict):
         description="the pointwise judge: a seeded subset of queries (one prompt per pool passage); null: all",
     )
     graded_threshold: int = Field(2, ge=0, le=3, description="graded label counted positive")
+    qametric: QAMetricLabels = Field(
+        default_factory=QAMetricLabels, description="the QA-metric label baseline (stage qametric)"
+    )
     sampling: AnnotationSampling = Field(
         default_factory=AnnotationSampling, description="sampling and constrained decoding"
     )
@@ -643,7 +678,7 @@ class TrainSetting(Strict):
     """One retriever of a comparison: the train section's keys, with these ones changed."""
 
     name: str = Field(description="the run folder (output_dir/train/<name>/) and the label of its dense runs")
-    labels: Literal["human", "relsel", "utilsel", "utilrank", "graded", "external"] | None = Field(
+    labels: Literal["human", "relsel", "utilsel", "utilrank", "graded", "qametric", "external"] | None = Field(
         None, description="the positives; null: train.labels"
     )
     labels_path: str | None = Field(None, description="labels table; null: train.labels_path")
@@ -669,9 +704,10 @@ class TrainConfig(Strict):
     )
     dataset: str = Field("scifact", description="an ingested dataset with pools")
     split: str = Field("train", description="qrels split (human labels) and pools (<dataset>-<split>) to train on")
-    labels: Literal["human", "relsel", "utilsel", "utilrank", "graded", "external"] = Field(
+    labels: Literal["human", "relsel", "utilsel", "utilrank", "graded", "qametric", "external"] = Field(
         "human",
-        description="the positives: human qrels, an annotate stage's labels, or external: labels made elsewhere "
+        description="the positives: human qrels, an annotate stage's labels (qametric: the QA-metric baseline), or "
+        "external: labels made elsewhere "
         "(the authors' published ones, a user's), the file at labels_path (query_id, doc_id[, score or rank]; "
         "JSONL, TSV, TREC qrels or Parquet)",
     )

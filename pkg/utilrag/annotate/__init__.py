@@ -27,7 +27,7 @@ from utilrag.annotate.report import (
     write_report,
 )
 from utilrag.annotate.stages import NEEDS, STAGE_ORDER, shown_positions
-from utilrag.config import AnnotateConfig, AnnotateTarget, PipelineConfig
+from utilrag.config import QA_METRIC_STAGE, AnnotateConfig, AnnotateTarget, PipelineConfig
 from utilrag.data.dataset import open_dataset
 from utilrag.data.tables import fingerprint, read_table
 from utilrag.logs import get_logger
@@ -81,6 +81,7 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
     if not dataset.has("corpus"):
         raise AnnotateError(f"annotate: dataset {target.dataset!r} has no corpus")
     check_stage_needs(acfg)  # before begin: a config mistake keeps the committed labels
+    gold, gold_fp = gold_answers(cfg, acfg, target) if QA_METRIC_STAGE in acfg.chain_stages() else (None, None)
     chain = Chain(
         out=target_dir(cfg, target),
         paths={
@@ -93,8 +94,26 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
         label=label,
         max_queries=target.max_queries,
         sample_seed=f"annotate:{target.dataset}:{target.split}",
+        gold_answers=gold,
+        gold_fingerprint=gold_fp,
     )
     return annotate_pools(cfg, acfg, chain, model_path, engine_factory)
+
+
+def gold_answers(cfg: PipelineConfig, acfg: AnnotateConfig, target: AnnotateTarget) -> tuple[dict, str]:
+    """The QA-metric stage's gold answers (query id -> answers) and their fingerprint: the qa table of
+    annotate.qametric.answers, or of the annotated dataset."""
+    name = acfg.qametric.answers or target.dataset
+    dataset = open_dataset(cfg, name)
+    if not dataset.has("qa"):
+        raise AnnotateError(
+            f"annotate: the qametric stage scores answers against gold answers, and dataset {name!r} has none (a "
+            "question-answering layout has them: set annotate.qametric.answers to an ingested QA dataset whose "
+            f"question ids are {target.dataset!r}'s, e.g. MS MARCO QnA for MS MARCO)"
+        )
+    qa = dataset.table("qa", ["query_id", "answers"])
+    answers = dict(zip(qa.column("query_id").to_pylist(), qa.column("answers").to_pylist()))
+    return answers, dataset.committed["input_fingerprint"]
 
 
 @dataclass
@@ -110,6 +129,8 @@ class Chain:
     max_queries: int | None
     sample_seed: str
     stage: str = "annotate"  # the stage writing ``out`` (its lease and manifest)
+    gold_answers: dict[str, list[str]] | None = None  # what the QA-metric stage's answers are scored against
+    gold_fingerprint: str | None = None
 
 
 def annotate_pools(
@@ -138,6 +159,8 @@ def annotate_pools(
                 "settings": acfg.content_settings(),
                 "stages": stages,
                 "graded_queries": acfg.graded_queries if "graded" in stages else None,
+                # the answers' length (a key only with the stage: the other chains' fingerprints hold)
+                **({"qametric_max_tokens": acfg.qametric.max_tokens} if QA_METRIC_STAGE in stages else {}),
             }
         )
         inputs = store.join(out, "inputs")
@@ -154,7 +177,7 @@ def annotate_pools(
             f"{cut:,} passages cut to {acfg.passage_words} words"
         )
         tallies, tally, label_rows, errors = job.finalize(
-            out, str(staging / "labels.parquet"), str(staging / "errors.parquet"), acfg, run
+            out, str(staging / "labels.parquet"), str(staging / "errors.parquet"), acfg, run, chain.gold_answers
         )
         error_rows = sum(errors.values())
         share = error_rows / annotated if annotated else 0.0
@@ -174,6 +197,12 @@ def annotate_pools(
             {
                 "stages": {s: chain_fp for s in stages},
                 "labels": acfg.model_dump(include={"utilrank_top_percent", "graded_threshold", "human_positive"}),
+                # the QA-metric rule and the answers it scores against (absent without the stage: old labels hold)
+                **(
+                    {"qametric": acfg.qametric.model_dump(), "gold": chain.gold_fingerprint}
+                    if QA_METRIC_STAGE in stages
+                    else {}
+                ),
             }
         )
         # Above the threshold the outputs are kept for inspection, but the manifest says "failed" and

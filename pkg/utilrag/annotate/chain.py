@@ -3,8 +3,8 @@
 A block (``scale.batch_size`` queries) goes through three generate waves on the same engine, each
 wave one ``generate`` call mixing stages (per-request sampling):
 
-1. RelSel windows (and the prompts that need nothing earlier: the graded judge's, querygen's questions,
-   the RAG stage's answers);
+1. RelSel windows (and the prompts that need nothing earlier: the graded judge's, the QA-metric
+   baseline's answers, querygen's questions, the RAG stage's answers);
 2. the pseudo-answer of each query RelSel chose something for;
 3. UtilSel and UtilRank windows over the RelSel choice, with the answer.
 
@@ -31,7 +31,7 @@ from utilrag.annotate import prompts
 from utilrag.annotate.engine import EngineFill
 from utilrag.annotate.prompts import PROMPT_VERSION
 from utilrag.annotate.stages import STAGE_ORDER, STAGE_SCHEMA, parse_output, windows
-from utilrag.config import QUESTION_STAGE, RAG_STAGE, AnnotateConfig
+from utilrag.config import QA_METRIC_STAGE, QUESTION_STAGE, RAG_STAGE, AnnotateConfig
 
 STAGE_ROW = pa.struct([f for f in STAGE_SCHEMA if f.name != "query_id"])
 CHAIN_SCHEMA = pa.schema(
@@ -50,7 +50,7 @@ CHAIN_SCHEMA = pa.schema(
     ]
 )
 STATS_SCHEMA = ["queries", "rows", "tokens", "pid", "ready_at", "busy_s", "alive_s", "engine_starts", "fill"]
-WAVES = (("relsel", "graded", QUESTION_STAGE, RAG_STAGE), ("answer",), ("utilsel", "utilrank"))
+WAVES = (("relsel", "graded", QA_METRIC_STAGE, QUESTION_STAGE, RAG_STAGE), ("answer",), ("utilsel", "utilrank"))
 
 
 @dataclass
@@ -67,11 +67,17 @@ def stage_sampling(stage: str, acfg: AnnotateConfig) -> dict:
     from utilrag.annotate.engine import sampling_kwargs
     from utilrag.annotate.stages import stage_regex
 
+    if stage == QA_METRIC_STAGE:  # the generator's short answer, greedy as RAG's: its score is the label
+        return {"temperature": 0.0, "top_p": 1.0, "max_tokens": acfg.qametric.max_tokens, "seed": acfg.sampling.seed}
     max_tokens = acfg.sampling.answer_max_tokens if stage in ("answer", RAG_STAGE) else acfg.sampling.max_tokens
     return sampling_kwargs(acfg, max_tokens, stage_regex(stage))
 
 
-PROMPT_VERSIONS = {QUESTION_STAGE: prompts.QUESTION_PROMPT_VERSION, RAG_STAGE: prompts.RAG_PROMPT_VERSION}
+PROMPT_VERSIONS = {
+    QUESTION_STAGE: prompts.QUESTION_PROMPT_VERSION,
+    RAG_STAGE: prompts.RAG_PROMPT_VERSION,
+    QA_METRIC_STAGE: prompts.RAG_PROMPT_VERSION,
+}
 
 
 def row_meta(stage: str, acfg: AnnotateConfig) -> dict:
@@ -131,6 +137,11 @@ class BlockState:
             ]
         if stage == RAG_STAGE:  # the RAG generator over the query's own passages (none: closed book)
             return [self._request(i, stage, 0, list(pool), lambda p: prompts.rag_messages(query, p))]
+        if stage == QA_METRIC_STAGE:  # the QA-metric baseline: the RAG prompt over one pool passage at a time
+            return [
+                self._request(i, stage, position, [d], lambda p: prompts.rag_messages(query, p))
+                for position, d in enumerate(pool)
+            ]
         if stage == QUESTION_STAGE:  # querygen: a question per passage; its "query" text is the prompt variant
             variant = int(query)
             return [

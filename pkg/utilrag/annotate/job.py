@@ -188,7 +188,9 @@ def explode(part: pa.Table, stage: str) -> pa.Table:
     return table.sort_by([("query_id", "ascending"), ("window", "ascending")])
 
 
-def part_labels(part: pa.Table, stages: dict[str, pa.Table], acfg: AnnotateConfig) -> pa.Table:
+def part_labels(
+    part: pa.Table, stages: dict[str, pa.Table], acfg: AnnotateConfig, gold_answers: dict[str, list[str]] | None
+) -> pa.Table:
     """labels.parquet's rows for a chain part's queries (build_labels, per part)."""
     cols = {c: part.column(c).to_pylist() for c in ["query_id", "all_pool", "human", "judged", "judged_grades"]}
     inputs = TargetInputs(
@@ -199,7 +201,7 @@ def part_labels(part: pa.Table, stages: dict[str, pa.Table], acfg: AnnotateConfi
         passages={},
         cut=set(),
     )
-    return build_labels(inputs, stages, inputs.pools, acfg)
+    return build_labels(inputs, stages, inputs.pools, acfg, gold_answers)
 
 
 class StageTally:
@@ -617,11 +619,17 @@ ERRORS_SCHEMA = pa.schema([("query_id", pa.string()), ("stage", pa.string()), ("
 
 
 def finalize(
-    out: str, labels_path: str | None, errors_path: str, acfg: AnnotateConfig, run: str
+    out: str,
+    labels_path: str | None,
+    errors_path: str,
+    acfg: AnnotateConfig,
+    run: str,
+    gold_answers: dict[str, list[str]] | None = None,
 ) -> tuple[dict[str, StageTally], ReportTally, int, Counter]:
     """The stage tables, labels and error rows from the chain's parts, one part at a time; returns the
     tallies, the label rows and the error rows by stage. An error row's query has no labels.
-    ``labels_path`` None: no labels (the RAG stage's answers are no judgments)."""
+    ``labels_path`` None: no labels (the RAG stage's answers are no judgments). ``gold_answers``: what the
+    QA-metric stage's answers are scored against."""
     stages: list[str] = [s for s in STAGE_ORDER if s in acfg.chain_stages()]
     streams = {s: ParquetStream(store.join(out, f"{s}.parquet"), STAGE_SCHEMA) for s in stages}
     labels = ParquetStream(labels_path, LABELS_SCHEMA) if labels_path else None
@@ -651,7 +659,7 @@ def finalize(
                 if s in SKIPS and reason in SKIPS[s]:
                     tallies[s].skipped[reason] += n
         if labels is not None:
-            rows = part_labels(part, tables, acfg)
+            rows = part_labels(part, tables, acfg, gold_answers)
             labels.write(rows)
             report.add(rows, shown_positions(tables["relsel"]) if "relsel" in tables else None)
     for stream in streams.values():

@@ -34,7 +34,7 @@ from utilrag.annotate.prompts import QUESTION_PROMPT_VERSION
 from utilrag.config import QUESTION_STAGE, AnnotateConfig, BM25Config, PipelineConfig, QueryGenConfig
 from utilrag.data.dataset import open_dataset
 from utilrag.data.lexical import bm25_search
-from utilrag.data.tables import SCHEMAS, fingerprint, read_table, write_table
+from utilrag.data.tables import SCHEMAS, fingerprint, heldout, read_table, write_table
 from utilrag.errors import UtilragError
 from utilrag.logs import get_logger
 from utilrag.stages import StageResult
@@ -63,13 +63,6 @@ GENERATED_SCHEMA = pa.schema(
 def document_of(doc_id: str) -> str:
     """The document a passage belongs to: the plain layout names passage k of document D ``D#k``."""
     return doc_id.rsplit("#", 1)[0] if "#" in doc_id else doc_id
-
-
-def heldout(document: str, percent: float, seed: int) -> bool:
-    """Whether a document's questions are evaluation questions (a stable hash: the same documents for
-    every sample size)."""
-    digest = hashlib.sha1(f"{seed}:{document}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 * 100 < percent
 
 
 def normalized(text: str) -> str:

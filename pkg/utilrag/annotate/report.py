@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-LLM_SOURCES = ["relsel", "utilsel", "utilrank", "graded"]
+LLM_SOURCES = ["relsel", "utilsel", "utilrank", "graded", "qametric"]
 POSITION_BUCKETS = ((1, 1), (2, 5), (6, 10), (11, 20), (21, 10**6))
 
 

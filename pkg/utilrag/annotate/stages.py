@@ -22,6 +22,7 @@ from utilrag.annotate.parsing import parse_grade, parse_ids, top_percent
 from utilrag.config import (
     ANNOTATION_NEEDS,
     ANNOTATION_STAGES,
+    QA_METRIC_STAGE,
     QUESTION_STAGE,
     RAG_STAGE,
     AnnotateConfig,
@@ -199,6 +200,9 @@ def build_requests(
         elif stage == "graded":
             for position, d in enumerate(pool):
                 _request(rows, q, position, [d], prompts.graded_messages(query, text[position]), inputs, acfg.layout)
+        elif stage == QA_METRIC_STAGE:
+            for position, d in enumerate(pool):
+                _request(rows, q, position, [d], prompts.rag_messages(query, [text[position]]), inputs, acfg.layout)
         else:
             chosen = [d for d in pool if d in relsel.get(q, set())]
             if not chosen:
@@ -249,7 +253,7 @@ def parse_output(stage: str, raw: str, doc_ids: list[str], finish_reason: str) -
     if finish_reason == "prompt_too_long":
         row["parse_status"] = "prompt_too_long"
         return row
-    if stage in ("answer", RAG_STAGE):
+    if stage in ("answer", RAG_STAGE, QA_METRIC_STAGE):
         row["answer"] = raw.strip()
         row["parse_status"] = "ok" if row["answer"] else "empty"
     elif stage == "graded":
@@ -306,11 +310,43 @@ def merged_ranking(table: pa.Table) -> dict[str, list[str]]:
 
 
 # --------------------------------------------------------------------------- labels
+def answer_score(answer: str, golds: list[str], metric: str) -> float:
+    """One generated answer against a question's gold answers: the best over them (as the QA metrics)."""
+    from utilrag.qa_metrics import exact_match_score, f1_score, rouge_l_score
+
+    if not golds:  # a question without an answer (MS MARCO's "No Answer Present."): nothing answers it
+        return 0.0
+    if metric == "rouge_l":
+        return rouge_l_score(answer, golds)
+    score = f1_score if metric == "f1" else exact_match_score
+    return max((float(score(answer, g)) for g in golds), default=0.0)
+
+
+def qametric_labels(answers: dict[str, str], golds: list[str], acfg: AnnotateConfig) -> dict[str, tuple[float, int]]:
+    """The QA-metric baseline's scores of one query's passages: doc id -> (its answer's score, its rank by
+    score: 1 answers best; ties keep the pool order). An empty answer scores 0."""
+    scores = {d: answer_score(a or "", golds, acfg.qametric.metric) for d, a in answers.items()}
+    order = sorted(scores, key=lambda d: -scores[d])  # stable
+    return {d: (scores[d], rank) for rank, d in enumerate(order, 1)}
+
+
+def qametric_positive(score: float, best: float, acfg: AnnotateConfig) -> bool:
+    rule = acfg.qametric
+    if score < rule.min_score:
+        return False
+    return rule.rule == "threshold" or score >= best
+
+
 def build_labels(
-    inputs: TargetInputs, done: dict[str, pa.Table], all_pools: dict[str, list[str]], acfg: AnnotateConfig
+    inputs: TargetInputs,
+    done: dict[str, pa.Table],
+    all_pools: dict[str, list[str]],
+    acfg: AnnotateConfig,
+    gold_answers: dict[str, list[str]] | None = None,
 ) -> pa.Table:
     """One row per (query, pool passage, source): human, and each finished LLM stage. Selected
-    passages are positives, every other pool passage a negative (docs/method.md §2)."""
+    passages are positives, every other pool passage a negative (docs/method.md §2). The QA-metric
+    baseline's labels score its answers against ``gold_answers`` (query id -> answers)."""
     rows: dict[str, list[Any]] = {name: [] for name in LABELS_SCHEMA.names}
 
     def add(q, d, source, positive, rank=None, grade=None):
@@ -343,6 +379,11 @@ def build_labels(
             if grade is not None:
                 grades[q][ids[0]] = grade
     graded_queries = set(done["graded"].column("query_id").to_pylist()) if "graded" in done else set()
+    generated: dict[str, dict[str, str]] = defaultdict(dict)  # the QA-metric stage: query -> doc -> answer
+    if QA_METRIC_STAGE in done:
+        g = done[QA_METRIC_STAGE]
+        for q, ids, answer in zip(*(g.column(c).to_pylist() for c in ["query_id", "doc_ids", "answer"])):
+            generated[q][ids[0]] = answer or ""
     for q in sorted(inputs.pools):
         pool = all_pools[q]
         human = inputs.human.get(q, set())
@@ -364,4 +405,15 @@ def build_labels(
                     acfg.human_positive == "inclusion" and d in human
                 )
                 add(q, d, "graded", positive, grade=grade)
+        if q in generated:
+            scored = qametric_labels(generated[q], (gold_answers or {}).get(q, []), acfg)
+            best = max((s for s, _ in scored.values()), default=0.0)
+            for d in pool:
+                if acfg.human_positive == "exclusion" and d in human:
+                    continue
+                score, rank = scored.get(d, (0.0, None))
+                positive = (d in scored and qametric_positive(score, best, acfg)) or (
+                    acfg.human_positive == "inclusion" and d in human
+                )
+                add(q, d, QA_METRIC_STAGE, positive, rank=rank)
     return pa.table(rows, schema=LABELS_SCHEMA)

@@ -22,7 +22,7 @@ from utilrag.data import registry
 from utilrag.data.formats import parse_file
 from utilrag.data.plain import fingerprint_text
 from utilrag.data.qa import read_qa, resolve_qa
-from utilrag.data.tables import REJECTS_SCHEMA, SCHEMAS, ParquetParts, fingerprint, write_table
+from utilrag.data.tables import REJECTS_SCHEMA, SCHEMAS, ParquetParts, fingerprint, heldout, write_table
 from utilrag.errors import UtilragError
 from utilrag.logs import get_logger
 from utilrag.paths import resolve_data_root
@@ -267,6 +267,7 @@ def ingest_dataset(resolved: registry.ResolvedDataset, out: str, icfg: IngestCon
 
 
 QA_SPLIT = "dev"  # the qrels split of a QA set's gold passages
+QA_TRAIN_SPLIT, QA_TEST_SPLIT = "train", "test"  # ... and, with qa_test_percent, by gold passage
 
 
 def ingest_qa(ds: DatasetConfig, data_root: str, out: str, icfg: IngestConfig) -> IngestResult:
@@ -275,7 +276,13 @@ def ingest_qa(ds: DatasetConfig, data_root: str, out: str, icfg: IngestConfig) -
     (answers), with rejects — so BM25, the index and evaluation run on it like on any other dataset."""
     path = resolve_qa(ds.path or ds.name, data_root, allow_download=icfg.download)
     fp = fingerprint(
-        {"file": path, "stamp": store.file_stamp(path), "layout": "qa", "reject_threshold": icfg.reject_threshold}
+        {
+            "file": path,
+            "stamp": store.file_stamp(path),
+            "layout": "qa",
+            "reject_threshold": icfg.reject_threshold,
+            **({"test_percent": ds.qa_test_percent} if ds.qa_test_percent else {}),  # unset: old ingests hold
+        }
     )
     old = store.reusable(out, fp)
     if old is not None:
@@ -285,19 +292,26 @@ def ingest_qa(ds: DatasetConfig, data_root: str, out: str, icfg: IngestConfig) -
     data = read_qa(path)
     qa = data.qa.cast(SCHEMAS["qa"])
     gold = [
-        (q, d)
+        (q, d, QA_SPLIT)
         for q, docs in zip(qa.column("query_id").to_pylist(), qa.column("gold_doc_ids").to_pylist())
         for d in docs or []
     ]
+    if ds.qa_test_percent:  # a question's split follows its first gold passage: one passage, one side
+        columns = (qa.column(c).to_pylist() for c in ["query_id", "gold_doc_ids"])
+        first = {q: min(docs) for q, docs in zip(*columns) if docs}
+        gold += [
+            (q, d, QA_TEST_SPLIT if heldout(first[q], ds.qa_test_percent, 0) else QA_TRAIN_SPLIT)
+            for q, d, _ in list(gold)
+        ]
     tables = {
         "corpus": data.corpus,
         "queries": pa.table({"query_id": qa.column("query_id"), "text": qa.column("question")}),
         "qrels": pa.table(
             {
-                "query_id": [q for q, _ in gold],
-                "doc_id": [d for _, d in gold],
+                "query_id": [q for q, _, _ in gold],
+                "doc_id": [d for _, d, _ in gold],
                 "grade": pa.array([1] * len(gold), pa.int32()),
-                "split": [QA_SPLIT] * len(gold),
+                "split": [s for _, _, s in gold],
             }
         ),
         "qa": qa,

@@ -167,3 +167,10 @@ class ParquetParts:
 
 def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def heldout(document: str, percent: float, seed: int) -> bool:
+    """Whether a document's questions are evaluation questions (a stable hash: the same documents for
+    every sample size)."""
+    digest = hashlib.sha1(f"{seed}:{document}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * 100 < percent

@@ -35,7 +35,7 @@ from utilrag.errors import UtilragError
 from utilrag.evaluate import load_run
 from utilrag.evaluate.significance import format_paired_tests, paired_tests
 from utilrag.logs import get_logger
-from utilrag.rag.qa_metrics import (
+from utilrag.qa_metrics import (
     answer_recall,
     bert_score_f1,
     bert_scorer,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from utilrag.data.qa import QADataError, read_bytes, read_qa
-from utilrag.rag.qa_metrics import QAMetricError, squad_evaluate
+from utilrag.qa_metrics import QAMetricError, squad_evaluate
 
 _JSONL_KEYS = {"query_id", "answer"}
 
