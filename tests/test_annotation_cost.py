@@ -46,6 +46,8 @@ def test_quick_cost_model(tmp_path):
     paper, shared = (saved["layouts"][k]["relsel+answer+utilsel+utilrank"] for k in ("paper", "shared_prefix"))
     assert shared["prompt_tokens_per_query"] == pytest.approx(paper["prompt_tokens_per_query"], rel=0.002)
     assert shared["cacheable_share"] > paper["cacheable_share"] and shared["gpu_hours_bf16"] < paper["gpu_hours_bf16"]
+    qametric = saved["stage_sets"]["qametric"]  # the QA-metric baseline: 31 one-passage answers per query
+    assert qametric["output_tokens_per_query"] == 31 * 16 and qametric["cacheable_share"] > both["cacheable_share"]
     relsel = both["stages"]["relsel"]
     assert relsel["prompt"] > 3000 and relsel["output"] > 10  # two windows of ~16 passages of 300 words at most
 

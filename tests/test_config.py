@@ -340,6 +340,7 @@ def test_every_paper_config_validates_and_plans(capsys):
         "curriculum": {"human", "utilsel-cl20", "utilsel-cl100", "utilsel-union20"},
         "contriever": {"contriever-human", "contriever-utilsel", "contriever-utilsel-cl20"},
         "llama-annotator": {"human", "llama-utilsel", "llama-utilrank", "llama-utilsel-cl20"},
+        "qametric": {"human", "qametric", "qametric-cl20"},
         "human-positive": {"utilsel-inclusion"},
         "rag-nq": {"human", "relsel", "utilsel", "utilrank", "utilsel-cl20"},
         "rag-hotpotqa": {"human", "relsel", "utilsel", "utilrank", "utilsel-cl20"},

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED
-from utilrag.rag.eval_qa import eval_qa, format_eval_qa, read_predictions
 from utilrag.qa_metrics import (
     QAMetricError,
     answer_recall,
@@ -27,6 +26,7 @@ from utilrag.qa_metrics import (
     rouge_l_score,
     squad_evaluate,
 )
+from utilrag.rag.eval_qa import eval_qa, format_eval_qa, read_predictions
 
 SQUAD_DEV = SHARED / "squad-v1.1-dev" / "dev-v1.1.json.gz"
 

@@ -130,6 +130,9 @@ REGISTRY: dict[str, Registered] = {
     ),
     "hotpotqa-dev-fullwiki": _qa("http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_fullwiki_v1.json", "hotpotqa"),
     "msmarco-qna-v2.1-dev": _qa("https://msmarco.z22.web.core.windows.net/msmarco/dev_v2.1.json.gz", "msmarco-qna"),
+    # the gold answers of MS MARCO's training queries (same query ids as the passage-ranking train queries):
+    # what the QA-metric label baseline scores its answers against (annotate.qametric.answers)
+    "msmarco-qna-v2.1-train": _qa("https://msmarco.z22.web.core.windows.net/msmarco/train_v2.1.json.gz", "msmarco-qna"),
     "dpr-nq-dev": _qa("https://dl.fbaipublicfiles.com/dpr/data/retriever/nq-dev.qa.csv", "dpr-qa"),
     # NQ-open test, 3,610 questions (the paper's 2,255 NQ questions cannot be identified from public files)
     "dpr-nq-test": _qa("https://dl.fbaipublicfiles.com/dpr/data/retriever/nq-test.qa.csv", "dpr-qa"),
