@@ -83,7 +83,8 @@ def test_own_corpus_from_plain_jsonl_to_judged_metrics(
                 "min_words": 1,
                 "temperature": 1.0,
             },
-            "pools": [{"dataset": "mine", "split": TRAIN_SPLIT, "size": 8}],
+            # candidates: BM25's and the untuned encoder's (searched first: stage candidates), rank by rank
+            "pools": [{"dataset": "mine", "split": TRAIN_SPLIT, "size": 8, "dense": "cand"}],
             "bm25": [{"dataset": "mine", "split": TEST_SPLIT, "k": 20}],
             "annotate": {
                 "model": llm,
@@ -110,6 +111,7 @@ def test_own_corpus_from_plain_jsonl_to_judged_metrics(
                 "k": 10,
                 "query_max_len": 16,
                 "passage_max_len": 32,
+                "targets": [{"dataset": "mine", "split": TRAIN_SPLIT, "label": "cand", "k": 20}],
                 "trained_targets": [{"dataset": "mine", "split": TEST_SPLIT}],
             },
             "judge": {"targets": [{"dataset": "mine", "split": TEST_SPLIT}], "depth": 3},
@@ -123,7 +125,8 @@ def test_own_corpus_from_plain_jsonl_to_judged_metrics(
     with caplog.at_level(logging.WARNING, logger="utilrag"):
         results = run_pipeline(cfg)
     assert [r.stage for r in results] == [
-        "ingest", "querygen", "pools", "bm25", "annotate", "train", "index", "judge", "evaluate", "report"
+        "ingest", "querygen", "candidates", "pools", "bm25", "annotate", "train", "index", "judge", "evaluate",
+        "report",
     ]  # fmt: skip
     assert "the judge is the annotator" in caplog.text  # circular: said plainly
     out = tmp_path / "out"
@@ -143,6 +146,8 @@ def test_own_corpus_from_plain_jsonl_to_judged_metrics(
     pools = pq.read_table(out / "pools" / f"mine-{TRAIN_SPLIT}" / "pools.parquet")
     train_queries = {g["query_id"] for g in kept if g["split"] == TRAIN_SPLIT}
     assert set(pools.column("query_id").to_pylist()) == train_queries
+    sources = set(pools.column("source").to_pylist())
+    assert {"human", "bm25s", "dense:cand"} <= sources  # the source passage, and both runs' candidates
     labels = pq.read_table(out / "annotate" / f"mine-{TRAIN_SPLIT}" / "labels.parquet")
     assert "utilsel" in set(labels.column("source").to_pylist())
     assert read_manifest(out / "train" / "utilsel")["status"] == "complete"
@@ -163,7 +168,8 @@ def test_own_corpus_from_plain_jsonl_to_judged_metrics(
 
     again = run_pipeline(cfg)  # every stage reruns from its manifest (annotate re-cuts its labels from its parts)
     assert {r.stage: r.reused for r in again if r.stage not in ("evaluate", "report")} == {
-        "ingest": 1, "querygen": 1, "pools": 1, "bm25": 1, "annotate": 0, "train": 1, "index": 2, "judge": 1
+        "ingest": 1, "querygen": 1, "candidates": 2, "pools": 1, "bm25": 1, "annotate": 0, "train": 1, "index": 4,
+        "judge": 1,
     }  # fmt: skip
 
 
@@ -191,6 +197,7 @@ def test_the_own_corpus_config_plans_the_whole_path(tmp_path):
     assert stages == [
         "ingest",
         "querygen",
+        "candidates",
         "pools",
         "bm25",
         "annotate",

@@ -3,11 +3,12 @@
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from utilrag.data import ingest, run_pools
-from utilrag.data.pools import build_pools, shuffle_given_pools
+from utilrag.data.pools import build_pools, interleave, shuffle_given_pools
 from utilrag.evaluate import run_evaluation
 from utilrag.index.bm25 import run_bm25
 
@@ -99,6 +100,46 @@ def test_pool_edge_cases():
     assert sorted(shown.column("doc_id").to_pylist()) == ["n1", "n2", "n3", "p1"]
     small, stats = build_pools(qrels, run, ["a"], size=2, seed=0, threshold=1, negative_source="r")
     assert stats["positives_cut"] == 1 and small.num_rows == 2
+
+
+def test_lexical_and_dense_candidates_interleave_rank_by_rank_each_passage_once():
+    lexical = pa.table({"query_id": ["a"] * 3, "doc_id": ["x", "y", "z"], "rank": [1, 2, 3]})
+    dense = pa.table({"query_id": ["a"] * 3 + ["b"], "doc_id": ["y", "w", "x", "v"], "rank": [1, 2, 3, 1]})
+    both = interleave([("bm25s", lexical), ("dense:minilm", dense)])
+    assert [(d, r, s) for q, d, r, s in zip(*both.to_pydict().values()) if q == "a"] == [
+        ("x", 1, "bm25s"),
+        ("y", 2, "dense:minilm"),
+        ("w", 3, "dense:minilm"),  # y again at depth 2 of bm25s: already in
+        ("z", 4, "bm25s"),
+    ]
+    assert both.filter(pc.equal(both["query_id"], "b"))["source"].to_pylist() == ["dense:minilm"]
+    # the pool's negatives keep the run each came from; a human positive stays "human"
+    qrels = pa.table({"query_id": ["a"], "doc_id": ["z"], "grade": [1]})
+    pools, _ = build_pools(qrels, both, ["a"], size=3, seed=0, threshold=1, negative_source="bm25s")
+    assert dict(zip(pools["doc_id"].to_pylist(), pools["source"].to_pylist())) == {
+        "z": "human",
+        "x": "bm25s",
+        "y": "dense:minilm",
+    }
+
+
+def test_pools_dense_must_name_an_untrained_full_search_of_the_split(tmp_path):
+    from utilrag.config import PipelineConfig
+
+    base = {
+        "output_dir": str(tmp_path),
+        "ingest": {"datasets": [{"name": "scifact"}]},
+        "pools": [{"dataset": "scifact", "split": "train", "dense": "minilm"}],
+    }
+    with pytest.raises(ValueError, match="dense 'minilm' names no index.targets entry"):
+        PipelineConfig.model_validate(base)
+    wrong = {**base, "index": {"targets": [{"dataset": "scifact", "split": "test", "label": "minilm"}]}}
+    with pytest.raises(ValueError, match="must be a full search of split 'train'"):
+        PipelineConfig.model_validate(wrong)
+    right = {**base, "index": {"targets": [{"dataset": "scifact", "split": "train", "label": "minilm"}]}}
+    from utilrag.pipeline import select_stages
+
+    assert select_stages(PipelineConfig.model_validate(right))[:3] == ["ingest", "candidates", "pools"]
 
 
 def test_bm25s_on_scifact_and_the_evaluation_table(ray_local, real_cfg, capsys):

@@ -52,7 +52,14 @@ def rag_cfg(tmp_path_factory, shared_datasets, ray_local):
                 "stages": ["qametric"],
                 "passage_words": 60,
                 "qametric": {"max_tokens": 6},
-                "engine": {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "kv_cache_gib": 1},
+                "engine": {
+                    "dtype": "float32",
+                    "max_model_len": 2048,
+                    "enforce_eager": True,
+                    "kv_cache_gib": 1,
+                    "async_engine": False,
+                    "in_process": True,  # one vLLM import, not two
+                },
                 "scale": {"batch_size": 8},
             },
             "rag": {
@@ -64,7 +71,14 @@ def rag_cfg(tmp_path_factory, shared_datasets, ray_local):
                 "model": str(model),
                 "passage_words": 60,
                 "sampling": {"answer_max_tokens": 6},
-                "engine": {"dtype": "float32", "max_model_len": 2048, "enforce_eager": True, "kv_cache_gib": 1},
+                "engine": {  # in the replica's process (as local.yaml's sync engine): one vLLM import, not two
+                    "dtype": "float32",
+                    "max_model_len": 2048,
+                    "enforce_eager": True,
+                    "kv_cache_gib": 1,
+                    "async_engine": False,
+                    "in_process": True,
+                },
                 "scale": {"batch_size": 8},
                 "permutations": 200,
                 "bertscore": {"model": "sentence-transformers/all-MiniLM-L6-v2", "num_layers": 6},

@@ -179,6 +179,12 @@ class PoolsConfig(Strict):
         description="a query without a human positive gets a pool of the run's top passages (no positive in it) "
         "instead of being dropped; null: only when the dataset has no qrels (your own corpus, split 'all')",
     )
+    dense: str | None = Field(
+        None,
+        description="the label of an index target over this dataset and split with an off-the-shelf encoder "
+        "(index.targets; not a train: model): its run joins the candidates, interleaved rank by rank with "
+        "BM25's (or run's), each passage once. The pipeline searches it first (stage 'candidates'). null: none",
+    )
 
 
 class BM25Config(Strict):
@@ -1012,6 +1018,27 @@ class PipelineConfig(Strict):
                 if key in seen:
                     raise ValueError(f"{section}: two entries write {'/'.join(str(k) for k in key)}; give them labels")
                 seen.add(key)
+        return self
+
+    @model_validator(mode="after")
+    def _dense_candidates_name_a_search(self) -> PipelineConfig:
+        """pools.dense is an untrained encoder's search of the pooled queries: searched before the pools exist."""
+        for p in self.pools:
+            if p.dense is None:
+                continue
+            found = [t for t in self.index.targets if t.run_label() == p.dense and t.dataset == p.dataset]
+            if not found:
+                raise ValueError(
+                    f"pools ({p.dataset}/{p.split}): dense {p.dense!r} names no index.targets entry of dataset "
+                    f"{p.dataset!r} with that label"
+                )
+            target = found[0]
+            if (target.split or "all") != p.split or target.rerank or (target.model or "").startswith(TRAINED_MODEL):
+                raise ValueError(
+                    f"pools ({p.dataset}/{p.split}): dense {p.dense!r} must be a full search of split {p.split!r} "
+                    f"with an off-the-shelf encoder (its target has split {target.split!r}, rerank "
+                    f"{target.rerank!r}, model {target.model!r})"
+                )
         return self
 
     @model_validator(mode="after")

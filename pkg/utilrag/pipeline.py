@@ -17,6 +17,8 @@ def configured(cfg: PipelineConfig, name: str) -> bool:
     """Whether the config asks for a stage: ingest always; the others when their section has work."""
     if name == "ingest":
         return True
+    if name == "candidates":
+        return any(p.dense for p in cfg.pools)
     if name in ("pools", "bm25"):
         return bool(getattr(cfg, name))
     if name == "annotate":

@@ -83,6 +83,14 @@ STAGES: tuple[Stage, ...] = (
         summary=QueryGenSummary,
     ),
     Stage(
+        "candidates",
+        "an off-the-shelf encoder's search of the pooled queries (pools.dense), before the pools",
+        "utilrag.index.candidates",
+        reads=("ingest/<dataset>", "querygen/<dataset>"),
+        writes=("index/<dataset>/<model>", "dense/<dataset>-<split>/<label>"),
+        summary=IndexSummary,
+    ),
+    Stage(
         "pools",
         "build the candidate pools (31 passages per training query) for annotation",
         "utilrag.data.pools",

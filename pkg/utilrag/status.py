@@ -40,18 +40,26 @@ class FolderState:
 
 def planned(cfg: PipelineConfig, stages: list[str]) -> list[tuple[str, str]]:
     """(stage, folder) for every folder the given stages write under this config, in pipeline order."""
+    from utilrag.index.candidates import candidate_targets
+
     at = Store(cfg.output_dir)
     annotate = cfg.annotate
+    early = [(t.dataset, t.split, t.run_label()) for t in candidate_targets(cfg)]  # searched before the pools
     folders: dict[str, list[str]] = {
         "ingest": [at.ingest(d.name) for d in cfg.ingest.datasets],
         "querygen": [at.querygen(cfg.querygen.dataset, "queries")] if cfg.querygen else [],
+        "candidates": [at.dense_run(*key) for key in early],
         "pools": [at.pools(p.dataset, p.split) for p in cfg.pools],
         "bm25": [at.bm25(b.dataset, b.split) for b in cfg.bm25],
         "annotate": [at.annotate(t.dataset, t.split, annotate.output_name) for t in annotate.targets]
         if annotate
         else [],
         "train": [at.train(r.name) for r in cfg.train.runs()],
-        "index": [at.dense_run(t.dataset, t.split, t.run_label()) for t in index_targets(cfg)],
+        "index": [
+            at.dense_run(t.dataset, t.split, t.run_label())
+            for t in index_targets(cfg)
+            if (t.dataset, t.split, t.run_label()) not in early
+        ],
         "judge": [at.judge(t.dataset, t.split, "qrels") for t in cfg.judge.targets] if cfg.judge else [],
         "evaluate": [at.evaluate()],
         "rag": [at.rag(cfg.rag.dataset, "report")] if cfg.rag else [],

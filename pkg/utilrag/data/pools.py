@@ -15,7 +15,7 @@ from utilrag import store
 from utilrag.config import BM25Config, PipelineConfig, PoolsConfig
 from utilrag.data.dataset import open_dataset
 from utilrag.data.lexical import bm25_search
-from utilrag.data.tables import SCHEMAS, fingerprint, write_table
+from utilrag.data.tables import SCHEMAS, fingerprint, read_table, write_table
 from utilrag.logs import get_logger
 from utilrag.stages import StageResult
 from utilrag.store import Store
@@ -47,6 +47,17 @@ def build_pools(
     ranked: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for q, d, r in zip(*(run.column(c).to_pylist() for c in ["query_id", "doc_id", "rank"])):
         ranked[q].append((r, d))
+    # several runs interleaved (interleave): each negative is tagged with the run it came from
+    source_of = (
+        dict(
+            zip(
+                zip(run.column("query_id").to_pylist(), run.column("doc_id").to_pylist()),
+                run.column("source").to_pylist(),
+            )
+        )
+        if "source" in run.column_names
+        else {}
+    )
     rows: dict[str, list[Any]] = {name: [] for name in SCHEMAS["pools"].names}
     stats = {"queries": 0, "no_positive": 0, "short_pool": 0, "positives_cut": 0, "positives_without_text": 0}
     if keep_unlabeled:
@@ -74,7 +85,7 @@ def build_pools(
                 chosen.add(d)
         if len(positives) + len(negatives) < size:
             stats["short_pool"] += 1
-        pool = [(d, "human") for d in positives] + [(d, negative_source) for d in negatives]
+        pool = [(d, "human") for d in positives] + [(d, source_of.get((qid, d), negative_source)) for d in negatives]
         random.Random(f"{seed}:{qid}").shuffle(pool)
         for position, (d, source) in enumerate(pool):
             rows["query_id"].append(qid)
@@ -84,6 +95,28 @@ def build_pools(
             rows["human_grade"].append(grades[qid].get(d))
         stats["queries"] += 1
     return pa.table(rows, schema=SCHEMAS["pools"]), stats
+
+
+def interleave(runs: list[tuple[str, pa.Table]]) -> pa.Table:
+    """Several runs as one candidate run: per query, their rank-1 passages (in the order given), then their
+    rank-2 ones, ..., each passage once, where it first appears; ``source`` names the run it came from."""
+    ranked: dict[str, list[list[str]]] = defaultdict(lambda: [[] for _ in runs])
+    for i, (_, run) in enumerate(runs):
+        rows = sorted(zip(*(run.column(c).to_pylist() for c in ["query_id", "rank", "doc_id"])))
+        for q, _, d in rows:
+            ranked[q][i].append(d)
+    out: dict[str, list[Any]] = {"query_id": [], "doc_id": [], "rank": [], "source": []}
+    for q, lists in ranked.items():
+        seen: set[str] = set()
+        for depth in range(max(map(len, lists))):
+            for i, docs in enumerate(lists):
+                if depth < len(docs) and docs[depth] not in seen:
+                    seen.add(docs[depth])
+                    out["query_id"].append(q)
+                    out["doc_id"].append(docs[depth])
+                    out["rank"].append(len(seen))
+                    out["source"].append(runs[i][0])
+    return pa.table(out)
 
 
 def shuffle_given_pools(pools: pa.Table, seed: int, max_queries: int | None = None) -> tuple[pa.Table, dict]:
@@ -116,8 +149,11 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> tuple[str, bool]:
     out = Store(cfg.output_dir).pools(pcfg.dataset, pcfg.split)
     given = {"given": "shuffled"} if dataset.has("pools") else {}  # built pools' fingerprints unchanged
     # keep_unlabeled left at null: the fingerprints of pools built before it existed stay as they were
-    settings = pcfg.model_dump(exclude={"keep_unlabeled"} if pcfg.keep_unlabeled is None else set())
-    fp = fingerprint({"input": dataset.fingerprint, "config": settings, "positives": "with-text", **given})
+    unset = {k for k in ("keep_unlabeled", "dense") if getattr(pcfg, k) is None}
+    settings = pcfg.model_dump(exclude=unset)
+    dense = dense_run(cfg, pcfg) if pcfg.dense else None
+    searched = {"dense_run": dense[1]} if dense else {}  # the dense search's own fingerprint: its candidates
+    fp = fingerprint({"input": dataset.fingerprint, "config": settings, "positives": "with-text", **given, **searched})
     if store.reusable(out, fp) is not None:
         log.info(f"{pcfg.dataset}/{pcfg.split}: unchanged, reusing {out}")
         return out, True
@@ -140,6 +176,8 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> tuple[str, bool]:
                 texts,
                 BM25Config(dataset=pcfg.dataset, split=pcfg.split, k=pcfg.size * 3),
             )
+        if dense is not None:  # the off-the-shelf encoder's candidates, rank by rank with the lexical ones
+            run = interleave([(pcfg.run or "bm25s", run), (f"dense:{pcfg.dense}", dense[0])])
         corpus_ids = set(dataset.table("corpus", columns=["doc_id"]).column("doc_id").to_pylist())
         pools, stats = build_pools(
             qrels,
@@ -164,6 +202,17 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> tuple[str, bool]:
     writer.commit(**summary.manifest())
     log.info(f"{pcfg.dataset}/{pcfg.split}: {stats} -> {pools.num_rows:,} rows in {time.time() - t0:.1f}s")
     return out, False
+
+
+def dense_run(cfg: PipelineConfig, pcfg: PoolsConfig) -> tuple[pa.Table, str]:
+    """The dense candidates of a pools section (pools.dense: the 'candidates' stage's search) and their
+    fingerprint; one line when that search has not run."""
+    assert pcfg.dense is not None
+    folder = Store(cfg.output_dir).dense_run(pcfg.dataset, pcfg.split, pcfg.dense)
+    done = store.require(
+        folder, f"pools ({pcfg.dataset}/{pcfg.split}): the dense candidates {pcfg.dense!r} (stage candidates)"
+    )
+    return read_table(done.path("run.parquet"), columns=["query_id", "doc_id", "rank"]), done["input_fingerprint"]
 
 
 def run(cfg: PipelineConfig) -> StageResult:

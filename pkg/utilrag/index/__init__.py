@@ -240,14 +240,15 @@ def with_model(cfg: PipelineConfig, model: str | None) -> IndexConfig:
     return icfg.model_copy(update={"model": model})
 
 
-def run_index(cfg: PipelineConfig) -> list[tuple[str, bool]]:
+def run_index(cfg: PipelineConfig, targets: list[IndexTarget] | None = None) -> list[tuple[str, bool]]:
     """Per corpus and encoder: encode the corpus (once, shared by every target naming it) and the queries
     of every target whose run changed (Ray Data actor pool), then build or load the sharded index, search,
     and write one dense run per target under dense/<dataset>-<split>/<label>/. Shard actors start only
     after the encoders are done, and one index's shards are released before the next one's encoders need
     the CPUs."""
     written = []
-    targets = index_targets(cfg)  # as written, and each train setting's searches (utilrag.plan)
+    if targets is None:
+        targets = index_targets(cfg)  # as written, and each train setting's searches (utilrag.plan)
     for name, model in dict.fromkeys((t.corpus_name(), t.model) for t in targets):
         icfg = with_model(cfg, model)
         dataset = open_dataset(cfg, name)
