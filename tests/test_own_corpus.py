@@ -56,6 +56,7 @@ def test_own_corpus_from_plain_jsonl_to_judged_metrics(
     ray_local, shared_datasets, tmp_path, make_config, tiny_encoder, tmp_path_factory, caplog
 ):
     from utilrag.pipeline import run_pipeline
+    from utilrag.qa_metrics import f1_score
 
     qwen_tokenizer_dir()
     llm = str(make_tiny_llm(tmp_path_factory.mktemp("tiny-llm")))
@@ -120,13 +121,25 @@ def test_own_corpus_from_plain_jsonl_to_judged_metrics(
                 "runs": [{"dataset": "mine", "split": TEST_SPLIT, "run": "bm25s"}],
                 "baseline": "bm25s",
             },
+            "rag": {  # no gold answers: scored against the answer from each question's source passage
+                "dataset": "mine",
+                "split": TEST_SPLIT,
+                "k": [1],
+                "retrievers": [{"run": "bm25s"}],
+                "model": llm,
+                "passage_words": 20,
+                "sampling": {"answer_max_tokens": 6},
+                "engine": engine,
+                "scale": {"batch_size": 8},
+                "permutations": 100,
+            },
         }
     )
     with caplog.at_level(logging.WARNING, logger="utilrag"):
         results = run_pipeline(cfg)
     assert [r.stage for r in results] == [
         "ingest", "querygen", "candidates", "pools", "bm25", "annotate", "train", "index", "judge", "evaluate",
-        "report",
+        "rag", "report",
     ]  # fmt: skip
     assert "the judge is the annotator" in caplog.text  # circular: said plainly
     out = tmp_path / "out"
@@ -166,10 +179,24 @@ def test_own_corpus_from_plain_jsonl_to_judged_metrics(
     test_queries = sum(g["split"] == TEST_SPLIT for g in kept)
     assert all(r["queries"] == test_queries for r in metrics if r["dataset"] == "mine")
 
+    # RAG over the corpus: the held-out questions, BM25's top passage, the source passage as the oracle row
+    rag = read_manifest(out / "rag" / "mine" / "report")
+    assert rag["references"] == "oracle"
+    rows = {r["retriever"]: r for r in rag["results"]}
+    assert set(rows) == {"closed-book", "bm25s", "oracle"} and all(r["n"] == test_queries for r in rows.values())
+    assert rows["oracle"]["f1"] is None and rows["oracle"]["recall@k"] == 100.0  # the reference: unscored
+    assert rows["bm25s"]["f1"] is not None and rows["bm25s"]["recall@k"] is not None  # ids shared: recall
+    per_query = pq.read_table(out / "rag" / "mine" / "report" / "per_query.parquet").to_pylist()
+    reference = {r["query_id"]: r["prediction"] for r in per_query if r["label"] == "oracle"}
+    for r in per_query:
+        if r["label"] != "oracle":
+            expected = f1_score(r["prediction"], reference[r["query_id"]]) if reference[r["query_id"]] else 0.0
+            assert r["f1"] == pytest.approx(expected)
+
     again = run_pipeline(cfg)  # every stage reruns from its manifest (annotate re-cuts its labels from its parts)
     assert {r.stage: r.reused for r in again if r.stage not in ("evaluate", "report")} == {
         "ingest": 1, "querygen": 1, "candidates": 2, "pools": 1, "bm25": 1, "annotate": 0, "train": 1, "index": 4,
-        "judge": 1,
+        "judge": 1, "rag": 0,
     }  # fmt: skip
 
 
@@ -205,6 +232,7 @@ def test_the_own_corpus_config_plans_the_whole_path(tmp_path):
         "index",
         "judge",
         "evaluate",
+        "rag",
         "report",
     ]
     lines = make_plan(cfg, stages).lines()

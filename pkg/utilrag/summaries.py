@@ -132,6 +132,7 @@ class EvaluateSummary(StageSummary):
 class RagSummary(StageSummary):
     results: list[dict] = []  # one row per (retriever, k): recall@k, answer recall, EM, F1, ROUGE-L, BLEU
     generation: dict | None = None  # the generator's tokens, rates and wall time
+    references: str = "gold"  # what the answers are scored against: gold answers, or the oracle row's (none)
 
 
 class ReportSummary(StageSummary):

@@ -70,6 +70,39 @@ def sample_questions(qa: pa.Table, rcfg: RagConfig) -> pa.Table:
     return qa.filter(pa.array(keep)).sort_by("query_id")
 
 
+def corpus_questions(dataset: Dataset, rcfg: RagConfig) -> pa.Table:
+    """A dataset without a qa table (your own corpus): the questions of ``rag.split`` as a qa table with no
+    answers, their qrels passages (a generated question's source passage) as the gold passages."""
+    qids, texts = dataset.split_queries(rcfg.split)
+    gold: dict[str, list[str]] = {}
+    qrels = dataset.qrels(rcfg.split)
+    for q, d, g in zip(*(qrels.column(c).to_pylist() for c in ["query_id", "doc_id", "grade"])):
+        if g >= dataset.relevance_threshold:
+            gold.setdefault(q, []).append(d)
+    if not qids:
+        raise RagError(f"rag: dataset {dataset.name!r} has no questions in split {rcfg.split!r}")
+    table = pa.table(
+        {
+            "query_id": qids,
+            "question": texts,
+            "answers": pa.array([[] for _ in qids], pa.list_(pa.string())),
+            "gold_doc_ids": pa.array([sorted(gold.get(q, [])) for q in qids], pa.list_(pa.string())),
+        }
+    )
+    return sample_questions(table, rcfg)
+
+
+def oracle_references(rows: list[dict], generated: pa.Table) -> dict[str, list[str]]:
+    """Without gold answers: each question's reference is the generator's answer from its gold (source)
+    passage, the oracle row's; a question whose oracle answer is empty has none (scored 0, as SQuAD's)."""
+    index = next(i for i, row in enumerate(rows) if row["gold"])
+    refs: dict[str, list[str]] = {q: [] for q in rows[index]["docs"]}
+    for q, w, a in zip(*(generated.column(c).to_pylist() for c in ["query_id", "window", "answer"])):
+        if w == index and a:
+            refs[q] = [a]
+    return refs
+
+
 def settings(cfg: PipelineConfig, dataset: Dataset, questions: pa.Table) -> list[dict]:
     """Every row of the report: its label, k, and the passages (doc ids) each question gets."""
     rcfg = rag_config(cfg)
@@ -202,11 +235,18 @@ def by_setting(table: pa.Table) -> pa.Table:
 
 
 def score(
-    questions: pa.Table, rows: list[dict], generated: pa.Table, passages: list[dict[str, str]], same_ids: bool = True
+    questions: pa.Table,
+    rows: list[dict],
+    generated: pa.Table,
+    passages: list[dict[str, str]],
+    same_ids: bool = True,
+    references: dict[str, list[str]] | None = None,
 ) -> list[dict]:
     """One record per (row, question): EM, F1, recall@k (``same_ids``: the runs' passages are the QA set's
-    own, so its gold ids can be found among them), answer recall@k, tokens, finish reason."""
-    answers = dict(zip(questions.column("query_id").to_pylist(), questions.column("answers").to_pylist()))
+    own, so its gold ids can be found among them), answer recall@k, tokens, finish reason. ``references``:
+    the oracle row's answers standing in for gold answers (a corpus without them): that row and answer
+    recall (a sentence is not a span to find) are then not scored."""
+    answers = references or dict(zip(questions.column("query_id").to_pylist(), questions.column("answers").to_pylist()))
     golds = dict(zip(questions.column("query_id").to_pylist(), questions.column("gold_doc_ids").to_pylist()))
     by_key = {
         (q, w): (a, o, f)
@@ -224,8 +264,9 @@ def score(
             prediction, tokens, finish = by_key.get((q, index), ("", 0, "error"))
             prediction = prediction or ""
             gold_answers = answers[q] or []
-            em = max((exact_match_score(prediction, g) for g in gold_answers), default=0.0)
-            f1 = max((f1_score(prediction, g) for g in gold_answers), default=0.0)
+            unscored = references is not None and row["gold"]  # the reference itself
+            em = None if unscored else max((float(exact_match_score(prediction, g)) for g in gold_answers), default=0.0)
+            f1 = None if unscored else max((f1_score(prediction, g) for g in gold_answers), default=0.0)
             gold_docs = set(golds[q] or [])
             records.append(
                 {
@@ -233,15 +274,17 @@ def score(
                     "k": row["k"],
                     "query_id": q,
                     "prediction": prediction,
-                    "exact_match": float(em),
-                    "f1": float(f1),
+                    "exact_match": em,
+                    "f1": f1,
                     "recall": (
                         float(bool(gold_docs & set(docs)))
                         if gold_docs and row["k"] and (same_ids or row["gold"])
                         else None
                     ),
                     "answer_recall": (
-                        float(answer_recall([texts_of[d] for d in docs], gold_answers)) if row["k"] else None
+                        float(answer_recall([texts_of[d] for d in docs], gold_answers))
+                        if row["k"] and references is None
+                        else None
                     ),
                     "output_tokens": tokens,
                     "finish_reason": finish,
@@ -267,7 +310,8 @@ def summarise(
     table = []
     for row in rows:
         mine = [r for r in records if r["label"] == row["label"] and r["k"] == row["k"]]
-        refs = {r["query_id"]: answers[r["query_id"]] or [] for r in mine}
+        scored = any(r["f1"] is not None for r in mine)  # not the reference row of a corpus without answers
+        refs = {r["query_id"]: (answers[r["query_id"]] or []) if scored else [] for r in mine}
         marco = marco_evaluate(refs, {r["query_id"]: r["prediction"] for r in mine}) if any(refs.values()) else None
         table.append(
             {
@@ -317,10 +361,13 @@ def significance(records: list[dict], rows: list[dict], rcfg: RagConfig) -> list
     values: dict[tuple, dict[str, float]] = {}
     for r in records:
         for metric in ("f1", "exact_match"):
-            values.setdefault((r["label"], r["k"], metric), {})[r["query_id"]] = r[metric]
+            if r[metric] is not None:
+                values.setdefault((r["label"], r["k"], metric), {})[r["query_id"]] = r[metric]
+    if (base["label"], base["k"], "f1") not in values:  # the baseline is the unscored reference row
+        return []
     tests = []
     for row in rows:
-        if row is base:
+        if row is base or (row["label"], row["k"], "f1") not in values:
             continue
         for metric in ("f1", "exact_match"):
             result = paired_tests(
@@ -354,13 +401,17 @@ def run(cfg: PipelineConfig) -> StageResult:
     t0 = time.time()
     rcfg = rag_config(cfg)
     dataset = open_dataset(cfg, rcfg.dataset)
-    if not dataset.has("qa"):
-        raise RagError(f"rag: dataset {rcfg.dataset!r} has no qa table; ingest it with layout: qa")
+    has_answers = dataset.has("qa")
+    if not has_answers and not rcfg.oracle:
+        raise RagError(
+            f"rag: dataset {rcfg.dataset!r} has no answers (no qa table): its questions are scored against the "
+            "answer from each one's source passage, the oracle row; set rag.oracle: true (or ingest a QA set)"
+        )
     model_path = resolve_llm(rcfg.model)
     check_model(model_path, rcfg.engine.use_gpu)
     if rcfg.bertscore is not None:  # loaded before the generations: a model that cannot load fails first
         bert_scorer(rcfg.bertscore.model, rcfg.bertscore.num_layers, rcfg.bertscore.batch_size)
-    questions = sample_questions(dataset.table("qa"), rcfg)
+    questions = sample_questions(dataset.table("qa"), rcfg) if has_answers else corpus_questions(dataset, rcfg)
     corpus = open_dataset(cfg, rcfg.corpus) if rcfg.corpus and rcfg.corpus != rcfg.dataset else dataset
     rows = settings(cfg, dataset, questions)
     passages = row_passages(rows, corpus, dataset)
@@ -391,8 +442,14 @@ def run(cfg: PipelineConfig) -> StageResult:
     )
     generated, summary = generate(cfg, acfg, inputs, generate_dir, fp, model_path, f"rag {rcfg.dataset}")
 
-    records = score(questions, rows, generated, passages, same_ids=corpus is dataset)
-    answers = dict(zip(questions.column("query_id").to_pylist(), questions.column("answers").to_pylist()))
+    references = None if has_answers else oracle_references(rows, generated)
+    if references is not None:
+        log.info(
+            f"{rcfg.dataset}: no gold answers: every row is scored against the answer from each question's source "
+            "passage (the oracle row's)"
+        )
+    records = score(questions, rows, generated, passages, corpus is dataset, references)
+    answers = references or dict(zip(questions.column("query_id").to_pylist(), questions.column("answers").to_pylist()))
     table = summarise(records, rows, answers, rcfg.bertscore)
     tests = significance(records, rows, rcfg)
     text = format_results(table)
@@ -409,7 +466,14 @@ def run(cfg: PipelineConfig) -> StageResult:
     if tests:
         pq.write_table(pa.Table.from_pylist(tests), out / "significance.parquet")
     plot_f1(table, out / "f1.png")
-    writer.commit(**RagSummary(results=table, generation=summary, wall_time_s=round(time.time() - t0, 2)).manifest())
+    writer.commit(
+        **RagSummary(
+            results=table,
+            generation=summary,
+            references="gold" if references is None else "oracle",
+            wall_time_s=round(time.time() - t0, 2),
+        ).manifest()
+    )
     print(text, flush=True)
     return StageResult("rag", [writer.folder, generate_dir], {"generations": inputs.num_rows}, wall_s=time.time() - t0)
 

@@ -380,6 +380,13 @@ def rag(root: str, data: dict, pictures: dict[str, Picture]) -> list[Block]:
     for d in data["datasets"]:
         blocks.append(Heading(f"{d['dataset']}", 3))
         blocks.append(Para("Scores in percent; k: passages given to the generator (0: closed book)."))
+        if d.get("references") == "oracle":
+            blocks.append(
+                Para(
+                    "No gold answers: EM, F1 and ROUGE-L score each answer against the generator's answer from the "
+                    "question's source passage (the oracle row, itself unscored); recall@k finds that passage."
+                )
+            )
         blocks.append(
             Table(
                 [

@@ -335,7 +335,15 @@ def rag(found: list[Found], pictures: dict[str, Picture]) -> dict:
         assert isinstance(s, RagSummary)
         dataset = rel.split("/")[1]
         _picture(pictures, f"rag-{dataset}-f1", c, "f1.png", f"RAG F1 and EM of {dataset}")
-        datasets.append({"folder": rel, "dataset": dataset, "results": s.results, "generation": s.generation})
+        datasets.append(
+            {
+                "folder": rel,
+                "dataset": dataset,
+                "results": s.results,
+                "generation": s.generation,
+                "references": s.references,
+            }
+        )
     return {"ran": True, "datasets": datasets}
 
 
