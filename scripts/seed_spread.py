@@ -43,6 +43,9 @@ def main() -> None:
         raise SystemExit(2)
     metrics = args.metrics.split(",")
     rows = [r for r in json.loads(table.read_text()) if r.get("label") and r.get("queries")]
+    datasets = sorted({r["dataset"] for r in rows})
+    if len(datasets) > 1:
+        rows = [r for r in rows if r["dataset"] == datasets[0]]  # one table: the first dataset's rows
     by_setting: dict[str, dict[int, dict]] = defaultdict(dict)
     for r in rows:
         m = SEED_SUFFIX.match(r["label"])
@@ -59,8 +62,8 @@ def main() -> None:
         for metric in metrics:
             values = [runs[s][metric] for s in sorted(runs)]
             entry[metric] = spread(values)
-            if name != args.baseline:
-                paired = [runs[s][metric] - base[s][metric] for s in sorted(runs) if s in base]
+            paired = [runs[s][metric] - base[s][metric] for s in sorted(runs) if s in base]
+            if name != args.baseline and paired:
                 entry[f"{metric} - {args.baseline}"] = spread(paired)
         result["settings"][name] = entry
     metric = metrics[0]
@@ -72,10 +75,14 @@ def main() -> None:
         shown = f"{diff['mean']:+.4f} ± {diff['sd']:.4f}" if diff and diff["sd"] is not None else ""
         print(f"| {name} | {s['n']} | {s['mean']:.4f} | {s['sd']:.4f} | {s['min']:.4f}–{s['max']:.4f} | {shown} |")
     sds = [e[metric]["sd"] for e in result["settings"].values() if e[metric]["sd"] is not None]
-    result["largest_seed_sd"] = max(sds)
-    result["largest_setting_difference"] = max(
-        abs(e[f"{metric} - {args.baseline}"]["mean"]) for n, e in result["settings"].items() if n != args.baseline
-    )
+    diffs = [
+        abs(d[f"{metric} - {args.baseline}"]["mean"])
+        for d in result["settings"].values()
+        if f"{metric} - {args.baseline}" in d
+    ]
+    result["dataset"] = datasets[0] if datasets else None
+    result["largest_seed_sd"] = max(sds, default=None)
+    result["largest_setting_difference"] = max(diffs, default=None)
     line = json.dumps(result)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

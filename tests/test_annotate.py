@@ -270,6 +270,17 @@ def test_qametric_labels_score_each_passages_answer_against_the_gold_answers():
     inclusion = acfg.model_copy(update={"human_positive": "inclusion"})
     assert positives(inclusion) == {"q1": {"a"}, "q2": {"f"}}
     assert qametric_labels({"a": "x"}, [], acfg) == {"a": (0.0, 1)}  # no gold answer: nothing answers it
+    # ROUGE-L (MS MARCO's) on normalised words: case and punctuation do not break a match; an empty gold
+    # answer (MS MARCO keeps some) is no answer
+    rouge = acfg.model_copy(update={"qametric": acfg.qametric.model_copy(update={"metric": "rouge_l"})})
+    assert qametric_labels({"a": "Paris."}, ["paris"], rouge)["a"][0] == 1.0
+    assert qametric_labels({"a": ""}, [""], rouge)["a"][0] == 0.0
+    # a query missing from the gold answers gets no positive; Exclusion leaves the human positive out
+    assert positives(acfg.model_copy()) == {"q1": {"a"}, "q2": set()}
+    missing = build_labels(inputs, done, pools, acfg, {"q2": ["42"]}).to_pylist()
+    assert not [r for r in missing if r["source"] == "qametric" and r["positive"]]
+    exclusion = build_labels(inputs, done, pools, acfg.model_copy(update={"human_positive": "exclusion"}), gold)
+    assert {r["doc_id"] for r in exclusion.to_pylist() if r["source"] == "qametric"} == {"b", "c", "d", "e", "g"}
     rows = {r["source"]: r for r in agreement(build_labels(inputs, done, pools, acfg, gold), {})}
     assert rows["qametric"]["precision"] == 1.0 and rows["qametric"]["recall"] == 0.5  # a of {a, f}
 

@@ -136,6 +136,18 @@ def test_pools_dense_must_name_an_untrained_full_search_of_the_split(tmp_path):
     wrong = {**base, "index": {"targets": [{"dataset": "scifact", "split": "test", "label": "minilm"}]}}
     with pytest.raises(ValueError, match="must be a full search of split 'train'"):
         PipelineConfig.model_validate(wrong)
+    trained = {
+        **base,
+        "index": {"targets": [{"dataset": "scifact", "split": "train", "label": "minilm", "model": "train:x"}]},
+    }
+    with pytest.raises(ValueError, match="off-the-shelf encoder"):
+        PipelineConfig.model_validate(trained)
+    reranking = {
+        **base,
+        "index": {"targets": [{"dataset": "scifact", "split": "train", "label": "minilm", "rerank": "bm25"}]},
+    }
+    with pytest.raises(ValueError, match="must be a full search"):
+        PipelineConfig.model_validate(reranking)
     right = {**base, "index": {"targets": [{"dataset": "scifact", "split": "train", "label": "minilm"}]}}
     from utilrag.pipeline import select_stages
 

@@ -224,10 +224,26 @@ def test_qametric_labels_on_squad_split_by_paragraph(rag_cfg):
         scores = by_query[r["query_id"]]
         best = max(scores.values())
         assert r["positive"] == (scores[r["doc_id"]] >= max(best, 0.5))
+    for q, scores in by_query.items():  # rank: the pool ordered by score, 1 = the best answer
+        by_rank = {r["rank"]: scores[r["doc_id"]] for r in labels if r["query_id"] == q}
+        assert sorted(by_rank) == list(range(1, 7))
+        ordered = [by_rank[k] for k in sorted(by_rank)]
+        assert ordered == sorted(ordered, reverse=True)
     report = json.loads((Path(out) / "report.json").read_text())
     assert "qametric" in {row["source"] for row in report["agreement"]}
     committed = store.require(Store(rag_cfg.output_dir).annotate("squad-v1.1-dev", "train", None), "annotate")
     assert committed["status"] == "complete"
+    # answers from a dataset without a qa table: one line before any generation, the labels kept
+    from utilrag.annotate import AnnotateError
+
+    wrong = rag_cfg.model_copy(deep=True)
+    assert wrong.annotate is not None
+    wrong.annotate.qametric.answers = "squad-copy"
+    with pytest.raises(AnnotateError, match="dataset 'squad-copy' has none"):
+        run_annotate(wrong)
+    assert (
+        store.require(Store(rag_cfg.output_dir).annotate("squad-v1.1-dev", "train", None), "x")["status"] == "complete"
+    )
 
 
 def test_eval_qa_cli_on_the_real_dev_file(shared_datasets, tmp_path, capsys):

@@ -151,6 +151,12 @@ class DatasetConfig(Strict):
     )
 
     @model_validator(mode="after")
+    def _qa_split_needs_a_qa_layout(self) -> DatasetConfig:
+        if self.qa_test_percent is not None and self.layout not in ("qa", "auto"):
+            raise ValueError(f"qa_test_percent splits a QA set's questions; layout {self.layout!r} has none")
+        return self
+
+    @model_validator(mode="after")
     def _overlap_below_window(self) -> DatasetConfig:
         if self.passage_overlap >= self.passage_words:
             raise ValueError(f"passage_overlap {self.passage_overlap} must be below passage_words {self.passage_words}")

@@ -18,7 +18,7 @@ from utilrag import lease, store
 from utilrag.annotate import job
 from utilrag.annotate.engine import AnnotateError, check_model, resolve_llm
 from utilrag.annotate.job import summary_line
-from utilrag.annotate.prompts import PROMPT_VERSION
+from utilrag.annotate.prompts import PROMPT_VERSION, RAG_PROMPT_VERSION
 from utilrag.annotate.report import (
     agreement,
     agreement_by_position,
@@ -81,7 +81,10 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
     if not dataset.has("corpus"):
         raise AnnotateError(f"annotate: dataset {target.dataset!r} has no corpus")
     check_stage_needs(acfg)  # before begin: a config mistake keeps the committed labels
-    gold, gold_fp = gold_answers(cfg, acfg, target) if QA_METRIC_STAGE in acfg.chain_stages() else (None, None)
+    gold, gold_fp = (None, None)
+    if QA_METRIC_STAGE in acfg.chain_stages():
+        gold, gold_fp = gold_answers(cfg, acfg, target)
+        check_gold_coverage(gold, pools_done.path("pools.parquet"), acfg.qametric.answers or target.dataset, label)
     chain = Chain(
         out=target_dir(cfg, target),
         paths={
@@ -98,6 +101,19 @@ def annotate_target(cfg: PipelineConfig, target: AnnotateTarget, model_path: str
         gold_fingerprint=gold_fp,
     )
     return annotate_pools(cfg, acfg, chain, model_path, engine_factory)
+
+
+def check_gold_coverage(gold: dict[str, list[str]], pools: str, source: str, label: str) -> None:
+    """How many pooled queries have a gold answer: none is a wrong answers dataset (one line, before any
+    generation), some is said (a query without one costs its generations and gets no positive)."""
+    pooled = set(read_table(pools, columns=["query_id"]).column("query_id").to_pylist())
+    answered = sum(bool(gold.get(q)) for q in pooled)
+    if not answered:
+        raise AnnotateError(
+            f"annotate: none of the {len(pooled):,} pooled queries of {label} has a gold answer in {source!r}'s qa "
+            "table (annotate.qametric.answers: a QA dataset whose question ids are these queries' ids)"
+        )
+    log.info(f"{label}: {answered:,} of {len(pooled):,} pooled queries have gold answers in {source!r}")
 
 
 def gold_answers(cfg: PipelineConfig, acfg: AnnotateConfig, target: AnnotateTarget) -> tuple[dict, str]:
@@ -160,7 +176,11 @@ def annotate_pools(
                 "stages": stages,
                 "graded_queries": acfg.graded_queries if "graded" in stages else None,
                 # the answers' length (a key only with the stage: the other chains' fingerprints hold)
-                **({"qametric_max_tokens": acfg.qametric.max_tokens} if QA_METRIC_STAGE in stages else {}),
+                **(
+                    {"qametric_max_tokens": acfg.qametric.max_tokens, "qametric_prompt": RAG_PROMPT_VERSION}
+                    if QA_METRIC_STAGE in stages
+                    else {}
+                ),
             }
         )
         inputs = store.join(out, "inputs")

@@ -312,12 +312,14 @@ def merged_ranking(table: pa.Table) -> dict[str, list[str]]:
 # --------------------------------------------------------------------------- labels
 def answer_score(answer: str, golds: list[str], metric: str) -> float:
     """One generated answer against a question's gold answers: the best over them (as the QA metrics)."""
-    from utilrag.qa_metrics import exact_match_score, f1_score, rouge_l_score
+    from utilrag.qa_metrics import exact_match_score, f1_score, normalize_answer, rouge_l_score
 
+    if metric == "rouge_l":  # on SQuAD-normalised words (case, punctuation, articles), as F1 and EM are
+        answer = normalize_answer(answer)
+        golds = [g for g in map(normalize_answer, golds) if g]
+        return rouge_l_score(answer, golds) if answer and golds else 0.0
     if not golds:  # a question without an answer (MS MARCO's "No Answer Present."): nothing answers it
         return 0.0
-    if metric == "rouge_l":
-        return rouge_l_score(answer, golds)
     score = f1_score if metric == "f1" else exact_match_score
     return max((float(score(answer, g)) for g in golds), default=0.0)
 

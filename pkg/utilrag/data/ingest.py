@@ -296,7 +296,9 @@ def ingest_qa(ds: DatasetConfig, data_root: str, out: str, icfg: IngestConfig) -
         for q, docs in zip(qa.column("query_id").to_pylist(), qa.column("gold_doc_ids").to_pylist())
         for d in docs or []
     ]
-    if ds.qa_test_percent:  # a question's split follows its first gold passage: one passage, one side
+    # A question's split follows its gold passage (the smallest id when it has several, as HotpotQA's two):
+    # with one gold passage per question (SQuAD, MS MARCO QnA) no passage is on both sides.
+    if ds.qa_test_percent:
         columns = (qa.column(c).to_pylist() for c in ["query_id", "gold_doc_ids"])
         first = {q: min(docs) for q, docs in zip(*columns) if docs}
         gold += [

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from utilrag import store
 from utilrag.config import BM25Config, PipelineConfig, PoolsConfig
-from utilrag.data.dataset import open_dataset
+from utilrag.data.dataset import DatasetInputError, open_dataset
 from utilrag.data.lexical import bm25_search
 from utilrag.data.tables import SCHEMAS, fingerprint, read_table, write_table
 from utilrag.logs import get_logger
@@ -151,7 +151,7 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> tuple[str, bool]:
     # keep_unlabeled left at null: the fingerprints of pools built before it existed stay as they were
     unset = {k for k in ("keep_unlabeled", "dense") if getattr(pcfg, k) is None}
     settings = pcfg.model_dump(exclude=unset)
-    dense = dense_run(cfg, pcfg) if pcfg.dense else None
+    dense = dense_run(cfg, pcfg) if pcfg.dense and not dataset.has("pools") else None
     searched = {"dense_run": dense[1]} if dense else {}  # the dense search's own fingerprint: its candidates
     fp = fingerprint({"input": dataset.fingerprint, "config": settings, "positives": "with-text", **given, **searched})
     if store.reusable(out, fp) is not None:
@@ -159,6 +159,10 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> tuple[str, bool]:
         return out, True
     t0 = time.time()
     writer = store.begin(out, "pools", fp)
+    if dataset.has("pools") and pcfg.dense:
+        raise DatasetInputError(
+            f"pools ({pcfg.dataset}/{pcfg.split}): the dataset brings its own pools; pools.dense would not be used"
+        )
     if dataset.has("pools"):  # Tevatron: the dataset's own pools, shuffled per query
         pools, stats = shuffle_given_pools(dataset.table("pools"), pcfg.seed, pcfg.max_queries)
     else:
