@@ -237,6 +237,7 @@ def test_the_own_corpus_config_plans_the_whole_path(tmp_path):
     ]
     lines = make_plan(cfg, stages).lines()
     assert "annotation: relsel -> answer -> utilsel" in lines  # the stages its settings need, no more
+    assert "pools own/gen-train: 31 passages from bm25s + dense:minilm-candidates (stage candidates)" in lines
     assert any(line.startswith("querygen: 1 question(s) for each of 200 sampled passages of own") for line in lines)
     judge = next(line for line in lines if line.startswith("judge own/gen-test"))
     assert "top 10 of bm25s, minilm, utilsel, source" in judge and "circular" in judge

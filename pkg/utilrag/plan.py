@@ -127,6 +127,7 @@ class Plan:
     stages: list[str]
     annotation: list[str] = field(default_factory=list)  # the annotation stages run (annotate_stages)
     querygen: dict | None = None  # the questions written: dataset, passages, model, splits
+    pools: list[dict] = field(default_factory=list)  # per pools section: its candidates' runs and size
     judging: list[dict] = field(default_factory=list)  # per judge target: its runs, depth, model, circular
     settings: list[SettingPlan] = field(default_factory=list)
     index_targets: list[dict] = field(default_factory=list)
@@ -146,6 +147,8 @@ class Plan:
                 f"{q['dataset']} by {q['model']}; {q['heldout_percent']:g}% of its documents held out (gen-test), "
                 "the rest gen-train"
             )
+        for p in self.pools:
+            out.append(f"pools {p['dataset']}/{p['split']}: {p['size']} passages from {' + '.join(p['candidates'])}")
         if self.annotation:
             out.append(f"annotation: {' -> '.join(self.annotation)}")
         for s in self.settings:
@@ -217,8 +220,19 @@ def make_plan(cfg: PipelineConfig, stages: list[str]) -> Plan:
             runs = [r.label or r.run for r in judged_runs(cfg, t)]
             circular = model == annotator(cfg)
             judging.append({**t.model_dump(), "runs": runs, "depth": jcfg.depth, "model": model, "circular": circular})
+    pools = [
+        {
+            "dataset": p.dataset,
+            "split": p.split,
+            "size": p.size,
+            "candidates": [p.run or "bm25s", *([f"dense:{p.dense} (stage candidates)"] if p.dense else [])],
+        }
+        for p in cfg.pools
+        if "pools" in stages
+    ]
     return Plan(
         stages=list(stages),
+        pools=pools,
         annotation=annotate_stages(cfg) if "annotate" in stages else [],
         querygen=querygen,
         judging=judging,
