@@ -107,8 +107,11 @@ def test_registered_sets_name_official_urls():
     assert qa_sets["msmarco-qna-v2.1-dev"].downloads[0][0] == (
         "https://msmarco.z22.web.core.windows.net/msmarco/dev_v2.1.json.gz"
     )
+    assert qa_sets["msmarco-qna-v2.1-train"].downloads[0][0] == (
+        "https://msmarco.z22.web.core.windows.net/msmarco/train_v2.1.json.gz"  # the QA-metric labels' answers
+    )
     assert {reg.qa_format for reg in qa_sets.values()} == set(READERS)
-    assert len(qa_sets) == 9 and REGISTRY["scifact"].kind == "ir"
+    assert len(qa_sets) == 10 and REGISTRY["scifact"].kind == "ir"
 
 
 # --------------------------------------------------------------------------- SQuAD

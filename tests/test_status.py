@@ -77,5 +77,18 @@ def test_status_and_dry_run_read_the_run_directory(make_config, tiny_dataset, tm
     assert plan["plan"]["stages"] == plan["stages"] and plan["plan"]["settings"] == []  # no train section
     assert main(["pipeline", "--dry-run", "--only", "nonsense", "--config", config]) == 2
     assert capsys.readouterr().err.strip() == "utilrag: error: unknown stage 'nonsense'; stages: " + ", ".join(
-        ["ingest", "querygen", "pools", "bm25", "annotate", "train", "index", "judge", "evaluate", "rag", "report"]
+        [
+            "ingest",
+            "querygen",
+            "candidates",
+            "pools",
+            "bm25",
+            "annotate",
+            "train",
+            "index",
+            "judge",
+            "evaluate",
+            "rag",
+            "report",
+        ]
     )
