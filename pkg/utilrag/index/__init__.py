@@ -171,6 +171,11 @@ def search_settings(icfg: IndexConfig) -> dict:
 def build_or_load_index(
     cfg: PipelineConfig, dataset: str, icfg: IndexConfig, embeddings: Committed, folder_name: str | None = None
 ) -> ShardedIndex:
+    parts = embeddings.path("parts")
+    files = [f for f in list_files(parts) if f.endswith(".parquet")]
+    if 0 < len(files) < icfg.shards:  # a shard takes whole parts: a small corpus gets fewer shards, not an error
+        log.info(f"{dataset}: {len(files)} embedding part(s) for {icfg.shards} shards: {len(files)} shard(s)")
+        icfg = icfg.model_copy(update={"shards": len(files)})
     folder = Store(cfg.output_dir).faiss(dataset, folder_name or icfg.model, icfg.index_type, icfg.shards)
     settings = faiss_settings(icfg)
     fp = fingerprint({"embeddings": embeddings["input_fingerprint"], "index": settings})
@@ -191,8 +196,6 @@ def build_or_load_index(
         log.info(f"{dataset}: loaded {icfg.shards} {icfg.index_type} shard(s) from {folder}")
         return index
     writer = store.begin(folder, "index/faiss", fp, dataset=dataset)
-    parts = embeddings.path("parts")
-    files = [f for f in list_files(parts) if f.endswith(".parquet")]
     stats = index.build(
         files, icfg.index_type, icfg.nlist, icfg.pq_m, icfg.hnsw_m, expected_dim=embeddings["encode"]["dim"]
     )
