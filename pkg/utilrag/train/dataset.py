@@ -243,6 +243,16 @@ def build_worker_files(cfg: PipelineConfig, tcfg: TrainConfig, location: str) ->
         rows = make_groups(
             phase.positives, pools, tcfg.group_size, phase.mode, phase.epochs, tcfg.seed, query_ids, phase.not_negative
         )
+        if not rows:  # say why, in the user's terms: no positive at all, or nothing left to contrast them with
+            labelled = [q for q in query_ids if phase.positives.get(q)]
+            whole = [
+                q for q in labelled if set(pools.get(q, [])) <= phase.positives[q] | phase.not_negative.get(q, set())
+            ]
+            raise TrainInputError(
+                f"train ({tcfg.name}): no training group from the {phase.name!r} labels: {len(labelled):,} of "
+                f"{len(query_ids):,} pooled queries have a positive, and {len(whole):,} of those have every pool "
+                "passage positive (no negative to contrast them with): larger pools, or another label setting"
+            )
         per_worker, steps = deal_to_workers(rows, tcfg)
         dealt.append((phase.name, per_worker))
         phases.append(
