@@ -171,6 +171,7 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> tuple[str, bool]:
         if pcfg.max_queries is not None and pcfg.max_queries < len(qids):
             picked = sorted(random.Random(pcfg.seed).sample(range(len(qids)), pcfg.max_queries))
             qids, texts = [qids[i] for i in picked], [texts[i] for i in picked]
+        lexical = pcfg.run or "bm25s"  # the negatives' source: the ingested run, or BM25 over the corpus
         if pcfg.run:
             run = dataset.run(pcfg.run)
         else:
@@ -181,7 +182,7 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> tuple[str, bool]:
                 BM25Config(dataset=pcfg.dataset, split=pcfg.split, k=pcfg.size * 3),
             )
         if dense is not None:  # the off-the-shelf encoder's candidates, rank by rank with the lexical ones
-            run = interleave([(pcfg.run or "bm25s", run), (f"dense:{pcfg.dense}", dense[0])])
+            run = interleave([(lexical, run), (f"dense:{pcfg.dense}", dense[0])])
         corpus_ids = set(dataset.table("corpus", columns=["doc_id"]).column("doc_id").to_pylist())
         pools, stats = build_pools(
             qrels,
@@ -190,7 +191,7 @@ def run_pools(cfg: PipelineConfig, pcfg: PoolsConfig) -> tuple[str, bool]:
             pcfg.size,
             pcfg.seed,
             dataset.relevance_threshold,
-            pcfg.run or "bm25s",
+            lexical,
             corpus_ids,
             keep_unlabeled=pcfg.keep_unlabeled if pcfg.keep_unlabeled is not None else not dataset.has("qrels"),
         )

@@ -92,6 +92,11 @@ def corpus_questions(dataset: Dataset, rcfg: RagConfig) -> pa.Table:
     return sample_questions(table, rcfg)
 
 
+def answers_of(questions: pa.Table) -> dict[str, list[str]]:
+    """Question id -> its gold answers (the qa table's)."""
+    return dict(zip(questions.column("query_id").to_pylist(), questions.column("answers").to_pylist()))
+
+
 def oracle_references(rows: list[dict], generated: pa.Table) -> dict[str, list[str]]:
     """Without gold answers: each question's reference is the generator's answer from its gold (source)
     passage, the oracle row's; a question whose oracle answer is empty has none (scored 0, as SQuAD's)."""
@@ -246,7 +251,7 @@ def score(
     own, so its gold ids can be found among them), answer recall@k, tokens, finish reason. ``references``:
     the oracle row's answers standing in for gold answers (a corpus without them): that row and answer
     recall (a sentence is not a span to find) are then not scored."""
-    answers = references or dict(zip(questions.column("query_id").to_pylist(), questions.column("answers").to_pylist()))
+    answers = references or answers_of(questions)
     golds = dict(zip(questions.column("query_id").to_pylist(), questions.column("gold_doc_ids").to_pylist()))
     by_key = {
         (q, w): (a, o, f)
@@ -449,7 +454,7 @@ def run(cfg: PipelineConfig) -> StageResult:
             "passage (the oracle row's)"
         )
     records = score(questions, rows, generated, passages, corpus is dataset, references)
-    answers = references or dict(zip(questions.column("query_id").to_pylist(), questions.column("answers").to_pylist()))
+    answers = references or answers_of(questions)
     table = summarise(records, rows, answers, rcfg.bertscore)
     tests = significance(records, rows, rcfg)
     text = format_results(table)
